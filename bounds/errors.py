@@ -1,0 +1,13 @@
+"""Errors raised by ``bounds``; each carries one user-facing sentence."""
+
+
+class BoundsError(ValueError):
+    """Bad input to a bounds function (wrong eps, unknown method, shape mismatch)."""
+
+
+class UnsupportedModelError(BoundsError):
+    """The model contains an operator the requested method cannot handle soundly."""
+
+
+class AutoLirpaMissing(BoundsError):
+    """auto_LiRPA is not installed (or cannot be made to import)."""

@@ -1,0 +1,3 @@
+from certkd.cli import main
+
+main()

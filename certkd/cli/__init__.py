@@ -1,0 +1,58 @@
+"""The ``certkd`` command line (click). Bad input: one line on stderr, exit code 2."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from certkd.errors import USER_ERRORS
+
+EXIT_USAGE = 2
+
+
+class CertkdGroup(click.Group):
+    """A click group that turns every user error into one line on stderr and exit code 2."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            rv = super().main(args=args, prog_name=prog_name or "certkd", complete_var=complete_var,
+                              standalone_mode=False, **extra)
+        except click.exceptions.Exit as exc:
+            sys.exit(exc.exit_code)
+        except click.exceptions.Abort:
+            click.echo("certkd: aborted", err=True)
+            sys.exit(130)
+        except click.ClickException as exc:
+            click.echo(f"certkd: error: {exc.format_message()}", err=True)
+            sys.exit(EXIT_USAGE)
+        except USER_ERRORS as exc:
+            click.echo(f"certkd: error: {_one_line(exc)}", err=True)
+            sys.exit(EXIT_USAGE)
+        except KeyboardInterrupt:
+            click.echo("certkd: interrupted (partial results are kept; rerun with --resume)", err=True)
+            sys.exit(130)
+        if isinstance(rv, int) and not standalone_mode:
+            return rv
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+@click.group(cls=CertkdGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="certkd", prog_name="certkd")
+def main() -> None:
+    """certkd: certified robustness of knowledge distillation.
+
+    Train teachers and students (natural, PGD-AT, TRADES, KD, KDIGA, ARD, RSLAD),
+    certify checkpoints (IBP, CROWN-IBP, CROWN, alpha-CROWN, global Lipschitz,
+    randomized smoothing; CLEVER as an estimate), compute the local-linearity
+    transfer bound, and ask whether a student certifies at least as robustly as
+    its teacher. Every number is labelled `certified` or `estimate`.
+    """
+
+
+# Command modules register themselves on ``main``; each helper-owned module adds one line here.
+from certkd.cli import commands  # noqa: E402,F401

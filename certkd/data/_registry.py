@@ -1,0 +1,65 @@
+"""Dataset registry and the tensors-plus-metadata container."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from certkd.errors import DataError
+
+SPLITS = ("train", "test")
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a model needs to know about its data."""
+
+    name: str
+    input_shape: tuple[int, int, int]
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    class_names: tuple[str, ...] = field(default=())
+
+
+@dataclass
+class Dataset:
+    """Inputs ``x`` in [0, 1] of shape (N, C, H, W) (float32) and labels ``y`` (int64)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    info: DatasetInfo
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def subset(self, indices: torch.Tensor | list[int]) -> Dataset:
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return Dataset(self.x[idx], self.y[idx], self.info)
+
+
+Loader = Callable[[str, "Path | None"], Dataset]
+_DATASETS: dict[str, Loader] = {}
+
+
+def register_dataset(name: str) -> Callable[[Loader], Loader]:
+    def deco(fn: Loader) -> Loader:
+        _DATASETS[name] = fn
+        return fn
+    return deco
+
+
+def list_datasets() -> list[str]:
+    return sorted(_DATASETS)
+
+
+def load_dataset(name: str, split: str = "test", data_dir: str | Path | None = None) -> Dataset:
+    """Load ``split`` (``train`` or ``test``) of dataset ``name``; see ``certkd datasets``."""
+    if name not in _DATASETS:
+        raise DataError(f"unknown dataset {name!r}; available: {', '.join(list_datasets())}")
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}: use train or test")
+    return _DATASETS[name](split, Path(data_dir) if data_dir is not None else None)
