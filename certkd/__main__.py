@@ -1,3 +1,6 @@
+"""``python -m certkd``: the same command line as the ``certkd`` console script."""
+
 from certkd.cli import main
 
-main()
+if __name__ == "__main__":
+    main()

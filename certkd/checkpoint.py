@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import pickle
 import platform
-import zipfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bounds.nn import Normalize
 from certkd.errors import CertkdError, CheckpointError
 from certkd.io import atomic_write
 
@@ -25,6 +27,9 @@ FORMAT_VERSION = 1
 MAGIC = "certkd-checkpoint"
 _REQUIRED = ("format", "format_version", "model", "dataset", "input_shape", "num_classes", "normalization",
              "state_dict")
+_BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
+NORMALIZE_KEYS = ("0.mean", "0.std")
+"""The state_dict keys of the Normalize layer every registry model starts with."""
 
 
 @dataclass
@@ -51,8 +56,8 @@ class Checkpoint:
         try:
             model = create_model(self.model_name, num_classes=self.num_classes, input_shape=self.input_shape,
                                  mean=self.mean, std=self.std, **self.model_kwargs)
-        except CertkdError as exc:
-            raise CheckpointError(f"{self._where()}: {exc}") from None
+        except (CertkdError, ValueError) as exc:
+            raise CheckpointError(f"{self._where()}: cannot build model {self.model_name!r}: {exc}") from None
         try:
             model.load_state_dict(self.state_dict, strict=True)
         except RuntimeError as exc:
@@ -84,9 +89,19 @@ class Checkpoint:
         """Everything but the weights, for ``certkd info`` and reports."""
         d = self.to_dict()
         d.pop("state_dict")
-        d["parameters"] = int(sum(t.numel() for k, t in self.state_dict.items() if "running" not in k
-                                  and "num_batches" not in k))
+        d["parameters"] = int(sum(t.numel() for k, t in self.state_dict.items()
+                                  if k not in NORMALIZE_KEYS and not k.endswith(_BUFFER_SUFFIXES)))
         return d
+
+
+def state_dict_sha256(state_dict: dict[str, torch.Tensor]) -> str:
+    """A checksum of names, dtypes, shapes and bytes of every tensor (detects corrupted weights on load)."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def file_sha256(path: str | Path) -> str:
@@ -112,15 +127,25 @@ def provenance(seed: int | None = None, teacher: str | Path | None = None, **ext
 def make_checkpoint(model: nn.Module, model_name: str, model_kwargs: dict[str, Any], dataset_info: Any,
                     config: dict | None = None, metrics: dict | None = None,
                     provenance_info: dict | None = None) -> Checkpoint:
-    """Wrap a registry model (built with ``dataset_info``'s shape and normalization)."""
+    """Wrap a registry model built for ``dataset_info``'s input shape and classes.
+
+    The recorded normalization is the model's own first ``Normalize`` layer when it differs
+    from ``dataset_info``'s (so the checkpoint always describes the weights it holds).
+    """
+    mean, std = dataset_info.mean, dataset_info.std
+    first = model[0] if isinstance(model, nn.Sequential) and len(model) else None
+    if isinstance(first, Normalize) and not (
+            first.mean.numel() == len(mean) and torch.allclose(first.mean.cpu(), torch.tensor(mean).float())
+            and first.std.numel() == len(std) and torch.allclose(first.std.cpu(), torch.tensor(std).float())):
+        mean, std = first.mean.tolist(), first.std.tolist()
     return Checkpoint(
         model_name=model_name,
         model_kwargs=dict(model_kwargs),
         dataset=dataset_info.name,
         input_shape=tuple(dataset_info.input_shape),
         num_classes=int(dataset_info.num_classes),
-        mean=[float(v) for v in dataset_info.mean],
-        std=[float(v) for v in dataset_info.std],
+        mean=[float(v) for v in mean],
+        std=[float(v) for v in std],
         state_dict={k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         config=dict(config or {}),
         metrics=dict(metrics or {}),
@@ -129,31 +154,70 @@ def make_checkpoint(model: nn.Module, model_name: str, model_kwargs: dict[str, A
 
 
 def save_checkpoint(ckpt: Checkpoint, path: str | Path) -> Path:
-    """Atomic save: a temporary file beside ``path``, then a rename."""
+    """Atomic save: a temporary file beside ``path``, then a rename.
+
+    The file also records ``weights_sha256`` (see ``state_dict_sha256``), checked on load.
+    """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a directory; give a file name for the checkpoint")
+    content = ckpt.to_dict()
+    content["weights_sha256"] = state_dict_sha256(ckpt.state_dict)
     buf = io.BytesIO()
-    torch.save(ckpt.to_dict(), buf)
-    atomic_write(path, lambda fh: fh.write(buf.getvalue()), mode="wb")
+    torch.save(content, buf)
+    try:
+        atomic_write(path, lambda fh: fh.write(buf.getvalue()), mode="wb")
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot write the checkpoint ({exc.strerror or exc})") from None
     ckpt.path = path
     return path
+
+
+def torch_load_weights_only(path: str | Path, what: str = "checkpoint") -> Any:
+    """``torch.load(path, weights_only=True)`` on CPU; every failure is one ``CheckpointError`` sentence.
+
+    ``weights_only=True`` refuses any pickled callable or class outside tensors and plain
+    containers, so loading never runs code from the file.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such {what} file")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: is not a regular file, expected a {what} file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(f"{path}: refused to load: the file holds objects other than tensors and plain "
+                              f"data (torch.load weights_only=True): {_unpickling_reason(exc)}") from None
+    except MemoryError:
+        raise CheckpointError(f"{path}: not enough memory to load this {what}") from None
+    except Exception as exc:  # parsing arbitrary bytes fails in many ways (KeyError, EOFError, RuntimeError, ...)
+        raise CheckpointError(f"{path}: not a readable {what} (truncated, corrupt or not a torch file)"
+                              f"{_load_failure_detail(exc)}") from None
+
+
+def _load_failure_detail(exc: Exception) -> str:
+    """``": <first sentence>"`` of torch's own message (RuntimeError/OSError), else nothing."""
+    if not isinstance(exc, (RuntimeError, OSError)) or not str(exc).strip():
+        return ""
+    return ": " + str(exc).strip().splitlines()[0].split(". ")[0][:160]
+
+
+def _unpickling_reason(exc: Exception) -> str:
+    """The informative line of torch's weights-only error (e.g. 'unsupported GLOBAL posix.system ...')."""
+    lines = [s.strip() for s in str(exc).splitlines() if s.strip()]
+    for line in lines:
+        if "GLOBAL" in line or "Unsupported" in line:
+            return line[:200]
+    return lines[0][:200] if lines else type(exc).__name__
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Load and validate; raises ``CheckpointError`` with one sentence on any problem."""
     path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    if path.is_dir():
-        raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        reason = str(exc).strip().splitlines()[0][:160]
-        raise CheckpointError(f"{path}: refused to load (weights_only=True): {reason}") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, AttributeError) as exc:
-        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt): {reason}") from None
-    return _validate(raw, path)
+    return _validate(torch_load_weights_only(path), path)
 
 
 def _validate(raw: Any, path: Path) -> Checkpoint:
@@ -162,31 +226,49 @@ def _validate(raw: Any, path: Path) -> Checkpoint:
     missing = [k for k in _REQUIRED if k not in raw]
     if missing:
         raise CheckpointError(f"{path}: certkd checkpoint is missing {', '.join(missing)}")
-    if raw["format_version"] > FORMAT_VERSION:
-        raise CheckpointError(f"{path}: checkpoint format {raw['format_version']} is newer than this certkd "
-                              f"supports ({FORMAT_VERSION}); upgrade certkd")
+    if not isinstance(raw["format_version"], int) or raw["format_version"] > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format {raw['format_version']!r} is not one this certkd "
+                              f"supports (<= {FORMAT_VERSION}); upgrade certkd")
     state = raw["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path}: state_dict is not a mapping of tensors")
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise CheckpointError(f"{path}: state_dict is not a mapping of names to tensors")
+    checksum = raw.get("weights_sha256")
+    if checksum is not None and checksum != state_dict_sha256(state):
+        raise CheckpointError(f"{path}: weights are corrupt (their sha256 does not match the one saved with them)")
     for name, t in state.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise CheckpointError(f"{path}: weight {name!r} contains NaN or Inf values")
-    model = raw["model"]
-    norm = raw["normalization"]
-    return Checkpoint(
-        model_name=str(model["name"]),
-        model_kwargs=dict(model.get("kwargs", {})),
-        dataset=str(raw["dataset"]),
-        input_shape=tuple(int(s) for s in raw["input_shape"]),
-        num_classes=int(raw["num_classes"]),
-        mean=[float(v) for v in norm["mean"]],
-        std=[float(v) for v in norm["std"]],
-        state_dict=state,
-        config=dict(raw.get("config") or {}),
-        metrics=dict(raw.get("metrics") or {}),
-        provenance=dict(raw.get("provenance") or {}),
-        path=path,
-    )
+    try:
+        model, norm = raw["model"], raw["normalization"]
+        ckpt = Checkpoint(
+            model_name=str(model["name"]),
+            model_kwargs=dict(model.get("kwargs") or {}),
+            dataset=str(raw["dataset"]),
+            input_shape=tuple(int(s) for s in raw["input_shape"]),
+            num_classes=int(raw["num_classes"]),
+            mean=[float(v) for v in norm["mean"]],
+            std=[float(v) for v in norm["std"]],
+            state_dict=state,
+            config=dict(raw.get("config") or {}),
+            metrics=dict(raw.get("metrics") or {}),
+            provenance=dict(raw.get("provenance") or {}),
+            path=path,
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise CheckpointError(f"{path}: certkd checkpoint has a malformed field ({type(exc).__name__}: "
+                              f"{exc})") from None
+    if len(ckpt.input_shape) != 3 or min(ckpt.input_shape) < 1 or ckpt.num_classes < 2:
+        raise CheckpointError(f"{path}: certkd checkpoint has a malformed input shape {ckpt.input_shape} or "
+                              f"number of classes {ckpt.num_classes}")
+    for key, recorded in zip(NORMALIZE_KEYS, (ckpt.mean, ckpt.std), strict=True):
+        stored = state.get(key)
+        if stored is not None and (stored.numel() != len(recorded) or not all(
+                math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-7) for a, b in zip(stored.tolist(), recorded,
+                                                                               strict=True))):
+            raise CheckpointError(f"{path}: the recorded normalization {key.split('.')[1]} {recorded} differs "
+                                  f"from the model's Normalize layer {stored.tolist()}")
+    return ckpt
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
@@ -201,7 +283,6 @@ def check_compatible(a: Checkpoint, b: Checkpoint) -> None:
             f"checkpoints do not fit each other: {a._where()} takes {tuple(a.input_shape)} with "
             f"{a.num_classes} classes, {b._where()} takes {tuple(b.input_shape)} with {b.num_classes} classes")
 
-
-
-__all__ = ["Checkpoint", "FORMAT_VERSION", "make_checkpoint", "save_checkpoint", "load_checkpoint", "load_model",
-           "check_compatible", "file_sha256", "provenance"]
+__all__ = ["Checkpoint", "FORMAT_VERSION", "NORMALIZE_KEYS", "make_checkpoint", "save_checkpoint", "load_checkpoint",
+           "load_model", "check_compatible", "file_sha256", "provenance", "state_dict_sha256",
+           "torch_load_weights_only"]

@@ -6,6 +6,7 @@ import sys
 
 import click
 
+from certkd import __version__
 from certkd.errors import USER_ERRORS
 
 EXIT_USAGE = 2
@@ -42,7 +43,7 @@ def _one_line(exc: BaseException) -> str:
 
 
 @click.group(cls=CertkdGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.version_option(package_name="certkd", prog_name="certkd")
+@click.version_option(version=__version__, prog_name="certkd")
 def main() -> None:
     """certkd: certified robustness of knowledge distillation.
 

@@ -43,11 +43,15 @@ class Dataset:
 
 Loader = Callable[[str, "Path | None"], Dataset]
 _DATASETS: dict[str, Loader] = {}
+_INFOS: dict[str, DatasetInfo] = {}
 
 
-def register_dataset(name: str) -> Callable[[Loader], Loader]:
+def register_dataset(name: str, info: DatasetInfo | None = None) -> Callable[[Loader], Loader]:
+    """Register a loader ``fn(split, data_dir)``; ``info`` makes ``dataset_info(name)`` work without data."""
     def deco(fn: Loader) -> Loader:
         _DATASETS[name] = fn
+        if info is not None:
+            _INFOS[name] = info
         return fn
     return deco
 
@@ -56,10 +60,29 @@ def list_datasets() -> list[str]:
     return sorted(_DATASETS)
 
 
-def load_dataset(name: str, split: str = "test", data_dir: str | Path | None = None) -> Dataset:
-    """Load ``split`` (``train`` or ``test``) of dataset ``name``; see ``certkd datasets``."""
+def _check_known(name: str) -> None:
     if name not in _DATASETS:
         raise DataError(f"unknown dataset {name!r}; available: {', '.join(list_datasets())}")
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    """The metadata (shape, classes, normalization) of dataset ``name``, without reading any data."""
+    _check_known(name)
+    if name not in _INFOS:
+        raise DataError(f"dataset {name!r} was registered without metadata")
+    return _INFOS[name]
+
+
+def dataset_description(name: str) -> str:
+    """The first line of the loader's docstring (``certkd datasets``)."""
+    _check_known(name)
+    doc = (_DATASETS[name].__doc__ or "").strip()
+    return doc.splitlines()[0] if doc else ""
+
+
+def load_dataset(name: str, split: str = "test", data_dir: str | Path | None = None) -> Dataset:
+    """Load ``split`` (``train`` or ``test``) of dataset ``name``; see ``certkd datasets``."""
+    _check_known(name)
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}: use train or test")
     return _DATASETS[name](split, Path(data_dir) if data_dir is not None else None)

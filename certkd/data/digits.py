@@ -26,7 +26,7 @@ def _split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     return tuple(train_test_split(x, y, test_size=TEST_FRACTION, random_state=SPLIT_SEED, stratify=y))
 
 
-@register_dataset("digits")
+@register_dataset("digits", INFO)
 def load_digits_split(split: str, data_dir: Path | None = None) -> Dataset:
     """A fixed stratified 75/25 split (seed 0): 1,347 train and 450 test images in [0, 1]."""
     x_train, x_test, y_train, y_test = _split()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 
 from torch import nn
@@ -20,6 +21,18 @@ def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
 
 def list_models() -> list[str]:
     return sorted(_MODELS)
+
+
+def model_description(name: str) -> str:
+    """The builder's first docstring line and its keyword arguments with defaults (``certkd models``)."""
+    if name not in _MODELS:
+        raise CertkdError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+    fn = _MODELS[name]
+    doc = (fn.__doc__ or "").strip()
+    kwargs = [f"{p.name}={p.default!r}" for p in inspect.signature(fn).parameters.values()
+              if p.default is not inspect.Parameter.empty]
+    line = doc.splitlines()[0] if doc else ""
+    return f"{line} [{', '.join(kwargs)}]" if kwargs else line
 
 
 def create_model(

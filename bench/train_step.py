@@ -1,0 +1,92 @@
+"""Time per training step of every distillation / robust objective, relative to KD (theory.md §4).
+
+All methods run side by side on the same student, teacher and batch, interleaved round by round
+(so a busy machine slows all of them alike); the median step time of each is reported.
+KDIGA's target: at most 2.5x KD (one teacher backward plus a student double backward).
+
+    python bench/train_step.py                      # cnn4, CIFAR-shaped batch of 128, CPU
+    python bench/train_step.py --arch resnet_small --device cuda --batch-size 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from certkd.models import create_model
+from certkd.train.losses import LossBatch, MethodParams, get_loss
+from certkd.train.trainer import compute_loss, optimizer_step
+
+METHODS = ("kd", "kdiga", "ard", "rslad", "pgd-at", "trades", "natural")
+KDIGA_TARGET = 2.5
+
+
+def time_steps(arch: str, arch_kwargs: dict, input_shape: tuple[int, ...], batch_size: int, rounds: int,
+               attack_steps: int, device: str, amp: bool, seed: int = 0) -> dict[str, list[float]]:
+    """Seconds per training step of each method, ``rounds`` interleaved measurements each."""
+    torch.manual_seed(seed)
+    dev = torch.device(device)
+    teacher = create_model(arch, 10, input_shape, **arch_kwargs).to(dev).eval().requires_grad_(False)
+    x = torch.rand(batch_size, *input_shape, device=dev)
+    y = torch.randint(0, 10, (batch_size,), device=dev)
+    params = MethodParams(eps=8 / 255, attack_steps=attack_steps, iga_weight=1.0).resolved()
+    students, optimizers = {}, {}
+    for method in METHODS:
+        torch.manual_seed(seed + 1)
+        students[method] = create_model(arch, 10, input_shape, **arch_kwargs).to(dev).train()
+        optimizers[method] = torch.optim.SGD(students[method].parameters(), lr=1e-3, momentum=0.9)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp and dev.type == "cuda")
+    times: dict[str, list[float]] = {m: [] for m in METHODS}
+    for r in range(rounds + 1):  # round 0 warms up
+        for method in METHODS:
+            batch = LossBatch(x=x, y=y, student=students[method], student_bare=students[method], teacher=teacher,
+                              generator=torch.Generator(device=dev).manual_seed(seed))
+            _sync(dev)
+            t0 = time.perf_counter()
+            out = compute_loss(get_loss(method), params, batch, amp)
+            optimizer_step(out["loss"], optimizers[method], scaler)
+            _sync(dev)
+            if r:
+                times[method].append(time.perf_counter() - t0)
+    return times
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", default="cnn4")
+    ap.add_argument("--arch-kwargs", default="{}", help="JSON keyword arguments of the architecture")
+    ap.add_argument("--input-shape", default="3,32,32")
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--attack-steps", type=int, default=10, help="PGD steps of ARD, RSLAD, PGD-AT, TRADES")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--amp", action="store_true")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    shape = tuple(int(s) for s in args.input_shape.split(","))
+    times = time_steps(args.arch, json.loads(args.arch_kwargs), shape, args.batch_size, args.rounds,
+                       args.attack_steps, args.device, args.amp)
+    kd = statistics.median(times["kd"])
+    print(f"training step time relative to KD: {args.arch} {args.arch_kwargs}, batch {args.batch_size} x {shape}, "
+          f"{args.attack_steps} PGD steps, device {args.device}, median of {args.rounds} interleaved rounds")
+    print(f"{'method':<8} {'ms/step':>9} {'x KD':>6}")
+    for method in METHODS:
+        med = statistics.median(times[method])
+        note = f"  (target <= {KDIGA_TARGET}: {'met' if med / kd <= KDIGA_TARGET else 'MISSED'})" \
+            if method == "kdiga" else ""
+        print(f"{method:<8} {1e3 * med:>9.2f} {med / kd:>6.2f}{note}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,232 @@
+"""The trainer and ``certkd train``: the KD-versus-KDIGA story on digits, checkpoints, resume, torchrun, errors."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import bounds.attack
+from certkd.checkpoint import file_sha256, load_checkpoint, make_checkpoint, save_checkpoint
+from certkd.cli import main
+from certkd.data import DatasetInfo, load_dataset
+from certkd.errors import CertkdError
+from certkd.io import read_jsonl
+from certkd.models import create_model
+from certkd.train import MethodParams, TrainConfig, TrainingDiverged, evaluate, train
+from certkd.train import trainer as trainer_module
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = {"arch": "mlp", "arch_kwargs": {"hidden": [16]}, "batch_size": 128, "lr": 0.05, "val_size": 40,
+        "val_attack_steps": 2, "progress": False}
+
+
+@pytest.fixture(scope="module")
+def digits_test() -> tuple[torch.Tensor, torch.Tensor]:
+    test = load_dataset("digits", "test")
+    return test.x, test.y
+
+
+def pgd_accuracy(model, data, eps) -> dict:
+    return evaluate(model, data[0], data[1], eps, "inf", steps=20, seed=0)
+
+
+def test_kd_loses_robustness_and_kdiga_keeps_most_of_it(digits_trio, digits_test):
+    """Measured over seeds 0-2 (450 test images, PGD-20, L-inf 0.15): teacher 0.63-0.70, KD 0.23-0.29,
+    KDIGA 0.50-0.58; clean accuracy 0.94-0.98 for all three (see tests/conftest.py)."""
+    eps = digits_trio.eval_eps
+    teacher = pgd_accuracy(digits_trio.teacher, digits_test, eps)
+    kd = pgd_accuracy(digits_trio.kd, digits_test, eps)
+    kdiga = pgd_accuracy(digits_trio.kdiga, digits_test, eps)
+    natural_level = 0.15  # a naturally trained mlp at this radius: ~0.2 (measured), nothing like the teacher
+    assert teacher["clean_acc"] >= 0.9 and teacher["pgd_acc"] >= 0.55  # the PGD-AT teacher is robust
+    assert kd["clean_acc"] >= teacher["clean_acc"] - 0.03  # KD keeps the clean accuracy ...
+    assert kd["pgd_acc"] <= 0.5 * teacher["pgd_acc"]  # ... but loses most of the PGD accuracy
+    assert kdiga["clean_acc"] >= teacher["clean_acc"] - 0.03
+    assert kdiga["pgd_acc"] >= 0.65 * teacher["pgd_acc"]  # KDIGA keeps most of it
+    assert kdiga["pgd_acc"] >= kd["pgd_acc"] + natural_level
+
+
+def test_student_checkpoint_records_method_hyperparameters_and_teacher(digits_trio):
+    ckpt = load_checkpoint(digits_trio.kdiga_path)
+    assert ckpt.config["method"] == "kdiga" and ckpt.config["arch"] == "mlp"
+    for key, value in {"alpha": 0.5, "tau": 1.0, "iga_weight": 1.0, "iga_norm": "2", "iga_on": "clean",
+                       "epochs": 20, "lr": 0.05, "optimizer": "sgd", "schedule": "cosine", "seed": 0}.items():
+        assert ckpt.config[key] == value, key
+    assert ckpt.provenance["teacher_sha256"] == file_sha256(digits_trio.teacher_path)
+    assert ckpt.provenance["method"] == "kdiga"
+    teacher = load_checkpoint(digits_trio.teacher_path)
+    assert teacher.config["method"] == "pgd-at"
+    assert teacher.config["attack_step_size"] == pytest.approx(2.5 * 0.2 / 5)  # the resolved default is recorded
+    rows = read_jsonl(digits_trio.kdiga_path.with_name("kdiga.metrics.jsonl"))
+    assert [r["epoch"] for r in rows] == list(range(1, 21))
+    for row in rows:
+        assert {"kl", "ce", "iga", "loss", "lr", "clean_acc", "pgd_acc"} <= set(row)
+        assert row["loss"] == pytest.approx(0.5 * row["kl"] + 0.5 * row["ce"] + 1.0 * row["iga"], rel=1e-6)
+    assert rows[-1]["lr"] < rows[0]["lr"]  # cosine schedule
+    best = load_checkpoint(digits_trio.kdiga_path.with_name("kdiga.best.pt"))
+    assert best.metrics["pgd_acc"] == max(r["pgd_acc"] for r in rows)
+
+
+def test_resume_ends_with_the_same_weights(tmp_path, monkeypatch):
+    cfg = TrainConfig(method="trades", out=tmp_path / "full.pt", epochs=3, noise_sd=0.05,
+                      params=MethodParams(eps=0.1, attack_steps=2), **TINY)
+    full = load_checkpoint(train(cfg))
+
+    real_epoch = trainer_module._train_epoch
+
+    def interrupted(*args, **kwargs):
+        if args[7] == 2:  # the third epoch
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    split = replace(cfg, out=tmp_path / "split.pt")
+    monkeypatch.setattr(trainer_module, "_train_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(split)
+    monkeypatch.setattr(trainer_module, "_train_epoch", real_epoch)
+    assert load_checkpoint(split.out).metrics["epoch"] == 2
+    resumed = load_checkpoint(train(replace(split, resume=True)))
+    assert resumed.metrics["epoch"] == 3
+    for name, tensor in full.state_dict.items():
+        assert torch.equal(tensor, resumed.state_dict[name]), name
+    rows = read_jsonl(tmp_path / "split.metrics.jsonl")
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert rows[2]["loss"] == read_jsonl(tmp_path / "full.metrics.jsonl")[2]["loss"]
+    with pytest.raises(CertkdError, match="different settings"):
+        train(replace(split, resume=True, lr=0.01))
+
+
+def test_training_attacks_use_the_given_settings(tmp_path, monkeypatch, digits_trio):
+    real = bounds.attack.pgd_maximize
+    signature = inspect.signature(real)
+    seen = []
+
+    def spy(*args, **kwargs):
+        call = signature.bind(*args, **kwargs)
+        call.apply_defaults()
+        seen.append((call.arguments["eps"], call.arguments["norm"], call.arguments["steps"],
+                     call.arguments["step_size"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bounds.attack, "pgd_maximize", spy)
+    for method in ("pgd-at", "trades", "ard", "rslad"):
+        seen.clear()
+        teacher = digits_trio.teacher_path if method in ("ard", "rslad") else None
+        train(TrainConfig(method=method, out=tmp_path / f"{method}.pt", epochs=1, teacher=teacher, val_eps=0.03,
+                          params=MethodParams(eps=0.05, norm="2", attack_steps=2, attack_step_size=0.02),
+                          **{**TINY, "val_attack_steps": 3}))
+        training, validation = seen[:-1], seen[-1:]
+        assert len(training) == 11  # one attack per batch: ceil(1347 / 128)
+        assert set(training) == {(0.05, "2", 2, 0.02)}, method
+        assert set(validation) == {(0.03, "2", 3, None)}, method
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    real_get_loss = trainer_module.get_loss
+    calls = {"n": 0}
+
+    def poisoned(name):
+        spec = real_get_loss(name)
+
+        def fn(batch, params):
+            calls["n"] += 1
+            out = spec.fn(batch, params)
+            if calls["n"] == 15:  # epoch 2, step 4 (11 steps per epoch)
+                out["loss"] = out["loss"] * float("nan")
+            return out
+        return replace(spec, fn=fn)
+
+    monkeypatch.setattr(trainer_module, "get_loss", poisoned)
+    cfg = TrainConfig(method="natural", out=tmp_path / "run.pt", epochs=3, **TINY)
+    with pytest.raises(TrainingDiverged, match=r"not finite at epoch 2, step 4.*run\.pt \(epoch 1\) is kept"):
+        train(cfg)
+    kept = load_checkpoint(cfg.out)
+    assert kept.metrics["epoch"] == 1
+    assert all(bool(torch.isfinite(t).all()) for t in kept.state_dict.values() if t.is_floating_point())
+    assert [r["epoch"] for r in read_jsonl(tmp_path / "run.metrics.jsonl")] == [1]
+
+
+def run_cli(*args: str):
+    return CliRunner().invoke(main, ["train", *args])
+
+
+def test_cli_exploding_lr_stops_with_one_line(tmp_path):
+    result = run_cli("--method", "natural", "--arch", "mlp", "--lr", "1e30", "--epochs", "2", "--no-progress",
+                     "--val-size", "20", "--out", str(tmp_path / "x.pt"))
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "loss is not finite at epoch 1" in lines[0] and "no checkpoint was written" in lines[0]
+
+
+def fake_teacher(tmp_path: Path, shape=(1, 16, 16), classes=10) -> Path:
+    info = DatasetInfo("other", shape, classes, (0.5,), (0.5,))
+    model = create_model("mlp", num_classes=classes, input_shape=shape, hidden=[8])
+    return save_checkpoint(make_checkpoint(model, "mlp", {"hidden": [8]}, info), tmp_path / f"t{classes}.pt")
+
+
+@pytest.mark.parametrize("shape,classes", [((1, 16, 16), 10), ((1, 8, 8), 5)])
+def test_cli_mismatched_teacher_exits_2_with_one_line(tmp_path, shape, classes):
+    teacher = fake_teacher(tmp_path, shape, classes)
+    result = run_cli("--method", "kd", "--arch", "mlp", "--teacher", str(teacher), "--out", str(tmp_path / "s.pt"))
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"takes inputs {shape} with {classes} classes" in lines[0]
+    assert not (tmp_path / "s.pt").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--method", "kd"], "give --teacher"),
+    (["--method", "pgd-at"], "give --eps > 0"),
+    (["--method", "natural", "--arch-kwargs", "[1]"], "JSON object"),
+    (["--method", "natural", "--eps", "x"], "not a number"),
+])
+def test_cli_bad_settings_exit_2(tmp_path, args, message):
+    result = run_cli("--arch", "mlp", "--out", str(tmp_path / "s.pt"), *args)
+    assert result.exit_code == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_cli_init_copies_matching_weights_and_says_so(tmp_path, digits_trio):
+    out = tmp_path / "wide.pt"
+    result = run_cli("--method", "natural", "--arch", "mlp", "--arch-kwargs", '{"hidden": [64, 32]}', "--init",
+                     str(digits_trio.kd_path), "--epochs", "1", "--lr", "1e-12", "--no-progress", "--val-size", "20",
+                     "--out", str(out))
+    assert result.exit_code == 0, result.stderr
+    assert "init: loaded 4 of 8 tensors" in result.stderr
+    student, source = load_checkpoint(out), load_checkpoint(digits_trio.kd_path)
+    torch.testing.assert_close(student.state_dict["1.1.weight"], source.state_dict["1.1.weight"])
+    assert student.provenance["init"]["sha256"] == file_sha256(digits_trio.kd_path)
+    assert "wrote" in result.stdout
+    # a checkpoint of another family with nothing in common: refused with one line
+    result = run_cli("--method", "natural", "--arch", "mlp", "--init", str(digits_trio.teacher_path),
+                     "--out", str(tmp_path / "none.pt"))
+    assert result.exit_code == 2 and "none of its cnn4 weights fits" in result.stderr
+
+
+def test_torchrun_two_processes_write_one_checkpoint(tmp_path, digits_trio):
+    out = tmp_path / "ddp.pt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "certkd", "train", "--method", "kdiga", "--teacher", str(digits_trio.teacher_path),
+           "--arch", "mlp", "--arch-kwargs", '{"hidden": [16]}', "--epochs", "2", "--batch-size", "128",
+           "--lr", "0.05", "--eps", "0.1", "--iga-on", "noisy", "--val-size", "40", "--val-attack-steps", "2",
+           "--no-progress", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp.best.pt", "ddp.metrics.jsonl", "ddp.pt",
+                                                          "ddp.resume.pt"]
+    assert proc.stdout.count("wrote") == 1  # only rank 0 reports and writes
+    ckpt = load_checkpoint(out)
+    assert ckpt.provenance["world_size"] == 2 and ckpt.metrics["epoch"] == 2
+    rows = read_jsonl(tmp_path / "ddp.metrics.jsonl")
+    assert [r["epoch"] for r in rows] == [1, 2] and all(r["iga"] > 0 for r in rows)
+    assert rows[1]["loss"] < rows[0]["loss"]  # it learns
+    assert json.loads(json.dumps(ckpt.config))["iga_on"] == "noisy"
