@@ -124,7 +124,8 @@ def conv_operator_norm(weight: torch.Tensor, input_hw: tuple[int, int], stride=1
     otherwise the circular-embedding DFT bound of the module docstring (exact
     for circular padding with stride 1 and 'same' output size).
     """
-    weight = weight.detach().double().cpu()
+    weight = weight.detach().double()
+    device = weight.device
     c_out, c_in_group, kh, kw = weight.shape
     stride = (stride, stride) if isinstance(stride, int) else tuple(stride)
     dilation = (dilation, dilation) if isinstance(dilation, int) else tuple(dilation)
@@ -141,13 +142,13 @@ def conv_operator_norm(weight: torch.Tensor, input_hw: tuple[int, int], stride=1
         return F.conv2d(x, weight, None, stride, 0, dilation, groups)
 
     d_in = c_in * h * w
-    d_out = apply(torch.zeros(1, c_in, h, w, dtype=torch.float64)).numel()
+    d_out = apply(torch.zeros(1, c_in, h, w, dtype=torch.float64, device=device)).numel()
     if d_in * d_out <= exact_max_entries:
-        basis = torch.eye(d_in, dtype=torch.float64).view(d_in, c_in, h, w)
+        basis = torch.eye(d_in, dtype=torch.float64, device=device).view(d_in, c_in, h, w)
         return float(spectral_norm(apply(basis).view(d_in, -1))) * (1 + SLACK)
 
     circular = padding_mode == "circular"
-    phases = [_axis_phases(n, k, st, d, pad, circular)
+    phases = [_axis_phases(n, k, st, d, pad, circular).to(device)
               for n, k, st, d, pad in zip((h, w), (kh, kw), stride, dilation, pads, strict=True)]
     kernel = weight.view(groups, c_out // groups, c_in_group, kh, kw).to(torch.complex128)
     per_row = phases[1].shape[0] * kernel[:, :, :, 0, 0].numel() * stride[0] * stride[1]
@@ -183,8 +184,8 @@ def _bn_scale(bn: nn.Module) -> torch.Tensor:
 def _linear_norm(module: nn.Module, in_shape: torch.Size, scale: torch.Tensor | None) -> float:
     """Operator norm of a Linear / Conv2d / average pooling module, with an output scale folded in."""
     if isinstance(module, nn.Linear):
-        w = module.weight.detach().double().cpu()
-        w = w if scale is None else scale.cpu().view(-1, 1) * w
+        w = module.weight.detach().double()
+        w = w if scale is None else scale.to(w.device).view(-1, 1) * w
         return float(spectral_norm(w)) * (1 + SLACK)
     hw = tuple(in_shape[-2:])
     if isinstance(module, nn.Conv2d):
@@ -279,7 +280,7 @@ def lipschitz_bound(model: nn.Module, input_shape: tuple[int, ...]) -> Lipschitz
     num_classes = output.meta["tensor_meta"].shape[-1]
     head = module_of(output)
     if isinstance(head, nn.Linear) and output not in folded:
-        w = head.weight.detach().double().cpu()
+        w = head.weight.detach().double()
         pair = torch.cdist(w, w, compute_mode="donot_use_mm_for_euclid_dist") * bound[output.args[0]] * (1 + SLACK)
     else:
         pair = torch.full((num_classes, num_classes), math.sqrt(2.0) * logits_bound, dtype=torch.float64)

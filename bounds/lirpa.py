@@ -19,6 +19,7 @@ import importlib.metadata
 import importlib.util
 import inspect
 import logging
+import math
 import sys
 import types
 import warnings
@@ -181,6 +182,7 @@ def import_auto_lirpa() -> types.ModuleType:
     root_handlers, root_level = list(root.handlers), root.level
     try:
         with warnings.catch_warnings():  # restores the filters auto_LiRPA sets to 'once'
+            warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.script in auto_LiRPA 0.3
             module = importlib.import_module("auto_LiRPA")
     except Exception as exc:  # any import failure becomes one sentence for the user
         raise AutoLirpaMissing(
@@ -191,8 +193,37 @@ def import_auto_lirpa() -> types.ModuleType:
     APPLIED_SHIMS["named_members_remove_duplicate"] = legacy and needs_named_members(module.BoundedModule)
     if APPLIED_SHIMS["named_members_remove_duplicate"]:
         _patch_named_members(module.BoundedModule)
+    if legacy and torch_minor_version() not in TESTED_TORCH:
+        _self_test(module, version)
     _MODULE = module
     return module
+
+
+def torch_minor_version() -> str:
+    """``"2.13"`` for torch 2.13.0+cpu."""
+    return ".".join(torch.__version__.split("+")[0].split(".")[:2])
+
+
+def _self_test(module: types.ModuleType, version: str) -> None:
+    """On a torch the shims were not tested with, bound a tiny network once and compare with its output."""
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten(), torch.nn.Linear(2, 2))
+    x = torch.rand(2, 1, 5, 5, generator=torch.Generator().manual_seed(0))
+    try:
+        bounded = module.BoundedModule(net, torch.zeros(1, 1, 5, 5))
+        list(bounded.parameters())
+        with torch.no_grad():
+            ptb = module.PerturbationLpNorm(norm=math.inf, eps=0.0)
+            lower, upper = bounded.compute_bounds(x=(module.BoundedTensor(x, ptb),), method="CROWN")
+            ok = torch.allclose(lower, net(x), atol=1e-5) and torch.allclose(upper, net(x), atol=1e-5)
+    except Exception as exc:  # any failure is the same sentence for the user
+        raise AutoLirpaMissing(
+            f"auto_LiRPA {version} fails on torch {torch.__version__} ({type(exc).__name__}); the shims are "
+            f"tested with torch {', '.join(TESTED_TORCH)}: install one of those or a newer auto_LiRPA.") from exc
+    if not ok:
+        raise AutoLirpaMissing(
+            f"auto_LiRPA {version} computes wrong bounds on torch {torch.__version__}; the shims are tested "
+            f"with torch {', '.join(TESTED_TORCH)}: install one of those or a newer auto_LiRPA.")
 
 
 def onnx_opset_version() -> int:

@@ -23,32 +23,32 @@ REPO = Path(__file__).resolve().parents[1]
 REQUIRED = {"index", "label", "pred", "method", "kind", "norm", "eps", "certified", "margin_lb"}
 
 
-def _train(name: str, steps: int, info: DatasetInfo | None = None, **kwargs) -> tuple[torch.nn.Module, DatasetInfo]:
-    data = load_dataset("digits", "train")
-    info = info or data.info
-    torch.manual_seed(0)
-    model = create_model(name, info.num_classes, info.input_shape, info.mean, info.std, **kwargs)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(steps):
-        idx = torch.randint(0, len(data), (64,), generator=gen)
-        loss = torch.nn.functional.cross_entropy(model(data.x[idx]), data.y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval(), info
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These models are tiny: on a busy 2-core machine a second thread only waits."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
-def ckpts(tmp_path_factory) -> dict[str, Path]:
-    """A trained small cnn4 and a briefly trained small ViT on digits."""
-    root = tmp_path_factory.mktemp("ckpt")
-    paths = {}
-    for name, steps, kwargs in (("cnn4", 150, {"width": 8, "linear": 64}),
-                                ("vit", 10, {"dim": 16, "depth": 1, "heads": 2})):
-        model, info = _train(name, steps, **kwargs)
-        paths[name] = save_checkpoint(make_checkpoint(model, name, kwargs, info), root / f"{name}.pt")
-    return paths
+def ckpts(digits_trio, tmp_path_factory) -> dict[str, Path]:
+    """The PGD-AT cnn4 teacher of ``digits_trio`` and a briefly trained small ViT on digits."""
+    data = load_dataset("digits", "train")
+    kwargs = {"dim": 16, "depth": 1, "heads": 2}
+    torch.manual_seed(0)
+    vit = create_model("vit", 10, data.info.input_shape, data.info.mean, data.info.std, **kwargs)
+    opt = torch.optim.Adam(vit.parameters(), lr=3e-3)
+    for step in range(20):
+        batch = slice(64 * step, 64 * step + 64)
+        loss = torch.nn.functional.cross_entropy(vit(data.x[batch]), data.y[batch])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    path = tmp_path_factory.mktemp("ckpt") / "vit.pt"
+    save_checkpoint(make_checkpoint(vit.eval(), "vit", kwargs, data.info), path)
+    return {"cnn4": digits_trio.teacher_path, "vit": path}
 
 
 def certify(*args: str | Path) -> tuple[int, str, str]:
@@ -145,7 +145,7 @@ def test_per_example_radii_match_cli(l2_run, ckpts):
 
 # --------------------------------------------------------------------------- resume, shards, merge
 
-RUN = ("-n", 12, "--batch-size", 4, "--eps", "2/255,0.02", "--method", "crown", "--pgd-steps", 5, "--seed", 3)
+RUN = ("-n", 12, "--batch-size", 4, "--eps", "2/255,0.05", "--method", "crown", "--pgd-steps", 5, "--seed", 3)
 
 
 @pytest.fixture(scope="module")
@@ -252,25 +252,40 @@ NO_LIRPA = ("import sys; sys.modules['auto_LiRPA'] = None; from certkd.cli impor
             "main(['certify'] + sys.argv[1:])")
 
 
+def _check_one_line(name: str, code: int, stderr: str, expected: str) -> None:
+    lines = stderr.strip().splitlines()
+    assert code == 2, (name, stderr)
+    assert len(lines) == 1 and lines[0].startswith("certkd: error:"), (name, stderr)
+    assert expected in lines[0], (name, lines[0])
+
+
 def test_bad_input_exits_2_with_one_line(ckpts, misfit_ckpts, tmp_path):
-    """Each bad input: exit 2, exactly one line on stderr, no output file (subprocesses run concurrently)."""
+    """Each bad input: exit 2, exactly one line on stderr, no output file, not even a partial one."""
+    for i, (name, (args, expected)) in enumerate(_bad_cases(ckpts, misfit_ckpts).items()):
+        outputs = ["--out", tmp_path / f"{i}.json"]
+        if name != "resume without file":
+            outputs += ["--per-example", tmp_path / f"{i}.jsonl"]
+        code, _, stderr = certify(*args, "-n", 4, *outputs)
+        _check_one_line(name, code, stderr, expected)
+    assert not list(tmp_path.iterdir())
+
+
+def test_bad_input_through_python_m_certkd(ckpts, misfit_ckpts, tmp_path):
+    """The same through real processes (``python -m certkd``), run concurrently, and without auto_LiRPA."""
     cases = _bad_cases(ckpts, misfit_ckpts)
-    procs = {}
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    for i, (name, (args, _)) in enumerate(cases.items()):
-        outputs = ["--out", str(tmp_path / f"{i}.json"), "--per-example", str(tmp_path / f"{i}.jsonl")]
-        if name == "resume without file":
-            outputs = outputs[:2]
-        procs[name] = subprocess.Popen([sys.executable, "-m", "certkd", "certify", *args, "-n", "4", *outputs],
-                                       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    procs["no auto_LiRPA"] = subprocess.Popen(
-        [sys.executable, "-c", NO_LIRPA, str(ckpts["cnn4"]), "-n", "4", "--out", str(tmp_path / "x.json")],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    cases["no auto_LiRPA"] = ([], "pip install --no-deps auto-LiRPA==0.3")
-    for name, proc in procs.items():
-        _, stderr = proc.communicate(timeout=120)
-        lines = stderr.strip().splitlines()
-        assert proc.returncode == 2, (name, stderr)
-        assert len(lines) == 1 and lines[0].startswith("certkd: error:"), (name, stderr)
-        assert cases[name][1] in lines[0], (name, lines[0])
-    assert not list(tmp_path.iterdir())  # nothing written, not even a partial file
+    procs = {}
+    for name in ("negative eps", "vit with crown"):
+        args, expected = cases[name]
+        command = [sys.executable, "-m", "certkd", "certify", *args, "-n", "4"]
+        procs[name] = (command, expected)
+    procs["no auto_LiRPA"] = ([sys.executable, "-c", NO_LIRPA, str(ckpts["cnn4"]), "-n", "4"],
+                              "pip install --no-deps auto-LiRPA==0.3")
+    running = {name: subprocess.Popen([*command, "--out", str(tmp_path / f"{i}.json"), "--per-example",
+                                       str(tmp_path / f"{i}.jsonl")], cwd=REPO, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for i, (name, (command, _)) in enumerate(procs.items())}
+    for name, proc in running.items():
+        _, stderr = proc.communicate(timeout=300)
+        _check_one_line(name, proc.returncode, stderr, procs[name][1])
+    assert not list(tmp_path.iterdir())

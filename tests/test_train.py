@@ -23,10 +23,20 @@ from certkd.io import read_jsonl
 from certkd.models import create_model
 from certkd.train import MethodParams, TrainConfig, TrainingDiverged, evaluate, train
 from certkd.train import trainer as trainer_module
+from certkd.train.losses.distill import iga_term, input_gradient
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"arch": "mlp", "arch_kwargs": {"hidden": [16]}, "batch_size": 128, "lr": 0.05, "val_size": 40,
         "val_attack_steps": 2, "progress": False}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These models are tiny: one thread is as fast, and much faster on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -40,19 +50,30 @@ def pgd_accuracy(model, data, eps) -> dict:
 
 
 def test_kd_loses_robustness_and_kdiga_keeps_most_of_it(digits_trio, digits_test):
-    """Measured over seeds 0-2 (450 test images, PGD-20, L-inf 0.15): teacher 0.63-0.70, KD 0.23-0.29,
-    KDIGA 0.50-0.58; clean accuracy 0.94-0.98 for all three (see tests/conftest.py)."""
+    """Measured with seeds 0, 1, 2 (450 test images, PGD-20, L-inf 0.15):
+    PGD accuracy teacher 0.678 / 0.664 / 0.649, KD 0.276 / 0.289 / 0.258 (0.40-0.44 of the teacher's),
+    KDIGA 0.551 / 0.538 / 0.551 (0.81-0.85 of it); clean accuracy 0.94-0.98 for all three."""
     eps = digits_trio.eval_eps
     teacher = pgd_accuracy(digits_trio.teacher, digits_test, eps)
     kd = pgd_accuracy(digits_trio.kd, digits_test, eps)
     kdiga = pgd_accuracy(digits_trio.kdiga, digits_test, eps)
-    natural_level = 0.15  # a naturally trained mlp at this radius: ~0.2 (measured), nothing like the teacher
-    assert teacher["clean_acc"] >= 0.9 and teacher["pgd_acc"] >= 0.55  # the PGD-AT teacher is robust
+    assert teacher["clean_acc"] >= 0.9 and teacher["pgd_acc"] >= 0.58  # the PGD-AT teacher is robust
     assert kd["clean_acc"] >= teacher["clean_acc"] - 0.03  # KD keeps the clean accuracy ...
     assert kd["pgd_acc"] <= 0.5 * teacher["pgd_acc"]  # ... but loses most of the PGD accuracy
     assert kdiga["clean_acc"] >= teacher["clean_acc"] - 0.03
-    assert kdiga["pgd_acc"] >= 0.65 * teacher["pgd_acc"]  # KDIGA keeps most of it
-    assert kdiga["pgd_acc"] >= kd["pgd_acc"] + natural_level
+    assert kdiga["pgd_acc"] >= 0.7 * teacher["pgd_acc"]  # KDIGA keeps most of it
+    assert kdiga["pgd_acc"] >= kd["pgd_acc"] + 0.15  # measured gap 0.25-0.29
+
+
+def test_kdiga_aligns_input_gradients_better_than_kd(digits_trio, digits_test):
+    """What KDIGA optimizes (theory.md §3-4): mean L2 gradient gap measured 0.36-0.44 (KDIGA) vs 0.57-0.64 (KD)."""
+    x, y = digits_test
+    _, g_teacher = input_gradient(digits_trio.teacher, x, y, create_graph=False)
+    gaps = {}
+    for name in ("kd", "kdiga"):
+        _, g_student = input_gradient(getattr(digits_trio, name), x, y, create_graph=False)
+        gaps[name] = float(iga_term(g_student, g_teacher, "2"))
+    assert gaps["kdiga"] <= 0.8 * gaps["kd"]
 
 
 def test_student_checkpoint_records_method_hyperparameters_and_teacher(digits_trio):
@@ -200,7 +221,7 @@ def test_cli_init_copies_matching_weights_and_says_so(tmp_path, digits_trio):
                      str(digits_trio.kd_path), "--epochs", "1", "--lr", "1e-12", "--no-progress", "--val-size", "20",
                      "--out", str(out))
     assert result.exit_code == 0, result.stderr
-    assert "init: loaded 4 of 8 tensors" in result.stderr
+    assert "init: loaded 2 of 6 tensors" in result.stderr
     student, source = load_checkpoint(out), load_checkpoint(digits_trio.kd_path)
     torch.testing.assert_close(student.state_dict["1.1.weight"], source.state_dict["1.1.weight"])
     assert student.provenance["init"]["sha256"] == file_sha256(digits_trio.kd_path)

@@ -6,8 +6,7 @@ from certkd.models._registry import register_model
 
 
 @register_model
-def mlp(num_classes: int, input_shape: tuple[int, ...], hidden: tuple[int, ...] | list[int] = (256, 256),
-        **_: object) -> nn.Module:
+def mlp(num_classes: int, input_shape: tuple[int, ...], hidden: tuple[int, ...] | list[int] = (256, 256)) -> nn.Module:
     """Flatten -> [Linear -> ReLU] * len(hidden) -> Linear."""
     d = 1
     for s in input_shape:

@@ -20,8 +20,6 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,7 @@ from torch import nn
 from tqdm import tqdm
 
 from bounds import attack
+from bounds.nn import Normalize
 from certkd.checkpoint import file_sha256, load_checkpoint, make_checkpoint, provenance, save_checkpoint
 from certkd.data import DatasetInfo, load_dataset
 from certkd.errors import CertkdError, CheckpointError
@@ -176,16 +175,20 @@ def _load_teacher(path: Path, info: DatasetInfo, device: torch.device) -> tuple[
 
 
 def _load_init(student: nn.Module, path: Path) -> dict[str, Any]:
-    """Copy every tensor of ``path`` whose name and shape match the student (any family); report it."""
+    """Copy every weight of ``path`` whose name and shape match the student (any family); report it.
+
+    The student keeps its own dataset's input normalization (the ``Normalize`` buffers).
+    """
     ckpt = load_checkpoint(path)
-    own = student.state_dict()
+    normalization = {f"{name}.{buf}" for name, module in student.named_modules() if isinstance(module, Normalize)
+                     for buf in ("mean", "std")}
+    own = {k: v for k, v in student.state_dict().items() if k not in normalization}
     matched = {k: v for k, v in ckpt.state_dict.items() if k in own and own[k].shape == v.shape}
-    if not any(k not in ("0.mean", "0.std") for k in matched):
+    if not matched:
         raise CheckpointError(f"--init {path}: none of its {ckpt.model_name} weights fits the student's shapes")
     student.load_state_dict(matched, strict=False)
-    skipped = sorted(set(own) - set(matched))
     return {"path": str(path), "sha256": file_sha256(path), "model": ckpt.model_name,
-            "loaded": len(matched), "total": len(own), "skipped": skipped}
+            "loaded": len(matched), "total": len(own), "skipped": sorted(set(own) - set(matched))}
 
 
 def _make_optimizer(cfg: TrainConfig, model: nn.Module) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
@@ -224,16 +227,10 @@ def _save_resume_state(path: Path, state: dict[str, Any]) -> None:
     atomic_write(path, lambda fh: fh.write(buf.getvalue()), mode="wb")
 
 
-@contextmanager
-def _autocast(device: torch.device, enabled: bool) -> Iterator[None]:
+def _autocast(device: torch.device, enabled: bool) -> torch.autocast:
     """Mixed precision for --amp: float16 on CUDA (with a GradScaler), bfloat16 on CPU."""
-    if not enabled:
-        with nullcontext():
-            yield
-        return
     dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    with torch.autocast(device_type=device.type, dtype=dtype):
-        yield
+    return torch.autocast(device_type=device.type, dtype=dtype, enabled=enabled)
 
 
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | None, norm: str, steps: int,
@@ -242,7 +239,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | No
 
     Under torchrun each rank takes a slice and the counts are summed.
     """
-    d = dist_info or _Dist(device=x.device)
+    d = dist_info or _Dist(device=next(model.parameters()).device)
     idx = torch.arange(d.rank, len(y), d.world)
     x, y = x[idx], y[idx]
     gen = _generator(_epoch_seed(seed, 0, d.rank), d.device)
@@ -426,7 +423,7 @@ def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler:
 
 def _diverged_message(method: str, epoch: int, step: int, out: dict[str, torch.Tensor],
                       paths: dict[str, Path]) -> str:
-    terms = ", ".join(f"{k}={float(v):.4g}" for k, v in out.items())
+    terms = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in out.items())
     kept = f"the last good checkpoint {paths['last']} (epoch {epoch}) is kept" if epoch > 0 and \
         paths["last"].exists() else "no checkpoint was written"
     return (f"{method} loss is not finite at epoch {epoch + 1}, step {step + 1} ({terms}); training stopped and "
