@@ -289,6 +289,9 @@ def check_graph_supported(bounded, method: str, norm: str | float, version: str 
     p = parse_norm(norm)
     problems: list[str] = []
     nodes = list(bounded._modules.values())
+    kinds = {_kind(n) for n in nodes}
+    if "BoundSoftmax" in kinds or {"BoundExp", "BoundDiv"} <= kinds:  # a softmax, as traced at opset 12
+        problems.append("softmax")
     for node in nodes:
         problem = _node_problem(node, p)
         if problem is not None and problem not in problems:

@@ -82,8 +82,8 @@ class MethodParams:
                 raise CertkdError(f"{name.replace('_', '-')} must be a finite number > 0, got {value}")
         if self.clever_radius is not None and not (math.isfinite(self.clever_radius) and self.clever_radius > 0):
             raise CertkdError(f"clever-radius must be a finite number > 0, got {self.clever_radius}")
-        if not 0 < self.alpha < 0.5:
-            raise CertkdError(f"alpha must lie in (0, 0.5), got {self.alpha}")
+        if not 0 < self.alpha < 1:
+            raise CertkdError(f"alpha must lie in (0, 1), got {self.alpha}")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> MethodParams:
@@ -300,7 +300,7 @@ def _smoothing(ctx: Context, x: torch.Tensor, y: torch.Tensor, eps: list[float],
                     torch.zeros_like(res.radius))
     # eps = 0: the smoothed classifier predicts y (its certificate has radius > 0 exactly then)
     out = MethodOutput(robust=_radius_robust(r, eps) & correct.view(-1, 1),
-                       extra={"smoothed_pred": res.prediction})
+                       extra={"smoothed_pred": res.prediction, "p_lower": res.p_lower})
     if radius:
         out.radius = r
     return out

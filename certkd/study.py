@@ -33,7 +33,7 @@ import yaml
 from certkd.cli.options import parse_eps_list
 from certkd.errors import CertkdError
 
-METHODS = ("ibp", "crown-ibp", "crown", "alpha-crown", "lipschitz", "clever", "smoothing")
+METHODS = ("ibp", "crown-ibp", "crown", "alpha-crown", "lipschitz", "clever", "smoothing", "pgd")
 NORMS = ("inf", "2")
 _TOP_KEYS = {"name", "checkpoints", "methods", "norms", "eps", "num_examples", "split", "dataset", "data_dir",
              "seed", "batch_size", "device", "params", "kdiga", "out"}

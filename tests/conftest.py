@@ -23,11 +23,10 @@ import torch
 from torch import nn
 
 from certkd.checkpoint import load_model
-from certkd.train import MethodParams, TrainConfig, train
+from certkd.demo import DemoSettings, train_trio
 
 DIGITS_TRAIN_EPS = 0.2  # L-inf radius of the teacher's PGD-AT (inputs in [0, 1], 8x8)
 DIGITS_EVAL_EPS = 0.15  # where the KD-versus-KDIGA gap is clearest
-STUDENT_ARCH = ("mlp", {"hidden": [64]})
 
 
 @dataclass
@@ -60,19 +59,11 @@ def train_digits_trio(out_dir: Path, seed: int = 0) -> DigitsTrio:
 
 
 def _train_digits_trio(out_dir: Path, seed: int) -> DigitsTrio:
-    fast_val = {"val_size": 200, "val_attack_steps": 10, "progress": False, "seed": seed}
-    teacher = train(TrainConfig(
-        method="pgd-at", arch="cnn4", out=out_dir / "teacher.pt", epochs=20, batch_size=128, lr=0.1,
-        params=MethodParams(eps=DIGITS_TRAIN_EPS, norm="inf", attack_steps=5), **fast_val))
-    arch, arch_kwargs = STUDENT_ARCH
-    students = {}
-    for method, params in (("kd", MethodParams(eps=DIGITS_EVAL_EPS)),
-                           ("kdiga", MethodParams(eps=DIGITS_EVAL_EPS, iga_weight=1.0, iga_norm="2"))):
-        students[method] = train(TrainConfig(
-            method=method, arch=arch, arch_kwargs=arch_kwargs, teacher=teacher, out=out_dir / f"{method}.pt",
-            epochs=20, batch_size=64, lr=0.05, params=params, **fast_val))
-    return DigitsTrio(teacher_path=teacher, kd_path=students["kd"], kdiga_path=students["kdiga"],
-                      teacher=load_model(teacher), kd=load_model(students["kd"]), kdiga=load_model(students["kdiga"]))
+    settings = DemoSettings(seed=seed, train_eps=DIGITS_TRAIN_EPS, student_eps=DIGITS_EVAL_EPS)
+    paths = train_trio(out_dir, settings)
+    return DigitsTrio(teacher_path=paths["teacher"], kd_path=paths["kd"], kdiga_path=paths["kdiga"],
+                      teacher=load_model(paths["teacher"]), kd=load_model(paths["kd"]),
+                      kdiga=load_model(paths["kdiga"]))
 
 
 @pytest.fixture(scope="session")

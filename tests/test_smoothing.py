@@ -126,19 +126,18 @@ def test_monte_carlo_does_not_contradict_certificates_of_a_trained_model(digits_
         counts = noise_counts(model, points, sigma, n, 4096, gen(10)).gather(1, cls.view(-1, 1)).squeeze(1)
         for k, p, d in zip(counts.tolist(), p_lower.tolist(), delta.tolist(), strict=True):
             guaranteed = stats.norm.cdf(stats.norm.ppf(p) - d / sigma)  # p_A(x + delta), Cohen et al. Thm 1
-            assert upper_confidence(k, n, 0.001) >= guaranteed >= 0.5 - 1e-9
+            assert upper_confidence(k, n, 0.001) >= guaranteed >= 0.5 - 1e-6
 
 
 def test_certify_is_reproducible_with_a_fixed_generator():
-    torch.manual_seed(0)
-    model = create_model("mlp", 4, DIGITS, hidden=[16]).eval()
-    x = torch.rand(5, *DIGITS, generator=gen(11))
+    model = FirstPixel()
+    x = torch.full((5, *DIGITS), 0.5)
+    x[:, 0, 0, 0] = torch.linspace(0.45, 0.65, 5)
     a = smoothing_certify(model, x, 0.3, n0=20, n=200, alpha=0.01, batch_size=128, generator=gen(12))
     b = smoothing_certify(model, x, 0.3, n0=20, n=200, alpha=0.01, batch_size=128, generator=gen(12))
-    c = noise_counts(model, x, 0.3, 200, 128, gen(13))
-    d = noise_counts(model, x, 0.3, 200, 128, gen(14))
-    assert torch.equal(a.prediction, b.prediction) and torch.equal(a.radius, b.radius)
-    assert not torch.equal(c, d)
+    c = smoothing_certify(model, x, 0.3, n0=20, n=200, alpha=0.01, batch_size=128, generator=gen(13))
+    assert torch.equal(a.prediction, b.prediction) and torch.equal(a.p_lower, b.p_lower)
+    assert not torch.equal(a.p_lower, c.p_lower)  # another seed, other samples
     with pytest.raises(BoundsError):
         smoothing_certify(model, x, 0.0)
     with pytest.raises(BoundsError):

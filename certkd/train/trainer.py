@@ -31,7 +31,14 @@ from tqdm import tqdm
 
 from bounds import attack
 from bounds.nn import Normalize
-from certkd.checkpoint import file_sha256, load_checkpoint, make_checkpoint, provenance, save_checkpoint
+from certkd.checkpoint import (
+    file_sha256,
+    load_checkpoint,
+    make_checkpoint,
+    provenance,
+    save_checkpoint,
+    torch_load_weights_only,
+)
 from certkd.data import DatasetInfo, load_dataset
 from certkd.errors import CertkdError, CheckpointError
 from certkd.io import JsonlAppender, atomic_write, read_jsonl
@@ -208,11 +215,9 @@ def _make_optimizer(cfg: TrainConfig, model: nn.Module) -> tuple[torch.optim.Opt
 def _resume_state(path: Path, cfg_dict: dict[str, Any]) -> dict[str, Any] | None:
     if not path.exists():
         return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001  (any unreadable file is one user-facing sentence)
-        raise CheckpointError(f"{path}: unreadable resume state ({type(exc).__name__}); delete it to start "
-                              "over") from None
+    state = torch_load_weights_only(path, "resume state")
+    if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
+        raise CheckpointError(f"{path}: not a certkd resume state; delete it to start over")
     old = state["config"]
     diff = [k for k in cfg_dict if k not in _RESUME_FREE and old.get(k) != cfg_dict[k]]
     if diff:
@@ -378,7 +383,8 @@ def _train_epoch(cfg: TrainConfig, spec: LossSpec, params: MethodParams, model: 
     """One pass over this rank's share of a (seed, epoch)-shuffled training set; returns mean loss terms."""
     seed = _epoch_seed(cfg.seed, epoch + 1, d.rank)
     torch.manual_seed(seed)
-    order = torch.randperm(len(train_set), generator=_generator(_epoch_seed(cfg.seed, epoch + 1), torch.device("cpu")))
+    shuffle = _generator(_epoch_seed(cfg.seed, epoch + 1), torch.device("cpu"))  # the same on every rank
+    order = torch.randperm(len(train_set), generator=shuffle)
     mine = order[d.rank::d.world][:n_per_rank]
     gen = _generator(seed, d.device)
     sums: dict[str, torch.Tensor] = {}

@@ -35,6 +35,8 @@ def input_gradient(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
     The CE is summed (not averaged) before differentiating, so each row is exactly the
     gradient of its own example's loss, not shrunk by 1/B (theory.md §4). With
     ``create_graph`` the gradient stays differentiable in the parameters (double backprop).
+    A BatchNorm layer in training mode couples the examples through the batch statistics; its
+    rows then include that coupling (as in the authors' code). The frozen teacher is in eval mode.
     """
     x = x.detach().requires_grad_(True)
     with torch.enable_grad():
