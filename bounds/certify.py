@@ -15,14 +15,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bounds.attack import min_margin, pgd
+from bounds.attack import margins, min_margin, pgd
 from bounds.errors import BoundsError
 from bounds.lirpa import auto_lirpa_version, import_auto_lirpa
-from bounds.norms import check_eps, norm_name, parse_norm
+from bounds.norms import batch_norm, check_eps, dual_norm, norm_name, parse_norm
 from bounds.view import check_graph_supported, check_modules, verification_view
 
 BOUND_METHODS = ("ibp", "crown-ibp", "crown", "alpha-crown")
@@ -226,15 +227,173 @@ class BoundEngine:
         return MarginBounds(lower=lower, min_lower=min_lower, certified=min_lower > 0, eps=eps_t,
                             method=method, norm=p)
 
+    def first_order_radius(self, x: torch.Tensor, y: torch.Tensor, p: float) -> torch.Tensor:
+        """``min_j m_j(x) / ||grad m_j(x)||_q`` (theory.md §2.2 at R = 0): an **estimate**, the search's first guess."""
+        k = self.num_classes - 1
+        rows = x.repeat_interleave(k, dim=0).requires_grad_(True)
+        labels = y.repeat_interleave(k)
+        with torch.enable_grad():
+            m = margins(self.view(rows), labels)[torch.arange(len(rows)), torch.arange(k).repeat(len(x))]
+            (grad,) = torch.autograd.grad(m.sum(), rows)
+        slope = batch_norm(grad, dual_norm(p)).clamp_min(1e-12)
+        return (m.detach() / slope).view(-1, k).amin(dim=1).clamp_min(0.0)
+
+    def attack_upper(self, x: torch.Tensor, y: torch.Tensor, p: float, eps_max: float, guess: torch.Tensor,
+                     steps: int = 10, restarts: int = 1, rounds: int = 3,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+        """An eps at which PGD found an adversarial example (``eps_max`` if none was found): an **estimate**.
+
+        ``rounds`` PGD runs bisect the attack radius in log scale between ``guess / 4`` and ``eps_max``.
+        """
+        upper = torch.full((len(x),), float(eps_max), device=x.device)
+        lower = (guess / 4).clamp(min=float(eps_max) * 1e-6, max=float(eps_max))
+        for _ in range(rounds):
+            mid = torch.sqrt(lower * upper)
+            broken = pgd(self.view, x, y, mid, p, steps=steps, restarts=restarts, generator=generator).margin <= 0
+            upper = torch.where(broken, mid, upper)
+            lower = torch.where(broken, lower, mid)
+        return upper
+
     def certified_radius(self, x: torch.Tensor, y: torch.Tensor, norm: str | float = "inf",
                          method: str = "crown", eps_max: float | None = None, tol: float = 1e-3,
-                         attack_steps: int = 20, attack_restarts: int = 1,
+                         attack_steps: int = 10, attack_restarts: int = 1, attack_rounds: int = 3,
+                         max_passes: int = 40,
                          generator: torch.Generator | None = None) -> RadiusResult:
-        """Per-example certified radii by a joint search (theory.md §2.1); see ``certified_radius``."""
-        raise NotImplementedError
+        """Per-example certified radii: all examples searched at once (theory.md §2.1).
+
+        Each example's bracket starts at ``[0, attack upper end]`` (eps = 0 is certified for a
+        correctly classified point; PGD broke it at the upper end, so no sound method certifies
+        there). Every pass of the bound method evaluates one eps per unfinished example,
+        chosen by a safeguarded root search on ``g(eps) = min_j lower bound of m_j``: a
+        quadratic model of ``g`` through the evaluated points (first guess: a fraction of the
+        first-order radius), steps that straddle the root by less than ``tol`` once it is
+        located, and bisection whenever the bracket does not halve in two passes. The search
+        stops when ``uncertified - radius <= tol``. The returned radius is an eps at which a
+        pass of ``method`` certified the point. Examples whose clean prediction is wrong get
+        radius 0 and ``correct = False``.
+        """
+        method, p = self.check(method, norm)
+        if tol <= 0:
+            raise BoundsError(f"the radius tolerance must be positive, got {tol}")
+        x, y, _ = self._inputs(x, y, 0.0)
+        eps_max = float(eps_max) if eps_max is not None else _default_eps_max(p, self.input_shape)
+        check_eps(eps_max)
+        with torch.no_grad():
+            clean = min_margin(self.view(x), y)
+        correct = clean > 0
+        n = len(x)
+        radius = torch.zeros(n, device=self.device)
+        uncertified = torch.zeros(n, device=self.device)
+        upper = torch.zeros(n, device=self.device)
+        result = RadiusResult(radius, uncertified, upper, correct, method, p, float(tol))
+        idx = correct.nonzero().flatten()
+        if len(idx) == 0:
+            return result
+        xs, ys = x[idx], y[idx]
+        first_order = self.first_order_radius(xs, ys, p)
+        upper[idx] = self.attack_upper(xs, ys, p, eps_max, first_order, attack_steps, attack_restarts,
+                                       attack_rounds, generator)
+        search = _RootSearch(clean[idx], first_order, upper[idx], tol)
+        for _ in range(max_passes):
+            active = search.active()
+            if len(active) == 0:
+                break
+            eps = search.next_eps(active)
+            g = self.margin_bounds(xs[active], ys[active], eps, p, method).min_lower
+            if bool(((g > 0) & (eps >= upper[idx][active])).any()):
+                raise BoundsError(f"{method} certified an eps at which PGD found an adversarial example: "
+                                  "the bounds are unsound for this model; do not trust them")
+            search.update(active, eps, g)
+            result.passes += 1
+            result.pass_eps.append(eps.detach().cpu())
+        radius[idx], uncertified[idx] = search.lo, search.hi
+        return result
+
+
+def _default_eps_max(p: float, input_shape: tuple[int, ...]) -> float:
+    """The radius of a ball that covers the whole box [0, 1]^d: 1 for L-inf, sqrt(d) for L2."""
+    return 1.0 if math.isinf(p) else math.sqrt(math.prod(input_shape))
+
+
+class _RootSearch:
+    """Per-example safeguarded search for the largest eps with ``g(eps) > 0`` (see ``certified_radius``).
+
+    ``lo`` is always an eps that was certified (0 at the start), ``hi`` one that was not (or
+    the attack's upper end). ``g(0)`` is the clean margin and ``-slope0`` its first-order slope.
+    """
+
+    FIRST_GUESS = 0.4  # typical CROWN radius / first-order radius on PGD-trained digits CNNs
+    KEEP_OFF_ENDS = 0.05  # never evaluate closer than this fraction of the bracket to its ends
+
+    def __init__(self, clean: torch.Tensor, first_order: torch.Tensor, upper: torch.Tensor, tol: float):
+        self.tol = tol
+        self.lo = torch.zeros_like(upper)
+        self.hi = upper.clone()
+        self.first_order = first_order.clamp_min(1e-12)
+        self.history: list[list[tuple[float, float]]] = [[(0.0, float(m))] for m in clean]
+        self.widths: list[list[float]] = [[float(u)] for u in upper]
+
+    def active(self) -> torch.Tensor:
+        return ((self.hi - self.lo) > self.tol).nonzero().flatten()
+
+    def _model_root(self, i: int) -> float | None:
+        """Root in (lo, hi) of a quadratic through the evaluated points nearest the root (or None)."""
+        points = self.history[i]
+        lo, hi = float(self.lo[i]), float(self.hi[i])
+        if len(points) == 1:
+            return self.FIRST_GUESS * float(self.first_order[i])
+        m0 = points[0][1]
+        slope0 = m0 / float(self.first_order[i])
+        nearest = sorted(points, key=lambda q: abs(q[1]))[:3]
+        if len(nearest) == 3 and len({q[0] for q in nearest}) == 3:
+            coeffs = np.polyfit([q[0] for q in nearest], [q[1] for q in nearest], 2)
+        else:  # g(0) = m0, g'(0) = -slope0 and the one evaluated point
+            e1, g1 = points[-1]
+            coeffs = np.array([(g1 - m0 + slope0 * e1) / e1 ** 2, -slope0, m0])
+        roots = np.roots(coeffs)
+        roots = roots[np.isreal(roots)].real
+        roots = roots[(roots > lo) & (roots < hi)]
+        return float(roots.min()) if len(roots) else None
+
+    def next_eps(self, active: torch.Tensor) -> torch.Tensor:
+        out = []
+        for i in active.tolist():
+            lo, hi = float(self.lo[i]), float(self.hi[i])
+            width = hi - lo
+            widths = self.widths[i]
+            root = self._model_root(i)
+            if root is None or (len(widths) >= 3 and width > 0.5 * widths[-3]):
+                eps = (lo + hi) / 2  # bisection: the model failed or the bracket stopped shrinking
+            elif len(self.history[i]) > 1 and hi - root < self.tol:
+                eps = hi - 0.9 * self.tol  # certifying this closes the bracket
+            elif len(self.history[i]) > 1 and root - lo < self.tol:
+                eps = lo + 0.9 * self.tol  # failing here closes the bracket
+            else:
+                eps = root
+            margin = self.KEEP_OFF_ENDS * width
+            out.append(min(max(eps, lo + margin), hi - margin))
+        return torch.tensor(out, dtype=self.lo.dtype, device=self.lo.device)
+
+    def update(self, active: torch.Tensor, eps: torch.Tensor, g: torch.Tensor) -> None:
+        certified = g > 0
+        for k, i in enumerate(active.tolist()):
+            self.history[i].append((float(eps[k]), float(g[k])))
+            if bool(certified[k]):
+                self.lo[i] = eps[k]
+            else:
+                self.hi[i] = eps[k]
+            self.widths[i].append(float(self.hi[i] - self.lo[i]))
 
 
 def margin_bounds(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps, norm: str | float = "inf",
                   method: str = "crown", device: str | torch.device = "cpu") -> MarginBounds:
     """One-off ``BoundEngine(model, x.shape[1:]).margin_bounds(...)``; build an engine to reuse it."""
     return BoundEngine(model, x.shape[1:], device=device).margin_bounds(x, y, eps, norm, method)
+
+
+def certified_radius(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: str | float = "inf",
+                     method: str = "crown", eps_max: float | None = None, tol: float = 1e-3,
+                     device: str | torch.device = "cpu", **search) -> RadiusResult:
+    """One-off ``BoundEngine(model, x.shape[1:]).certified_radius(...)``; build an engine to reuse it."""
+    return BoundEngine(model, x.shape[1:], device=device).certified_radius(x, y, norm, method, eps_max, tol,
+                                                                         **search)

@@ -12,13 +12,10 @@ is NOT a certificate: sampling can miss the largest gradients.
 from __future__ import annotations
 
 import math
-import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import numpy as np
 import torch
-from scipy import optimize, stats
+from scipy import stats
 
 from bounds.errors import BoundsError
 from bounds.gradients import margin_gradients, other_classes
@@ -31,11 +28,11 @@ SCALE_PENALTY = 0.01  # the "mle_reg" penalty of Weng et al.'s code, on the resc
 
 @dataclass
 class WeibullFit:
-    """Estimated right end point of the batch maxima; ``fitted=False`` means the sample maximum is used."""
+    """Estimated right end points of batch maxima; where ``fitted`` is False the sample maximum is used."""
 
-    location: float
-    p_value: float
-    fitted: bool
+    location: torch.Tensor
+    p_value: torch.Tensor
+    fitted: torch.Tensor
 
 
 @dataclass
@@ -59,47 +56,114 @@ class CleverResult:
     kind: str = "estimate"
 
 
-def _reverse_weibull_nll(theta: np.ndarray, sample: np.ndarray) -> float:
-    """Negative log-likelihood of ``weibull_max(c, loc, scale)`` plus ``SCALE_PENALTY * scale^2``."""
-    shape, loc, scale = theta
-    z = (loc - sample) / scale
-    if shape <= 0 or scale <= 0 or z.min() <= 0:
-        return math.inf
-    nll = -(np.log(shape / scale) + (shape - 1) * np.log(z) - z**shape).sum()
-    return float(nll + SCALE_PENALTY * scale**2)
+def _evaluate_where(objective, points: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``objective`` at the masked points (inf elsewhere)."""
+    value = torch.full((len(points),), torch.inf, dtype=points.dtype, device=points.device)
+    if bool(mask.any()):
+        value[mask] = objective(points[mask], rows[mask])
+    return value
 
 
-def fit_reverse_weibull(maxima: np.ndarray, initial_shapes: tuple[float, ...] = INITIAL_SHAPES,
+def nelder_mead(objective, start: torch.Tensor, max_calls: int, tol: float = 1e-4) -> torch.Tensor:
+    """``scipy.optimize.fmin`` (Nelder-Mead, ``xtol = ftol = tol``, ``maxfun = max_calls``) on P
+    independent problems at once. ``objective(points (R, D), rows (R,))`` returns the (R,) values of
+    problems ``rows`` at those points; ``start`` (P, D). Returns the best vertex of every problem."""
+    n_problems, dim = start.shape
+    every = torch.arange(n_problems, device=start.device)
+    simplex = start.unsqueeze(1).repeat(1, dim + 1, 1)
+    simplex[:, 1:] += torch.diag_embed(torch.where(start != 0, 0.05 * start, torch.full_like(start, 2.5e-4)))
+    values = torch.stack([objective(simplex[:, j], every) for j in range(dim + 1)], dim=1)
+    calls = torch.full((n_problems,), dim + 1, device=start.device)
+    for _ in range(max_calls):
+        values, order = values.sort(dim=1)
+        simplex = simplex.gather(1, order.unsqueeze(2).expand(-1, -1, dim))
+        spread_x = (simplex[:, 1:] - simplex[:, :1]).abs().amax(dim=(1, 2))
+        spread_f = (values[:, 1:] - values[:, :1]).abs().amax(dim=1)
+        rows = (~((spread_x <= tol) & (spread_f <= tol)) & (calls < max_calls)).nonzero().squeeze(1)
+        if len(rows) == 0:
+            break
+        vertices, f = simplex[rows], values[rows]
+        centroid, worst = vertices[:, :-1].mean(dim=1), vertices[:, -1]
+        reflected, expanded, outside, inside = (centroid + t * (centroid - worst) for t in (1.0, 2.0, 0.5, -0.5))
+        f_r = objective(reflected, rows)
+        expand, below_worst = f_r < f[:, 0], f_r < f[:, -1]
+        contract = ~expand & ~(f_r < f[:, -2])
+        f_e = _evaluate_where(objective, expanded, rows, expand)
+        f_o = _evaluate_where(objective, outside, rows, contract & below_worst)
+        f_i = _evaluate_where(objective, inside, rows, contract & ~below_worst)
+        use_e = expand & (f_e < f_r)
+        use_r = ~contract & ~use_e
+        use_o = contract & below_worst & (f_o <= f_r)
+        use_i = contract & ~below_worst & (f_i < f[:, -1])
+        shrink = contract & ~use_o & ~use_i
+        for use, point, value in ((use_e, expanded, f_e), (use_r, reflected, f_r), (use_o, outside, f_o),
+                                  (use_i, inside, f_i)):
+            vertices[use, -1], f[use, -1] = point[use], value[use]
+        if bool(shrink.any()):
+            vertices[shrink, 1:] = vertices[shrink, :1] + 0.5 * (vertices[shrink, 1:] - vertices[shrink, :1])
+            f[shrink, 1:] = torch.stack([objective(vertices[shrink, j], rows[shrink]) for j in range(1, dim + 1)], 1)
+        simplex[rows], values[rows] = vertices, f
+        calls[rows] += 1 + (expand | contract).long() + dim * shrink.long()
+    return simplex.gather(1, values.argmin(dim=1).view(-1, 1, 1).expand(-1, 1, dim)).squeeze(1)
+
+
+def fit_reverse_weibull(maxima: torch.Tensor, initial_shapes: tuple[float, ...] = INITIAL_SHAPES,
                         min_p_value: float = MIN_P_VALUE) -> WeibullFit:
-    """Location of the best reverse-Weibull (``scipy.stats.weibull_max``) fit of batch maxima.
+    """Right end point of the best reverse-Weibull (``scipy.stats.weibull_max``) fit of each sample.
 
-    As in Weng et al.'s code: the sample is rescaled to [-1, 0]; for every
-    initial shape a maximum-likelihood fit (Nelder-Mead, ``scipy.optimize.fmin``,
-    started from ``weibull_max.fit_loc_scale``; a tiny scale penalty stops it
-    from diverging) is tested with Kolmogorov-Smirnov, and the best p-value
-    kept. It is rejected (sample maximum returned, ``fitted=False``) when that
-    p-value is below ``min_p_value``, when its location lies below the sample
-    maximum, or when the maxima are (numerically) all equal.
+    ``maxima`` (..., n): one sample per leading index. As in Weng et al.'s code,
+    every sample is rescaled to [-1, 0]; for every initial shape a regularized
+    maximum-likelihood fit (Nelder-Mead, exactly ``scipy.optimize.fmin`` but run
+    for all samples and shapes at once; started like ``weibull_max.fit``, from
+    the moment estimates moved to cover the data) is scored by the exact
+    Kolmogorov-Smirnov p-value (``scipy.stats.kstwo``); the best is kept. A fit
+    is rejected (sample maximum used, ``fitted=False``) when its p-value is
+    below ``min_p_value`` or the maxima are (numerically) all equal.
     """
-    maxima = np.asarray(maxima, dtype=np.float64)
-    top, spread = float(maxima.max()), float(maxima.max() - maxima.min())
-    if spread <= 1e-6 * abs(top) or spread == 0.0:
-        return WeibullFit(top, math.nan, False)
-    rescaled = (maxima - top) / spread
-    best = WeibullFit(top, math.nan, False)
-    for shape0 in initial_shapes:
-        with warnings.catch_warnings(), np.errstate(all="ignore"):
-            warnings.simplefilter("ignore")
-            loc0, scale0 = stats.weibull_max.fit_loc_scale(rescaled, shape0)
-            start = (shape0, max(float(loc0), 0.05), max(float(scale0), 0.05))
-            shape, loc, scale = optimize.fmin(_reverse_weibull_nll, start, (rescaled,), disp=False)
-            loc, scale = top + loc * spread, scale * spread
-            p_value = float(stats.kstest(maxima, stats.weibull_max(shape, loc, scale).cdf).pvalue)
-        if math.isfinite(p_value) and (not best.fitted or p_value > best.p_value):
-            best = WeibullFit(loc, p_value, True)
-    if not best.p_value >= min_p_value or not best.location >= top:
-        return WeibullFit(top, best.p_value, False)
-    return best
+    sample = torch.as_tensor(maxima).double()
+    batch_shape, n = sample.shape[:-1], sample.shape[-1]
+    sample = sample.reshape(-1, n)
+    top = sample.amax(dim=1)
+    spread = top - sample.amin(dim=1)
+    todo = spread > 1e-6 * top.abs()  # (numerically) constant samples: nothing to fit
+    location, p_value = top.clone(), torch.full_like(top, math.nan)
+    if bool(todo.any()):
+        rescaled = ((sample[todo] - top[todo, None]) / spread[todo, None]).sort(dim=1).values
+        end_point, p_value[todo] = _fit_rescaled(rescaled, initial_shapes)
+        location[todo] = top[todo] + end_point * spread[todo]
+    fitted = todo & (p_value >= min_p_value) & (location >= top)
+    location = torch.where(fitted, location, top)
+    return WeibullFit(location.view(batch_shape), p_value.view(batch_shape), fitted.view(batch_shape))
+
+
+def _fit_rescaled(rescaled: torch.Tensor, initial_shapes: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best (Kolmogorov-Smirnov) location and p-value of sorted samples (S, n) with maximum 0."""
+    n_samples, n = rescaled.shape
+    data = rescaled.repeat(len(initial_shapes), 1)  # (shapes * samples, n), shape-major
+    shape0 = torch.tensor(initial_shapes, dtype=torch.float64, device=data.device).repeat_interleave(n_samples)
+    # weibull_max moments: mean -Gamma(1 + 1/c), variance Gamma(1 + 2/c) - Gamma(1 + 1/c)^2
+    g1, g2 = torch.lgamma(1 + 1 / shape0), torch.lgamma(1 + 2 / shape0)
+    scale0 = data.std(dim=1, correction=0) / torch.sqrt(torch.exp(g2) - torch.exp(2 * g1))
+    loc0 = data.mean(dim=1) + scale0 * torch.exp(g1)
+    covers = loc0 > 0  # the support (-inf, loc] must contain the sample maximum 0
+    loc0, scale0 = torch.where(covers, loc0, 0.1), torch.where(covers, scale0, 1.0)
+
+    def objective(theta: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        shape, loc, scale = (t.unsqueeze(1) for t in theta.unbind(dim=1))
+        z = (loc - data[rows]) / scale
+        valid = (shape[:, 0] > 0) & (scale[:, 0] > 0) & (z.amin(dim=1) > 0)
+        log_z = torch.log(z.clamp_min(1e-300))
+        nll = -(torch.log(shape / scale) + (shape - 1) * log_z - torch.exp(shape * log_z)).sum(dim=1)
+        return torch.where(valid, nll + SCALE_PENALTY * scale[:, 0] ** 2, torch.inf)
+
+    theta = nelder_mead(objective, torch.stack([shape0, loc0, scale0], dim=1), max_calls=600)
+    shape, loc, scale = (t.unsqueeze(1) for t in theta.unbind(dim=1))
+    cdf = torch.exp(-((loc - data).clamp_min(0) / scale) ** shape)
+    ranks = torch.arange(1, n + 1, dtype=torch.float64, device=data.device)
+    ks = torch.maximum((ranks / n - cdf).amax(dim=1), (cdf - (ranks - 1) / n).amax(dim=1))
+    p_value = torch.as_tensor(stats.kstwo.sf(ks.cpu().numpy(), n), device=data.device).nan_to_num(0.0)
+    best_p, best = p_value.view(len(initial_shapes), n_samples).max(dim=0)
+    return loc[:, 0].view(len(initial_shapes), n_samples).gather(0, best.view(1, -1))[0], best_p
 
 
 def clever(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, norm: str | float, radius: float,
@@ -109,11 +173,11 @@ def clever(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, norm: str |
     """Untargeted (``targets=None``: every j != y) or targeted (``targets`` (B,) or (B, M)) CLEVER.
 
     Points are drawn uniformly in ``B_p(x, radius)`` (``bounds.norms.random_in_ball``,
-    on the generator's device; default generator: CPU, seed 0) and clipped to
+    on the generator's device; by default a generator on x's device, seed 0) and clipped to
     [0, 1]. The batches of all examples are stacked so that each step is one
-    forward and one batched backward over about ``points_per_step`` points; the
-    Weibull fits of an example run on a worker thread as soon as its batches are
-    done, while the next gradients are computed. The model must be in eval mode.
+    forward and one batched backward over about ``points_per_step`` points; then
+    all Weibull fits run together (``fit_reverse_weibull``). The model must be in
+    eval mode.
     theory.md §2.2.
     """
     p = parse_norm(norm)
@@ -121,39 +185,31 @@ def clever(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, norm: str |
         raise BoundsError("CLEVER needs radius > 0, n_batches >= 2 and batch_size >= 1")
     q = dual_norm(p)
     device = x.device
-    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    generator = generator if generator is not None else torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
         logits = model(x)
     y = y.to(device)
     targets = other_classes(y, logits.shape[1]) if targets is None else targets.view(len(y), -1).to(device)
     margin = logits.gather(1, y.view(-1, 1)) - logits.gather(1, targets)
     n_examples, n_targets = targets.shape
-    n_cells = n_examples * n_batches  # one cell = one batch of one example, example-major
-
-    def fit_example(maxima: np.ndarray) -> list[WeibullFit]:
-        return [fit_reverse_weibull(maxima[:, j], initial_shapes, min_p_value) for j in range(n_targets)]
+    n_cells = n_examples * n_batches  # one cell = one batch of one example
 
     maxima = torch.empty(n_cells, n_targets, device=device)
     cells_per_step = max(1, points_per_step // batch_size)
-    with ThreadPoolExecutor(max_workers=1) as fitter:
-        fits = []
-        for start in range(0, n_cells, cells_per_step):
-            stop = min(start + cells_per_step, n_cells)
-            example = (torch.arange(start, stop, device=device) // n_batches).repeat_interleave(batch_size)
-            centers = x[example]
-            noise = random_in_ball(centers.shape, p, radius, generator, generator.device, x.dtype)
-            points = (centers + noise.to(device)).clamp(0.0, 1.0)
-            grads = margin_gradients(model, points, y[example], targets[example]).grad
-            norms = batch_norm(grads.flatten(0, 1), q).view(stop - start, batch_size, n_targets)
-            maxima[start:stop] = norms.amax(dim=1)
-            for i in range(len(fits), stop // n_batches):  # examples whose batches are all done
-                sample = maxima[i * n_batches:(i + 1) * n_batches].double().cpu().numpy()
-                fits.append(fitter.submit(fit_example, sample))
-        fits = [f.result() for f in fits]
+    for start in range(0, n_cells, cells_per_step):
+        stop = min(start + cells_per_step, n_cells)
+        example = (torch.arange(start, stop, device=device) // n_batches).repeat_interleave(batch_size)
+        centers = x[example]
+        noise = random_in_ball(centers.shape, p, radius, generator, generator.device, x.dtype)
+        points = (centers + noise.to(device)).clamp(0.0, 1.0)
+        grads = margin_gradients(model, points, y[example], targets[example]).grad
+        norms = batch_norm(grads.flatten(0, 1), q).view(stop - start, batch_size, n_targets)
+        maxima[start:stop] = norms.amax(dim=1)
 
-    lipschitz = torch.tensor([[f.location for f in row] for row in fits], dtype=margin.dtype, device=device)
-    fallback = torch.tensor([[not f.fitted for f in row] for row in fits], device=device)
+    maxima = maxima.view(n_examples, n_batches, n_targets).transpose(1, 2)  # (B, M, n_batches)
+    fit = fit_reverse_weibull(maxima, initial_shapes, min_p_value)
+    lipschitz = fit.location.to(margin.dtype)
     ratio = torch.where(margin > 0, margin / lipschitz, torch.zeros_like(margin))  # m / 0 = inf, capped at R
     score = ratio.amin(dim=1).clamp(0.0, radius)
-    sample_max = maxima.view(n_examples, n_batches, n_targets).amax(dim=1).to(margin.dtype)
-    return CleverResult(score, targets, margin, lipschitz, sample_max, fallback, p, float(radius))
+    return CleverResult(score, targets, margin, lipschitz, maxima.amax(dim=2).to(margin.dtype), ~fit.fitted, p,
+                        float(radius))

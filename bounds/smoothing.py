@@ -52,12 +52,12 @@ def noise_counts(model: torch.nn.Module, x: torch.Tensor, sigma: float, n: int, 
     """``counts[i, c]`` = how many of ``n`` noisy copies ``x_i + N(0, sigma^2)`` f classifies as c.
 
     Copies of all examples are stacked into forward passes of ``batch_size``
-    points; the noise is drawn on the generator's device (CPU generator,
-    seed 0, by default), so a generator state reproduces the counts.
+    points; the noise is drawn on the generator's device (by default a
+    generator on x's device, seed 0), so a generator state reproduces the counts.
     """
     if sigma <= 0 or n < 1 or batch_size < 1:
         raise BoundsError("smoothing needs sigma > 0, n >= 1 and batch_size >= 1")
-    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    generator = generator if generator is not None else torch.Generator(device=x.device).manual_seed(0)
     counts = None
     with torch.no_grad():
         for start in range(0, len(x) * n, batch_size):
@@ -102,7 +102,8 @@ def smoothing_certify(model: torch.nn.Module, x: torch.Tensor, sigma: float, n0:
     """
     if not 0 < alpha < 1:
         raise BoundsError(f"alpha must be in (0, 1), got {alpha}")
-    selection = noise_counts(model, x, sigma, n0, batch_size, generator).argmax(dim=1)
+    generator = generator if generator is not None else torch.Generator(device=x.device).manual_seed(0)
+    selection = noise_counts(model, x, sigma, n0, batch_size, generator).argmax(dim=1)  # independent of counts
     counts = noise_counts(model, x, sigma, n, batch_size, generator)
     p_lower = clopper_pearson_lower(counts.gather(1, selection.view(-1, 1)).squeeze(1), n, alpha)
     certified = p_lower > 0.5

@@ -518,6 +518,22 @@ def per_example_radii(model: nn.Module, x: torch.Tensor, y: torch.Tensor, method
     return out.radius
 
 
+def certify_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, methods: Sequence[str],
+                  eps: Sequence[float], norm: str = "inf", radius: bool = False, batch_size: int = 32,
+                  seed: int = 0, device: str | torch.device = "cpu", progress: bool = False,
+                  **params: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """In-memory certification of all of ``(x, y)`` (notebooks, studies): ``(summary, records)``.
+
+    The same records and summary as ``certkd certify`` on those points; ``params``
+    are fields of ``MethodParams`` (``pgd_steps``, ``sigma``, ...).
+    """
+    job = CertifyJob(methods=list(methods), eps=[float(e) for e in eps], norm=norm, radius=radius,
+                     batch_size=batch_size, seed=seed, params=MethodParams.from_dict(params))
+    records = run_certification(model, x, y, range(len(y)), job, device=device, progress=progress)
+    config = {"num_examples": len(y), **job.to_config()}
+    return summarize(config, records), canonical_order(records, job)
+
+
 # --------------------------------------------------------------------------- summaries
 
 def expected_keys(indices: Sequence[int], job: CertifyJob) -> set[RecordKey]:
@@ -556,7 +572,7 @@ def summarize(config: dict[str, Any], records: Iterable[dict[str, Any]]) -> dict
     for r in recs:
         labels.setdefault(int(r["index"]), (int(r["label"]), int(r["pred"])))
     n = len(labels)
-    clean = sum(label == pred for label, pred in labels.values()) / n if n else math.nan
+    clean = sum(label == pred for label, pred in labels.values()) / n if n else None
     by_cell: dict[tuple[str, float], list[dict[str, Any]]] = {}
     for r in recs:
         by_cell.setdefault((r["method"], float(r["eps"])), []).append(r)
@@ -568,10 +584,10 @@ def summarize(config: dict[str, Any], records: Iterable[dict[str, Any]]) -> dict
             robust = sum(bool(r["robust"]) for r in cell)
             results.append({"method": m, "kind": method.kind, "target": method.target, "eps": float(e),
                             "robust": robust, "n": len(cell),
-                            "accuracy": robust / len(cell) if cell else math.nan})
+                            "accuracy": robust / len(cell) if cell else None})
     radii = []
     if job.radius:
-        for m in job.methods:
+        for m in (m for m in job.methods if m != PGD):
             method = get_method(m)
             first = {}
             for r in recs:
@@ -700,6 +716,10 @@ def _kind_label(kind: str, target: str) -> str:
     return kind if target == MODEL else f"{kind} ({target})"
 
 
+def _cell(value: float | None, width: int, digits: int) -> str:
+    return f"{'-':>{width}}" if value is None else f"{value:>{width}.{digits}f}"
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     """The plain-text table ``certkd certify`` prints; every figure with its kind."""
     cfg = summary["config"]
@@ -711,7 +731,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     head = f"{'':<24}{'kind':<40}" + "".join(f"{'eps=' + eps_label(e):>12}" for e in job.eps)
     lines += ["", head]
     clean = summary["clean_accuracy"]
-    lines.append(f"{'clean accuracy':<24}{'certified (exact, eps = 0)':<40}{clean['accuracy']:>12.3f}")
+    lines.append(f"{'clean accuracy':<24}{'certified (exact, eps = 0)':<40}{_cell(clean['accuracy'], 12, 3)}")
     for m in job.all_methods():
         cells = {r["eps"]: r for r in summary["results"] if r["method"] == m}
         method = get_method(m)
@@ -720,8 +740,7 @@ def format_summary(summary: dict[str, Any]) -> str:
             kind = "estimate: empirical upper bound"
         else:
             name, kind = f"{m} accuracy", _kind_label(method.kind, method.target)
-        values = "".join(f"{cells[float(e)]['accuracy']:>12.3f}" if float(e) in cells else f"{'-':>12}"
-                         for e in job.eps)
+        values = "".join(_cell(cells.get(float(e), {}).get("accuracy"), 12, 3) for e in job.eps)
         lines.append(f"{name:<24}{kind:<40}{values}")
     if summary["radius"]:
         lines += ["", f"{'radius (' + ball + ')':<24}{'kind':<40}" + "".join(
@@ -731,8 +750,7 @@ def format_summary(summary: dict[str, Any]) -> str:
             if "upper" in r:
                 rows.append((f"{r['method']} upper end", "estimate: attack", r["upper"]))
             for name, kind, stats in rows:
-                values = "".join(f"{stats[c]:>10.4f}" if c in stats else f"{'-':>10}"
-                                 for c in ("mean", "median", "q1", "q3"))
+                values = "".join(_cell(stats.get(c), 10, 4) for c in ("mean", "median", "q1", "q3"))
                 lines.append(f"{name:<24}{kind:<40}{values}")
     check = summary["soundness"]
     if check["certified_checked_by_pgd"]:
@@ -754,7 +772,7 @@ def check_fits(model_input_shape: Sequence[int], num_classes: int, x: torch.Tens
 
 __all__ = ["CERTIFIED", "ESTIMATE", "LEGEND", "METHODS", "Method", "MethodOutput", "MethodParams", "CertifyJob",
            "Context", "register_method", "certify_methods", "get_method", "prepare_methods", "run_certification",
-           "per_example_radii", "check_norm", "summarize", "shard_batches", "batch_generator", "expected_keys", "record_key",
+           "per_example_radii", "certify_model", "check_norm", "summarize", "shard_batches", "batch_generator", "expected_keys", "record_key",
            "evaluate_batch", "canonical_order", "check_fits",
            "header_record", "read_per_example", "merge_shards", "config_differences", "format_summary",
            "eps_label"]

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from scipy import stats
+from scipy import optimize, stats
 from torch import nn
 
-from bounds.clever import clever, fit_reverse_weibull
+from bounds.clever import clever, fit_reverse_weibull, nelder_mead
 from bounds.errors import BoundsError
 from bounds.gradients import loss_gradient, margin_gradients, other_classes
 from bounds.nn import Normalize
@@ -88,16 +88,36 @@ def test_targeted_clever_and_score_cap():
     assert bool((wrong.score == 0).all())  # misclassified: score 0
 
 
+def test_vectorized_nelder_mead_is_scipy_fmin():
+    starts = np.array([[-1.2, 1.0], [0.5, -0.7], [2.0, 2.0], [0.0, 0.3]])
+    shifts = np.array([1.0, 2.0, 0.5, -1.0])
+
+    def rosenbrock(point, shift):
+        return (shift - point[0]) ** 2 + 10 * (point[1] - point[0] ** 2) ** 2
+
+    def objective(points, rows):
+        return rosenbrock(points.T, torch.as_tensor(shifts)[rows])
+
+    batched = nelder_mead(objective, torch.as_tensor(starts), max_calls=400).numpy()
+    for start, shift, got in zip(starts, shifts, batched, strict=True):
+        expected = optimize.fmin(rosenbrock, start, (shift,), maxfun=400, disp=False)
+        assert got == pytest.approx(expected, abs=1e-9)
+
+
 def test_weibull_fit_recovers_the_end_point_and_falls_back_when_it_cannot():
-    sample = stats.weibull_max(3.0, loc=2.0, scale=1.0).rvs(200, random_state=np.random.default_rng(0))
-    fit = fit_reverse_weibull(sample)
-    assert fit.fitted and fit.p_value >= 0.001
-    assert sample.max() <= fit.location <= 2.1
-    bimodal = np.concatenate([np.full(30, 1.0), np.full(30, 2.0)]) + np.random.default_rng(1).normal(0, 1e-3, 60)
-    bad = fit_reverse_weibull(bimodal)
-    assert not bad.fitted and bad.location == bimodal.max()
-    constant = fit_reverse_weibull(np.full(10, 3.5))
-    assert not constant.fitted and constant.location == 3.5
+    rng = np.random.default_rng(0)
+    good = stats.weibull_max(3.0, loc=2.0, scale=1.0).rvs((2, 200), random_state=rng)
+    bimodal = np.concatenate([np.full(100, 1.0), np.full(100, 2.0)]) + rng.normal(0, 1e-3, 200)
+    fit = fit_reverse_weibull(torch.as_tensor(np.stack([good[0], good[1], bimodal, np.full(200, 3.5)])))
+    assert fit.fitted.tolist() == [True, True, False, False]  # the bimodal and constant samples fall back
+    for i in range(2):
+        assert good[i].max() <= float(fit.location[i]) <= 2.1 and float(fit.p_value[i]) >= 0.001
+        shape, loc, scale = stats.weibull_max.fit(good[i])  # scipy's own fit agrees on the end point
+        assert float(fit.location[i]) == pytest.approx(loc, abs=0.02)
+        assert float(fit.p_value[i]) == pytest.approx(stats.kstest(good[i], "weibull_max",
+                                                                   (shape, loc, scale)).pvalue, abs=0.2)
+    assert float(fit.location[2]) == bimodal.max() and float(fit.location[3]) == 3.5
+    assert float(fit.p_value[2]) < 0.001
 
 
 def test_clever_on_a_nonlinear_model_is_at_least_the_sampled_maximum():
@@ -119,7 +139,7 @@ def test_vit_gets_clever_scores():
     model = create_model("vit", 10, DIGITS, dim=16, depth=1, heads=2).eval()
     x = torch.rand(2, *DIGITS, generator=torch.Generator().manual_seed(4))
     y = model(x).argmax(1)
-    result = clever(model, x, y, "2", 0.5, n_batches=8, batch_size=16, initial_shapes=(1.0, 10.0))
+    result = clever(model, x, y, "2", 0.5, n_batches=8, batch_size=16)
     assert result.lipschitz.shape == (2, 9)
     assert bool(torch.isfinite(result.lipschitz).all()) and bool((result.lipschitz > 0).all())
     assert bool((result.score > 0).all()) and bool((result.score <= 0.5).all())

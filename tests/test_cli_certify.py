@@ -120,18 +120,21 @@ def test_summary_matches_records(l2_run):
         assert line in l2_run["stdout"]
 
 
-def test_certified_points_survive_pgd(l2_run, ckpts):
+@pytest.mark.parametrize("run", ["l2_run", "full_run"])
+def test_certified_points_survive_pgd(run, request, ckpts):
     """Soundness: no (point, eps) the CLI lists as certified, nor any certified radius, is broken by PGD."""
+    records = request.getfixturevalue(run)["records"]
+    norm = records[0]["norm"]
     model = load_model(ckpts["cnn4"])
     data = load_dataset("digits", "test")
-    gen = torch.Generator().manual_seed(1)
-    checks = [(r["index"], r["eps"]) for r in l2_run["records"] if r["certified"]]
-    radii = {(r["index"], r["radius"]) for r in l2_run["records"] if r["method"] != "pgd" and r["radius"] > 0}
-    checks += sorted(radii)
+    checks = [(r["index"], r["eps"]) for r in records if r["certified"]]
+    checks += sorted({(r["index"], r["radius"]) for r in records
+                      if r["kind"] == "certified" and r.get("radius") is not None and r["radius"] > 0})
     assert checks
     idx = torch.tensor([i for i, _ in checks])
     eps = torch.tensor([e for _, e in checks])
-    res = pgd(model, data.x[idx], data.y[idx], eps, norm="2", steps=50, restarts=2, generator=gen)
+    res = pgd(model, data.x[idx], data.y[idx], eps, norm=norm, steps=50, restarts=2,
+              generator=torch.Generator().manual_seed(1))
     assert bool((res.margin > 0).all()), [checks[i] for i in torch.nonzero(res.margin <= 0).flatten()]
 
 
@@ -145,7 +148,8 @@ def test_per_example_radii_match_cli(l2_run, ckpts):
 
 # --------------------------------------------------------------------------- resume, shards, merge
 
-RUN = ("-n", 12, "--batch-size", 4, "--eps", "2/255,0.05", "--method", "crown", "--pgd-steps", 5, "--seed", 3)
+RUN = ("-n", 12, "--batch-size", 4, "--eps", "2/255,0.05", "--method", "crown", "--radius", "--pgd-steps", 5,
+       "--seed", 3)
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +157,8 @@ def full_run(ckpts, tmp_path_factory):
     out = tmp_path_factory.mktemp("full")
     code, _, stderr = certify(ckpts["cnn4"], *RUN, "--per-example", out / "r.jsonl", "--out", out / "s.json")
     assert code == 0, stderr
-    return out / "r.jsonl", json.loads((out / "s.json").read_text())
+    return {"jsonl": out / "r.jsonl", "records": read_per_example(out / "r.jsonl")[1],
+            "summary": json.loads((out / "s.json").read_text())}
 
 
 def _record_set(path: Path) -> tuple[dict, list[str]]:
@@ -162,7 +167,7 @@ def _record_set(path: Path) -> tuple[dict, list[str]]:
 
 
 def test_resume_after_interruption_equals_one_run(ckpts, full_run, tmp_path):
-    full_jsonl, full_summary = full_run
+    full_jsonl, full_summary = full_run["jsonl"], full_run["summary"]
     lines = full_jsonl.read_text().splitlines(keepends=True)
     torn = tmp_path / "r.jsonl"
     kept = "".join(lines[:1 + len(lines) // 3])  # header + a third of the records
@@ -179,7 +184,7 @@ def test_resume_after_interruption_equals_one_run(ckpts, full_run, tmp_path):
 
 
 def test_shards_merge_to_one_run(ckpts, full_run, tmp_path):
-    full_jsonl, full_summary = full_run
+    full_jsonl, full_summary = full_run["jsonl"], full_run["summary"]
     for k in (0, 1):
         code, _, stderr = certify(ckpts["cnn4"], *RUN, "--shard", f"{k}/2", "--per-example", tmp_path / f"s{k}.jsonl")
         assert code == 0, stderr
