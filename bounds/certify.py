@@ -310,6 +310,44 @@ class BoundEngine:
         return result
 
 
+def _power_model_root(m0: float, s0: float, points: list[tuple[float, float]], power: float, lo: float,
+                      hi: float) -> float | None:
+    """Root in [lo, hi] of ``m0 - s0 e - c e**k`` through one point (k = ``power``) or two (k fitted).
+
+    None when the model does not fit (a point above the first-order line: ``c <= 0``).
+    """
+    loss = [(e, m0 - s0 * e - g) for e, g in points]
+    if any(d <= 0 or e <= 0 for e, d in loss):
+        return None
+    (e1, d1) = loss[0]
+    if len(loss) == 2 and abs(math.log(loss[1][0] / e1)) > 1e-6:
+        power = min(max(math.log(loss[1][1] / d1) / math.log(loss[1][0] / e1), 1.2), 6.0)
+    c = d1 / e1 ** power
+
+    def model(e: float) -> float:
+        return m0 - s0 * e - c * e ** power
+
+    if model(lo) <= 0 or model(hi) > 0:
+        return None
+    for _ in range(60):  # the model decreases on [0, inf): bisection
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if model(mid) > 0 else (lo, mid)
+    return lo
+
+
+def _interpolated_root(points: list[tuple[float, float]], lo: float, hi: float) -> float | None:
+    """Root in (lo, hi) of the quadratic through three points (the one nearest the secant's), else the secant's."""
+    (e1, g1), (e2, g2) = points[0], points[1]
+    if g1 == g2:
+        return None
+    secant = e1 - g1 * (e1 - e2) / (g1 - g2)
+    if len(points) < 3 or len({q[0] for q in points}) < 3:
+        return secant
+    a, b, c = np.polyfit([q[0] for q in points], [q[1] for q in points], 2)
+    roots = [r.real for r in np.roots([a, b, c]) if abs(r.imag) < 1e-12 and lo < r.real < hi]
+    return min(roots, key=lambda r: abs(r - secant)) if roots else secant
+
+
 def _default_eps_max(p: float, input_shape: tuple[int, ...]) -> float:
     """The radius of a ball that covers the whole box [0, 1]^d: 1 for L-inf, sqrt(d) for L2."""
     return 1.0 if math.isinf(p) else math.sqrt(math.prod(input_shape))
@@ -319,10 +357,14 @@ class _RootSearch:
     """Per-example safeguarded search for the largest eps with ``g(eps) > 0`` (see ``certified_radius``).
 
     ``lo`` is always an eps that was certified (0 at the start), ``hi`` one that was not (or
-    the attack's upper end). ``g(0)`` is the clean margin and ``-slope0`` its first-order slope.
+    the attack's upper end). The model of the bound curve is
+    ``g(e) = m0 - s0 e - c e**k``: ``g(0) = m0`` is the clean margin, ``s0 = m0 / r0`` the
+    first-order slope and ``c e**k`` (c > 0) the relaxation's growing looseness, fitted
+    through the one or two evaluated points nearest the root (``k = 2.5`` with one point).
     """
 
-    FIRST_GUESS = 0.4  # typical CROWN radius / first-order radius on PGD-trained digits CNNs
+    FIRST_GUESS = 0.4  # typical CROWN radius / first-order radius (PGD-trained digits CNNs)
+    DEFAULT_POWER = 2.5  # fits CROWN's curves best among 2..4 (L-inf and L2, digits CNN)
     KEEP_OFF_ENDS = 0.05  # never evaluate closer than this fraction of the bracket to its ends
 
     def __init__(self, clean: torch.Tensor, first_order: torch.Tensor, upper: torch.Tensor, tol: float):
@@ -330,30 +372,33 @@ class _RootSearch:
         self.lo = torch.zeros_like(upper)
         self.hi = upper.clone()
         self.first_order = first_order.clamp_min(1e-12)
-        self.history: list[list[tuple[float, float]]] = [[(0.0, float(m))] for m in clean]
+        self.clean = clean
+        self.history: list[list[tuple[float, float]]] = [[] for _ in range(len(upper))]
         self.widths: list[list[float]] = [[float(u)] for u in upper]
 
     def active(self) -> torch.Tensor:
         return ((self.hi - self.lo) > self.tol).nonzero().flatten()
 
     def _model_root(self, i: int) -> float | None:
-        """Root in (lo, hi) of a quadratic through the evaluated points nearest the root (or None)."""
+        """The next estimate of the root in (lo, hi), or None when no model fits.
+
+        No point yet: ``FIRST_GUESS * r0``. One or two points: the root of
+        ``m0 - s0 e - c e**k`` through them (``k = DEFAULT_POWER`` with one point). More: the
+        quadratic through the three evaluated points nearest the root.
+        """
+        r0 = float(self.first_order[i])
         points = self.history[i]
         lo, hi = float(self.lo[i]), float(self.hi[i])
-        if len(points) == 1:
-            return self.FIRST_GUESS * float(self.first_order[i])
-        m0 = points[0][1]
-        slope0 = m0 / float(self.first_order[i])
-        nearest = sorted(points, key=lambda q: abs(q[1]))[:3]
-        if len(nearest) == 3 and len({q[0] for q in nearest}) == 3:
-            coeffs = np.polyfit([q[0] for q in nearest], [q[1] for q in nearest], 2)
-        else:  # g(0) = m0, g'(0) = -slope0 and the one evaluated point
-            e1, g1 = points[-1]
-            coeffs = np.array([(g1 - m0 + slope0 * e1) / e1 ** 2, -slope0, m0])
-        roots = np.roots(coeffs)
-        roots = roots[np.isreal(roots)].real
-        roots = roots[(roots > lo) & (roots < hi)]
-        return float(roots.min()) if len(roots) else None
+        if not points:
+            return self.FIRST_GUESS * r0
+        m0 = float(self.clean[i])
+        if len(points) <= 2:
+            root = _power_model_root(m0, m0 / r0, points, self.DEFAULT_POWER, lo, hi)
+            if root is None and len(points) == 2:
+                root = _interpolated_root(points, lo, hi)
+        else:
+            root = _interpolated_root(sorted(points, key=lambda q: abs(q[1]))[:3], lo, hi)
+        return root if root is not None and lo < root < hi else None
 
     def next_eps(self, active: torch.Tensor) -> torch.Tensor:
         out = []
@@ -362,11 +407,11 @@ class _RootSearch:
             width = hi - lo
             widths = self.widths[i]
             root = self._model_root(i)
-            if root is None or (len(widths) >= 3 and width > 0.5 * widths[-3]):
+            if root is None or (len(widths) >= 4 and width > 0.5 * widths[-4]):
                 eps = (lo + hi) / 2  # bisection: the model failed or the bracket stopped shrinking
-            elif len(self.history[i]) > 1 and hi - root < self.tol:
+            elif self.history[i] and hi - root < self.tol:
                 eps = hi - 0.9 * self.tol  # certifying this closes the bracket
-            elif len(self.history[i]) > 1 and root - lo < self.tol:
+            elif self.history[i] and root - lo < self.tol:
                 eps = lo + 0.9 * self.tol  # failing here closes the bracket
             else:
                 eps = root

@@ -513,6 +513,8 @@ def per_example_radii(model: nn.Module, x: torch.Tensor, y: torch.Tensor, method
     Misclassified points get 0. ``params``: fields of ``MethodParams``. One batch,
     one random stream fixed by ``seed``.
     """
+    if method == PGD:
+        raise CertkdError("pgd gives no radius: use crown, lipschitz, clever or smoothing")
     ctx = prepare_methods(model, x.shape[1:], [method], norm, MethodParams.from_dict(params), device)
     _, out = evaluate_batch(ctx, get_method(method), x, y, [], True, batch_generator(seed, 0, method, ctx.device))
     return out.radius

@@ -101,6 +101,7 @@ def test_records_have_fields_and_kinds(l2_run):
 
 def test_summary_matches_records(l2_run):
     records, summary = l2_run["records"], l2_run["summary"]
+    assert summary["config"] == l2_run["config"]  # the summary names the run its records belong to
     labels = {r["index"]: (r["label"], r["pred"]) for r in records}
     assert summary["num_examples"] == 24
     assert summary["clean_accuracy"]["accuracy"] == pytest.approx(sum(a == b for a, b in labels.values()) / 24)
@@ -250,6 +251,8 @@ def _bad_cases(ckpts, misfit) -> dict[str, tuple[list, str]]:
         "vit with crown": ([vit, "--method", "crown"], "attention"),
         "resume without file": ([cnn, "--resume"], "--per-example"),
         "bad shard": ([cnn, "--shard", "2/2"], "shard"),
+        "unknown device": ([cnn, "--device", "toaster"], "device"),
+        "clever batches": ([cnn, "--method", "clever", "--clever-batches", "1"], "clever-batches"),
     }
 
 

@@ -1,6 +1,8 @@
 """Certified global Lipschitz bounds (bounds.lipschitz, theory.md §2.2): exact where it can be,
 never below a sampled gradient norm or a power-iteration estimate, never broken by PGD."""
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,13 +19,21 @@ from certkd.models import create_model
 DIGITS = (1, 8, 8)
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """LAPACK on a shared 2-core machine is far faster on one thread."""
+@contextmanager
+def one_thread():
+    """Small LAPACK and conv work on a shared 2-core machine is far faster on one thread."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -38,11 +48,12 @@ def residual_net(digits):
     torch.manual_seed(0)
     model = create_model("resnet_small", 10, DIGITS, mean=train.info.mean, std=train.info.std, width=4)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(8):
-        for i in torch.randperm(len(train.y)).split(64):
-            opt.zero_grad()
-            F.cross_entropy(model(train.x[i]), train.y[i]).backward()
-            opt.step()
+    with one_thread():
+        for _ in range(8):
+            for i in torch.randperm(len(train.y)).split(64):
+                opt.zero_grad()
+                F.cross_entropy(model(train.x[i]), train.y[i]).backward()
+                opt.step()
     return model.eval()
 
 

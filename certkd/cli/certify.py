@@ -48,6 +48,17 @@ def _legend() -> str:
     return "\b\nEvery figure is labelled:\n" + "\n".join(parts)
 
 
+def _check_device(device: str) -> None:
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise CertkdError(f"unknown device {device!r} (examples: cpu, cuda, cuda:1)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CertkdError(f"device {device!r} asked for, but no CUDA GPU is available")
+
+
 @main.command(epilog=_legend())
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--dataset", default=None, help="Dataset name (default: the checkpoint's dataset).")
@@ -89,7 +100,7 @@ def certify(checkpoint: Path, dataset: str | None, data_dir: Path | None, split:
             shard: tuple[int, int] | None, pgd_steps: int, pgd_restarts: int, clever_batches: int,
             clever_samples: int, clever_radius: float | None, sigma: float, n0: int, n_samples: int,
             alpha: float) -> None:
-    """Certify the test points of CHECKPOINT: certified accuracy per method and eps, and radii.
+    """Certify the first N points of a split for CHECKPOINT: accuracy per method and eps, and radii.
 
     Prints clean accuracy, PGD accuracy (an empirical upper bound), certified (or
     estimated) accuracy per method and eps, and with --radius the radius summary.
@@ -102,10 +113,12 @@ def certify(checkpoint: Path, dataset: str | None, data_dir: Path | None, split:
         CertifyJob,
         MethodParams,
         check_fits,
+        config_differences,
         format_summary,
         header_record,
         prepare_methods,
         read_per_example,
+        record_key,
         run_certification,
         summarize,
     )
@@ -124,6 +137,7 @@ def certify(checkpoint: Path, dataset: str | None, data_dir: Path | None, split:
     job = CertifyJob(methods=methods, eps=eps, norm=norm, radius=radius, batch_size=batch_size, seed=seed,
                      params=params, shard=shard)
     job.check()
+    _check_device(device)
     ckpt = load_checkpoint(checkpoint)
     data_name = dataset or ckpt.dataset
     data = load_dataset(data_name, split, data_dir)
@@ -146,8 +160,6 @@ def certify(checkpoint: Path, dataset: str | None, data_dir: Path | None, split:
             raise CertkdError(f"{per_example} already holds results: pass --resume to continue that run, "
                               "or remove the file")
         if previous is not None and previous != config:
-            from certkd.certification import config_differences
-
             raise CertkdError(f"{per_example} was written by a different run (it differs in "
                               f"{', '.join(config_differences(previous, config)) or 'its configuration'}); "
                               "use another --per-example file")
@@ -155,8 +167,6 @@ def certify(checkpoint: Path, dataset: str | None, data_dir: Path | None, split:
         if previous is None:
             appender.write([header_record(config)])
     try:
-        from certkd.certification import record_key
-
         records += run_certification(model, data.x, data.y, range(count), job,
                                      done={record_key(r) for r in records},
                                      sink=appender.write if appender else None, progress=True, context=context)

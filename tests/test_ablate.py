@@ -1,0 +1,66 @@
+"""``certkd ablate``: tidy cells, soundness ordering, resume, and bad study files."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from certkd.ablate import COLUMNS, read_cells
+from certkd.cli import main
+
+METHODS = ["crown", "lipschitz", "pgd"]
+EPS = [0.005, 0.02]
+
+
+def _study(tmp_path: Path, teacher: Path, **extra: str) -> Path:
+    text = (f"name: t\ncheckpoints: [{teacher}]\nmethods: [{', '.join(METHODS)}]\nnorms: [inf, 2]\n"
+            f"eps: [{', '.join(map(str, EPS))}]\nnum_examples: 24\nbatch_size: 24\nparams: {{pgd_steps: 20}}\n")
+    text += "".join(f"{k}: {v}\n" for k, v in extra.items())
+    path = tmp_path / "study.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_ablate_grid_is_tidy_sound_and_resumable(tmp_path: Path, digits_trio) -> None:
+    study = _study(tmp_path, digits_trio.teacher_path)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["ablate", str(study), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = read_cells(out / "cells.csv")
+    assert len(rows) == 2 * len(METHODS) * len(EPS)  # norms x methods x eps, one model
+    assert set(rows[0]) == set(COLUMNS)
+    cell = {(r["norm"], r["method"], r["eps"]): r for r in rows}
+    for norm in ("inf", "2"):
+        for e in EPS:
+            crown, lip, attack = (cell[(norm, m, e)] for m in ("crown", "lipschitz", "pgd"))
+            assert crown["kind"] == lip["kind"] == "certified" and attack["kind"] == "estimate"
+            # sound certificates never exceed the attack's robust accuracy; CROWN is tighter than global Lipschitz
+            assert crown["certified_accuracy"] <= attack["certified_accuracy"]
+            assert lip["certified_accuracy"] <= crown["certified_accuracy"]
+    assert list((out / "figures").glob("*.png"))
+
+    # drop the last (model, norm, method) block: the rerun recomputes exactly it, with the same numbers
+    lines = (out / "cells.csv").read_text().splitlines(keepends=True)
+    (out / "cells.csv").write_text("".join(lines[:-len(EPS)]))
+    result = CliRunner().invoke(main, ["ablate", str(study), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    again = read_cells(out / "cells.csv")
+    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in again]
+    assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+
+@pytest.mark.parametrize(("key", "value", "needle"), [
+    ("methodz", "[crown]", "unknown key 'methodz'"),
+    ("norms", "[3]", "unknown norm '3'"),
+])
+def test_bad_study_is_one_line_exit_2(tmp_path: Path, key: str, value: str, needle: str) -> None:
+    path = _study(tmp_path, tmp_path / "missing.pt", **{key: value})
+    proc = subprocess.run([sys.executable, "-m", "certkd", "ablate", str(path)], capture_output=True, text=True,
+                          cwd=tmp_path)
+    assert proc.returncode == 2
+    assert needle in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "study").exists()  # nothing written
