@@ -21,10 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from bounds.attack import margins, min_margin, pgd
-from bounds.errors import BoundsError
+from bounds.errors import BoundsError, UnsupportedModelError
 from bounds.lirpa import auto_lirpa_version, import_auto_lirpa
 from bounds.norms import batch_norm, check_eps, dual_norm, norm_name, parse_norm
-from bounds.view import check_graph_supported, check_modules, verification_view
+from bounds.view import ESTIMATE_HINT, check_graph_supported, check_modules, verification_view
 
 BOUND_METHODS = ("ibp", "crown-ibp", "crown", "alpha-crown")
 BOUND_NORMS = (math.inf, 2.0)
@@ -196,20 +196,26 @@ class BoundEngine:
         return self._lirpa.PerturbationLpNorm(norm=p, eps=float(eps[0]) if same else eps.view(-1, 1))
 
     def _lower(self, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, p: float, method: str) -> torch.Tensor:
-        """One auto_LiRPA call: lower bounds (B, K-1) of the margins (no chunking, no checks)."""
+        """One auto_LiRPA call: lower bounds (B, K-1) of the margins (no chunking, no checks).
+
+        alpha-CROWN needs autograd and leaves ``.grad`` on the parameters (cleared here); an
+        error inside auto_LiRPA becomes one ``UnsupportedModelError`` sentence.
+        """
         bounded_x = self._lirpa.BoundedTensor(x, self._perturbation(x, eps, p))
         spec = margin_spec(y, self.num_classes)
-        if method == "alpha-crown":  # needs autograd; leaves .grad behind
-            with torch.enable_grad():
+        try:
+            with torch.set_grad_enabled(method == "alpha-crown"):
                 lower, _ = self.bounded.compute_bounds(x=(bounded_x,), C=spec, method=_LIRPA_METHODS[method],
                                                        bound_upper=False)
+        except (AssertionError, RuntimeError, NotImplementedError, IndexError, KeyError, ValueError) as exc:
+            raise UnsupportedModelError(
+                f"auto_LiRPA {self.version} failed to bound this model with {method} under L{norm_name(p)} "
+                f"({type(exc).__name__}{': ' + str(exc).splitlines()[0][:120] if str(exc) else ''}); "
+                f"{ESTIMATE_HINT} (or a smaller --batch-size if memory ran out).") from exc
+        finally:
             for param in self.bounded.parameters():
                 param.grad = None
-            return lower.detach()
-        with torch.no_grad():
-            lower, _ = self.bounded.compute_bounds(x=(bounded_x,), C=spec, method=_LIRPA_METHODS[method],
-                                                   bound_upper=False)
-        return lower
+        return lower.detach()
 
     def margin_bounds(self, x: torch.Tensor, y: torch.Tensor, eps, norm: str | float = "inf",
                       method: str = "crown") -> MarginBounds:

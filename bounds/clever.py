@@ -23,6 +23,7 @@ from bounds.norms import batch_norm, dual_norm, parse_norm, random_in_ball
 
 INITIAL_SHAPES = (0.1, 1.0, 5.0, 10.0, 20.0, 50.0, 100.0)  # the initial shapes of Weng et al.'s code
 MIN_P_VALUE = 0.001  # below this Kolmogorov-Smirnov p-value no fit is accepted (as in Weng et al.)
+COMPACT_EVERY = 16  # Nelder-Mead iterations between drops of finished fits
 SCALE_PENALTY = 0.01  # the "mle_reg" penalty of Weng et al.'s code, on the rescaled sample
 
 
@@ -56,55 +57,51 @@ class CleverResult:
     kind: str = "estimate"
 
 
-def _evaluate_where(objective, points: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``objective`` at the masked points (inf elsewhere)."""
-    value = torch.full((len(points),), torch.inf, dtype=points.dtype, device=points.device)
-    if bool(mask.any()):
-        value[mask] = objective(points[mask], rows[mask])
-    return value
-
-
 def nelder_mead(objective, start: torch.Tensor, max_calls: int, tol: float = 1e-4) -> torch.Tensor:
     """``scipy.optimize.fmin`` (Nelder-Mead, ``xtol = ftol = tol``, ``maxfun = max_calls``) on P
     independent problems at once. ``objective(points (R, D), rows (R,))`` returns the (R,) values of
-    problems ``rows`` at those points; ``start`` (P, D). Returns the best vertex of every problem."""
+    problems ``rows`` at those points; ``start`` (P, D). Each iteration evaluates the reflection and
+    the one further point (expansion or contraction) its value calls for; finished problems are
+    dropped every ``COMPACT_EVERY`` iterations. Returns the best vertex of every problem."""
     n_problems, dim = start.shape
-    every = torch.arange(n_problems, device=start.device)
+    rows = torch.arange(n_problems, device=start.device)
+    best = start.clone()
     simplex = start.unsqueeze(1).repeat(1, dim + 1, 1)
     simplex[:, 1:] += torch.diag_embed(torch.where(start != 0, 0.05 * start, torch.full_like(start, 2.5e-4)))
-    values = torch.stack([objective(simplex[:, j], every) for j in range(dim + 1)], dim=1)
+    values = torch.stack([objective(simplex[:, j], rows) for j in range(dim + 1)], dim=1)
     calls = torch.full((n_problems,), dim + 1, device=start.device)
-    for _ in range(max_calls):
+    for iteration in range(max_calls + 1):
         values, order = values.sort(dim=1)
         simplex = simplex.gather(1, order.unsqueeze(2).expand(-1, -1, dim))
         spread_x = (simplex[:, 1:] - simplex[:, :1]).abs().amax(dim=(1, 2))
         spread_f = (values[:, 1:] - values[:, :1]).abs().amax(dim=1)
-        rows = (~((spread_x <= tol) & (spread_f <= tol)) & (calls < max_calls)).nonzero().squeeze(1)
-        if len(rows) == 0:
-            break
-        vertices, f = simplex[rows], values[rows]
-        centroid, worst = vertices[:, :-1].mean(dim=1), vertices[:, -1]
-        reflected, expanded, outside, inside = (centroid + t * (centroid - worst) for t in (1.0, 2.0, 0.5, -0.5))
+        active = ~((spread_x <= tol) & (spread_f <= tol)) & (calls < max_calls)
+        if iteration % COMPACT_EVERY == 0 or iteration == max_calls:
+            best[rows[~active]] = simplex[~active, 0]
+            if iteration == max_calls or not bool(active.any()):
+                break
+            rows, simplex, values, calls, active = (t[active] for t in (rows, simplex, values, calls, active))
+        centroid, worst = simplex[:, :-1].mean(dim=1), simplex[:, -1]
+        reflected = 2 * centroid - worst
         f_r = objective(reflected, rows)
-        expand, below_worst = f_r < f[:, 0], f_r < f[:, -1]
-        contract = ~expand & ~(f_r < f[:, -2])
-        f_e = _evaluate_where(objective, expanded, rows, expand)
-        f_o = _evaluate_where(objective, outside, rows, contract & below_worst)
-        f_i = _evaluate_where(objective, inside, rows, contract & ~below_worst)
-        use_e = expand & (f_e < f_r)
-        use_r = ~contract & ~use_e
-        use_o = contract & below_worst & (f_o <= f_r)
-        use_i = contract & ~below_worst & (f_i < f[:, -1])
-        shrink = contract & ~use_o & ~use_i
-        for use, point, value in ((use_e, expanded, f_e), (use_r, reflected, f_r), (use_o, outside, f_o),
-                                  (use_i, inside, f_i)):
-            vertices[use, -1], f[use, -1] = point[use], value[use]
+        expand, below_worst = f_r < values[:, 0], f_r < values[:, -1]
+        contract = ~expand & ~(f_r < values[:, -2])
+        step = torch.where(expand, 2.0, torch.where(below_worst, 0.5, -0.5)).to(centroid.dtype)
+        second = centroid + step[:, None] * (centroid - worst)  # expansion, outside or inside contraction
+        f_s = objective(second, rows)
+        use_second = ((expand & (f_s < f_r)) | (contract & below_worst & (f_s <= f_r))
+                      | (contract & ~below_worst & (f_s < values[:, -1])))
+        shrink = active & contract & ~use_second
+        replace = active & ~shrink
+        simplex[:, -1] = torch.where(replace[:, None], torch.where(use_second[:, None], second, reflected), worst)
+        values[:, -1] = torch.where(replace, torch.where(use_second, f_s, f_r), values[:, -1])
         if bool(shrink.any()):
-            vertices[shrink, 1:] = vertices[shrink, :1] + 0.5 * (vertices[shrink, 1:] - vertices[shrink, :1])
-            f[shrink, 1:] = torch.stack([objective(vertices[shrink, j], rows[shrink]) for j in range(1, dim + 1)], 1)
-        simplex[rows], values[rows] = vertices, f
-        calls[rows] += 1 + (expand | contract).long() + dim * shrink.long()
-    return simplex.gather(1, values.argmin(dim=1).view(-1, 1, 1).expand(-1, 1, dim)).squeeze(1)
+            shrunk = simplex[:, :1] + 0.5 * (simplex[:, 1:] - simplex[:, :1])
+            f_shrunk = torch.stack([objective(shrunk[:, j], rows) for j in range(dim)], dim=1)
+            simplex[:, 1:] = torch.where(shrink[:, None, None], shrunk, simplex[:, 1:])
+            values[:, 1:] = torch.where(shrink[:, None], f_shrunk, values[:, 1:])
+        calls += active.long() * (1 + (expand | contract).long() + dim * shrink.long())
+    return best
 
 
 def fit_reverse_weibull(maxima: torch.Tensor, initial_shapes: tuple[float, ...] = INITIAL_SHAPES,

@@ -176,33 +176,41 @@ class LinearityBounder:
     The model goes through ``bounds.view.verification_view`` and the allow-list
     ``bounds.view.check_supported`` (no path bypasses them), then into a float64
     ``BoundedModule`` of the composite ``_SlopedScalar`` (float64: no overflow of
-    ``exp`` and little rounding in ``upper - h(x)``). Methods: ``GAMMA_METHODS``.
+    ``exp`` and little rounding in ``upper - h(x)``). Methods: ``GAMMA_METHODS``;
+    norms: those of ``bounds.certify.BOUND_NORMS``.
+
+    The operators the composite adds around the view are outside the view's allow-list
+    and were checked separately (tests/test_linearity.py, with large arbitrary slopes
+    so that a dropped ``delta^T c`` term would show): ``x' - x`` times an unperturbed
+    input (auto_LiRPA's product relaxation is exact when one factor has equal lower and
+    upper bounds, whatever the bounds of the other), sums, ``exp`` and ``log``.
     """
 
     def __init__(self, model: nn.Module, input_shape: tuple[int, ...], method: str = "crown",
                  norm: str | float = "inf", device: str | torch.device = "cpu"):
         if method not in GAMMA_METHODS:
             raise BoundsError(f"certified linearity supports {', '.join(GAMMA_METHODS)}, not {method!r}")
+        from bounds.certify import check_bound_norm
         from bounds.lirpa import import_auto_lirpa
         from bounds.view import check_supported, verification_view
 
         self.lirpa = import_auto_lirpa()
         self.input_shape = tuple(int(s) for s in input_shape)
         self.method = method
-        self.norm = parse_norm(norm)
+        self.norm = check_bound_norm(norm)
         self.device = torch.device(device)
         view = verification_view(model, self.input_shape)
         check_supported(view, method, norm, self.input_shape)
         self.view = copy.deepcopy(view).to(self.device, torch.float64).eval()
-        self._modules: dict[tuple[str, int], object] = {}
+        self._bounded_modules: dict[tuple[str, int], object] = {}
 
     def _bounded(self, target: str, inputs: tuple[torch.Tensor, ...]):
         key = (target, inputs[0].shape[0])
-        if key not in self._modules:
+        if key not in self._bounded_modules:
             with _default_dtype(torch.float64):
-                self._modules[key] = self.lirpa.BoundedModule(_SlopedScalar(self.view, target), inputs,
+                self._bounded_modules[key] = self.lirpa.BoundedModule(_SlopedScalar(self.view, target), inputs,
                                                               device=self.device)
-        return self._modules[key]
+        return self._bounded_modules[key]
 
     def bounds(self, x: torch.Tensor, y: torch.Tensor, eps: float, target: str,
                slope: torch.Tensor | None = None) -> ScalarBounds:

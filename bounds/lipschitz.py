@@ -4,8 +4,8 @@ The model is traced with ``torch.fx`` and walked node by node, carrying for
 every node an upper bound ``L(node)`` on the L2 Lipschitz constant of the map
 input -> node value:
 
-- linear operators multiply by their operator norm: dense layers exactly
-  (largest eigenvalue of the Gram matrix, ``torch.linalg.eigvalsh``, in float64), convolutions and average
+- linear operators multiply by their operator norm: dense layers exactly (the
+  Gram matrix's largest eigenvalue, ``torch.linalg.eigvalsh``), convolutions and average
   pooling through the convolution operator itself (below), ``Normalize`` and
   eval-mode BatchNorm as diagonal maps (BatchNorm folded into the preceding
   convolution or dense layer when it is that layer's only user);
@@ -13,13 +13,15 @@ input -> node value:
   a scalar factor multiplies; ReLU, Flatten, Identity, Dropout (eval) give 1.
 
 Convolution operator norms are proven upper bounds: when the operator's matrix
-is small it is built explicitly and its exact spectral norm computed;
-otherwise the zero-padded, strided convolution on an ``n x n`` input is a
-restriction of the stride-1 circular convolution on an ``N x N`` grid
-(``N = n + pad`` on each axis, so nothing wraps around), whose singular values
-are exactly those of the per-frequency ``c_out x c_in`` matrices of the
-kernel's 2-D DFT (Sedghi et al. 2019); restricting rows and embedding columns
-cannot increase a norm, so ``max_frequency ||K_hat||_2`` bounds the layer.
+is small it is built explicitly and its exact spectral norm computed.
+Otherwise a stride-s convolution is rewritten as a stride-1 convolution of the
+space-to-depth input (an isometric rearrangement), which on an n x n input is
+a restriction of the circular convolution on a grid large enough that nothing
+wraps onto data. The singular values of a circular convolution are exactly
+those of the per-frequency ``c_out x c_in`` matrices of the kernel's 2-D DFT
+(Sedghi et al. 2019), and restricting outputs or embedding inputs cannot
+increase a norm, so the largest of them bounds the layer (exactly, for a
+stride-1 circular convolution).
 All norms are computed in float64 and inflated by ``1 + SLACK``.
 """
 
@@ -42,7 +44,8 @@ from bounds.norms import parse_norm
 
 SLACK = 1e-5  # relative inflation covering floating-point rounding
 EXACT_MAX_ENTRIES = 2**20  # build a convolution's matrix explicitly up to this many entries
-_ONE_LIPSCHITZ = (nn.ReLU, nn.ReLU6, nn.Tanh, nn.Flatten, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d)
+_DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d)
+_ONE_LIPSCHITZ = (nn.ReLU, nn.ReLU6, nn.Tanh, nn.Flatten, nn.Identity, *_DROPOUT)
 _ONE_LIPSCHITZ_FUNCTIONS = {torch.relu, F.relu, torch.flatten, torch.reshape, torch.tanh}
 _SHAPE_METHODS = {"view", "reshape", "flatten", "contiguous", "relu", "squeeze", "unsqueeze", "tanh"}
 _LINEAR_COMBINATIONS = {operator.add, operator.sub, torch.add, torch.sub}
@@ -175,8 +178,8 @@ def _scalar_factor(node: fx.Node) -> float | None:
 
 def _bn_scale(bn: nn.Module) -> torch.Tensor:
     """The diagonal ``gamma / sqrt(var + eps)`` of an eval-mode BatchNorm."""
-    if bn.training or bn.running_var is None:
-        raise BoundsError("BatchNorm must be in eval mode with running statistics: call model.eval() first")
+    if bn.running_var is None:
+        raise UnsupportedModelError("BatchNorm without running statistics has no fixed affine map")
     scale = 1.0 / torch.sqrt(bn.running_var.double() + bn.eps)
     return scale * bn.weight.detach().double() if bn.weight is not None else scale
 
@@ -218,6 +221,8 @@ def lipschitz_bound(model: nn.Module, input_shape: tuple[int, ...]) -> Lipschitz
     a Linear layer ``W h + b``, the tighter ``||W_y - W_j||_2 * L(h)``.
     Raises ``UnsupportedModelError`` for operators without a sound rule here.
     """
+    if any(m.training for m in model.modules() if isinstance(m, (nn.modules.batchnorm._BatchNorm, *_DROPOUT))):
+        raise BoundsError("BatchNorm and Dropout must be in eval mode: call model.eval() first")
     try:
         graph_module = fx.GraphModule(model, _Tracer().trace(model))
     except Exception as exc:
@@ -276,6 +281,8 @@ def lipschitz_bound(model: nn.Module, input_shape: tuple[int, ...]) -> Lipschitz
             raise UnsupportedModelError(f"no certified Lipschitz rule for {what} (node {node.name}); "
                                         "use the clever or smoothing methods")
 
+    if not isinstance(output, fx.Node) or output not in bound:
+        raise UnsupportedModelError("the model must return one logits tensor")
     logits_bound = bound[output]
     num_classes = output.meta["tensor_meta"].shape[-1]
     head = module_of(output)

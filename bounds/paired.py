@@ -41,6 +41,7 @@ class PairedComparison:
     ci_high: torch.Tensor
     wilcoxon_statistic: float
     wilcoxon_p_less: float  # H1: the student's radii are smaller
+    wilcoxon_p_greater: float  # H1: the student's radii are larger
     wilcoxon_p_two_sided: float
     median_difference: float  # median of r_S - r_T
     verdict: str
@@ -62,13 +63,14 @@ def _certified(radius: torch.Tensor, eps: torch.Tensor, correct: torch.Tensor | 
     return ok if correct is None else ok & correct.bool().view(-1, 1)
 
 
-def _wilcoxon(diff: np.ndarray) -> tuple[float, float, float]:
-    """(statistic, p_less, p_two_sided) of the signed-rank test, zeros split between the signs."""
+def _wilcoxon(diff: np.ndarray) -> tuple[float, float, float, float]:
+    """(statistic, p_less, p_greater, p_two_sided) of the signed-rank test, zeros split between the signs."""
     if diff.size == 0 or not np.any(diff != 0):  # no evidence either way
-        return 0.0, 1.0, 1.0
-    less = stats.wilcoxon(diff, zero_method="zsplit", alternative="less")
-    two = stats.wilcoxon(diff, zero_method="zsplit", alternative="two-sided")
-    return float(less.statistic), float(less.pvalue), float(two.pvalue)
+        return 0.0, 1.0, 1.0, 1.0
+    tests = {alt: stats.wilcoxon(diff, zero_method="zsplit", alternative=alt)
+             for alt in ("less", "greater", "two-sided")}
+    return (float(tests["less"].statistic), float(tests["less"].pvalue), float(tests["greater"].pvalue),
+            float(tests["two-sided"].pvalue))
 
 
 def bootstrap_difference(cert_student: torch.Tensor, cert_teacher: torch.Tensor, n_boot: int, alpha: float,
@@ -90,6 +92,13 @@ def bootstrap_difference(cert_student: torch.Tensor, cert_teacher: torch.Tensor,
     return low, high
 
 
+def check_rule(tol: float, margin: float, alpha: float, fraction_threshold: float, n_boot: int) -> None:
+    """Raise ``BoundsError`` (one sentence) for parameters of the decision rule that make no sense."""
+    if not (0 < alpha < 1 and 0 < fraction_threshold <= 1 and tol >= 0 and margin >= 0 and n_boot >= 1):
+        raise BoundsError("paired comparison needs 0 < alpha < 1, 0 < fraction <= 1, tol >= 0, margin >= 0 "
+                          "and n_boot >= 1")
+
+
 def paired_comparison(radius_student: torch.Tensor, radius_teacher: torch.Tensor, eps: Sequence[float],
                       correct_student: torch.Tensor | None = None, correct_teacher: torch.Tensor | None = None,
                       tol: float = 1e-3, margin: float = 0.02, alpha: float = 0.05,
@@ -103,16 +112,16 @@ def paired_comparison(radius_student: torch.Tensor, radius_teacher: torch.Tensor
       ``-margin`` (the student certifies fewer points by more than ``margin``, significantly),
       or the one-sided Wilcoxon signed-rank test (zeros split, H1: the student's radii are
       smaller) has ``p < alpha``;
-    - **yes** if the fraction with ``r_S >= r_T - tol`` is at least ``fraction_threshold``;
+    - **yes** if the fraction with ``r_S >= r_T - tol`` is at least ``fraction_threshold``,
+      or the one-sided Wilcoxon test the other way (H1: the student's radii are larger)
+      has ``p < alpha``;
     - **inconclusive** otherwise.
     """
     rs = radius_student.detach().double().cpu().flatten()
     rt = radius_teacher.detach().double().cpu().flatten()
     if rs.shape != rt.shape or rs.numel() == 0:
         raise BoundsError(f"paired comparison needs radii of the same points, got {rs.numel()} and {rt.numel()}")
-    if not (0 < alpha < 1 and 0 < fraction_threshold <= 1 and tol >= 0 and margin >= 0 and n_boot >= 1):
-        raise BoundsError("paired comparison needs 0 < alpha < 1, 0 < fraction_threshold <= 1, tol >= 0, "
-                          "margin >= 0 and n_boot >= 1")
+    check_rule(tol, margin, alpha, fraction_threshold, n_boot)
     if bool(torch.isnan(rs).any() | torch.isnan(rt).any()):
         raise BoundsError("paired comparison got a NaN radius")
     eps_t = torch.as_tensor(list(eps), dtype=torch.float64)
@@ -124,7 +133,7 @@ def paired_comparison(radius_student: torch.Tensor, radius_teacher: torch.Tensor
     finite = torch.isfinite(diff)
     diff = torch.where(finite, diff, torch.sign(torch.nan_to_num(diff)))  # inf radii: only the sign counts
     diff = torch.where(diff.abs() <= tol, torch.zeros_like(diff), diff)
-    statistic, p_less, p_two = _wilcoxon(diff.numpy())
+    statistic, p_less, p_greater, p_two = _wilcoxon(diff.numpy())
     fraction = float((rs >= rt - tol).double().mean())
     below = [float(e) for e, h in zip(eps_t.tolist(), high.tolist(), strict=True) if h < -margin]
     if below:
@@ -135,12 +144,16 @@ def paired_comparison(radius_student: torch.Tensor, radius_teacher: torch.Tensor
     elif fraction >= fraction_threshold:
         verdict, reason = YES, (f"{fraction:.1%} of points have r_S >= r_T - {tol:g} (>= {fraction_threshold:.0%}) "
                                 f"and no eps shows a significant deficit")
+    elif p_greater < alpha:
+        verdict, reason = YES, (f"Wilcoxon signed-rank: the student's radii are larger (p = {p_greater:.3g} < "
+                                f"{alpha:g}) and no eps shows a significant deficit")
     else:
         verdict, reason = INCONCLUSIVE, (f"only {fraction:.1%} of points have r_S >= r_T - {tol:g} "
-                                         f"(< {fraction_threshold:.0%}), but no significant deficit")
+                                         f"(< {fraction_threshold:.0%}) and the radii do not differ significantly")
     return PairedComparison(
         eps=eps_t, radius_student=rs, radius_teacher=rt, at_least_fraction=fraction, accuracy_student=acc_s,
         accuracy_teacher=acc_t, difference=acc_s - acc_t, ci_low=low, ci_high=high, wilcoxon_statistic=statistic,
-        wilcoxon_p_less=p_less, wilcoxon_p_two_sided=p_two, median_difference=float(diff.median()),
+        wilcoxon_p_less=p_less, wilcoxon_p_greater=p_greater, wilcoxon_p_two_sided=p_two,
+        median_difference=float(diff.median()),
         verdict=verdict, reason=reason, tol=float(tol), margin=float(margin), alpha=float(alpha),
         fraction_threshold=float(fraction_threshold))

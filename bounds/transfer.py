@@ -104,9 +104,9 @@ class TransferCertificate:
 
 
 def bound_check(bound: torch.Tensor, measured: torch.Tensor) -> BoundCheck:
-    """``holds = bound >= measured`` and ``slack = bound - measured`` per example."""
-    bound = bound.to(measured.dtype) if bound.dtype != measured.dtype else bound
-    return BoundCheck(holds=bound >= measured, slack=bound - measured)
+    """``holds = bound >= measured`` and ``slack = bound - measured`` per example, compared in float64."""
+    slack = bound.double() - measured.double()
+    return BoundCheck(holds=slack >= 0, slack=slack)
 
 
 def robust_loss_estimate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from bounds.attack import pgd_maximize
-from bounds.errors import BoundsError
+from bounds.errors import BoundsError, UnsupportedModelError
 from bounds.linearity import (
     CE,
     MARGIN,
@@ -143,3 +143,29 @@ def test_bad_arguments_raise_bounds_errors():
         gamma_estimate(model, x, y, -0.1, "inf", CE)
     with pytest.raises(BoundsError):  # IBP drops the linear term under L2: refused for every norm
         LinearityBounder(model, SHAPE, "ibp", "inf")
+
+
+@pytest.mark.parametrize("name,kwargs", [("cnn7", {"width": 4, "linear": 16}), ("resnet_small", {"width": 4})])
+def test_batchnorm_and_residual_models_pgd_gamma_below_certified(name, kwargs):
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=K, input_shape=(3, 8, 8), mean=[0.5] * 3, std=[0.25] * 3, **kwargs)
+    model.train()
+    with torch.no_grad():  # running statistics that differ from the identity
+        model(torch.rand(64, 3, 8, 8, generator=torch.Generator().manual_seed(1)))
+    model.eval()
+    x, y = points(model, 3, 2, (3, 8, 8))
+    cert = gamma_certified(model, x, y, 2 / 255, "inf", MARGIN)
+    est = gamma_estimate(model, x, y, 2 / 255, "inf", MARGIN, steps=10, restarts=1,
+                         generator=torch.Generator().manual_seed(0))
+    assert torch.all(est.gamma <= cert.gamma + ROUNDING)
+    assert torch.all(torch.isfinite(cert.gamma))
+
+
+def test_attention_models_are_refused_by_the_allow_list():
+    model = create_model("vit", num_classes=K, input_shape=(3, 8, 8), mean=[0.5] * 3, std=[0.25] * 3, dim=8,
+                         depth=1, heads=2).eval()
+    x, y = points(model, 2, 0, (3, 8, 8))
+    with pytest.raises(UnsupportedModelError, match="attention"):
+        gamma_certified(model, x, y, 0.01, "inf", CE)
+    # the estimate needs no bound propagation
+    assert gamma_estimate(model, x, y, 0.01, "inf", CE, steps=3).gamma.shape == (2, 1)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bounds.attack import pgd
-from bounds.errors import UnsupportedModelError
+from bounds.errors import BoundsError, UnsupportedModelError
 from bounds.gradients import margin_gradients, other_classes
 from bounds.lipschitz import conv_operator_norm, lipschitz_bound, lipschitz_radius
 from bounds.nn import Normalize
@@ -216,6 +216,8 @@ def test_unsupported_layers_raise_one_clear_error():
     pooled = nn.Sequential(nn.Conv2d(1, 2, 3), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(18, 3))
     with pytest.raises(UnsupportedModelError, match="MaxPool2d"):
         lipschitz_bound(pooled, DIGITS)
+    with pytest.raises(BoundsError, match="eval mode"):  # batch statistics are no fixed map
+        lipschitz_bound(create_model("cnn7", 10, DIGITS, width=4, linear=8).train(), DIGITS)
 
     class Square(nn.Module):
         def forward(self, x):

@@ -56,6 +56,15 @@ def test_larger_student_radii_give_yes():
     assert torch.all(res.difference >= 0)
 
 
+def test_significantly_larger_radii_give_yes_despite_some_smaller_ones():
+    r = radii()
+    smaller = torch.arange(len(r)) % 5 == 0  # 20 % of the points lose a little
+    res = paired_comparison(torch.where(smaller, r - 0.003, r + 0.02), r, EPS)
+    assert res.at_least_fraction < res.fraction_threshold
+    assert res.wilcoxon_p_greater < 1e-6
+    assert res.verdict == YES and "larger" in res.reason
+
+
 def test_symmetric_noise_is_inconclusive():
     r = radii()
     signs = torch.tensor([1.0, -1.0]).repeat(len(r) // 2).double()

@@ -157,7 +157,8 @@ def bounds_command(student: Path, teacher: Path, eps: list[float], norm: str, nu
     from bounds.linearity import LinearityBounder
     from bounds.transfer import transfer_bound, transfer_certificate
 
-    student_ckpt, teacher_ckpt, student_model, teacher_model = _load_pair(student, teacher, device)
+    eps = list(dict.fromkeys(eps))
+    student_ckpt, _, student_model, teacher_model = _load_pair(student, teacher, device)
     data_name, x_all, y_all = _load_points(student_ckpt, dataset, split, data_dir, num_examples)
     config = {"command": "bounds", "student": str(student), "teacher": str(teacher), "dataset": data_name,
               "split": split, "num_examples": len(y_all), "eps": eps, "norm": norm,
@@ -358,12 +359,16 @@ def compare_command(student: Path, teacher: Path, method: str, eps: list[float] 
     a paired bootstrap CI of the difference at each eps, a Wilcoxon signed-rank test
     on the radii, and the verdict (rule: bounds.paired.paired_comparison): no when a
     CI lies entirely below -margin or the Wilcoxon test finds the student's radii
-    smaller; yes when the fraction reaches --fraction; else inconclusive.
+    smaller; yes when the fraction reaches --fraction or the Wilcoxon test finds the
+    student's radii larger; else inconclusive.
     """
-    from bounds.paired import QUESTION, paired_comparison
-    from certkd.certification import get_method, per_example_radii
+    from bounds.paired import QUESTION, check_rule, paired_comparison
+    from certkd.certification import MODEL, get_method, per_example_radii
 
-    kind = get_method(method).kind
+    check_rule(radius_tol, margin, alpha, fraction_threshold, n_boot)
+    radius_method = get_method(method)
+    kind = radius_method.kind if radius_method.target == MODEL else \
+        f"{radius_method.kind} for the {radius_method.target}"
     student_ckpt, _, student_model, teacher_model = _load_pair(student, teacher, device)
     data_name, x_all, y_all = _load_points(student_ckpt, dataset, split, data_dir, num_examples)
     method_params = {"radius_tol": radius_tol, **params}
@@ -411,7 +416,7 @@ def compare_command(student: Path, teacher: Path, method: str, eps: list[float] 
         "question": QUESTION, "verdict": result.verdict, "reason": result.reason, "kind": kind,
         "n": len(records), "at_least_fraction": result.at_least_fraction,
         "wilcoxon": {"statistic": result.wilcoxon_statistic, "p_less": result.wilcoxon_p_less,
-                     "p_two_sided": result.wilcoxon_p_two_sided},
+                     "p_greater": result.wilcoxon_p_greater, "p_two_sided": result.wilcoxon_p_two_sided},
         "median_radius_difference": result.median_difference,
         "table": [{"eps": e, "accuracy_student": a, "accuracy_teacher": b, "difference": d, "ci_low": lo,
                    "ci_high": hi} for e, a, b, d, lo, hi in zip(
@@ -435,12 +440,12 @@ def compare_command(student: Path, teacher: Path, method: str, eps: list[float] 
 
 def _format_compare(summary: dict[str, Any]) -> str:
     w = summary["wilcoxon"]
-    lines = [f"{summary['question']}: {summary['verdict'].upper()} ({summary['kind']} radii, "
-             f"{summary['config']['method']}, {summary['n']} points)",
+    lines = [f"{summary['question']}: {summary['verdict'].upper()} ({summary['kind']}: "
+             f"{summary['config']['method']} radii, {summary['n']} points)",
              f"  because {summary['reason']}",
              f"  r_S >= r_T - tol on {summary['at_least_fraction']:.1%}; median r_S - r_T "
-             f"{summary['median_radius_difference']:.4g}; Wilcoxon p (student smaller) {w['p_less']:.3g}, "
-             f"two-sided {w['p_two_sided']:.3g}",
+             f"{summary['median_radius_difference']:.4g}; Wilcoxon p: student smaller {w['p_less']:.3g}, "
+             f"larger {w['p_greater']:.3g}",
              f"  {'eps':>10}{'teacher':>10}{'student':>10}{'S - T':>10}   CI of S - T"]
     for row in summary["table"]:
         lines.append(f"  {row['eps']:>10.4g}{row['accuracy_teacher']:>10.3f}{row['accuracy_student']:>10.3f}"

@@ -1,0 +1,254 @@
+"""bounds.certify is sound: exact MILP checks on tiny MLPs, attacks on a PGD-trained CNN, radius brackets."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy.optimize import Bounds, LinearConstraint, milp
+from scipy.sparse import coo_matrix
+from torch import nn
+
+from bounds.attack import min_margin, pgd
+from bounds.certify import BOUND_METHODS, BoundEngine, certified_radius, margin_bounds, margin_spec
+from bounds.errors import BoundsError
+from certkd.data import load_dataset
+from certkd.models import create_model
+
+FP_SLACK = 1e-4  # float32 bound propagation against float64 MILP / attack values
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits", "test")
+
+
+# --------------------------------------------------------------------------- exact MILP
+
+def affine_layers(model: nn.Module) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The (W, b) of a registry mlp in float64, its Normalize folded into the first Linear (exact)."""
+    norm, body = model[0], model[1]
+    linears = [m for m in body if isinstance(m, nn.Linear)]
+    w0, b0 = linears[0].weight.double(), linears[0].bias.double()
+    reps = w0.shape[1] // norm.mean.numel()
+    mean, std = norm.mean.double().repeat_interleave(reps), norm.std.double().repeat_interleave(reps)
+    layers = [(w0 / std, b0 - w0 @ (mean / std))] + [(m.weight.double(), m.bias.double()) for m in linears[1:]]
+    return [(w.detach().numpy(), b.detach().numpy()) for w, b in layers]
+
+
+def exact_min_margin(layers, x0: np.ndarray, y: int, eps: float) -> float:
+    """``min_{x in B_inf(x0, eps) ∩ [0,1]^d} min_{j != y} f_y(x) - f_j(x)``: a big-M MILP solved by HiGHS.
+
+    ReLU z = max(a, 0) with pre-activation bounds [l, u] from interval arithmetic: z >= a,
+    z <= u d, z <= a - l (1 - d), d binary; the outer min over j picks one j with binaries s_j:
+    t >= m_j - M (1 - s_j), sum s_j = 1, minimize t.
+    """
+    lo, hi = np.clip(x0 - eps, 0, 1), np.clip(x0 + eps, 0, 1)
+    var_lo, var_hi, integer = list(lo), list(hi), [0] * len(x0)
+    rows, cols, vals, row_lo, row_hi = [], [], [], [], []
+
+    def var(a: float, b: float, is_int: int = 0) -> int:
+        var_lo.append(a)
+        var_hi.append(b)
+        integer.append(is_int)
+        return len(var_lo) - 1
+
+    def row(coeffs, a: float, b: float) -> None:
+        for k, v in coeffs:
+            rows.append(len(row_lo))
+            cols.append(k)
+            vals.append(v)
+        row_lo.append(a)
+        row_hi.append(b)
+
+    index, l, u = np.arange(len(x0)), lo, hi
+    for n, (w, b) in enumerate(layers):
+        wp, wn = np.maximum(w, 0), np.minimum(w, 0)
+        pre_lo, pre_hi = wp @ l + wn @ u + b, wp @ u + wn @ l + b
+        pre = [var(pre_lo[k], pre_hi[k]) for k in range(w.shape[0])]
+        for k in range(w.shape[0]):
+            row([(int(i), -w[k, c]) for c, i in enumerate(index)] + [(pre[k], 1.0)], b[k], b[k])
+        if n == len(layers) - 1:
+            break
+        post = []
+        for k in range(w.shape[0]):
+            if pre_hi[k] <= 0:
+                post.append(var(0.0, 0.0))
+            elif pre_lo[k] >= 0:
+                post.append(pre[k])
+            else:
+                z, d = var(0.0, pre_hi[k]), var(0.0, 1.0, 1)
+                row([(z, 1.0), (pre[k], -1.0)], 0.0, np.inf)
+                row([(z, 1.0), (d, -pre_hi[k])], -np.inf, 0.0)
+                row([(z, 1.0), (pre[k], -1.0), (d, -pre_lo[k])], -np.inf, -pre_lo[k])
+                post.append(z)
+        index, l, u = np.array(post), np.maximum(pre_lo, 0), np.maximum(pre_hi, 0)
+    others = [j for j in range(len(pre)) if j != y]
+    big_m = max(pre_hi[y] - pre_lo[j] for j in others) - min(pre_lo[y] - pre_hi[j] for j in others) + 1.0
+    t = var(-np.inf, np.inf)
+    select = [var(0.0, 1.0, 1) for _ in others]
+    for j, s in zip(others, select, strict=True):
+        row([(pre[y], -1.0), (pre[j], 1.0), (t, 1.0), (s, -big_m)], -big_m, np.inf)
+    row([(s, 1.0) for s in select], 1.0, 1.0)
+    cost = np.zeros(len(var_lo))
+    cost[t] = 1.0
+    matrix = coo_matrix((vals, (rows, cols)), shape=(len(row_lo), len(var_lo))).tocsr()
+    res = milp(cost, constraints=LinearConstraint(matrix, row_lo, row_hi), bounds=Bounds(var_lo, var_hi),
+               integrality=np.array(integer), options={"mip_rel_gap": 1e-9})
+    assert res.status == 0, res.message
+    return float(res.fun)
+
+
+def train_natural(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int = 30, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(epochs):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.mark.parametrize("hidden", [(8,), (5, 5)], ids=["mlp8", "mlp5x5"])
+def test_every_method_below_exact_milp(digits, hidden):
+    """100 points per MLP, L-inf eps 0.01-0.04: every method's min lower bound <= the exact minimum margin."""
+    train = load_dataset("digits", "train")
+    info = digits.info
+    model = train_natural(create_model("mlp", 10, info.input_shape, info.mean, info.std, hidden=hidden),
+                          train.x, train.y)
+    x, y = digits.x[:100], digits.y[:100]
+    eps = torch.tensor([0.01, 0.02, 0.04]).repeat(34)[:100]
+    engine = BoundEngine(model, info.input_shape)
+    lower = {m: engine.margin_bounds(x, y, eps, "inf", m).min_lower for m in BOUND_METHODS}
+    attack = pgd(model, x, y, eps, "inf", steps=30, restarts=1, generator=torch.Generator().manual_seed(0)).margin
+    layers = affine_layers(model)
+    exact = torch.tensor([exact_min_margin(layers, x[i].flatten().double().numpy(), int(y[i]), float(eps[i]))
+                          for i in range(len(y))], dtype=torch.float32)
+    assert bool((exact <= attack + FP_SLACK).all())  # the MILP is a true minimum: no attack goes below it
+    for method, lb in lower.items():
+        violations = int((lb > exact + FP_SLACK).sum())
+        assert violations == 0, f"{method}: {violations} lower bounds above the exact minimum margin"
+    assert float(lower["crown"].mean()) >= float(lower["ibp"].mean())
+    assert bool((lower["alpha-crown"] >= lower["crown"] - 1e-3).all())  # optimized from CROWN's start
+    assert 0 < int((lower["crown"] > 0).sum()) < len(y)  # some certified, some not: the check has teeth
+
+
+# --------------------------------------------------------------------------- a PGD-trained CNN
+
+@pytest.fixture(scope="module")
+def teacher(digits_trio):
+    """The PGD-AT cnn4 teacher of the shared ``digits_trio`` fixture (tests/conftest.py)."""
+    return digits_trio.teacher.eval()
+
+
+@pytest.fixture(scope="module")
+def teacher_engine(teacher, digits):
+    return BoundEngine(teacher, digits.info.input_shape)
+
+
+@pytest.mark.parametrize("norm,eps", [("inf", 0.05), ("inf", 0.1), ("2", 0.3)])
+def test_certified_points_survive_pgd(teacher, teacher_engine, digits, norm, eps):
+    x, y = digits.x[:64], digits.y[:64]
+    for method in ("ibp", "crown-ibp", "crown"):
+        certified = teacher_engine.margin_bounds(x, y, eps, norm, method).certified
+        if method == "crown":
+            assert int(certified.sum()) >= 16
+        if certified.any():
+            attack = pgd(teacher, x[certified], y[certified], eps, norm, steps=50, restarts=3,
+                         generator=torch.Generator().manual_seed(1))
+            assert bool((attack.margin > 0).all()), f"{method} certified a point PGD breaks at {norm} {eps}"
+
+
+@pytest.mark.parametrize("norm", ["inf", "2"])
+def test_radius_is_certified_bracketed_and_survives_pgd(teacher, teacher_engine, digits, norm):
+    x, y = digits.x[64:96].clone(), digits.y[64:96].clone()
+    y[:2] = (y[:2] + 1) % 10  # two wrong labels: clean-misclassified, radius 0
+    tol = 2e-3
+    res = teacher_engine.certified_radius(x, y, norm, tol=tol, generator=torch.Generator().manual_seed(0))
+    assert not bool(res.correct[:2].any()) and bool((res.radius[:2] == 0).all())
+    ok = res.correct
+    assert int(ok.sum()) >= 25
+    assert bool((res.uncertified[ok] - res.radius[ok] <= tol + 1e-7).all())
+    assert bool((res.radius[ok] > 0).all()) and bool((res.radius <= res.upper).all())
+    at_radius = teacher_engine.margin_bounds(x[ok], y[ok], res.radius[ok], norm)
+    assert bool(at_radius.certified.all())  # the radius was certified by the method itself
+    at_upper_end = teacher_engine.margin_bounds(x[ok], y[ok], res.uncertified[ok], norm)
+    assert not bool(at_upper_end.certified.any())
+    attack = pgd(teacher, x[ok], y[ok], res.radius[ok], norm, steps=50, restarts=3,
+                 generator=torch.Generator().manual_seed(2))
+    assert bool((attack.margin > 0).all())
+    broken = pgd(teacher, x[ok], y[ok], res.upper[ok], norm, steps=20, restarts=1,
+                 generator=torch.Generator().manual_seed(0))
+    eps_max = 1.0 if norm == "inf" else math.sqrt(64)
+    found = res.upper[ok] < eps_max  # where the search's attack found an adversarial example
+    assert float((broken.margin[found] <= 0).float().mean()) >= 0.8
+
+
+def test_module_functions_match_engine(teacher, teacher_engine, digits):
+    x, y = digits.x[:8], digits.y[:8]
+    direct = margin_bounds(teacher, x, y, 0.05, "inf", "crown")
+    assert torch.allclose(direct.lower, teacher_engine.margin_bounds(x, y, 0.05).lower, atol=1e-6)
+    bounded = teacher_engine.bounded
+    teacher_engine.margin_bounds(x, y, 0.02, "2", "crown-ibp")
+    assert teacher_engine.bounded is bounded  # built once, reused across eps, norms and methods
+    res = certified_radius(teacher, x, y, "inf", tol=5e-3)
+    assert bool((res.uncertified - res.radius <= 5e-3 + 1e-7).all())
+
+
+def test_per_example_eps_equals_one_at_a_time(teacher_engine, digits):
+    """A (B,) eps tensor (the radius search's passes) gives each example its own ball, also under L2."""
+    x, y = digits.x[:6], digits.y[:6]
+    eps = torch.tensor([0.0, 0.02, 0.05, 0.1, 0.2, 0.3])
+    for norm in ("inf", "2"):
+        for method in ("ibp", "crown-ibp", "crown"):
+            batch = teacher_engine.margin_bounds(x, y, eps, norm, method).lower
+            single = torch.cat([teacher_engine.margin_bounds(x[i:i + 1], y[i:i + 1], float(eps[i]), norm,
+                                                             method).lower for i in range(6)])
+            assert torch.allclose(batch, single, atol=1e-5), (norm, method)
+
+
+def test_spec_and_zero_eps(teacher_engine, teacher, digits):
+    x, y = digits.x[:5], digits.y[:5]
+    spec = margin_spec(y, 10)
+    with torch.no_grad():
+        logits = teacher(x)
+    expected = (spec @ logits.unsqueeze(2)).squeeze(2)
+    assert torch.allclose(expected.amin(1), min_margin(logits, y), atol=1e-6)
+    at_zero = teacher_engine.margin_bounds(x, y, 0.0, "inf", "crown")
+    assert torch.allclose(at_zero.lower, expected, atol=1e-4)  # no perturbation: the exact margins
+
+
+def test_alpha_crown_leaves_no_gradients(digits):
+    info = digits.info
+    model = create_model("mlp", 10, info.input_shape, info.mean, info.std, hidden=(8,)).eval()
+    engine = BoundEngine(model, info.input_shape)
+    x = digits.x[:4]
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    alpha = engine.margin_bounds(x, y, 0.02, "inf", "alpha-crown")
+    crown = engine.margin_bounds(x, y, 0.02, "inf", "crown")
+    assert bool((alpha.lower >= crown.lower - 1e-4).all())
+    assert all(p.grad is None for p in engine.bounded.parameters())
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_bad_inputs_raise_one_line(teacher_engine, digits):
+    x, y = digits.x[:2], digits.y[:2]
+    cases = [
+        lambda: teacher_engine.margin_bounds(x, y, -0.1),
+        lambda: teacher_engine.margin_bounds(x, y, 0.1, "inf", "deepz"),
+        lambda: teacher_engine.margin_bounds(x, y, 0.1, "1"),
+        lambda: teacher_engine.margin_bounds(x, y, 0.1, "7"),
+        lambda: teacher_engine.margin_bounds(torch.rand(2, 1, 4, 4), y, 0.1),
+        lambda: teacher_engine.margin_bounds(x * 3 - 1, y, 0.1),
+        lambda: teacher_engine.margin_bounds(x, torch.tensor([0, 12]), 0.1),
+        lambda: teacher_engine.margin_bounds(x, y, torch.tensor([0.1, 0.2, 0.3])),
+        lambda: teacher_engine.certified_radius(x, y, tol=0.0),
+    ]
+    for case in cases:
+        with pytest.raises(BoundsError) as info:
+            case()
+        assert "\n" not in str(info.value)

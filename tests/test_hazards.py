@@ -1,0 +1,251 @@
+"""Issue 8's hazard suite: auto_LiRPA 0.3's false certificates are real, and certkd's path never gives one.
+
+Each hazard test first bounds the raw model with auto_LiRPA directly and shows a lower bound
+above an attack-found margin (skipped, with the reason, only where the installed auto_LiRPA
+no longer shows the hazard), then shows that ``bounds.certify`` gives no such bound or refuses.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from bounds.attack import margins, pgd, pgd_maximize
+from bounds.certify import BoundEngine, margin_spec
+from bounds.errors import UnsupportedModelError
+from bounds.lirpa import auto_lirpa_version, import_auto_lirpa
+from bounds.nn import Normalize
+from certkd.data import load_dataset
+from certkd.models import create_model
+
+SLACK = 1e-5  # float rounding allowed between a bound and an attack value
+MEAN, STD = [0.45, 0.5, 0.4], [0.25, 0.3, 0.2]
+
+
+def per_margin_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps, norm: str,
+                      steps: int = 50, restarts: int = 2) -> torch.Tensor:
+    """(B, K-1): for each margin ``m_j`` separately, the smallest value PGD finds in the ball (an upper bound of its min)."""
+    k = 10
+    rows, labels = x.repeat_interleave(k - 1, 0), y.repeat_interleave(k - 1)
+    which = torch.arange(k - 1).repeat(len(y))
+    eps_rows = torch.as_tensor(eps, dtype=x.dtype)
+    eps_rows = eps_rows.repeat_interleave(k - 1) if eps_rows.dim() else eps_rows
+
+    def objective(z: torch.Tensor) -> torch.Tensor:
+        return -margins(model(z), labels)[torch.arange(len(labels)), which]
+
+    _, best = pgd_maximize(objective, rows, eps_rows, norm, steps=steps, restarts=restarts,
+                           generator=torch.Generator().manual_seed(0))
+    return (-best).view(len(y), k - 1)
+
+
+def raw_lower(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str, method: str,
+              bound_opts: dict | None = None) -> torch.Tensor:
+    """auto_LiRPA called directly on the model, without certkd's view or allow-list."""
+    lirpa = import_auto_lirpa()
+    bounded = lirpa.BoundedModule(model, torch.zeros(1, *x.shape[1:]), bound_opts=bound_opts or {})
+    if norm == "inf":
+        ptb = lirpa.PerturbationLpNorm(norm=math.inf, eps=eps, x_L=(x - eps).clamp(0, 1), x_U=(x + eps).clamp(0, 1))
+    else:
+        ptb = lirpa.PerturbationLpNorm(norm=2.0, eps=eps)
+    with torch.no_grad():
+        lower, _ = bounded.compute_bounds(x=(lirpa.BoundedTensor(x, ptb),), C=margin_spec(y, 10), method=method,
+                                          bound_upper=False)
+    return lower
+
+
+def require_hazard(violations: int, what: str) -> None:
+    if violations == 0:
+        pytest.skip(f"auto_LiRPA {auto_lirpa_version()} no longer shows the {what} hazard on this stack")
+
+
+def labels_of(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(x).argmax(1)
+
+
+def inputs(shape, n: int = 8, seed: int = 1) -> torch.Tensor:
+    return torch.rand((n, *shape), generator=torch.Generator().manual_seed(seed))
+
+
+def depthwise_cnn(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=8),
+                         nn.ReLU(), nn.Flatten(), nn.Linear(512, 10)).eval()
+
+
+def grouped_normalization_cnn(seed: int) -> nn.Module:
+    """Input normalization written as a grouped 1x1 convolution (what issue 3 first suggested)."""
+    torch.manual_seed(seed)
+    norm = nn.Conv2d(3, 3, 1, groups=3)
+    norm.weight.data = (1 / torch.tensor(STD)).view(3, 1, 1, 1)
+    norm.bias.data = -torch.tensor(MEAN) / torch.tensor(STD)
+    return nn.Sequential(norm, nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1),
+                         nn.ReLU(), nn.Flatten(), nn.Linear(128, 10)).eval()
+
+
+def normalization_first_cnn(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(Normalize(MEAN, STD), nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(128, 10)).eval()
+
+
+def count_violations(lower: torch.Tensor, attack: torch.Tensor) -> int:
+    return int((lower > attack + SLACK).sum())
+
+
+# --------------------------------------------------------------------------- hazard 1
+
+def test_hazard_depthwise_convolution_under_crown():
+    model, x = depthwise_cnn(seed=1), inputs((1, 8, 8))
+    y = labels_of(model, x)
+    eps = 2 / 255
+    attack = per_margin_attack(model, x, y, eps, "inf")
+    require_hazard(count_violations(raw_lower(model, x, y, eps, "inf", "CROWN"), attack), "depthwise-convolution")
+    ours = BoundEngine(model, (1, 8, 8)).margin_bounds(x, y, eps, "inf", "crown").lower
+    assert count_violations(ours, attack) == 0
+
+
+@pytest.mark.parametrize("norm,eps", [("inf", 2 / 255), ("2", 0.25)])
+def test_hazard_grouped_normalization(norm, eps):
+    model, x = grouped_normalization_cnn(seed=1), inputs((3, 8, 8))
+    y = labels_of(model, x)
+    attack = per_margin_attack(model, x, y, eps, norm)
+    require_hazard(count_violations(raw_lower(model, x, y, eps, norm, "CROWN"), attack), "grouped-normalization")
+    ours = BoundEngine(model, (3, 8, 8)).margin_bounds(x, y, eps, norm, "crown").lower
+    assert count_violations(ours, attack) == 0
+
+
+# --------------------------------------------------------------------------- hazard 2
+
+def test_hazard_l2_with_normalization_first():
+    model, x = normalization_first_cnn(seed=0), inputs((3, 8, 8))
+    y = labels_of(model, x)
+    eps = 0.25
+    attack = per_margin_attack(model, x, y, eps, "2")
+    raw = sum(count_violations(raw_lower(model, x, y, eps, "2", m), attack) for m in ("IBP", "CROWN-IBP"))
+    require_hazard(raw, "L2-first-layer")
+    engine = BoundEngine(model, (3, 8, 8))
+    for method in ("ibp", "crown-ibp", "crown"):
+        assert count_violations(engine.margin_bounds(x, y, eps, "2", method).lower, attack) == 0
+
+
+class ShiftFirst(nn.Module):
+    """``(x - 0.5) * 2`` in the forward, before any layer: no view can make it a Linear/Conv."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.fc = nn.Linear(4 * 6 * 6, 10)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv((x - 0.5) * 2.0)).flatten(1))
+
+
+def test_l2_non_linear_first_layer_refused():
+    model, x = ShiftFirst().eval(), inputs((1, 8, 8))
+    y = labels_of(model, x)
+    attack = per_margin_attack(model, x, y, 0.5, "2")
+    raw = raw_lower(model, x, y, 0.5, "2", "CROWN", {"conv_mode": "matrix"})  # patches mode fails outright
+    require_hazard(count_violations(raw, attack), "L2-first-layer")
+    engine = BoundEngine(model, (1, 8, 8))
+    engine.margin_bounds(x, y, 0.05, "inf", "ibp")  # fine under L-inf
+    for method in ("ibp", "crown-ibp", "crown"):
+        with pytest.raises(UnsupportedModelError, match="not Linear or Conv"):
+            engine.margin_bounds(x, y, 0.5, "2", method)
+
+
+# --------------------------------------------------------------------------- hazard 3
+
+def test_hazard_softmax():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10), nn.Softmax(dim=1)).eval()
+    with torch.no_grad():
+        model[3].weight.mul_(6)
+    x = inputs((1, 8, 8), n=16, seed=0)
+    y = labels_of(model, x)
+    eps = 0.01
+    attack = per_margin_attack(model, x, y, eps, "inf")
+    raw = raw_lower(model, x, y, eps, "inf", "CROWN-IBP", {"fixed_reducemax_index": True})
+    require_hazard(count_violations(raw, attack), "softmax")
+    with pytest.raises(UnsupportedModelError, match="softmax"):
+        BoundEngine(model, (1, 8, 8)).margin_bounds(x, y, eps, "inf", "crown-ibp")
+
+
+# --------------------------------------------------------------------------- the registry
+
+SWEEP = {  # registry families auto_LiRPA 0.3 bounds (small configurations), digits-shaped inputs
+    "mlp": {"hidden": (32, 16)},
+    "cnn4": {"width": 4, "linear": 16},
+    "cnn7": {"width": 4, "linear": 16},
+    "resnet_small": {"width": 4},
+    "wide_resnet": {"depth": 10, "widen": 1},
+    "mobilenet_v2": {"width_mult": 0.25, "depth": 3},
+}
+SWEEP_EPS = {"inf": 0.02, "2": 0.15}
+
+
+def registry_model(name: str, seed: int = 0) -> nn.Module:
+    """A registry model with non-trivial normalization and BatchNorm statistics, scaled to give real margins."""
+    torch.manual_seed(seed)
+    model = create_model(name, 10, (1, 8, 8), [0.3], [0.35], **SWEEP[name])
+    generator = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.copy_(torch.rand(m.num_features, generator=generator) * 0.2 - 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=generator) * 0.5 + 0.5)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def digits_x():
+    return load_dataset("digits", "test").x
+
+
+def test_soundness_sweep(digits_x, capsys):
+    """Every supported family x {L-inf, L2} x {IBP, CROWN-IBP, CROWN}, per-example eps: no lower bound above PGD."""
+    checked, violations = 0, []
+    x = digits_x[:8]
+    spread = 0.5 + torch.rand(8, generator=torch.Generator().manual_seed(0))  # one radius per example
+    for name in SWEEP:
+        model = registry_model(name)
+        y = labels_of(model, x)
+        engine = BoundEngine(model, (1, 8, 8))
+        for norm, base in SWEEP_EPS.items():
+            eps = base * spread
+            attack = per_margin_attack(model, x, y, eps, norm, steps=30, restarts=1)
+            for method in ("ibp", "crown-ibp", "crown"):
+                lower = engine.margin_bounds(x, y, eps, norm, method).lower
+                checked += lower.numel()
+                bad = count_violations(lower, attack)
+                if bad:
+                    violations.append(f"{name} L{norm} {method}: {bad}")
+    with capsys.disabled():
+        print(f"\nsoundness sweep: {checked} margin lower bounds checked against PGD, "
+              f"{len(violations)} configurations with violations")
+    assert checked >= 1000
+    assert violations == []
+
+
+@pytest.mark.parametrize("norm", ["inf", "2"])
+@pytest.mark.parametrize("name", ["mobilenet_v2", "cnn7"])
+def test_normalization_first_models_certify_soundly(digits_x, name, norm):
+    """Certified radii of registry models (normalization first; mobilenet_v2's depthwise convolutions) survive PGD."""
+    model = registry_model(name, seed=1)
+    x = digits_x[8:24]
+    y = labels_of(model, x)
+    engine = BoundEngine(model, (1, 8, 8))
+    res = engine.certified_radius(x, y, norm, tol=SWEEP_EPS[norm] / 20, generator=torch.Generator().manual_seed(0))
+    assert bool((res.radius > 0).all())
+    attack = pgd(model, x, y, res.radius, norm, steps=50, restarts=3, generator=torch.Generator().manual_seed(3))
+    assert bool((attack.margin > 0).all())
+    eps = float(res.radius.median())
+    certified = engine.margin_bounds(x, y, eps, norm, "crown").certified
+    assert 0 < int(certified.sum())
+    attack = pgd(model, x[certified], y[certified], eps, norm, steps=50, restarts=3,
+                 generator=torch.Generator().manual_seed(4))
+    assert bool((attack.margin > 0).all())
