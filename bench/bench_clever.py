@@ -6,8 +6,8 @@ and one backward of the same margins (all K-1 of them, batched, when untargeted;
 targeted) on the same number of points, in steps of the same size. Both run interleaved, round
 by round; the median of each is reported. Target: ratio (CLEVER points/s over raw points/s) >= 0.8.
 
-    python bench/bench_clever.py                                     # mlp on digits-sized inputs, CPU
-    python bench/bench_clever.py --arch resnet_small --shape 3,32,32 --device cuda --examples 32
+    python bench/bench_clever.py --threads 1                         # mlp on digits-sized inputs, CPU
+    python bench/bench_clever.py --arch resnet_small --shape 3,32,32 --examples 8 --points-per-step 8192
 """
 
 from __future__ import annotations
@@ -56,7 +56,10 @@ def main() -> None:
     parser.add_argument("--norm", default="2")
     parser.add_argument("--targeted", action="store_true", help="one target class per example (top-2)")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     device = torch.device(args.device)
     shape = tuple(int(s) for s in args.shape.split(","))

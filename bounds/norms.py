@@ -95,7 +95,7 @@ def random_in_ball(shape: torch.Size | tuple[int, ...], p: float, eps: torch.Ten
         e = -torch.log(torch.rand((shape[0], d + 1), generator=generator, device=device, dtype=dtype))
         pts = e[:, :d] / e.sum(dim=1, keepdim=True)  # uniform in the simplex interior
         signs = torch.randint(0, 2, (shape[0], d), generator=generator, device=device).to(dtype) * 2 - 1
-        return (pts * signs).view(shape) * _expand(eps_t, torch.empty(shape))
+        return (pts * signs).view(shape) * eps_t.view(-1, *([1] * (len(shape) - 1)))
     raise BoundsError(f"unknown norm {p!r}")
 
 

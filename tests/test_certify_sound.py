@@ -64,10 +64,10 @@ def exact_min_margin(layers, x0: np.ndarray, y: int, eps: float) -> float:
         row_lo.append(a)
         row_hi.append(b)
 
-    index, l, u = np.arange(len(x0)), lo, hi
+    index, act_lo, act_hi = np.arange(len(x0)), lo, hi
     for n, (w, b) in enumerate(layers):
         wp, wn = np.maximum(w, 0), np.minimum(w, 0)
-        pre_lo, pre_hi = wp @ l + wn @ u + b, wp @ u + wn @ l + b
+        pre_lo, pre_hi = wp @ act_lo + wn @ act_hi + b, wp @ act_hi + wn @ act_lo + b
         pre = [var(pre_lo[k], pre_hi[k]) for k in range(w.shape[0])]
         for k in range(w.shape[0]):
             row([(int(i), -w[k, c]) for c, i in enumerate(index)] + [(pre[k], 1.0)], b[k], b[k])
@@ -85,7 +85,7 @@ def exact_min_margin(layers, x0: np.ndarray, y: int, eps: float) -> float:
                 row([(z, 1.0), (d, -pre_hi[k])], -np.inf, 0.0)
                 row([(z, 1.0), (pre[k], -1.0), (d, -pre_lo[k])], -np.inf, -pre_lo[k])
                 post.append(z)
-        index, l, u = np.array(post), np.maximum(pre_lo, 0), np.maximum(pre_hi, 0)
+        index, act_lo, act_hi = np.array(post), np.maximum(pre_lo, 0), np.maximum(pre_hi, 0)
     others = [j for j in range(len(pre)) if j != y]
     big_m = max(pre_hi[y] - pre_lo[j] for j in others) - min(pre_lo[y] - pre_hi[j] for j in others) + 1.0
     t = var(-np.inf, np.inf)
