@@ -69,4 +69,4 @@ def _train_digits_trio(out_dir: Path, seed: int) -> DigitsTrio:
 @pytest.fixture(scope="session")
 def digits_trio(tmp_path_factory: pytest.TempPathFactory) -> DigitsTrio:
     """A PGD-AT teacher and its KD and KDIGA students on digits, trained once per session (seed 0)."""
-    return train_digits_trio(tmp_path_factory.mktemp("digits_trio"))
+    return train_digits_trio(tmp_path_factory.mktemp("digits_demo") / "checkpoints")

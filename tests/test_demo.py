@@ -10,8 +10,9 @@ from click.testing import CliRunner
 from certkd.cli import main
 
 
-def test_demo_quick_end_to_end(tmp_path: Path) -> None:
-    out = tmp_path / "demo"
+def test_demo_quick_end_to_end(digits_trio) -> None:
+    # the session fixture trained the demo's three models (same settings) into OUT/checkpoints: the demo reuses them
+    out = Path(digits_trio.teacher_path).parent.parent
     result = CliRunner().invoke(main, ["demo", "--quick", "--out", str(out), "--seed", "0"])
     assert result.exit_code == 0, result.output
     results = json.loads((out / "results.json").read_text())

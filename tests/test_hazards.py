@@ -184,7 +184,7 @@ SWEEP = {  # registry families auto_LiRPA 0.3 bounds (small configurations), dig
     "cnn7": {"width": 4, "linear": 16},
     "resnet_small": {"width": 4},
     "wide_resnet": {"depth": 10, "widen": 1},
-    "mobilenet_v2": {"width_mult": 0.25, "depth": 3},
+    "mobilenet_v2": {"width_mult": 0.25, "depth": 1},
 }
 SWEEP_EPS = {"inf": 0.02, "2": 0.15}
 
