@@ -224,30 +224,32 @@ def _join(names: Iterable[str]) -> str:
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
-def refuse(operators: Sequence[str], version: str | None, reason: str = "soundly") -> UnsupportedModelError:
+def refuse(operators: Sequence[str], version: str | None, hint: str = ESTIMATE_HINT) -> UnsupportedModelError:
     """The one-sentence refusal naming the operator(s) and pointing to the estimate/smoothing methods."""
-    return UnsupportedModelError(
-        f"auto_LiRPA {version or ''} cannot bound {_join(operators)} {reason}; "
-        f"{ESTIMATE_HINT}.".replace("  ", " "))
+    return UnsupportedModelError(f"auto_LiRPA {version or ''} cannot bound {_join(operators)} soundly; "
+                                 f"{hint}.".replace("  ", " "))
 
 
-# Nodes of auto_LiRPA 0.3's graph that it bounds soundly under every method and the given norms
-# (checked by tests/test_hazards.py); ``None`` = every norm. Per-node conditions in _node_problem.
-_ALLOWED_NODES_03: dict[str, tuple[float, ...] | None] = {
-    "BoundInput": None, "BoundParams": None, "BoundBuffers": None, "BoundConstant": None,
-    "BoundPrimConstant": None,
-    "BoundLinear": None, "BoundConv": None, "BoundRelu": None,
-    "BoundAdd": None, "BoundSub": None, "BoundMul": None, "BoundNeg": None,
-    "BoundFlatten": None, "BoundReshape": None, "BoundShape": None, "BoundGather": None,
-    "BoundUnsqueeze": None, "BoundSqueeze": None, "BoundConcat": None,
-    "BoundGlobalAveragePool": None, "BoundReduceMean": None, "BoundAveragePool": None,
-    "BoundMaxPool": None,
-}
+_ALL_METHODS = frozenset({"ibp", "crown-ibp", "crown", "alpha-crown"})
+_NO_ALPHA = frozenset({"ibp", "crown-ibp", "crown"})
+_ANY_NORM = frozenset({math.inf, 2.0})
+# auto_LiRPA 0.3 graph nodes bounded soundly, with the methods and norms the hazard suite
+# (tests/test_hazards.py, tests/test_certify_sound.py) checks them under. Grows only with tests.
+_ALLOWED_NODES_03: dict[str, tuple[frozenset, frozenset]] = {
+    **{kind: (_ALL_METHODS, _ANY_NORM) for kind in (
+        "BoundInput", "BoundParams", "BoundBuffers", "BoundConstant", "BoundPrimConstant", "BoundShape",
+        "BoundLinear", "BoundConv", "BoundRelu", "BoundFlatten", "BoundReshape")},
+    **{kind: (_NO_ALPHA, _ANY_NORM) for kind in (
+        "BoundAdd", "BoundSub", "BoundMul", "BoundNeg", "BoundUnsqueeze", "BoundSqueeze",
+        "BoundGlobalAveragePool", "BoundReduceMean", "BoundAveragePool", "BoundMaxPool")},
+}  # nodes whose values do not depend on the input (shapes, constants) are never bounded: not checked
 # friendly names for refused auto_LiRPA nodes
 _NODE_LABELS = {
-    "BoundSoftmax": "softmax", "BoundExp": "exp", "BoundLog": "log", "BoundMatMul": "a product of two "
-    "perturbed tensors (attention)", "BoundDiv": "division", "BoundPow": "power", "BoundSqrt": "sqrt",
-    "BoundReduceMax": "max-reduction", "BoundBatchNormalization": "BatchNorm",
+    "BoundSoftmax": "softmax", "BoundExp": "exp", "BoundLog": "log", "BoundMatMul": "a matrix product (MatMul)",
+    "BoundDiv": "division", "BoundPow": "power", "BoundSqrt": "sqrt", "BoundReduceMax": "max-reduction",
+    "BoundBatchNormalization": "BatchNorm", "BoundAdd": "addition", "BoundSub": "subtraction",
+    "BoundMul": "multiplication", "BoundMaxPool": "max-pooling", "BoundAveragePool": "average pooling",
+    "BoundGlobalAveragePool": "global average pooling", "BoundReduceMean": "mean",
 }
 
 
@@ -256,14 +258,35 @@ def _kind(node) -> str:
     return getattr(node, "lirpa_kind", type(node).__name__)
 
 
-def _node_problem(node, norm: float) -> str | None:
-    """Why a node of the bounded graph is outside the allow-list, or None."""
+def _label(kind: str) -> str:
+    return _NODE_LABELS.get(kind, kind.removeprefix("Bound"))
+
+
+def _perturbed_names(bounded) -> set[str]:
+    """Names of the nodes whose values depend on the input (edges out of a Shape node carry no values)."""
+    frontier = [n for n in bounded._modules.values() if _kind(n) == "BoundInput"]
+    seen = {n.name for n in frontier}
+    while frontier:
+        node = frontier.pop()
+        if _kind(node) == "BoundShape":
+            continue
+        for name in getattr(node, "output_name", []):
+            if name not in seen:
+                seen.add(name)
+                frontier.append(bounded[name])
+    return seen
+
+
+def _node_problem(node, method: str, norm: float) -> str | None:
+    """Why a node of the bounded graph is outside the allow-list for ``method`` and ``norm``, or None."""
     kind = _kind(node)
     if kind not in _ALLOWED_NODES_03:
-        return _NODE_LABELS.get(kind, kind.removeprefix("Bound"))
-    norms = _ALLOWED_NODES_03[kind]
-    if norms is not None and norm not in norms:
-        return f"{_NODE_LABELS.get(kind, kind.removeprefix('Bound'))} under L{norm_name(norm)}"
+        return _label(kind)
+    methods, norms = _ALLOWED_NODES_03[kind]
+    if method not in methods:
+        return f"{_label(kind)} with {method}"
+    if norm not in norms:
+        return f"{_label(kind)} under L{norm_name(norm)}"
     if kind == "BoundConv" and getattr(node, "groups", 1) != 1:
         return "a grouped convolution"
     if kind == "BoundMul" and not node.is_constant_op:
@@ -283,32 +306,31 @@ def check_modules(view: nn.Module, version: str | None) -> None:
 def check_graph_supported(bounded, method: str, norm: str | float, version: str | None) -> None:
     """Refuse a built ``BoundedModule`` whose graph leaves the allow-list for ``method`` and ``norm``.
 
-    Besides the per-operator allow-list: under L2 (and L1) every node reading the perturbed
-    input must be a Linear or Conv (auto_LiRPA 0.3 applies the ball only there; hazard 2).
+    Besides the per-operator allow-list: under L2 every node reading the perturbed input
+    must be a Linear or Conv (auto_LiRPA 0.3 applies the ball only there; hazard 2).
     """
     p = parse_norm(norm)
     problems: list[str] = []
-    nodes = list(bounded._modules.values())
+    perturbed = _perturbed_names(bounded)
+    nodes = [n for n in bounded._modules.values() if n.name in perturbed]
     kinds = {_kind(n) for n in nodes}
     if "BoundSoftmax" in kinds or {"BoundExp", "BoundDiv"} <= kinds:  # a softmax, as traced at opset 12
         problems.append("softmax")
     for node in nodes:
-        problem = _node_problem(node, p)
+        problem = _node_problem(node, method, p)
         if problem is not None and problem not in problems:
             problems.append(problem)
     if not math.isinf(p):
-        inputs = [n for n in nodes if _kind(n) == "BoundInput"]
-        input_names = {n.name for n in inputs}
+        input_names = {n.name for n in nodes if _kind(n) == "BoundInput"}
         for node in nodes:
             reads_input = any(getattr(i, "name", None) in input_names for i in getattr(node, "inputs", []))
             if reads_input and _kind(node) not in ("BoundLinear", "BoundConv"):
-                label = _NODE_LABELS.get(_kind(node), _kind(node).removeprefix("Bound"))
-                problems.append(f"a first layer that is not Linear or Conv ({label}) under "
+                problems.append(f"a first layer that is not Linear or Conv ({_label(_kind(node))}) under "
                                 f"L{norm_name(p)}")
                 break
     if problems:
-        raise refuse(problems, version)
-    del method  # every allowed operator is sound under every method (hazard suite)
+        only_alpha = method == "alpha-crown" and all(" with alpha-crown" in q for q in problems)
+        raise refuse(problems, version, "use --method crown" if only_alpha else ESTIMATE_HINT)
 
 
 def check_supported(view: nn.Module, method: str, norm: str | float, input_shape: Sequence[int],
