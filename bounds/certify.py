@@ -269,14 +269,15 @@ class BoundEngine:
 
         Each example's bracket starts at ``[0, attack upper end]`` (eps = 0 is certified for a
         correctly classified point; PGD broke it at the upper end, so no sound method certifies
-        there). Every pass of the bound method evaluates one eps per unfinished example,
-        chosen by a safeguarded root search on ``g(eps) = min_j lower bound of m_j``: a
-        quadratic model of ``g`` through the evaluated points (first guess: a fraction of the
-        first-order radius), steps that straddle the root by less than ``tol`` once it is
-        located, and bisection whenever the bracket does not halve in two passes. The search
-        stops when ``uncertified - radius <= tol``. The returned radius is an eps at which a
-        pass of ``method`` certified the point. Examples whose clean prediction is wrong get
-        radius 0 and ``correct = False``.
+        there). Every pass of the bound method evaluates one eps per unfinished example (one
+        batched call, per-example radii), chosen by a safeguarded root search on
+        ``g(eps) = min_j lower bound of m_j`` (``_RootSearch``): a model of ``g`` through the
+        evaluated points, steps that straddle the root by less than ``tol`` once it is
+        located, and bisection whenever the bracket does not halve in three passes. The
+        search stops when ``uncertified - radius <= tol``. The returned radius is an eps at
+        which a pass of ``method`` certified the point, so ``margin_bounds`` at it certifies.
+        Examples whose clean prediction is wrong get radius 0 and ``correct = False``.
+        The attack (``attack_*``) only supplies the bracket's upper end ``upper`` (an estimate).
         """
         method, p = self.check(method, norm)
         if tol <= 0:
@@ -306,9 +307,6 @@ class BoundEngine:
                 break
             eps = search.next_eps(active)
             g = self.margin_bounds(xs[active], ys[active], eps, p, method).min_lower
-            if bool(((g > 0) & (eps >= upper[idx][active])).any()):
-                raise BoundsError(f"{method} certified an eps at which PGD found an adversarial example: "
-                                  "the bounds are unsound for this model; do not trust them")
             search.update(active, eps, g)
             result.passes += 1
             result.pass_eps.append(eps.detach().cpu())

@@ -70,3 +70,12 @@ def _train_digits_trio(out_dir: Path, seed: int) -> DigitsTrio:
 def digits_trio(tmp_path_factory: pytest.TempPathFactory) -> DigitsTrio:
     """A PGD-AT teacher and its KD and KDIGA students on digits, trained once per session (seed 0)."""
     return train_digits_trio(tmp_path_factory.mktemp("digits_demo") / "checkpoints")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one torch thread is as fast, and much faster on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

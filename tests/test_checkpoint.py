@@ -3,10 +3,10 @@
 import hashlib
 import os
 import pickle
-from pathlib import Path
 
 import pytest
 import torch
+from hostile import RunsCodeWhenUnpickled
 
 import certkd.io
 from certkd.checkpoint import (
@@ -26,17 +26,6 @@ DIGITS = dataset_info("digits")
 KWARGS = {"width": 4, "linear": 16}
 
 
-def write_marker(path: str) -> None:
-    """What a malicious checkpoint would run while being unpickled."""
-    Path(path).write_text("code from the checkpoint ran")
-
-
-class RunsCodeWhenUnpickled:
-    def __init__(self, marker: Path):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (write_marker, (self.marker,))
 
 
 def trained_like_model() -> torch.nn.Module:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from hostile import RunsCodeWhenUnpickled
 
 from certkd.checkpoint import load_model, make_checkpoint, save_checkpoint
 from certkd.cli import main
@@ -20,16 +21,6 @@ DIGITS = dataset_info("digits")
 KWARGS = {"width": 4}
 
 
-def write_marker(path: str) -> None:
-    Path(path).write_text("code from the checkpoint ran")
-
-
-class RunsCodeWhenUnpickled:
-    def __init__(self, marker: Path):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (write_marker, (self.marker,))
 
 
 def digits_model() -> torch.nn.Module:

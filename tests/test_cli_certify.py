@@ -23,14 +23,9 @@ REPO = Path(__file__).resolve().parents[1]
 REQUIRED = {"index", "label", "pred", "method", "kind", "norm", "eps", "certified", "margin_lb"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: on a busy 2-core machine a second thread only waits."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def ckpts(digits_trio, tmp_path_factory) -> dict[str, Path]:

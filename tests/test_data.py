@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hostile import RunsCodeWhenUnpickled
 
 from certkd.data import dataset_info, list_datasets, load_dataset
 from certkd.data.cifar import read_cifar_batch
@@ -57,16 +58,6 @@ def random_cifar(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return rng.integers(0, 256, size=(n, 3, 32, 32), dtype=np.uint8), rng.integers(0, 10, size=n)
 
 
-def write_marker(path: str) -> None:
-    Path(path).write_text("code from the data file ran")
-
-
-class RunsCodeWhenUnpickled:
-    def __init__(self, marker: Path):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (write_marker, (self.marker,))
 
 
 # ---------------------------------------------------------------- digits

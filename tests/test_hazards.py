@@ -288,3 +288,16 @@ def test_alpha_crown_refused_where_untested(trained):
     x = torch.rand(2, 1, 8, 8)
     with pytest.raises(UnsupportedModelError, match="addition with alpha-crown.*use --method crown"):
         engine.margin_bounds(x, torch.tensor([0, 1]), 0.01, "inf", "alpha-crown")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("norm,eps", [("inf", 1 / 255), ("2", 0.05)])
+def test_deeper_mobilenet_sound_on_cifar_shapes(norm, eps):
+    """The registry's mobilenet_v2 with two stages (depthwise convolutions, residuals) on 3x16x16: slow under CROWN."""
+    torch.manual_seed(0)
+    model = create_model("mobilenet_v2", 10, (3, 16, 16), MEAN, STD, width_mult=0.25, depth=2).eval()
+    x = inputs((3, 16, 16), n=4)
+    y = labels_of(model, x)
+    attack = per_margin_attack(model, x, y, eps, norm)
+    lower = BoundEngine(model, (3, 16, 16)).margin_bounds(x, y, eps, norm, "crown").lower
+    assert count_violations(lower, attack) == 0

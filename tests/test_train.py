@@ -30,14 +30,9 @@ TINY = {"arch": "mlp", "arch_kwargs": {"hidden": [16]}, "batch_size": 128, "lr":
         "val_attack_steps": 2, "progress": False}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: one thread is as fast, and much faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def digits_test() -> tuple[torch.Tensor, torch.Tensor]:
