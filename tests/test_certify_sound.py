@@ -20,6 +20,8 @@ from certkd.models import create_model
 
 FP_SLACK = 1e-4  # float32 bound propagation against float64 MILP / attack values
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 
 @pytest.fixture(scope="module")
 def digits():

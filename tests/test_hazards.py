@@ -24,6 +24,8 @@ from certkd.models import create_model
 SLACK = 1e-5  # float rounding allowed between a bound and an attack value
 MEAN, STD = [0.45, 0.5, 0.4], [0.25, 0.3, 0.2]
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 
 def per_margin_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps, norm: str,
                       steps: int = 50, restarts: int = 2) -> torch.Tensor:

@@ -15,6 +15,8 @@ from torch import nn
 from bounds import lirpa
 from bounds.errors import AutoLirpaMissing
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 
 @pytest.fixture(scope="module")
 def auto_lirpa():

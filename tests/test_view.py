@@ -24,6 +24,8 @@ FAMILIES = {
     "mobilenet_v2": {"width_mult": 0.25, "depth": 3},
 }
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 
 def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
     """Give every BatchNorm non-trivial running statistics and affine parameters."""
