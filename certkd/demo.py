@@ -40,7 +40,7 @@ class DemoSettings:
     teacher_epochs: int = 20
     student_epochs: int = 20
     num_examples: int = 300
-    eps_grid: list[float] = field(default_factory=lambda: [0.005, 0.01, 0.02, 0.03, 0.05, 0.08])
+    eps_grid: list[float] = field(default_factory=lambda: [0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.12, 0.15])
     transfer_eps: float = 0.05
     transfer_examples: int = 100
     method: str = "crown"

@@ -30,6 +30,6 @@ def demo_command(out: Path, quick: bool, seed: int) -> None:
     for name, c in results["comparisons"].items():
         click.echo(f"  {name:5s} student vs teacher: {c['verdict']:12s} ({c['reason']})")
     for name, t in results["transfer"].items():
-        click.echo(f"  {name:5s} gradient gap (mean, estimate) {t['gradient_gap_mean']:.4f}; "
-                   f"transfer bound holds on {100 * t['bound_holds_fraction']:.0f}% of points")
+        click.echo(f"  {name:5s} gradient gap at x (mean) {t['gradient_gap_mean']:.4f}; "
+                   f"transfer bound (PGD gammas, an estimate) holds on {100 * t['bound_holds_fraction']:.0f}% of points")
     click.echo(json.dumps({n: m["certification"]["clean_accuracy"]["accuracy"] for n, m in results["models"].items()}))
