@@ -31,8 +31,8 @@ from bounds.nn import Normalize
 from bounds.norms import norm_name, parse_norm
 
 VIEW_ATOL = 1e-5  # max |view(x) - model(x)|, relative to max(1, max |model(x)|)
-ESTIMATE_HINT = ("use --method clever|lipschitz|smoothing (estimates and randomized smoothing) "
-                 "for this model")
+ESTIMATE_HINT = ("use --method clever|smoothing for this model (an estimate, and randomized smoothing; "
+                 "--method lipschitz covers plain and residual ReLU networks only)")
 
 _DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 _BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d)

@@ -110,6 +110,28 @@ def _seeded(seed: int, *parts: int) -> torch.Generator:
     return torch.Generator().manual_seed(value)
 
 
+
+def _points_options(command):
+    """The options that choose the evaluated points (shared by ``bounds`` and ``compare``)."""
+    for option in reversed([
+        click.option("-n", "--num-examples", type=click.IntRange(min=1), default=None,
+                     help="Use the first N examples of the split (default: all)."),
+        click.option("--dataset", default=None, help="Dataset name (default: the student checkpoint's dataset)."),
+        click.option("--data-dir", type=click.Path(path_type=Path), default=None,
+                     help="Where the dataset's files live."),
+        click.option("--split", type=click.Choice(["train", "test"]), default="test", show_default=True),
+    ]):
+        command = option(command)
+    return command
+
+
+def _run_options(command):
+    """Batch size, device and seed (shared by ``bounds`` and ``compare``)."""
+    for option in reversed([click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True),
+                            device_option, seed_option]):
+        command = option(command)
+    return command
+
 # --------------------------------------------------------------------------- certkd bounds
 
 @main.command("bounds")
@@ -118,11 +140,7 @@ def _seeded(seed: int, *parts: int) -> torch.Generator:
 @click.option("--eps", "eps", multiple=True, callback=_eps_callback, required=True,
               help="Radius; repeatable or a comma list, fractions allowed (e.g. 0.1 or 2/255).")
 @norm_option
-@click.option("-n", "--num-examples", type=click.IntRange(min=1), default=None,
-              help="Use the first N examples of the split (default: all).")
-@click.option("--dataset", default=None, help="Dataset name (default: the student checkpoint's dataset).")
-@click.option("--data-dir", type=click.Path(path_type=Path), default=None, help="Where the dataset's files live.")
-@click.option("--split", type=click.Choice(["train", "test"]), default="test", show_default=True)
+@_points_options
 @click.option("--certified-gamma", is_flag=True,
               help="Also bound the gammas and the teacher's robust loss by bound propagation (certified), giving "
                    "a certified transfer bound, and the margin-form transfer certificate (needs auto_LiRPA).")
@@ -131,9 +149,7 @@ def _seeded(seed: int, *parts: int) -> torch.Generator:
 @click.option("--steps", type=click.IntRange(min=1), default=40, show_default=True,
               help="PGD steps for the gamma estimates and the robust losses.")
 @click.option("--restarts", type=click.IntRange(min=1), default=2, show_default=True, help="PGD restarts.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
-@device_option
-@seed_option
+@_run_options
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Directory for per_example.jsonl (appended as computed), summary.json and figures.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
@@ -324,11 +340,7 @@ def _param_callback(ctx: click.Context, param: click.Parameter, values: tuple[st
 @click.option("--eps", "eps", multiple=True, callback=_eps_callback,
               help="Eps grid of the certified-accuracy curves (default: 11 points from 0 to the largest radius).")
 @norm_option
-@click.option("-n", "--num-examples", type=click.IntRange(min=1), default=None,
-              help="Use the first N examples of the split (default: all).")
-@click.option("--dataset", default=None, help="Dataset name (default: the student checkpoint's dataset).")
-@click.option("--data-dir", type=click.Path(path_type=Path), default=None, help="Where the dataset's files live.")
-@click.option("--split", type=click.Choice(["train", "test"]), default="test", show_default=True)
+@_points_options
 @click.option("--radius-tol", type=float, default=1e-3, show_default=True,
               help="Bisection tolerance of the radii; differences within it count as ties.")
 @click.option("--param", "params", multiple=True, callback=_param_callback,
@@ -340,9 +352,7 @@ def _param_callback(ctx: click.Context, param: click.Parameter, values: tuple[st
 @click.option("--fraction", "fraction_threshold", type=float, default=0.9, show_default=True,
               help="Verdict 'yes' needs at least this fraction of points with r_S >= r_T - radius-tol.")
 @click.option("--n-boot", type=click.IntRange(min=1), default=2000, show_default=True, help="Bootstrap resamples.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
-@device_option
-@seed_option
+@_run_options
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Directory for per_example.jsonl (appended as computed), compare.json and figures.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
