@@ -1,4 +1,8 @@
-"""Model registry (timm style): ``create_model(name, **kwargs)`` and ``list_models()``."""
+"""Model registry (timm style): ``create_model(name, **kwargs)`` and ``list_models()``.
+
+Built on :class:`certkd.registry.Registry`; installed packages add families through the
+entry-point group ``certkd.models`` (builder signature ``fn(num_classes, input_shape, **kwargs)``).
+"""
 
 from __future__ import annotations
 
@@ -9,25 +13,23 @@ from torch import nn
 
 from bounds.nn import Normalize
 from certkd.errors import CertkdError
+from certkd.registry import Registry
 
-_MODELS: dict[str, Callable[..., nn.Module]] = {}
+MODELS: Registry[Callable[..., nn.Module]] = Registry("model", group="certkd.models")
 
 
 def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     """Register a builder under its function name."""
-    _MODELS[fn.__name__] = fn
-    return fn
+    return MODELS.add(fn.__name__, fn)
 
 
 def list_models() -> list[str]:
-    return sorted(_MODELS)
+    return MODELS.names()
 
 
 def model_description(name: str) -> str:
     """The builder's first docstring line and its keyword arguments with defaults (``certkd models``)."""
-    if name not in _MODELS:
-        raise CertkdError(f"unknown model {name!r}; available: {', '.join(list_models())}")
-    fn = _MODELS[name]
+    fn = MODELS.get(name)
     doc = (fn.__doc__ or "").strip()
     kwargs = [f"{p.name}={p.default!r}" for p in inspect.signature(fn).parameters.values()
               if p.default is not inspect.Parameter.empty]
@@ -49,15 +51,14 @@ def create_model(
     dataset's normalization is its first layer, so a checkpoint is self-contained
     and radii are in pixel units (theory.md §1).
     """
-    if name not in _MODELS:
-        raise CertkdError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+    builder = MODELS.get(name)
     channels = int(input_shape[0])
     mean = [0.0] * channels if mean is None else list(mean)
     std = [1.0] * channels if std is None else list(std)
     if len(mean) != channels or len(std) != channels:
         raise CertkdError(f"mean/std need {channels} values for input shape {tuple(input_shape)}")
     try:
-        body = _MODELS[name](num_classes=int(num_classes), input_shape=tuple(int(s) for s in input_shape),
+        body = builder(num_classes=int(num_classes), input_shape=tuple(int(s) for s in input_shape),
                              **kwargs)
     except TypeError as exc:
         raise CertkdError(f"bad arguments for model {name!r}: {exc}") from None
