@@ -40,6 +40,11 @@ class Dataset:
         idx = torch.as_tensor(indices, dtype=torch.long)
         return Dataset(self.x[idx], self.y[idx], self.info)
 
+    def batch(self, indices: torch.Tensor | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The inputs and labels at ``indices``: the one way run loops read data (streamed datasets too)."""
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return self.x[idx], self.y[idx]
+
 
 Loader = Callable[[str, "Path | None"], Dataset]
 _DATASETS: dict[str, Loader] = {}
