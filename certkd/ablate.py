@@ -1,26 +1,39 @@
 """``certkd ablate``: a resumable grid of bound methods x eps x norms x checkpoints.
 
-Output in the study's folder: ``cells.csv`` (one tidy row per cell: model, method, norm,
-eps, certified accuracy, mean radius, time, kind), per-example records per
-(model, norm, method) under ``records/``, and figures. A (model, norm, method) whose
-rows are in ``cells.csv`` is skipped on a rerun; an interrupted one resumes from
-its records.
+Data flow: the study's checkpoints (and KDIGA students trained here) x norms x methods;
+each (model, norm, method) is one certify run on ``certkd.runs`` with its record log
+under ``records/`` (resumed when its configuration is unchanged; after an edit of the
+study, refused with one sentence unless ``overwrite``). ``cells.csv`` (one tidy row per
+cell: model, method, norm, eps, certified accuracy, mean radius, time, kind) is rebuilt
+from the records on every run, so it never shows results of another configuration;
+``timings.json`` keeps each run's compute time. Then figures.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import os
+import json
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from certkd.certification import CertifyJob, MethodParams, run_certification, summarize
-from certkd.checkpoint import load_checkpoint
+from certkd.certification import (
+    COMMAND,
+    PGD,
+    CertifyJob,
+    CertifyOptions,
+    certify_points,
+    check_fits,
+    prepare_methods,
+    record_key,
+    summarize,
+)
+from certkd.checkpoint import file_sha256, load_checkpoint
 from certkd.data import load_dataset
-from certkd.io import JsonlAppender, atomic_write_text, read_jsonl
+from certkd.io import atomic_write_text
+from certkd.runs import RecordLog, config_sha256
 from certkd.study import Study
 from certkd.train import MethodParams as TrainParams
 from certkd.train import TrainConfig, train
@@ -47,17 +60,12 @@ def study_models(study: Study, out: Path, progress: bool = False) -> list[tuple[
     return models
 
 
-def _append_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    new = not path.exists() or path.stat().st_size == 0
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=COLUMNS)
-    if new:
-        writer.writeheader()
+    writer.writeheader()
     writer.writerows(rows)
-    with open(path, "a", newline="") as fh:
-        fh.write(buf.getvalue())
-        fh.flush()
-        os.fsync(fh.fileno())
+    atomic_write_text(path, buf.getvalue())
 
 
 def read_cells(path: Path) -> list[dict[str, Any]]:
@@ -73,48 +81,81 @@ def read_cells(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def run_study(study: Study, out: Path | None = None, progress: bool = True) -> Path:
-    """Run every missing cell of ``study``; returns the path of ``cells.csv``."""
+def _cell_rows(study: Study, label: str, path: Path, weight: float | None, method: str, norm: str,
+               summary: dict[str, Any], seconds: float) -> list[dict[str, Any]]:
+    radius = next((r for r in summary["radius"] if r["method"] == method), {})
+    return [{"study": study.name, "model": label, "checkpoint": str(path),
+             "iga_weight": "" if weight is None else weight, "method": method, "kind": cell["kind"],
+             "target": cell["target"], "norm": norm, "eps": cell["eps"], "n": cell["n"],
+             "certified_accuracy": cell["accuracy"], "mean_radius": radius.get("mean", ""),
+             "median_radius": radius.get("median", ""), "seconds": round(seconds, 3)}
+            for cell in summary["results"] if cell["method"] == method]
+
+
+def run_study(study: Study, out: Path | None = None, overwrite: bool = False, progress: bool = True) -> Path:
+    """Run every missing cell of ``study``; returns the path of ``cells.csv``.
+
+    Parameters
+    ----------
+    study : Study
+        From ``certkd.study.load_study``.
+    out : Path, optional
+        The output folder (default: the study's ``out``, else the study file without .yaml).
+    overwrite : bool
+        Recompute cells whose records were written under another configuration (an edited
+        study); without it such cells are refused with one sentence.
+    progress : bool
+        Progress bars on stderr.
+
+    Returns
+    -------
+    Path
+        ``cells.csv``, rebuilt from the records of exactly this study's cells.
+    """
     out = Path(out or study.out or study.path.with_suffix(""))
-    out.mkdir(parents=True, exist_ok=True)
-    cells_path = out / "cells.csv"
-    done = {(r["model"], r["norm"], r["method"]) for r in read_cells(cells_path)}
-    params = MethodParams.from_dict(dict(study.params))
+    timings_path = out / "timings.json"
+    timings: dict[str, float] = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+    options = CertifyOptions.from_dict(dict(study.params))
     data_cache: dict[str, Any] = {}
+    rows: list[dict[str, Any]] = []
     for label, path, weight in study_models(study, out, progress):
         ckpt = load_checkpoint(path)
         dataset = study.dataset or ckpt.dataset
         if dataset not in data_cache:
             data_cache[dataset] = load_dataset(dataset, study.split, study.data_dir)
         data = data_cache[dataset]
+        check_fits(ckpt.input_shape, ckpt.num_classes, data, f"dataset {dataset!r}")
         n = min(study.num_examples, len(data))
         model = ckpt.build_model(study.device)
         for norm in study.norms:
             for method in study.methods:
-                if (label, norm, method) in done:
-                    continue
-                job = CertifyJob(methods=[method], eps=list(study.eps), norm=norm, radius=method != "pgd",
+                job = CertifyJob(methods=[method], eps=list(study.eps), norm=norm, radius=method != PGD,
                                  batch_size=study.batch_size, seed=study.seed,
-                                 params=replace(params, pgd_steps=params.pgd_steps if method == "pgd" else 0))
-                records_path = out / "records" / f"{label}_L{norm}_{method}.jsonl"
-                previous = read_jsonl(records_path)
+                                 params=replace(options, pgd_steps=options.pgd_steps if method == PGD else 0))
+                config = {"checkpoint_sha256": file_sha256(path), "model": ckpt.model_name, "dataset": dataset,
+                          "split": study.split, "num_examples": n, **job.to_config()}
+                ctx = prepare_methods(model, ckpt.input_shape, job.all_methods(), norm, job.params, study.device)
                 t0 = time.perf_counter()
-                with JsonlAppender(records_path) as log:
-                    new = run_certification(model, data.x[:n], data.y[:n], list(range(n)), job,
-                                            done=[(int(r["index"]), r["method"], float(r["eps"])) for r in previous],
-                                            sink=log.write, device=study.device, progress=progress)
-                seconds = time.perf_counter() - t0
-                summary = summarize(job.to_config(), previous + new)
-                radius = next((r for r in summary["radius"] if r["method"] == method), {})
-                _append_csv(cells_path, [{
-                    "study": study.name, "model": label, "checkpoint": str(path),
-                    "iga_weight": "" if weight is None else weight, "method": method, "kind": cell["kind"],
-                    "target": cell["target"], "norm": norm, "eps": cell["eps"], "n": cell["n"],
-                    "certified_accuracy": cell["accuracy"], "mean_radius": radius.get("mean", ""),
-                    "median_radius": radius.get("median", ""), "seconds": round(seconds, 3),
-                } for cell in summary["results"] if cell["method"] == method])
-    write_figures(read_cells(cells_path), out)
+                with RecordLog.open(out / "records" / f"{label}_L{norm}_{method}.jsonl", COMMAND, config,
+                                    record_key, resume=True, overwrite=overwrite) as log:
+                    new = certify_points(ctx, data, range(n), job, log, progress)
+                key, seconds = config_sha256(config), time.perf_counter() - t0
+                timings[key] = timings.get(key, 0.0) + seconds if new else timings.get(key, seconds)
+                rows += _cell_rows(study, label, path, weight, method, norm, summarize(config, log.records),
+                                   timings[key])
+    atomic_write_text(timings_path, json.dumps(timings, indent=1) + "\n")
+    cells_path = out / "cells.csv"
+    _write_csv(cells_path, rows)
+    write_figures(rows, out)
     return cells_path
+
+
+def format_cells(rows: list[dict[str, Any]], path: Path) -> str:
+    """The text ``certkd ablate`` prints: one line per cell."""
+    lines = [f"certkd ablate: {len(rows)} cells in {path}"]
+    lines += [f"  {r['model']:>14s}  L{r['norm']:<3s} {r['method']:>11s} ({r['kind']:9s}) eps {r['eps']:<8.4g}"
+              f" accuracy {100 * r['certified_accuracy']:5.1f}%  mean radius {r['mean_radius']:.4g}" for r in rows]
+    return "\n".join(lines)
 
 
 def write_figures(rows: list[dict[str, Any]], out: Path) -> list[Path]:

@@ -10,6 +10,7 @@ certification records are reused when the demo runs again into the same folder.
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,10 +19,19 @@ import torch
 
 from bounds.paired import paired_comparison
 from bounds.transfer import transfer_bound
-from certkd.certification import CertifyJob, MethodParams, run_certification, summarize
-from certkd.checkpoint import load_model
+from certkd.certification import (
+    COMMAND,
+    CertifyJob,
+    CertifyOptions,
+    certify_points,
+    prepare_methods,
+    record_key,
+    summarize,
+)
+from certkd.checkpoint import file_sha256, load_checkpoint, load_model
 from certkd.data import load_dataset
-from certkd.io import JsonlAppender, atomic_write_json, read_jsonl
+from certkd.io import atomic_write_json
+from certkd.runs import Points, RecordLog, seed_stream
 from certkd.train import MethodParams as TrainParams
 from certkd.train import TrainConfig, train
 
@@ -81,23 +91,26 @@ def train_trio(out: Path, settings: DemoSettings, progress: bool = False) -> dic
     return paths
 
 
-def certify_model(name: str, path: Path, x: torch.Tensor, y: torch.Tensor, settings: DemoSettings,
-                  records_path: Path, progress: bool = False) -> ModelRun:
-    """CROWN certified accuracy on the eps grid and per-example radii; records appended (resumable)."""
-    model = load_model(path)
+def certify_trained(name: str, path: Path, data: Points, count: int, settings: DemoSettings,
+                    records_path: Path, overwrite: bool = False, progress: bool = False) -> ModelRun:
+    """CROWN certified accuracy on the eps grid and per-example radii of one trained model.
+
+    Records go to ``records_path`` (resumed when its configuration, checkpoint hash
+    included, is unchanged; a different configuration is refused unless ``overwrite``).
+    """
+    ckpt = load_checkpoint(path)
+    model = ckpt.build_model("cpu")
     job = CertifyJob(methods=[settings.method], eps=list(settings.eps_grid), norm=settings.norm, radius=True,
-                     batch_size=50, seed=settings.seed, params=MethodParams(pgd_steps=20))
-    indices = list(range(len(y)))
-    done = read_jsonl(records_path)
-    with JsonlAppender(records_path) as log:
-        new = run_certification(model, x, y, indices, job, done=[(int(r["index"]), r["method"], float(r["eps"]))
-                                                                  for r in done],
-                                sink=log.write, progress=progress)
-    records = done + new
-    summary = summarize(job.to_config(), records)
-    radius = torch.zeros(len(y), dtype=torch.float64)
-    correct = torch.zeros(len(y), dtype=torch.bool)
-    for r in records:
+                     batch_size=50, seed=settings.seed, params=CertifyOptions(pgd_steps=20))
+    config = {"checkpoint_sha256": file_sha256(path), "model": ckpt.model_name, "dataset": "digits",
+              "split": "test", "num_examples": count, **job.to_config()}
+    ctx = prepare_methods(model, ckpt.input_shape, job.all_methods(), job.norm, job.params)
+    with RecordLog.open(records_path, COMMAND, config, record_key, resume=True, overwrite=overwrite) as log:
+        certify_points(ctx, data, range(count), job, log, progress)
+    summary = summarize(config, log.records)
+    radius = torch.zeros(count, dtype=torch.float64)
+    correct = torch.zeros(count, dtype=torch.bool)
+    for r in log.records:
         if r["method"] == settings.method:
             radius[int(r["index"])] = float(r["radius"])
             correct[int(r["index"])] = int(r["pred"]) == int(r["label"])
@@ -107,9 +120,8 @@ def certify_model(name: str, path: Path, x: torch.Tensor, y: torch.Tensor, setti
 def transfer_terms(student: Path, teacher: Path, x: torch.Tensor, y: torch.Tensor, settings: DemoSettings
                    ) -> dict[str, Any]:
     """Mean transfer-bound terms (theory.md §3) with PGD gammas (estimates) on a subset."""
-    gen = torch.Generator().manual_seed(settings.seed)
     tb = transfer_bound(load_model(student), load_model(teacher), x, y, settings.transfer_eps, settings.norm,
-                        generator=gen)
+                        generator=seed_stream(settings.seed, "transfer", student.stem))
     check = tb.check()
     terms = {"output_gap": tb.output_gap, "eps * gradient_gap": settings.transfer_eps * tb.gradient_gap,
              "gamma_student": tb.gamma_student, "gamma_teacher": tb.gamma_teacher,
@@ -123,21 +135,41 @@ def transfer_terms(student: Path, teacher: Path, x: torch.Tensor, y: torch.Tenso
     }
 
 
-def run_demo(out: Path, quick: bool = False, seed: int = 0, progress: bool = True) -> dict[str, Any]:
-    """Run every step into ``out``; writes ``results.json``, ``report.md`` and PNG figures."""
+def run_demo(out: Path, quick: bool = False, seed: int = 0, overwrite: bool = False,
+             progress: bool = True) -> dict[str, Any]:
+    """Run every step into ``out``; writes ``results.json``, ``report.md`` and PNG figures.
+
+    Parameters
+    ----------
+    out : Path
+        The demo's folder; running again into it reuses finished checkpoints and records.
+    quick : bool
+        Certify and compare fewer points.
+    seed : int
+        Fixes every step on CPU.
+    overwrite : bool
+        Recompute certification records that a run with other settings left in ``out``
+        (without it, such records are refused with one sentence).
+    progress : bool
+        Progress bars on stderr.
+
+    Returns
+    -------
+    dict
+        What ``results.json`` holds.
+    """
     from certkd.report import write_demo_report
 
-    torch.manual_seed(seed)
     settings = DemoSettings.make(quick, seed)
     out = Path(out)
     ckpts = train_trio(out / "checkpoints", settings, progress)
     data = load_dataset("digits", "test")
-    x, y = data.x[:settings.num_examples], data.y[:settings.num_examples]
-    runs = {name: certify_model(name, path, x, y, settings, out / "records" / f"{name}.jsonl", progress)
-            for name, path in ckpts.items()}
+    count = min(settings.num_examples, len(data))
+    runs = {name: certify_trained(name, path, data, count, settings, out / "records" / f"{name}.jsonl", overwrite,
+                                  progress) for name, path in ckpts.items()}
     teacher = runs["teacher"]
     comparisons, transfers = {}, {}
-    xt, yt = x[:settings.transfer_examples], y[:settings.transfer_examples]
+    xt, yt = data.batch(list(range(min(settings.transfer_examples, count))))
     for student in ("kd", "kdiga"):
         s = runs[student]
         comparisons[student] = paired_comparison(s.radius, teacher.radius, settings.eps_grid, s.correct,
@@ -164,3 +196,15 @@ def _comparison_json(c: Any) -> dict[str, Any]:
         "ci_high": c.ci_high.tolist(), "wilcoxon_p_less": c.wilcoxon_p_less,
         "median_radius_difference": c.median_difference, "kind": "certified",
     }
+
+
+def format_demo(results: dict[str, Any], out: Path) -> str:
+    """The text ``certkd demo`` prints: verdicts, transfer terms, clean accuracies."""
+    lines = [f"certkd demo: results in {out}/report.md and {out}/results.json"]
+    lines += [f"  {name:5s} student vs teacher: {c['verdict']:12s} ({c['reason']})"
+              for name, c in results["comparisons"].items()]
+    lines += [f"  {name:5s} gradient gap at x (mean) {t['gradient_gap_mean']:.4f}; transfer bound (PGD gammas, an "
+              f"estimate) holds on {100 * t['bound_holds_fraction']:.0f}% of points"
+              for name, t in results["transfer"].items()]
+    lines.append(json.dumps({n: m["certification"]["clean_accuracy"]["accuracy"] for n, m in results["models"].items()}))
+    return "\n".join(lines)

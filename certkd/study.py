@@ -4,6 +4,12 @@ A study is a grid: checkpoints (and, optionally, KDIGA students trained for each
 ``iga_weight``) x norms x methods x eps. Unknown keys or values are refused with
 one sentence naming them.
 
+Every allowed key is derived from the code, never copied: methods from the certify
+registry (``certkd.certification.METHODS``), ``params`` from the fields of
+``CertifyOptions`` (``smoothing_batch``, ``radius_tol``, ...), ``kdiga.train`` from the
+fields of the trainer's ``TrainConfig`` and its method parameters (``beta``,
+``weight_decay``, ...). ``examples/study.yaml`` is a complete example.
+
 Example::
 
     name: digits-bounds
@@ -24,28 +30,37 @@ Example::
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from certkd.cli.options import parse_eps_list
+from certkd.certification import METHODS, CertifyOptions, parse_eps_list
 from certkd.errors import CertkdError
 
-METHODS = ("ibp", "crown-ibp", "crown", "alpha-crown", "lipschitz", "clever", "smoothing", "pgd")
 NORMS = ("inf", "2")
-_TOP_KEYS = {"name", "checkpoints", "methods", "norms", "eps", "num_examples", "split", "dataset", "data_dir",
-             "seed", "batch_size", "device", "params", "kdiga", "out"}
-_KDIGA_KEYS = {"teacher", "arch", "arch_kwargs", "iga_weights", "train"}
-_PARAM_KEYS = {"clever_batches", "clever_samples", "clever_radius", "sigma", "n0", "n", "alpha", "pgd_steps",
-               "pgd_restarts"}
-_TRAIN_KEYS = {"epochs", "batch_size", "lr", "optimizer", "schedule", "alpha", "tau", "iga_norm", "iga_on",
-               "eps", "norm", "attack_steps", "attack_step_size", "noise_sd"}
+#: TrainConfig fields a sweep sets itself (not study keys)
+_SWEEP_SET = {"method", "arch", "arch_kwargs", "teacher", "out", "seed", "resume", "progress", "params"}
+
+
+def method_names() -> list[str]:
+    """The methods a study may list: every registered certify method (pgd included)."""
+    return METHODS.names()
+
+
+def train_keys() -> set[str]:
+    """The keys of ``kdiga.train``: ``TrainConfig`` fields a sweep does not set, and the method parameters."""
+    from certkd.train import MethodParams as TrainParams
+    from certkd.train import TrainConfig
+
+    return ({f.name for f in fields(TrainConfig)} - _SWEEP_SET) | {f.name for f in fields(TrainParams)}
 
 
 @dataclass
 class KdigaSweep:
+    """Train one KDIGA student per ``iga_weights`` entry from ``teacher`` (theory.md §4)."""
+
     teacher: Path
     arch: str
     arch_kwargs: dict[str, Any]
@@ -55,6 +70,8 @@ class KdigaSweep:
 
 @dataclass
 class Study:
+    """A parsed study file (paths resolved against the file's folder)."""
+
     name: str
     path: Path
     checkpoints: list[Path]
@@ -88,7 +105,26 @@ def _as_list(value: Any) -> list:
 
 
 def load_study(path: str | Path) -> Study:
-    """Parse and validate a study file; raises ``CertkdError`` naming the first bad key or value."""
+    """Parse and validate a study file; raises ``CertkdError`` naming the first bad key or value.
+
+    Parameters
+    ----------
+    path : str or Path
+        A YAML study file.
+
+    Returns
+    -------
+    Study
+        Checkpoint, teacher and data paths resolved against the file's folder.
+
+    Example
+    -------
+    >>> import tempfile
+    >>> p = Path(tempfile.mkdtemp()) / "s.yaml"
+    >>> _ = p.write_text("checkpoints: [t.pt]\\neps: [2/255]\\nparams: {radius_tol: 0.01}\\n")
+    >>> load_study(p).params
+    {'radius_tol': 0.01}
+    """
     path = Path(path)
     if not path.is_file():
         raise CertkdError(f"{path}: no such study file")
@@ -98,32 +134,32 @@ def load_study(path: str | Path) -> Study:
         raise _fail(path, f"not valid YAML ({' '.join(str(exc).split())[:120]})") from None
     if not isinstance(raw, dict):
         raise _fail(path, "a study file must be a mapping of keys to values")
-    _check_keys(path, "the study", raw, _TOP_KEYS)
+    _check_keys(path, "the study", raw, {f.name for f in fields(Study)} - {"path"})
     base = path.parent
     methods = [str(m) for m in _as_list(raw.get("methods", ["crown"]))]
     for m in methods:
         if m not in METHODS:
-            raise _fail(path, f"unknown method {m!r} (allowed: {', '.join(METHODS)})")
+            raise _fail(path, f"unknown method {m!r} (allowed: {', '.join(method_names())})")
     norms = [str(n) for n in _as_list(raw.get("norms", ["inf"]))]
     for n in norms:
         if n not in NORMS:
             raise _fail(path, f"unknown norm {n!r} (allowed: inf, 2)")
     try:
         eps = parse_eps_list([str(e) for e in _as_list(raw.get("eps", []))])
-    except Exception as exc:  # click.BadParameter carries the sentence
-        raise _fail(path, getattr(exc, "message", str(exc))) from None
+    except CertkdError as exc:
+        raise _fail(path, str(exc)) from None
     if not eps:
         raise _fail(path, "eps must list at least one value")
     params = dict(raw.get("params") or {})
-    _check_keys(path, "params", params, _PARAM_KEYS)
+    _check_keys(path, "params", params, set(CertifyOptions.names()))
     kdiga = None
     if raw.get("kdiga") is not None:
         k = raw["kdiga"]
         if not isinstance(k, dict):
             raise _fail(path, "kdiga must be a mapping")
-        _check_keys(path, "kdiga", k, _KDIGA_KEYS)
+        _check_keys(path, "kdiga", k, {f.name for f in fields(KdigaSweep)})
         train = dict(k.get("train") or {})
-        _check_keys(path, "kdiga.train", train, _TRAIN_KEYS)
+        _check_keys(path, "kdiga.train", train, train_keys())
         for key in ("teacher", "arch", "iga_weights"):
             if key not in k:
                 raise _fail(path, f"kdiga needs {key!r}")

@@ -1,47 +1,113 @@
-"""Option parsers shared by the commands."""
+"""Option parsers and options shared by the commands (click wrappers around the application's parsers)."""
 
 from __future__ import annotations
 
-import math
-from fractions import Fraction
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 
+from certkd.errors import CertkdError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
 
 def parse_eps_list(values: tuple[str, ...] | list[str] | str) -> list[float]:
-    """``("2/255", "0.1,0.3")`` -> ``[2/255, 0.1, 0.3]``; every value finite and >= 0."""
-    if isinstance(values, str):
-        values = (values,)
-    out: list[float] = []
-    for value in values:
-        for part in str(value).split(","):
-            part = part.strip()
-            if not part:
-                continue
-            try:
-                eps = float(Fraction(part)) if "/" in part else float(part)
-            except (ValueError, ZeroDivisionError):
-                raise click.BadParameter(f"eps {part!r} is not a number (examples: 0.1, 2/255)") from None
-            if not math.isfinite(eps) or eps < 0:
-                raise click.BadParameter(f"eps must be a finite number >= 0, got {part!r}")
-            out.append(eps)
-    return out
+    """``("2/255", "0.1,0.3")`` -> ``[2/255, 0.1, 0.3]``; a bad value is a ``click.BadParameter``."""
+    from certkd.certification.records import parse_eps_list as parse
 
-
-def parse_shard(value: str | None) -> tuple[int, int] | None:
-    """``"k/n"`` with 0 <= k < n -> ``(k, n)``."""
-    if value is None:
-        return None
     try:
-        k, n = (int(s) for s in value.split("/"))
-    except ValueError:
-        raise click.BadParameter(f"shard {value!r} must look like k/n, e.g. 0/4") from None
-    if n < 1 or not 0 <= k < n:
-        raise click.BadParameter(f"shard {value!r} needs 0 <= k < n")
-    return k, n
+        return parse(values)
+    except CertkdError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def parse_shard(value: str | None) -> tuple[int, int] | str | None:
+    """``"k/n"`` -> ``(k, n)``, ``"auto"`` kept; a bad value is a ``click.BadParameter``."""
+    from certkd.runs import parse_shard as parse
+
+    try:
+        return parse(value)
+    except CertkdError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def parse_params(values: tuple[str, ...]) -> dict[str, Any]:
+    """``("sigma=0.5", "n=1000")`` -> ``{"sigma": 0.5, "n": 1000}`` (numbers only; ``-`` read as ``_``)."""
+    params: dict[str, Any] = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"{item!r} must look like KEY=VALUE, e.g. sigma=0.5")
+        try:
+            value: Any = int(raw) if raw.strip().lstrip("-").isdigit() else float(raw)
+        except ValueError:
+            raise click.BadParameter(f"{item!r}: the value must be a number") from None
+        params[key.strip().replace("-", "_")] = value
+    return params
+
+
+def eps_callback(default: str | None) -> Callable[[click.Context, click.Parameter, tuple[str, ...]], Any]:
+    """A click callback parsing repeatable ``--eps`` values (``default`` when none are given)."""
+    def callback(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> list[float] | None:
+        if not values and default is None:
+            return None
+        return parse_eps_list(values or (default or "",))
+    return callback
+
+
+def _apply(command: F, options: list[Callable[[F], F]]) -> F:
+    for option in reversed(options):
+        command = option(command)
+    return command
 
 
 norm_option = click.option("--norm", type=click.Choice(["inf", "2"]), default="inf", show_default=True,
                            help="Threat model: L-inf or L2 ball, intersected with [0, 1]^d.")
 seed_option = click.option("--seed", type=int, default=0, show_default=True, help="Seed: fixes every run on CPU.")
 device_option = click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu, cuda, cuda:1.")
+overwrite_option = click.option("--overwrite", is_flag=True,
+                                help="Discard the results a previous run left in the output and recompute.")
+shard_option = click.option("--shard", callback=lambda ctx, param, value: parse_shard(value), default=None,
+                            help="Run only part k of n (k/n, 0-based), or 'auto': torchrun (RANK/WORLD_SIZE; rank 0 "
+                                 "gathers) or a Slurm job array (SLURM_ARRAY_TASK_ID/COUNT; files get .shardKofN). "
+                                 "Combine parts with 'certkd merge'.")
+
+
+def points_options(command: F) -> F:
+    """The options that choose the evaluated points (certify, bounds, compare)."""
+    return _apply(command, [
+        click.option("-n", "--num-examples", type=click.IntRange(min=1), default=None,
+                     help="Use the first N examples of the split (default: all)."),
+        click.option("--dataset", default=None, help="Dataset name (default: the (student) checkpoint's dataset)."),
+        click.option("--data-dir", type=click.Path(path_type=Path), default=None,
+                     help="Where the dataset's files live."),
+        click.option("--split", type=click.Choice(["train", "test"]), default="test", show_default=True),
+    ])
+
+
+def run_options(command: F) -> F:
+    """Batch size, device and seed (certify, bounds, compare)."""
+    return _apply(command, [click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True),
+                            device_option, seed_option])
+
+
+def dataclass_options(cls: type, skip: tuple[str, ...] = ()) -> Callable[[F], F]:
+    """One ``--field-name`` option per dataclass field (default, type and ``metadata["help"]`` from the field).
+
+    The options are derived, never copied: a new field of ``CertifyOptions`` is a new option.
+    """
+    import dataclasses
+
+    def deco(command: F) -> F:
+        options = []
+        for f in dataclasses.fields(cls):
+            if f.name in skip:
+                continue
+            default = f.default
+            kind = f.metadata.get("type", type(default))
+            options.append(click.option(f"--{f.name.replace('_', '-')}", f.name, type=kind, default=default,
+                                        show_default=default is not None, help=f.metadata.get("help", "")))
+        return _apply(command, options)
+    return deco

@@ -1,0 +1,54 @@
+"""Certification of one model: methods (``methods``), what decides and holds the records
+(``records``), the run (``run``) and its summary (``summary``); theory.md §2.
+
+Reading order for a newcomer: ``methods`` (how each method judges a batch; a new
+method is one decorated function), ``records`` (one JSON record per
+``(index, method, eps)``), ``run`` (the loop on ``certkd.runs``), ``summary``.
+"""
+
+from certkd.certification.methods import (
+    CERTIFIED,
+    ESTIMATE,
+    LEGEND,
+    METHODS,
+    MODEL,
+    PGD,
+    SMOOTHED,
+    CertifyOptions,
+    Context,
+    Method,
+    MethodOutput,
+    certify_methods,
+    check_norm,
+    evaluate_batch,
+    get_method,
+    prepare_methods,
+    register_method,
+)
+from certkd.certification.records import (
+    COMMAND,
+    CertifyJob,
+    canonical_order,
+    expected_keys,
+    merge_shards,
+    method_records,
+    parse_eps_list,
+    read_per_example,
+    record_key,
+)
+from certkd.certification.run import (
+    certify_checkpoint,
+    certify_points,
+    check_device,
+    check_fits,
+    load_points,
+    per_example_radii,
+)
+from certkd.certification.summary import eps_label, format_summary, summarize
+
+__all__ = ["CERTIFIED", "COMMAND", "ESTIMATE", "LEGEND", "METHODS", "MODEL", "PGD", "SMOOTHED", "CertifyJob",
+           "CertifyOptions", "Context", "Method", "MethodOutput", "canonical_order", "certify_checkpoint",
+           "certify_methods", "certify_points", "check_device", "check_fits", "check_norm", "eps_label",
+           "evaluate_batch", "expected_keys", "format_summary", "get_method", "load_points", "merge_shards",
+           "method_records", "parse_eps_list", "per_example_radii", "prepare_methods", "read_per_example",
+           "record_key", "register_method", "summarize"]

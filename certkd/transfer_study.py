@@ -1,0 +1,265 @@
+"""``certkd bounds``: the transfer bound of theory.md §3, term by term, per example and eps.
+
+Data flow: two checkpoints and the points -> (with ``certified_gamma``) each model's
+linearity bounder and bound engine, built once -> per (batch, eps) the terms of
+``bounds.transfer.transfer_bound`` (and the margin-form ``transfer_certificate``) as
+records in the run's log (``certkd.runs``) -> a summary per eps (means, quantiles,
+how often each bound holds, certificate counts) -> ``summary.json`` and figures.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from certkd.runs import Points, Record, RecordLog, batches, execute, seed_stream
+
+COMMAND = "bounds"
+QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
+TERMS = ("loss_student", "loss_teacher", "output_gap", "gradient_gap", "gamma_student", "gamma_teacher",
+         "robust_teacher", "robust_student", "bound")
+CERTIFIED_TERMS = ("gamma_student_certified", "gamma_teacher_certified", "robust_teacher_upper", "bound_certified")
+KIND_OF_TERM = {"loss_student": "exact", "loss_teacher": "exact", "output_gap": "exact", "gradient_gap": "exact",
+                "gamma_student": "estimate", "gamma_teacher": "estimate", "robust_teacher": "estimate",
+                "robust_student": "estimate", "bound": "estimate", "gamma_student_certified": "certified",
+                "gamma_teacher_certified": "certified", "robust_teacher_upper": "certified",
+                "bound_certified": "certified"}
+LEGEND = ("exact: computed at x; estimate: PGD (may be too small); certified: bound propagation "
+          "(never contradicted); slack = bound - student's PGD robust loss; null = not finite")
+
+
+@dataclass
+class BoundsJob:
+    """What decides the records of a bounds run."""
+
+    eps: list[float]
+    norm: str = "inf"
+    certified_gamma: bool = False
+    method: str = "crown"
+    steps: int = 40
+    restarts: int = 2
+    batch_size: int = 32
+    seed: int = 0
+
+
+def json_float(value: float) -> float | None:
+    """JSON has no infinity: a non-finite number is written as null."""
+    return float(value) if math.isfinite(value) else None
+
+
+def record_key(record: Record) -> tuple[int, float]:
+    """The done-key of a bounds record: ``(index, eps)``."""
+    return int(record["index"]), float(record["eps"])
+
+
+@dataclass
+class TransferTools:
+    """What ``certified_gamma`` needs per model, built once per run."""
+
+    bounders: tuple[Any, Any] | None = None
+    engines: tuple[Any, Any] | None = None
+
+    @classmethod
+    def build(cls, student: nn.Module, teacher: nn.Module, input_shape: Sequence[int], job: BoundsJob,
+              device: str | torch.device = "cpu") -> TransferTools:
+        """The linearity bounders and bound engines of both models (none without ``certified_gamma``)."""
+        if not job.certified_gamma:
+            return cls()
+        from bounds.certify import BoundEngine
+        from bounds.linearity import LinearityBounder
+
+        shape = tuple(int(s) for s in input_shape)
+        return cls(bounders=(LinearityBounder(student, shape, job.method, job.norm, device),
+                             LinearityBounder(teacher, shape, job.method, job.norm, device)),
+                   engines=(BoundEngine(student, shape, device=device), BoundEngine(teacher, shape, device=device)))
+
+
+def batch_records(student: nn.Module, teacher: nn.Module, x: torch.Tensor, y: torch.Tensor, idx: Sequence[int],
+                  eps: float, job: BoundsJob, tools: TransferTools, generator: torch.Generator) -> list[Record]:
+    """Every term of the transfer bound (theory.md §3) for one batch at one eps, one record per example."""
+    from bounds.transfer import transfer_bound, transfer_certificate
+
+    tb = transfer_bound(student, teacher, x, y, eps, job.norm, certified=job.certified_gamma, method=job.method,
+                        steps=job.steps, restarts=job.restarts, generator=generator, bounders=tools.bounders)
+    columns: dict[str, torch.Tensor] = {name: getattr(tb, name) for name in TERMS}
+    flags = {"holds": tb.check().holds}
+    if job.certified_gamma:
+        columns.update({name: getattr(tb, name) for name in CERTIFIED_TERMS})
+        flags["holds_certified"] = tb.check(certified=True).holds
+        cert = transfer_certificate(student, teacher, x, y, eps, job.norm, method=job.method,
+                                    gamma_method=job.method, engines=tools.engines, bounders=tools.bounders)
+        columns["student_margin_lower_transfer"] = cert.student_lower.amin(1)
+        columns["student_margin_lower_direct"] = cert.student_direct_lower.amin(1)
+        flags["certified_through_transfer"] = cert.through_transfer
+        flags["certified_directly"] = cert.direct
+    rows = []
+    for r, i in enumerate(idx):
+        row: Record = {"index": int(i), "eps": float(eps), "label": int(y[r])}
+        row.update({name: json_float(float(t[r])) for name, t in columns.items()})
+        row.update({name: bool(t[r]) for name, t in flags.items()})
+        rows.append(row)
+    return rows
+
+
+def bounds_points(student: nn.Module, teacher: nn.Module, data: Points, indices: Sequence[int], job: BoundsJob,
+                  tools: TransferTools, log: RecordLog, device: str | torch.device = "cpu",
+                  progress: bool = False) -> list[Record]:
+    """Run the missing (batch, eps) work into ``log``; returns the records appended now."""
+    work = [(b, idx, e_i, e) for b, idx in batches(indices, job.batch_size) for e_i, e in enumerate(job.eps)
+            if log.missing((i, float(e)) for i in idx)]
+
+    def compute(item: tuple[int, list[int], int, float]) -> list[Record]:
+        b, idx, e_i, e = item
+        x, y = data.batch(idx)
+        return batch_records(student, teacher, x.to(device), y.to(device), idx, e, job, tools,
+                             seed_stream(job.seed, COMMAND, b, e_i))
+
+    return execute(work, compute, log, progress, "bounds", label=lambda w: f"batch {w[0]}, eps {w[3]:g}")
+
+
+def stats(values: Sequence[float | None]) -> dict[str, Any]:
+    """Mean and quantiles of the finite values, and how many were not finite (unbounded)."""
+    finite = torch.tensor([v for v in values if v is not None], dtype=torch.float64)
+    out: dict[str, Any] = {"n": len(values), "non_finite": len(values) - len(finite)}
+    if len(finite):
+        qs = torch.quantile(finite, torch.tensor(QUANTILES, dtype=torch.float64)).tolist()
+        out.update({"mean": float(finite.mean()),
+                    **{f"q{int(q * 100)}": v for q, v in zip(QUANTILES, qs, strict=True)}})
+    return out
+
+
+def _certificate_counts(rows: list[Record]) -> dict[str, int]:
+    t = [r["certified_through_transfer"] for r in rows]
+    d = [r["certified_directly"] for r in rows]
+    pairs = list(zip(t, d, strict=True))
+    return {"both": sum(a and b for a, b in pairs), "transfer_only": sum(a and not b for a, b in pairs),
+            "direct_only": sum(b and not a for a, b in pairs), "neither": sum(not a and not b for a, b in pairs)}
+
+
+def summarize_bounds(config: dict[str, Any], records: list[Record]) -> dict[str, Any]:
+    """Per eps: each term's mean and quantiles, how often each bound holds and its slack, certificate counts."""
+    per_eps = []
+    for e in config["eps"]:
+        rows = sorted((r for r in records if float(r["eps"]) == float(e)), key=lambda r: r["index"])
+        if not rows:
+            continue
+        names = [n for n in (*TERMS, *CERTIFIED_TERMS) if n in rows[0]]
+        entry: dict[str, Any] = {"eps": float(e), "n": len(rows),
+                                 "terms": {n: {"kind": KIND_OF_TERM[n], **stats([r[n] for r in rows])}
+                                           for n in names}}
+        checks = {"estimate": ("bound", "holds")}
+        if "bound_certified" in rows[0]:
+            checks["certified"] = ("bound_certified", "holds_certified")
+        entry["bound_vs_measured"] = {}
+        for kind, (bound_name, flag) in checks.items():
+            slack = [None if r[bound_name] is None else r[bound_name] - r["robust_student"] for r in rows]
+            entry["bound_vs_measured"][kind] = {"holds_fraction": sum(r[flag] for r in rows) / len(rows),
+                                                "slack": stats(slack)}
+        if "certified_through_transfer" in rows[0]:
+            entry["certificate_counts"] = _certificate_counts(rows)
+        per_eps.append(entry)
+    return {"config": config, "per_eps": per_eps, "legend": LEGEND}
+
+
+def _fmt(value: Any) -> str:
+    return "inf" if value is None else f"{value:.4g}"
+
+
+def format_bounds(summary: dict[str, Any]) -> str:
+    """The text ``certkd bounds`` prints."""
+    lines = []
+    for entry in summary["per_eps"]:
+        lines.append(f"eps = {entry['eps']:g} ({summary['config']['norm']}), {entry['n']} examples")
+        lines.append(f"  {'term':<26}{'kind':<11}{'mean':>10}{'q10':>10}{'median':>10}{'q90':>10}")
+        for name, s in entry["terms"].items():
+            lines.append(f"  {name:<26}{s['kind']:<11}{_fmt(s.get('mean')):>10}{_fmt(s.get('q10')):>10}"
+                         f"{_fmt(s.get('q50')):>10}{_fmt(s.get('q90')):>10}")
+        for kind, check in entry["bound_vs_measured"].items():
+            lines.append(f"  bound ({kind}) >= measured student robust loss on {check['holds_fraction']:.1%}; "
+                         f"median slack {_fmt(check['slack'].get('q50'))}")
+        if "certificate_counts" in entry:
+            c = entry["certificate_counts"]
+            lines.append(f"  student certified: through transfer and directly {c['both']}, transfer only "
+                         f"{c['transfer_only']}, directly only {c['direct_only']}, neither {c['neither']}")
+    return "\n".join(lines)
+
+
+def write_bounds_outputs(out: Path, summary: dict[str, Any], records: list[Record]) -> None:
+    """``summary.json`` and, per eps, the bound-versus-measured and terms figures."""
+    from certkd.io import atomic_write_json
+    from certkd.plots import plot_bound_vs_measured, plot_terms
+
+    atomic_write_json(out / "summary.json", summary)
+    for e_i, e in enumerate(summary["config"]["eps"]):
+        rows = sorted((r for r in records if float(r["eps"]) == float(e)), key=lambda r: r["index"])
+        if not rows:
+            continue
+        column = {name: [math.inf if r[name] is None else r[name] for r in rows]
+                  for name in (*TERMS, *CERTIFIED_TERMS) if name in rows[0]}
+        series = {"estimate (PGD gammas)": column["bound"]}
+        if "bound_certified" in column:
+            series["certified"] = column["bound_certified"]
+        plot_bound_vs_measured(series, column["robust_student"], out / f"bound_vs_measured_eps{e_i}.png")
+        terms = {"output_gap": column["output_gap"],
+                 "eps * gradient_gap": [e * g for g in column["gradient_gap"]],
+                 **{n: column[n] for n in ("gamma_student", "gamma_teacher", "gamma_student_certified",
+                                           "gamma_teacher_certified") if n in column}}
+        plot_terms(terms, out / f"terms_eps{e_i}.png")
+
+
+def run_bounds(student_path: Path, teacher_path: Path, job: BoundsJob, dataset: str | None = None,
+               split: str = "test", data_dir: Path | None = None, num_examples: int | None = None,
+               device: str = "cpu", out: Path | None = None, resume: bool = False, overwrite: bool = False,
+               progress: bool = True) -> dict[str, Any]:
+    """``certkd bounds``: the transfer-bound terms for STUDENT distilled from TEACHER; the summary.
+
+    Parameters
+    ----------
+    student_path, teacher_path : Path
+        Checkpoints that fit each other.
+    job : BoundsJob
+        eps, norm, certified gammas, PGD steps, batch size, seed.
+    dataset, split, data_dir, num_examples
+        The points (default: the student's dataset, all of ``split``).
+    device : str
+        Where the models run.
+    out : Path, optional
+        Directory for ``per_example.jsonl`` (appended as computed), ``summary.json`` and figures.
+    resume, overwrite : bool
+        Continue the run in ``out`` (same configuration only) or discard it.
+    progress : bool
+        Progress bar on stderr.
+
+    Returns
+    -------
+    dict
+        The summary (``summarize_bounds``).
+    """
+    from certkd.certification.run import load_pair, load_points
+    from certkd.checkpoint import file_sha256
+    from certkd.errors import CertkdError
+
+    if out is not None and out.exists() and not out.is_dir():
+        raise CertkdError(f"{out} is a file; --out takes a directory")
+    if resume and out is None:
+        raise CertkdError("--resume needs --out DIR (the directory of the interrupted run)")
+    job.eps = list(dict.fromkeys(job.eps))
+    student_ckpt, _, student, teacher = load_pair(student_path, teacher_path, device)
+    data_name, data, count = load_points(student_ckpt, dataset, split, data_dir, num_examples)
+    tools = TransferTools.build(student, teacher, student_ckpt.input_shape, job, device)
+    config = {"student_sha256": file_sha256(student_path), "teacher_sha256": file_sha256(teacher_path),
+              "dataset": data_name, "split": split, "num_examples": count, **asdict(job)}
+    path = out / "per_example.jsonl" if out is not None else None
+    with RecordLog.open(path, COMMAND, config, record_key, resume=resume, overwrite=overwrite) as log:
+        bounds_points(student, teacher, data, range(count), job, tools, log, device, progress)
+    summary = summarize_bounds(config, log.records)
+    summary["provenance"] = {"student": str(student_path), "teacher": str(teacher_path)}
+    if out is not None:
+        write_bounds_outputs(out, summary, log.records)
+    return summary
