@@ -1,4 +1,4 @@
-"""``certkd compare``: does the student certify at least as robustly as its teacher? (theory.md §5)
+"""``certkd compare``: does the student certify at least as robustly as its teacher? (theory.md §6)
 
 Data flow: two checkpoints and the same points -> each model's certify context
 (``prepare_methods``: its verification engine built ONCE per run) -> per batch, both

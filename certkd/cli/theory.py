@@ -1,7 +1,7 @@
 """``certkd bounds`` and ``certkd compare``: parse the options, call the application, print.
 
 The work is in ``certkd.transfer_study`` (bounds, theory.md §3) and ``certkd.comparison``
-(compare, theory.md §5).
+(compare, theory.md §6).
 """
 
 from __future__ import annotations
