@@ -13,6 +13,7 @@ import pickle
 import platform
 import warnings
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from torch import nn
 from bounds.nn import Normalize
 from certkd.errors import CertkdError, CheckpointError
 from certkd.io import atomic_write
+from certkd.registry import BUILTIN, builtin_provider
 
 FORMAT_VERSION = 1
 MAGIC = "certkd-checkpoint"
@@ -48,11 +50,18 @@ class Checkpoint:
     metrics: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
+    model_provider: dict[str, str] = field(default_factory=lambda: builtin_provider().to_dict())
 
     def build_model(self, device: str | torch.device = "cpu") -> nn.Module:
-        """The registry model with these weights, in eval mode."""
+        """The registry (or installed plugin) model with these weights, in eval mode.
+
+        Only builders already registered or declared by an installed package's
+        ``certkd.models`` entry point are considered (``check_provider``): nothing the
+        checkpoint names is imported.
+        """
         from certkd.models import create_model
 
+        check_provider(self.model_name, self.model_provider, self._where())
         try:
             model = create_model(self.model_name, num_classes=self.num_classes, input_shape=self.input_shape,
                                  mean=self.mean, std=self.std, **self.model_kwargs)
@@ -74,7 +83,7 @@ class Checkpoint:
         return {
             "format": MAGIC,
             "format_version": FORMAT_VERSION,
-            "model": {"name": self.model_name, "kwargs": self.model_kwargs},
+            "model": {"name": self.model_name, "kwargs": self.model_kwargs, "provider": dict(self.model_provider)},
             "dataset": self.dataset,
             "input_shape": list(self.input_shape),
             "num_classes": self.num_classes,
@@ -92,6 +101,53 @@ class Checkpoint:
         d["parameters"] = int(sum(t.numel() for k, t in self.state_dict.items()
                                   if k not in NORMALIZE_KEYS and not k.endswith(_BUFFER_SUFFIXES)))
         return d
+
+
+def check_provider(name: str, provider: dict[str, str], where: str = "checkpoint") -> None:
+    """Refuse, in one sentence, a model whose recorded provider package does not supply it here.
+
+    The lookup goes through the model registry only: built-in names and the entry points
+    of installed distributions (``importlib.metadata``). The provider string is compared
+    with installed distribution names and never imported, so a forged provider cannot
+    run code.
+
+    Example
+    -------
+    >>> check_provider("cnn7", {"package": "certkd", "version": "0.1"})  # built-in: fine
+    """
+    from certkd.models import MODELS
+
+    package = str(provider.get("package", BUILTIN))
+    installed = name in MODELS
+    if installed and MODELS.provider(name).package == package:
+        return
+    if package == BUILTIN:
+        if not installed:
+            raise CheckpointError(f"{where}: cannot build model: unknown model {name!r}; "
+                                  f"available: {', '.join(MODELS.names())}")
+        return
+    raise CheckpointError(f"{where}: {_provider_problem(name, package, provider.get('version'), installed)}")
+
+
+def _provider_problem(name: str, package: str, version: str | None, installed: bool) -> str:
+    """Why ``package`` cannot supply model ``name`` here, as one clause (metadata only, nothing imported)."""
+    from certkd.models import MODELS
+    from certkd.models._registry import LOCAL_PROVIDER
+
+    if package.startswith(LOCAL_PROVIDER):
+        return (f"model {name!r} was registered at run time by module {package.removeprefix(LOCAL_PROVIDER)} "
+                f"when it was saved; no installed package provides it (publish the builder under a "
+                f"certkd.models entry point)")
+    made = f"package {package}" + (f" {version}" if version else "")
+    if installed:
+        return (f"model {name!r} was saved from {made}, but here {name!r} comes from "
+                f"{MODELS.provider(name).package}: pip install {package}")
+    try:
+        metadata.distribution(package)
+    except (metadata.PackageNotFoundError, ValueError):
+        return f"model {name!r} comes from {made}, which is not installed: pip install {package}"
+    return (f"model {name!r} comes from {made}, which is installed but declares no certkd.models entry point "
+            f"named {name!r}: upgrade or reinstall {package}")
 
 
 def state_dict_sha256(state_dict: dict[str, torch.Tensor]) -> str:
@@ -138,8 +194,11 @@ def make_checkpoint(model: nn.Module, model_name: str, model_kwargs: dict[str, A
             first.mean.numel() == len(mean) and torch.allclose(first.mean.cpu(), torch.tensor(mean).float())
             and first.std.numel() == len(std) and torch.allclose(first.std.cpu(), torch.tensor(std).float())):
         mean, std = first.mean.tolist(), first.std.tolist()
+    from certkd.models import MODELS
+
     return Checkpoint(
         model_name=model_name,
+        model_provider=MODELS.provider(model_name).to_dict(),
         model_kwargs=dict(model_kwargs),
         dataset=dataset_info.name,
         input_shape=tuple(dataset_info.input_shape),
@@ -243,6 +302,7 @@ def _validate(raw: Any, path: Path) -> Checkpoint:
         model, norm = raw["model"], raw["normalization"]
         ckpt = Checkpoint(
             model_name=str(model["name"]),
+            model_provider=_provider_field(model.get("provider")),
             model_kwargs=dict(model.get("kwargs") or {}),
             dataset=str(raw["dataset"]),
             input_shape=tuple(int(s) for s in raw["input_shape"]),
@@ -271,6 +331,28 @@ def _validate(raw: Any, path: Path) -> Checkpoint:
     return ckpt
 
 
+def _provider_field(raw: Any) -> dict[str, str]:
+    """The recorded provider ``{package, version}``; checkpoints without one predate plugins (certkd's own)."""
+    if raw is None:
+        return builtin_provider().to_dict()
+    if not isinstance(raw, dict) or not isinstance(raw.get("package"), str):
+        raise TypeError("model provider must be a mapping with a 'package' name")
+    return {"package": raw["package"], "version": str(raw.get("version", ""))}
+
+
+def save_model(module: nn.Module, path: str | Path, dataset: str, arch: str,
+               arch_kwargs: dict[str, Any] | None = None, normalization: str = "dataset") -> Path:
+    """Save an in-memory module of registry/plugin architecture ``arch`` (``certkd.convert.save_model``).
+
+    Example
+    -------
+    >>> save_model(my_lenet, "lenet.pt", dataset="mnist", arch="lenet5")  # doctest: +SKIP
+    """
+    from certkd.convert import save_model as save
+
+    return save(module, path, dataset, arch, arch_kwargs, normalization)
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """RobustBench-style: the model stored in ``path``, in eval mode, inputs in [0, 1]."""
     return load_checkpoint(path).build_model(device)
@@ -284,5 +366,5 @@ def check_compatible(a: Checkpoint, b: Checkpoint) -> None:
             f"{a.num_classes} classes, {b._where()} takes {tuple(b.input_shape)} with {b.num_classes} classes")
 
 __all__ = ["Checkpoint", "FORMAT_VERSION", "NORMALIZE_KEYS", "make_checkpoint", "save_checkpoint", "load_checkpoint",
-           "load_model", "check_compatible", "file_sha256", "provenance", "state_dict_sha256",
+           "load_model", "save_model", "check_provider", "check_compatible", "file_sha256", "provenance", "state_dict_sha256",
            "torch_load_weights_only"]

@@ -11,6 +11,7 @@ import torch
 from click.testing import CliRunner
 from hostile import RunsCodeWhenUnpickled
 
+import certkd
 from certkd.checkpoint import load_model, make_checkpoint, save_checkpoint
 from certkd.cli import main
 from certkd.data import dataset_info, list_datasets
@@ -127,7 +128,8 @@ def test_info_shows_model_dataset_parameters_and_provenance(tmp_path, runner):
         assert text in result.stdout
     result = runner.invoke(main, ["info", "--json", str(path)])
     summary = json.loads(result.stdout)
-    assert summary["parameters"] == n_params and summary["model"] == {"name": "resnet_small", "kwargs": KWARGS}
+    assert summary["parameters"] == n_params and summary["model"] == {
+        "name": "resnet_small", "kwargs": KWARGS, "provider": {"package": "certkd", "version": certkd.__version__}}
     assert summary["file"]["bytes"] == path.stat().st_size and summary["metrics"] == {"clean_accuracy": 0.875}
 
 

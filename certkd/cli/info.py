@@ -3,30 +3,15 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import click
-import torch
 
-from certkd.checkpoint import (
-    NORMALIZE_KEYS,
-    Checkpoint,
-    file_sha256,
-    load_checkpoint,
-    make_checkpoint,
-    provenance,
-    save_checkpoint,
-    torch_load_weights_only,
-)
+from certkd.checkpoint import file_sha256, load_checkpoint, save_checkpoint
 from certkd.cli import main
+from certkd.convert import NORMALIZATIONS, wrap_external_weights
 from certkd.data import dataset_description, dataset_info, list_datasets
-from certkd.errors import CertkdError, CheckpointError
-from certkd.models import create_model, list_models, model_description
-
-STATE_DICT_KEYS = ("state_dict", "model", "model_state_dict")
-"""Keys under which a training script's dict commonly holds the state_dict."""
-SHOWN_KEYS = 6
+from certkd.models import MODELS, list_models, model_description
 
 
 @main.command()
@@ -56,7 +41,8 @@ def _info_lines(summary: dict[str, Any]) -> list[tuple[str, str]]:
     return [
         ("checkpoint", f"{file['path']} ({file['bytes']:,} bytes, sha256 {file['sha256'][:16]}...)"),
         ("format", f"certkd checkpoint v{summary['format_version']}"),
-        ("model", f"{model['name']} ({kwargs}), {summary['parameters']:,} parameters"),
+        ("model", f"{model['name']} ({kwargs}), {summary['parameters']:,} parameters, from "
+                  f"{model['provider']['package']} {model['provider']['version']}".rstrip()),
         ("dataset", f"{summary['dataset']}: input {tuple(summary['input_shape'])}, {summary['num_classes']} classes"),
         ("normalize", f"mean {_floats(norm['mean'])}, std {_floats(norm['std'])} (first layer of the model)"),
         ("training", _key_values(summary["config"])),
@@ -83,11 +69,21 @@ def _value(v: Any) -> str:
 
 @main.command()
 def models() -> None:
-    """List the model registry: name, one-line description and builder arguments (for --arch-kwargs)."""
+    """List the model registry: name, provider package, one-line description and builder arguments.
+
+    Built-in families show provider ``certkd``; installed packages add families through the
+    ``certkd.models`` entry-point group and show their package name and version.
+    """
     names = list_models()
-    width = max(map(len, names))
-    for name in names:
-        click.echo(f"{name:<{width}}  {model_description(name)}")
+    providers = [_provider_label(name) for name in names]
+    width, pwidth = max(map(len, names)), max(map(len, providers))
+    for name, provider in zip(names, providers, strict=True):
+        click.echo(f"{name:<{width}}  {provider:<{pwidth}}  {model_description(name)}")
+
+
+def _provider_label(name: str) -> str:
+    provider = MODELS.provider(name)
+    return provider.package if provider.package == "certkd" else f"{provider.package} {provider.version}"
 
 
 @main.command()
@@ -106,7 +102,7 @@ def datasets() -> None:
 
 
 @main.command()
-@click.option("--arch", required=True, type=click.Choice(list_models()), help="Registry model (see `certkd models`).")
+@click.option("--arch", required=True, help="Registry or installed-plugin model (see `certkd models`).")
 @click.option("--arch-kwargs", default="{}", show_default=True,
               help="Builder arguments as a JSON object, e.g. '{\"depth\": 28, \"widen\": 10}'.")
 @click.option("--dataset", "dataset_name", required=True, type=click.Choice(list_datasets()),
@@ -115,7 +111,7 @@ def datasets() -> None:
               "'state_dict' or 'model'), loaded with weights_only=True, or a .safetensors file.")
 @click.option("--strip-prefix", default=None, help="Remove this prefix from every key first, e.g. 'module.' "
               "(DataParallel).")
-@click.option("--normalization", type=click.Choice(["dataset", "identity"]), default="dataset", show_default=True,
+@click.option("--normalization", type=click.Choice(NORMALIZATIONS), default="dataset", show_default=True,
               help="Input normalization put in front of the weights: the dataset's mean/std, or identity for "
               "weights trained on raw [0, 1] inputs (most RobustBench models). Ignored when the weights "
               "carry the Normalize keys 0.mean/0.std.")
@@ -126,7 +122,9 @@ def convert(arch: str, arch_kwargs: str, dataset_name: str, weights: str, strip_
 
     The weights are for the model's body (keys as in the network itself, e.g.
     RobustBench state_dicts); the normalization layer is added in front, so the
-    checkpoint takes inputs in [0, 1].
+    checkpoint takes inputs in [0, 1]. Zoo layouts: lenet5 (advertorch), small_cnn (TRADES),
+    cnn_4layer/cnn_7layer (auto_LiRPA), dm_small/medium/large (CROWN-IBP), robustbench_wrn,
+    preact_resnet18 (RobustBench).
     """
     kwargs = _parse_arch_kwargs(arch_kwargs)
     ckpt = wrap_external_weights(arch, kwargs, dataset_name, weights, strip_prefix, normalization)
@@ -144,110 +142,3 @@ def _parse_arch_kwargs(text: str) -> dict[str, Any]:
     if not isinstance(kwargs, dict):
         raise click.BadParameter(f"must be a JSON object, got {text!r}", param_hint="--arch-kwargs")
     return kwargs
-
-
-def read_external_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """A state_dict from ``path``: ``.safetensors`` (safetensors package), else ``torch.load(weights_only=True)``.
-
-    A dict holding the state_dict under one of ``STATE_DICT_KEYS`` is unwrapped.
-    """
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        state: Any = _read_safetensors(path)
-    else:
-        state = torch_load_weights_only(path, what="weights")
-        for key in STATE_DICT_KEYS:
-            if isinstance(state, dict) and isinstance(state.get(key), dict):
-                state = state[key]
-                break
-    if not isinstance(state, dict) or not state:
-        raise CheckpointError(f"{path}: expected a state_dict (names -> tensors) or a dict holding one under "
-                              f"{' or '.join(repr(k) for k in STATE_DICT_KEYS)}, found {type(state).__name__}")
-    bad = [str(k) for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
-    if bad:
-        raise CheckpointError(f"{path}: not a state_dict: entries {_names(bad)} are not named tensors")
-    return dict(state)
-
-
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        from safetensors.torch import load_file
-    except ImportError:
-        raise CertkdError("reading .safetensors files needs the safetensors package: pip install safetensors") \
-            from None
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such weights file")
-    try:
-        return load_file(str(path), device="cpu")
-    except Exception as exc:  # safetensors raises its own SafetensorError, OSError, ...
-        raise CheckpointError(f"{path}: not a readable safetensors file ({' '.join(str(exc).split())[:160]})") \
-            from None
-
-
-def _names(keys: list[str]) -> str:
-    shown = ", ".join(keys[:SHOWN_KEYS])
-    return shown + (f" (+{len(keys) - SHOWN_KEYS} more)" if len(keys) > SHOWN_KEYS else "")
-
-
-def wrap_external_weights(arch: str, arch_kwargs: dict[str, Any], dataset_name: str, weights: str | Path,
-                          strip_prefix: str | None = None, normalization: str = "dataset") -> Checkpoint:
-    """Load external weights strictly into ``create_model(arch, ...)`` and return the checkpoint.
-
-    Keys are the body's (the registry model is ``Sequential(Normalize, body)``: body key
-    ``k`` becomes ``1.k``) unless the weights hold the Normalize keys ``0.mean``/``0.std``,
-    in which case they are a whole registry model's. Missing Normalize keys come from the
-    dataset's mean/std (``normalization="dataset"``) or are the identity (``"identity"``).
-    """
-    meta = dataset_info(dataset_name)
-    channels = meta.input_shape[0]
-    mean, std = (meta.mean, meta.std) if normalization == "dataset" else ((0.0,) * channels, (1.0,) * channels)
-    model = create_model(arch, num_classes=meta.num_classes, input_shape=meta.input_shape, mean=mean, std=std,
-                         **arch_kwargs)
-    external = read_external_state_dict(weights)
-    if strip_prefix:
-        stripped = {k.removeprefix(strip_prefix): v for k, v in external.items()}
-        if len(stripped) != len(external):
-            raise CheckpointError(f"{weights}: removing prefix {strip_prefix!r} makes some keys collide")
-        external = stripped
-    whole_model = all(k in external for k in NORMALIZE_KEYS)
-    mapped = dict(external) if whole_model else {f"1.{k}": v for k, v in external.items()}
-    if not whole_model:
-        mapped.update({k: v for k, v in model.state_dict().items() if k in NORMALIZE_KEYS})
-    _check_keys_fit(model, mapped, whole_model, external, arch, dataset_name, weights, strip_prefix)
-    model.eval()
-    for name, tensor in model.state_dict().items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise CheckpointError(f"{weights}: weight {name!r} contains NaN or Inf values")
-    config = {"source": "certkd convert", "arch_kwargs": arch_kwargs, "normalization": normalization,
-              "strip_prefix": strip_prefix}
-    prov = provenance(seed=None, converted_from=str(weights), weights_sha256=file_sha256(weights))
-    return make_checkpoint(model, arch, arch_kwargs, meta, config=config, provenance_info=prov)
-
-
-def _check_keys_fit(model: torch.nn.Module, mapped: dict[str, torch.Tensor], whole_model: bool,
-                    external: dict[str, torch.Tensor], arch: str, dataset_name: str, weights: str | Path,
-                    strip_prefix: str | None) -> None:
-    """Load ``mapped`` into ``model``; any missing, unexpected or mis-shaped key is one CheckpointError."""
-    def shown(key: str) -> str:  # report keys as they are named in the weights file
-        return key if whole_model else key.removeprefix("1.")
-
-    expected = model.state_dict()
-    mismatched = [k for k, v in expected.items() if k in mapped and mapped[k].shape != v.shape]
-    result = model.load_state_dict({k: v for k, v in mapped.items() if k not in mismatched}, strict=False)
-    missing = [shown(k) for k in result.missing_keys if k not in mismatched]
-    problems = []
-    if missing:
-        problems.append(f"missing keys {_names(missing)}")
-    if result.unexpected_keys:
-        problems.append(f"unexpected keys {_names([shown(k) for k in result.unexpected_keys])}")
-    if mismatched:
-        shapes = [f"{shown(k)} {tuple(mapped[k].shape)} vs {tuple(expected[k].shape)}" for k in mismatched]
-        problems.append(f"shape mismatches (weights vs model) {_names(shapes)}")
-    if not problems:
-        return
-    first_parts = {k.split(".", 1)[0] + "." for k in external if "." in k}
-    hint = ""
-    if not strip_prefix and len(first_parts) == 1 and result.unexpected_keys:
-        hint = f"; every key starts with {next(iter(first_parts))!r}: try --strip-prefix {next(iter(first_parts))}"
-    raise CheckpointError(f"{weights}: weights do not fit {arch} for {dataset_name} (strict loading): "
-                          f"{'; '.join(problems)}{hint}")

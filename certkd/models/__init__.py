@@ -1,6 +1,16 @@
 """certkd model registry: one small file per family."""
 
-from certkd.models import cnn, mlp, mobilenet_v2, resnet, vit, wide_resnet  # noqa: F401  (registration)
+from certkd.models import (  # noqa: F401  (registration)
+    cnn,
+    lenet,
+    lirpa_zoo,
+    mlp,
+    mobilenet_v2,
+    resnet,
+    robustbench,
+    vit,
+    wide_resnet,
+)
 from certkd.models._registry import MODELS, create_model, list_models, model_description, register_model
 
 __all__ = ["MODELS", "create_model", "list_models", "model_description", "register_model"]

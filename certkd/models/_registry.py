@@ -8,19 +8,40 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Sequence
+from importlib import metadata
 
 from torch import nn
 
 from bounds.nn import Normalize
 from certkd.errors import CertkdError
-from certkd.registry import Registry
+from certkd.registry import BUILTIN, Provider, Registry, builtin_provider
 
 MODELS: Registry[Callable[..., nn.Module]] = Registry("model", group="certkd.models")
+LOCAL_PROVIDER = "module:"
+"""Provider prefix of builders registered at run time by a module no installed package holds."""
+
+
+def module_provider(module: str) -> Provider:
+    """Who supplies code of ``module``: certkd, the installed distribution holding its top-level
+    package (``importlib.metadata``, nothing imported), or ``module:<name>`` (a notebook, a script)."""
+    top = module.split(".", 1)[0]
+    if top == BUILTIN:
+        return builtin_provider()
+    for dist_name in metadata.packages_distributions().get(top, []):
+        dist = metadata.distribution(dist_name)
+        return Provider(dist.metadata["Name"] or dist_name, dist.version)
+    return Provider(LOCAL_PROVIDER + module, "")
 
 
 def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    """Register a builder under its function name."""
-    return MODELS.add(fn.__name__, fn)
+    """Register a builder ``fn(num_classes, input_shape, **kwargs)`` under its function name.
+
+    The provider recorded in checkpoints is the installed distribution holding ``fn``'s
+    module; a later process rebuilds the model only through that distribution's
+    ``certkd.models`` entry point (a builder registered from a notebook cannot be rebuilt
+    elsewhere, and ``save_model`` says so).
+    """
+    return MODELS.add(fn.__name__, fn, module_provider(fn.__module__))
 
 
 def list_models() -> list[str]:
