@@ -250,13 +250,18 @@ def test_download_needs_opt_in_and_torchvision(tmp_path, monkeypatch):
         load_dataset("mnist", "test", tmp_path)
 
 
-def test_imagenet_checks_folders_then_needs_torchvision(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "torchvision", None)
+def test_imagenet_checks_folders_then_needs_pillow_only_to_decode(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "PIL", None)  # import PIL now fails
     for split, wnids in (("train", ["n01", "n02"]), ("val", ["n01", "n03"])):
         for wnid in wnids:
             (tmp_path / split / wnid).mkdir(parents=True)
     with pytest.raises(DataError, match="different class folders"):
         load_dataset("imagenet", "test", tmp_path)
     (tmp_path / "val" / "n03").rename(tmp_path / "val" / "n02")
-    with pytest.raises(DataError, match="needs torchvision"):
+    with pytest.raises(DataError, match="no image files"):
         load_dataset("imagenet", "test", tmp_path)
+    (tmp_path / "val" / "n02" / "a.JPEG").write_bytes(b"not decoded yet")
+    data = load_dataset("imagenet", "test", tmp_path)  # the file list needs no Pillow
+    assert len(data) == 1 and data.y.tolist() == [1] and data.info.class_names == ("n01", "n02")
+    with pytest.raises(DataError, match="needs Pillow"):
+        data.batch([0])

@@ -2,8 +2,11 @@
 
 from certkd.data import cifar, digits, imagenet, mnist  # noqa: F401,E402  (registration)
 from certkd.data._registry import (
+    DATASETS,
+    BatchSource,
     Dataset,
     DatasetInfo,
+    check_dataset_fits,
     dataset_description,
     dataset_info,
     list_datasets,
@@ -11,5 +14,5 @@ from certkd.data._registry import (
     register_dataset,
 )
 
-__all__ = ["Dataset", "DatasetInfo", "dataset_description", "dataset_info", "list_datasets", "load_dataset",
+__all__ = ["DATASETS", "BatchSource", "Dataset", "DatasetInfo", "check_dataset_fits", "dataset_description", "dataset_info", "list_datasets", "load_dataset",
            "register_dataset"]

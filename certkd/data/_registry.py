@@ -1,14 +1,29 @@
-"""Dataset registry and the tensors-plus-metadata container."""
+"""Dataset registry and the datasets run loops read from.
+
+Run loops (certify, compare, bounds, train) read data only through ``len(dataset)``,
+``dataset.info``, ``dataset.y`` (labels, known without reading any input) and
+``dataset.batch(indices) -> (x, y)``. ``Dataset`` holds its tensors in memory;
+streamed datasets (``certkd.data.imagenet.ImageFolderDataset``) decode each input when
+a batch asks for it, so a 50,000-image split never sits in memory.
+
+The registry is a :class:`certkd.registry.Registry` with the entry-point group
+``certkd.datasets``: an installed package adds a dataset with::
+
+    [project.entry-points."certkd.datasets"]
+    mydata = "my_package.data:load_mydata"   # a loader fn(split, data_dir) with an ``info`` attribute
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
-from certkd.errors import DataError
+from certkd.errors import CertkdError, DataError
+from certkd.registry import Registry, describe
 
 SPLITS = ("train", "test")
 
@@ -25,9 +40,20 @@ class DatasetInfo:
     class_names: tuple[str, ...] = field(default=())
 
 
+class BatchSource(Protocol):
+    """What run loops read: ``len``, ``info``, ``y`` and ``batch(indices) -> (x, y)`` (x in [0, 1])."""
+
+    info: DatasetInfo
+    y: torch.Tensor
+
+    def __len__(self) -> int: ...
+
+    def batch(self, indices: torch.Tensor | list[int]) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
 @dataclass
 class Dataset:
-    """Inputs ``x`` in [0, 1] of shape (N, C, H, W) (float32) and labels ``y`` (int64)."""
+    """Inputs ``x`` in [0, 1] of shape (N, C, H, W) (float32) and labels ``y`` (int64), in memory."""
 
     x: torch.Tensor
     y: torch.Tensor
@@ -46,48 +72,68 @@ class Dataset:
         return self.x[idx], self.y[idx]
 
 
-Loader = Callable[[str, "Path | None"], Dataset]
-_DATASETS: dict[str, Loader] = {}
-_INFOS: dict[str, DatasetInfo] = {}
+def check_dataset_fits(dataset: BatchSource, input_shape: tuple[int, ...] | list[int], num_classes: int,
+                       what: str = "data") -> None:
+    """Refuse, in one sentence, a dataset a model cannot take: checks one sample's shape and every label.
+
+    Only ``dataset.batch([0])`` is read (one decoded input), so a streamed split is not loaded.
+
+    Example
+    -------
+    >>> info = DatasetInfo("toy", (1, 2, 2), 3, (0.0,), (1.0,))
+    >>> check_dataset_fits(Dataset(torch.zeros(4, 1, 2, 2), torch.tensor([0, 1, 2, 0]), info), (1, 2, 2), 3)
+    """
+    if len(dataset) == 0:
+        raise CertkdError(f"{what} holds no examples")
+    x, _ = dataset.batch([0])
+    if tuple(x.shape[1:]) != tuple(input_shape):
+        raise CertkdError(f"{what} has inputs of shape {tuple(x.shape[1:])} but the model takes {tuple(input_shape)}")
+    y = dataset.y
+    if len(y) and (int(y.max()) >= num_classes or int(y.min()) < 0):
+        raise CertkdError(f"{what} has labels up to {int(y.max())} but the model has {num_classes} classes")
+
+
+Loader = Callable[[str, "Path | None"], BatchSource]
+DATASETS: Registry[Loader] = Registry("dataset", group="certkd.datasets")
 
 
 def register_dataset(name: str, info: DatasetInfo | None = None) -> Callable[[Loader], Loader]:
-    """Register a loader ``fn(split, data_dir)``; ``info`` makes ``dataset_info(name)`` work without data."""
+    """Register a loader ``fn(split, data_dir)``; ``info`` (kept as ``fn.info``) makes ``dataset_info`` work
+    without reading data."""
     def deco(fn: Loader) -> Loader:
-        _DATASETS[name] = fn
         if info is not None:
-            _INFOS[name] = info
-        return fn
+            fn.info = info  # type: ignore[attr-defined]
+        return DATASETS.add(name, fn)
     return deco
 
 
 def list_datasets() -> list[str]:
-    return sorted(_DATASETS)
+    return DATASETS.names()
 
 
-def _check_known(name: str) -> None:
-    if name not in _DATASETS:
-        raise DataError(f"unknown dataset {name!r}; available: {', '.join(list_datasets())}")
+def _loader(name: str) -> Loader:
+    try:
+        return DATASETS.get(name)
+    except CertkdError as exc:
+        raise DataError(str(exc)) from None
 
 
 def dataset_info(name: str) -> DatasetInfo:
     """The metadata (shape, classes, normalization) of dataset ``name``, without reading any data."""
-    _check_known(name)
-    if name not in _INFOS:
-        raise DataError(f"dataset {name!r} was registered without metadata")
-    return _INFOS[name]
+    info = getattr(_loader(name), "info", None)
+    if not isinstance(info, DatasetInfo):
+        raise DataError(f"dataset {name!r} was registered without metadata (a DatasetInfo as the loader's .info)")
+    return info
 
 
 def dataset_description(name: str) -> str:
     """The first line of the loader's docstring (``certkd datasets``)."""
-    _check_known(name)
-    doc = (_DATASETS[name].__doc__ or "").strip()
-    return doc.splitlines()[0] if doc else ""
+    return describe(_loader(name))
 
 
-def load_dataset(name: str, split: str = "test", data_dir: str | Path | None = None) -> Dataset:
+def load_dataset(name: str, split: str = "test", data_dir: str | Path | None = None) -> BatchSource:
     """Load ``split`` (``train`` or ``test``) of dataset ``name``; see ``certkd datasets``."""
-    _check_known(name)
+    loader = _loader(name)
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}: use train or test")
-    return _DATASETS[name](split, Path(data_dir) if data_dir is not None else None)
+    return loader(split, Path(data_dir) if data_dir is not None else None)
