@@ -1,0 +1,71 @@
+"""Memory planning from one measured probe pass, and progress output that suits logs."""
+
+import io
+
+import pytest
+import torch
+
+from bounds.errors import BoundsError
+from bounds.memory import MIN_COST_BYTES, default_budget, measure_peak, parse_memory, plan_batch
+from certkd.progress import Progress
+
+MB = 1 << 20
+
+
+@pytest.mark.parametrize(("text", "expected"), [("4G", 4 << 30), ("512M", 512 * MB), ("2.5GiB", int(2.5 * (1 << 30))),
+                                                ("1e9", 10**9), ("300 mb", 300 * MB), (1234, 1234)])
+def test_parse_memory(text, expected):
+    assert parse_memory(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "lots", "-1G", "0", "4X"])
+def test_parse_memory_refuses_nonsense(text):
+    with pytest.raises(BoundsError, match="memory must be"):
+        parse_memory(text)
+
+
+def allocate(points: int, per_point: int = 48 * MB) -> float:
+    """A pass whose transient peak is ``points * per_point`` bytes (touched, so resident)."""
+    block = torch.ones(points * per_point // 4)
+    return float(block[-1])
+
+
+def test_measure_peak_sees_a_transient_allocation():
+    with measure_peak() as used:
+        allocate(2)
+    assert 2 * 48 * MB * 0.9 <= used["bytes"] <= 2 * 48 * MB * 1.5
+
+
+def test_plan_batch_sizes_passes_to_the_budget_from_the_measured_cost():
+    plan = plan_batch(allocate, probe_size=2, cap=1000, budget_bytes=480 * MB)
+    assert 48 * MB * 0.9 <= plan.per_point_bytes <= 48 * MB * 1.5
+    assert plan.batch_size == 480 * MB // plan.per_point_bytes and 6 <= plan.batch_size <= 11
+    with measure_peak() as used:  # the chosen batch stays within the budget
+        allocate(plan.batch_size)
+    assert used["bytes"] <= 480 * MB
+    assert plan_batch(allocate, 2, cap=3, budget_bytes=480 * MB).batch_size == 3
+    tiny = plan_batch(lambda n: None, 2, cap=10**6, budget_bytes=64 * MB)
+    assert tiny.per_point_bytes == MIN_COST_BYTES and tiny.batch_size == 64
+    assert plan_batch(allocate, 1, cap=8, budget_bytes=MB).batch_size == 1  # never below one point
+    assert "bound batch" in plan.describe() and plan.to_dict()["batch_size"] == plan.batch_size
+    assert 0 < default_budget() < 1 << 50
+
+
+def test_progress_in_a_log_is_one_line_per_stage_and_silent_when_disabled():
+    log = io.StringIO()
+    with Progress(3, "certify", "batch", stream=log) as bar:
+        bar.note("bound batch 4")
+        for _ in range(3):
+            bar.update(status="crown")
+    lines = log.getvalue().splitlines()
+    assert "\r" not in log.getvalue() and lines[0] == "bound batch 4"
+    assert len(lines) == 2 and lines[1].startswith("certify: 3/3 batches in ")
+    quiet = io.StringIO()
+    with Progress(3, "certify", "batch", enabled=False, stream=quiet) as bar:
+        bar.note("x")
+        bar.update(3)
+    assert quiet.getvalue() == ""
+    failed = io.StringIO()
+    with pytest.raises(RuntimeError), Progress(2, "train", "epoch", stream=failed):
+        raise RuntimeError("boom")
+    assert failed.getvalue() == ""
