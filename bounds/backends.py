@@ -1,0 +1,260 @@
+"""Bound-propagation backends by capability, not by version string (issue 12, auto_lirpa_notes.md).
+
+The installed auto_LiRPA is probed for what it can do (``probe``): a GELU relaxation
+registered for ``custom::Gelu``, a LayerNorm operator, the log-sum-exp softmax relaxation
+(the softmax hazard of 0.3 is gone there) and products of two perturbed tensors. The
+capabilities select one **capability table** (``BACKENDS``): what that backend may bound,
+per auto_LiRPA operator, under which methods and norms. Every entry names the CI tests
+that prove its hazard absent (or the rewrite exact) against that backend (``Entry.evidence``);
+an entry grows only with such a test, and CI runs the bound-propagation tests once per
+backend (``.ci/run``).
+
+- ``"0.3"``: PyPI's auto_LiRPA 0.3 (needs the shims of ``bounds.lirpa``); CNNs, MLPs,
+  ResNets; no transformer operator (softmax is unsound there, GELU/LayerNorm are missing),
+  so ViTs are refused with one sentence naming 0.7.x as the way.
+- ``"0.7"``: auto_LiRPA 0.7.x (git releases; tested with 0.7.1): no shim; the same CNN
+  entries plus the operators of a ViT once ``bounds.vit_rewrite`` has written GELU and
+  attention in supported operators: IBP and CROWN (CROWN-IBP and alpha-CROWN are refused
+  on them: NaN bounds under L2, and failures, measured on 0.7.1).
+
+``current_backend()`` imports auto_LiRPA (``bounds.lirpa.import_auto_lirpa``) and returns
+the ``Backend`` in use; ``describe()`` is what ``certkd doctor`` prints.
+
+Example
+-------
+>>> backend = current_backend()          # doctest: +SKIP
+>>> backend.family, backend.allows("BoundSoftmax", "crown", float("inf"))  # doctest: +SKIP
+('0.7', True)
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+INF, L2 = math.inf, 2.0
+ANY_NORM = frozenset({INF, L2})
+ALL_METHODS = frozenset({"ibp", "crown-ibp", "crown", "alpha-crown"})
+NO_ALPHA = frozenset({"ibp", "crown-ibp", "crown"})
+IBP_CROWN = frozenset({"ibp", "crown"})
+INSTALL_07 = ("pip install --no-deps git+https://github.com/Verified-Intelligence/auto_LiRPA graphviz appdirs "
+              "(auto_LiRPA 0.7.x)")
+
+# the CI tests behind the entries (run against every backend by .ci/run)
+_SWEEP = "tests/test_hazards.py::test_soundness_sweep"
+_WITNESS = "tests/test_backends.py::test_every_entry_is_sound_on_its_witness"
+_VIT = "tests/test_vit_lirpa.py::test_vit_crown_below_pgd"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """What one auto_LiRPA operator may be bounded with: ``methods`` x ``norms``, and the tests proving it."""
+
+    methods: frozenset[str]
+    norms: frozenset[float]
+    evidence: tuple[str, ...]
+
+    def allows(self, method: str, norm: float) -> bool:
+        return method in self.methods and norm in self.norms
+
+
+def _entries(kinds: tuple[str, ...], methods: frozenset[str], *evidence: str) -> dict[str, Entry]:
+    return {kind: Entry(methods, ANY_NORM, (_WITNESS, *evidence)) for kind in kinds}
+
+
+# a pseudo-operator: a BoundMul whose two inputs are both perturbed (LayerNorm's d * 1/std); the
+# allow-list looks it up for such a node in addition to "BoundMul"
+PERTURBED_PRODUCT = "BoundMul:perturbed"
+# nodes whose values do not depend on the input (shapes, constants) are never bounded and not listed
+_STRUCTURAL = ("BoundInput", "BoundParams", "BoundBuffers", "BoundConstant", "BoundPrimConstant", "BoundShape")
+_CNN_ALL = ("BoundLinear", "BoundConv", "BoundRelu", "BoundFlatten", "BoundReshape")
+_CNN_NO_ALPHA = ("BoundAdd", "BoundSub", "BoundMul", "BoundNeg", "BoundUnsqueeze", "BoundSqueeze",
+                 "BoundGlobalAveragePool", "BoundReduceMean", "BoundAveragePool", "BoundMaxPool")
+# a ViT after bounds.vit_rewrite, as auto_LiRPA 0.7.x traces it (LayerNorm decomposed into
+# mean / sub / sqr / sqrt / reciprocal / mul; attention into MatMul / Softmax; the class token
+# as Concat and Gather)
+_VIT_NODES = ("BoundGelu", "BoundSoftmax", "BoundMatMul", "BoundTranspose", "BoundConcat", "BoundGather",
+              "BoundSqr", "BoundSqrt", "BoundReciprocal", PERTURBED_PRODUCT)
+
+TABLE_03: Mapping[str, Entry] = types.MappingProxyType({
+    **_entries(_STRUCTURAL + _CNN_ALL, ALL_METHODS, _SWEEP),
+    **_entries(_CNN_NO_ALPHA, NO_ALPHA, _SWEEP),
+})
+TABLE_07: Mapping[str, Entry] = types.MappingProxyType({
+    **TABLE_03,
+    **_entries(_VIT_NODES, IBP_CROWN, _VIT),
+})
+
+# module types refused by name before any graph is built: the label the refusal gives them
+_REFUSED_03: Mapping[type, str] = types.MappingProxyType({
+    nn.MultiheadAttention: "attention (nn.MultiheadAttention)",
+    nn.Softmax: "softmax", nn.LogSoftmax: "log-softmax", nn.Softmin: "softmin",
+    nn.LayerNorm: "LayerNorm", nn.GroupNorm: "GroupNorm",
+    nn.InstanceNorm1d: "InstanceNorm", nn.InstanceNorm2d: "InstanceNorm",
+    nn.GELU: "GELU", nn.SiLU: "SiLU", nn.Mish: "Mish", nn.ELU: "ELU", nn.Hardswish: "Hardswish",
+    nn.BatchNorm3d: "BatchNorm3d", nn.Conv1d: "Conv1d", nn.Conv3d: "Conv3d",
+    nn.ConvTranspose2d: "ConvTranspose2d", nn.Upsample: "Upsample",
+})
+# rewritten by bounds.vit_rewrite (attention, GELU) or bounded as traced (softmax, LayerNorm)
+_BOUNDED_BY_07 = (nn.MultiheadAttention, nn.Softmax, nn.LayerNorm, nn.GELU)
+_REFUSED_07: Mapping[type, str] = types.MappingProxyType(
+    {cls: label for cls, label in _REFUSED_03.items() if cls not in _BOUNDED_BY_07})
+# the refusal of a transformer module under a backend without the capabilities
+_TRANSFORMER = frozenset(_BOUNDED_BY_07)
+VIT_HINT = (f"auto_LiRPA 0.7.x bounds them with CROWN once installed ({INSTALL_07}); "
+            "otherwise use --method clever|smoothing (an estimate, and randomized smoothing)")
+
+# the capabilities that select each table (``probe``)
+VIT_CAPABILITIES = frozenset({"gelu", "layernorm", "softmax_lse", "mul_perturbed"})
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One installed bound-propagation backend: its capability table and what certkd does to it.
+
+    ``family`` names the capability table (``"0.3"`` or ``"0.7"``), ``tested`` the
+    auto_LiRPA versions CI proved it with; ``shims`` the runtime patches applied at import
+    (``bounds.lirpa.APPLIED_SHIMS``, name -> applied); ``rewrites`` the view rewrites used.
+    """
+
+    family: str
+    version: str | None
+    capabilities: frozenset[str]
+    nodes: Mapping[str, Entry]
+    refused_modules: Mapping[type, str]
+    rewrites: tuple[str, ...]
+    tested: tuple[str, ...]
+    shims: Mapping[str, bool] = field(default_factory=dict)
+    location: str | None = None
+
+    @property
+    def bounds_vits(self) -> bool:
+        """True when ``bounds.vit_rewrite`` is applied and the transformer operators are in the table."""
+        return "vit" in self.rewrites
+
+    def allows(self, kind: str, method: str, norm: float) -> bool:
+        """True when operator ``kind`` (e.g. ``"BoundSoftmax"``) may be bounded with ``method`` under ``norm``."""
+        entry = self.nodes.get(kind)
+        return entry is not None and entry.allows(method, norm)
+
+    def module_hint(self, labels: list[str]) -> str | None:
+        """The second half of a module refusal: 0.7.x for transformer modules under 0.3, else None."""
+        transformer = {_REFUSED_03[c] for c in _TRANSFORMER}
+        if not self.bounds_vits and any(label in transformer for label in labels):
+            return VIT_HINT
+        return None
+
+
+def _table(family: str) -> tuple[Mapping[str, Entry], Mapping[type, str], tuple[str, ...], tuple[str, ...]]:
+    if family == "0.7":
+        return TABLE_07, _REFUSED_07, ("vit",), ("0.7.1",)
+    return TABLE_03, _REFUSED_03, (), ("0.3",)
+
+
+def probe(lirpa: Any) -> frozenset[str]:
+    """The capabilities of an imported auto_LiRPA module (pure function of its attributes).
+
+    - ``gelu``: an operator registered for ``custom::Gelu`` (``bounds.vit_rewrite.ExactGELU``);
+    - ``layernorm``: a LayerNorm operator (``BoundLayerNormalization``);
+    - ``softmax_lse``: the log-sum-exp softmax relaxation (0.3's softmax hazard is gone there);
+    - ``mul_perturbed``: products whose two inputs are both perturbed (``BoundMul`` decides per node).
+    """
+    ops = getattr(lirpa, "operators", None)
+    caps: set[str] = set()
+    try:
+        op_map = importlib.import_module(f"{lirpa.__name__}.bound_op_map").bound_op_map
+    except (ImportError, AttributeError):
+        op_map = {}
+    if "custom::Gelu" in op_map:
+        caps.add("gelu")
+    if hasattr(ops, "BoundLayerNormalization"):
+        caps.add("layernorm")
+    if hasattr(getattr(ops, "BoundSoftmax", None), "_softmax_lse_lower"):
+        caps.add("softmax_lse")
+    if hasattr(getattr(ops, "BoundMul", None), "update_requires_input_bounds"):
+        caps.add("mul_perturbed")
+    return frozenset(caps)
+
+
+def family_of(capabilities: frozenset[str]) -> str:
+    """``"0.7"`` when every capability a ViT needs is there, else the conservative ``"0.3"`` table."""
+    return "0.7" if VIT_CAPABILITIES <= capabilities else "0.3"
+
+
+def make_backend(lirpa: Any, version: str | None, shims: Mapping[str, bool] | None = None) -> Backend:
+    """The ``Backend`` of an imported auto_LiRPA module (``probe`` -> ``family_of`` -> its table)."""
+    caps = probe(lirpa)
+    family = family_of(caps)
+    nodes, refused, rewrites, tested = _table(family)
+    return Backend(family=family, version=version, capabilities=caps, nodes=nodes, refused_modules=refused,
+                   rewrites=rewrites, tested=tested, shims=dict(shims or {}),
+                   location=getattr(lirpa, "__file__", None))
+
+
+_CURRENT: Backend | None = None
+
+
+def current_backend() -> Backend:
+    """The installed backend (imports auto_LiRPA once; raises ``AutoLirpaMissing`` when it cannot)."""
+    global _CURRENT
+    if _CURRENT is None:
+        from bounds.lirpa import APPLIED_SHIMS, auto_lirpa_version, import_auto_lirpa
+
+        lirpa = import_auto_lirpa()
+        _CURRENT = make_backend(lirpa, auto_lirpa_version(), APPLIED_SHIMS)
+    return _CURRENT
+
+
+def _norm_label(norm: float) -> str:
+    return "inf" if math.isinf(norm) else f"{norm:g}"
+
+
+def capability_rows(backend: Backend) -> list[dict[str, Any]]:
+    """One row per operator the backend may bound: operator, methods, norms, evidence (sorted by operator)."""
+    order = ("ibp", "crown-ibp", "crown", "alpha-crown")
+    return [{"operator": "Mul (2 perturbed)" if kind == PERTURBED_PRODUCT else kind.removeprefix("Bound"),
+             "methods": [m for m in order if m in entry.methods],
+             "norms": [_norm_label(p) for p in sorted(entry.norms, reverse=True)],
+             "evidence": list(entry.evidence)}
+            for kind, entry in sorted(backend.nodes.items()) if kind not in _STRUCTURAL]
+
+
+def describe(backend: Backend | None = None) -> dict[str, Any]:
+    """Everything ``certkd doctor`` prints: backend, version, shims applied, rewrites, what it may bound.
+
+    Without auto_LiRPA the dict says so (``"backend": None`` and the reason) instead of raising.
+    """
+    import torch
+
+    from bounds.errors import AutoLirpaMissing
+
+    if backend is None:
+        try:
+            backend = current_backend()
+        except AutoLirpaMissing as exc:
+            return {"backend": None, "reason": str(exc), "torch": torch.__version__}
+    untested = backend.version not in backend.tested
+    return {
+        "backend": "auto_LiRPA", "version": backend.version, "location": backend.location,
+        "torch": torch.__version__, "family": backend.family, "tested_with": list(backend.tested),
+        "untested_version": untested, "capabilities": sorted(backend.capabilities),
+        "shims_applied": sorted(name for name, applied in backend.shims.items() if applied),
+        "rewrites": _rewrite_lines(backend),
+        "bounds_vits": backend.bounds_vits,
+        "may_bound": capability_rows(backend),
+        "refused_modules": sorted(set(backend.refused_modules.values())),
+    }
+
+
+def _rewrite_lines(backend: Backend) -> list[str]:
+    lines = ["Normalize and BatchNorm -> dense affine layers", "grouped convolutions -> block-diagonal dense ones"]
+    if backend.bounds_vits:
+        lines += ["nn.GELU -> custom::Gelu (the same function, auto_LiRPA's GELU relaxation)",
+                  "nn.MultiheadAttention -> linear projections, MatMul, softmax (the same function)"]
+    return lines
