@@ -54,7 +54,7 @@ class _GeluFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> torch.Tensor:
         """GELU'(x) = Phi(x) + x phi(x)."""
-        (x,) = ctx.saved_tensors
+        x: torch.Tensor = ctx.saved_tensors[0]
         return grad_output * (0.5 * (1.0 + torch.erf(x / _SQRT_2)) + x * torch.exp(-0.5 * x * x) / _SQRT_2PI)
 
 
@@ -62,7 +62,8 @@ class ExactGELU(nn.Module):
     """``GELU(x) = x Phi(x)`` (exact, erf form), traced as ``custom::Gelu``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _GeluFunction.apply(x)  # type: ignore[no-any-return]
+        out: torch.Tensor = _GeluFunction.apply(x)  # type: ignore[no-untyped-call]
+        return out
 
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
@@ -89,6 +90,7 @@ class ExplicitAttention(nn.Module):
                                         "yet; use --method clever|smoothing for this model")
         d = mha.embed_dim
         self.heads, self.batch_first = mha.num_heads, mha.batch_first
+        self.scale = 1.0 / math.sqrt(d // mha.num_heads)
         bias = mha.in_proj_bias
         if mha._qkv_same_embed_dim:
             weights = [mha.in_proj_weight[i * d:(i + 1) * d] for i in range(3)]
@@ -112,7 +114,7 @@ class ExplicitAttention(nn.Module):
         if not self.batch_first:
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         q, k, v = self._split(self.q(query)), self._split(self.k(key)), self._split(self.v(value))
-        scores = torch.matmul(q, k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
+        scores = torch.matmul(q, k.transpose(-2, -1)) * self.scale
         weights = torch.softmax(scores, dim=-1)
         mixed = torch.matmul(weights, v).transpose(1, 2)
         out = self.out(mixed.reshape(mixed.shape[0], mixed.shape[1], -1))

@@ -56,5 +56,4 @@ def main() -> None:
 
 
 # Command modules register themselves on ``main``; each helper-owned module adds one line here.
-from certkd.cli import commands  # noqa: E402,F401
-from certkd.cli import doctor  # noqa: E402,F401
+from certkd.cli import commands, doctor  # noqa: E402,F401

@@ -1,0 +1,158 @@
+"""ViTs by bound propagation under auto_LiRPA 0.7.x (issue 12): an exact view, and CROWN below a strong PGD.
+
+CI runs this file against both backends (.ci/run). Under 0.3 the bound tests skip with the
+reason and ``test_vit_refused_under_0_3_names_0_7`` checks the refusal instead.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from bounds.attack import margins, pgd_maximize
+from bounds.backends import current_backend
+from bounds.certify import bounded_module, margin_spec
+from bounds.lirpa import import_auto_lirpa
+from bounds.view import verification_view
+from bounds.vit_rewrite import ExactGELU, ExplicitAttention, rewrite_transformer
+from certkd.data import load_dataset
+from certkd.models import create_model
+
+VIT = {"patch": 4, "dim": 8, "depth": 1, "heads": 2}  # 4 patches + the class token on 8x8 digits
+N_POINTS = 200
+CASES = [("inf", 0.002), ("inf", 0.01), ("2", 0.01), ("2", 0.03)]
+NO_VITS = "auto_LiRPA 0.3 cannot bound ViTs (no GELU/LayerNorm relaxation, unsound softmax); .ci/run tests them on 0.7.x"
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+
+def needs_vit_backend() -> None:
+    if not current_backend().bounds_vits:
+        pytest.skip(NO_VITS)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits", "train"), load_dataset("digits", "test")
+
+
+@pytest.fixture(scope="module")
+def vit(digits):
+    """The registry ViT (small), trained 200 Adam steps on digits (about 85 % test accuracy)."""
+    train, test = digits
+    torch.manual_seed(0)
+    model = create_model("vit", 10, test.info.input_shape, test.info.mean, test.info.std, **VIT)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        idx = torch.randint(0, len(train.x), (128,), generator=generator)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(train.x[idx]), train.y[idx]).backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def points(vit, digits):
+    x = digits[1].x[:N_POINTS]
+    with torch.no_grad():
+        return x, vit(x).argmax(1)
+
+
+def rewritten(model: nn.Module, shape) -> nn.Module:
+    view = verification_view(model, shape)
+    rewrite_transformer(view)
+    return view
+
+
+# --------------------------------------------------------------------------- the rewrite (pure torch)
+
+def test_rewrite_is_exact_and_replaces_gelu_and_attention(vit, points):
+    x, _ = points
+    view = rewritten(vit, (1, 8, 8))
+    kinds = {type(m) for m in view.modules()}
+    assert ExactGELU in kinds and ExplicitAttention in kinds
+    assert not kinds & {nn.GELU, nn.MultiheadAttention}
+    with torch.no_grad():
+        assert float((view(x) - vit(x)).abs().max()) <= 1e-5
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_explicit_attention_matches_multihead_attention(batch_first):
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(12, 3, batch_first=batch_first).eval()
+    with torch.no_grad():
+        mha.in_proj_bias.normal_()
+    ours = ExplicitAttention(mha)
+    q, k = torch.randn(4, 5, 12), torch.randn(4, 7, 12)
+    if not batch_first:
+        q, k = q.transpose(0, 1), k.transpose(0, 1)
+    with torch.no_grad():
+        out, weights = mha(q, k, k, need_weights=True)
+        got, got_weights = ours(q, k, k, need_weights=True)
+    assert float((out - got).abs().max()) <= 1e-5 and float((weights - got_weights).abs().max()) <= 1e-6
+
+
+def test_exact_gelu_value_and_gradient():
+    x = torch.linspace(-6, 6, 241, requires_grad=True)
+    ours, ref = ExactGELU()(x), nn.GELU()(x)
+    (g1,), (g2,) = torch.autograd.grad(ours.sum(), x), torch.autograd.grad(ref.sum(), x)
+    assert float((ours - ref).abs().max()) == 0.0 and float((g1 - g2).abs().max()) <= 1e-6
+
+
+def test_tanh_gelu_and_masks_are_not_rewritten_silently():
+    block = nn.Sequential(nn.Linear(4, 4), nn.GELU(approximate="tanh"))
+    rewrite_transformer(block)
+    assert isinstance(block[1], nn.GELU)
+    ours = ExplicitAttention(nn.MultiheadAttention(4, 2, batch_first=True))
+    from bounds.errors import UnsupportedModelError
+
+    with pytest.raises(UnsupportedModelError, match="masked attention"):
+        ours(torch.zeros(1, 3, 4), torch.zeros(1, 3, 4), torch.zeros(1, 3, 4), attn_mask=torch.zeros(3, 3))
+
+
+# --------------------------------------------------------------------------- bound propagation (0.7.x)
+
+def test_vit_graph_equals_model(vit, points):
+    """auto_LiRPA's own forward of the rewritten view computes the model (1e-5) on 200 points."""
+    needs_vit_backend()
+    x, _ = points
+    bounded = bounded_module(rewritten(vit, (1, 8, 8)), torch.zeros(1, 1, 8, 8))
+    with torch.no_grad():
+        assert float((bounded(x) - vit(x)).abs().max()) <= 1e-5
+
+
+def per_margin_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
+    """(B, K-1): the smallest value of each margin a 50-step, 2-restart PGD finds in the ball."""
+    k = 9
+    rows, labels = x.repeat_interleave(k, 0), y.repeat_interleave(k)
+    which = torch.arange(k).repeat(len(y))
+
+    def objective(z: torch.Tensor) -> torch.Tensor:
+        return -margins(model(z), labels)[torch.arange(len(labels)), which]
+
+    _, best = pgd_maximize(objective, rows, eps, norm, steps=50, restarts=2, generator=torch.Generator().manual_seed(0))
+    return (-best).view(len(y), k)
+
+
+@pytest.mark.parametrize("norm,eps", CASES)
+def test_vit_crown_below_pgd(vit, points, norm, eps):
+    """CROWN's margin lower bounds never exceed a strong PGD's margins (200 points x 9 margins), and certify."""
+    needs_vit_backend()
+    x, y = points
+    lirpa = import_auto_lirpa()
+    bounded = bounded_module(rewritten(vit, (1, 8, 8)), torch.zeros(1, 1, 8, 8))
+    p = math.inf if norm == "inf" else 2.0
+    box = {"x_L": (x - eps).clamp(0, 1), "x_U": (x + eps).clamp(0, 1)} if math.isinf(p) else {}
+    ptb = lirpa.PerturbationLpNorm(norm=p, eps=eps, **box)
+    with torch.no_grad():
+        lower, _ = bounded.compute_bounds(x=(lirpa.BoundedTensor(x, ptb),), C=margin_spec(y, 10), method="CROWN",
+                                          bound_upper=False)
+    attack = per_margin_attack(vit, x, y, eps, norm)
+    slack = 1e-5 * attack.abs().clamp_min(1.0)
+    assert int((lower > attack + slack).sum()) == 0
+    certified = float((lower.amin(dim=1) > 0).float().mean())
+    assert certified >= 0.5  # the bounds are not vacuous: the comparison has teeth
