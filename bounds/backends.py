@@ -43,8 +43,7 @@ ANY_NORM = frozenset({INF, L2})
 ALL_METHODS = frozenset({"ibp", "crown-ibp", "crown", "alpha-crown"})
 NO_ALPHA = frozenset({"ibp", "crown-ibp", "crown"})
 IBP_CROWN = frozenset({"ibp", "crown"})
-INSTALL_07 = ("pip install --no-deps git+https://github.com/Verified-Intelligence/auto_LiRPA graphviz appdirs "
-              "(auto_LiRPA 0.7.x)")
+INSTALL_07 = "pip install --no-deps git+https://github.com/Verified-Intelligence/auto_LiRPA graphviz appdirs"
 
 # the CI tests behind the entries (run against every backend by .ci/run)
 _SWEEP = "tests/test_hazards.py::test_soundness_sweep"
@@ -107,8 +106,8 @@ _REFUSED_07: Mapping[type, str] = types.MappingProxyType(
     {cls: label for cls, label in _REFUSED_03.items() if cls not in _BOUNDED_BY_07})
 # the refusal of a transformer module under a backend without the capabilities
 _TRANSFORMER = frozenset(_BOUNDED_BY_07)
-VIT_HINT = (f"auto_LiRPA 0.7.x bounds them with CROWN once installed ({INSTALL_07}); "
-            "otherwise use --method clever|smoothing (an estimate, and randomized smoothing)")
+VIT_HINT = (f"install auto_LiRPA 0.7.x, which bounds them with CROWN (`{INSTALL_07}`), or use "
+            "--method clever|smoothing (an estimate, and randomized smoothing)")
 
 # the capabilities that select each table (``probe``)
 VIT_CAPABILITIES = frozenset({"gelu", "layernorm", "softmax_lse", "mul_perturbed"})
