@@ -203,6 +203,7 @@ class LinearityBounder:
         check_supported(view, method, norm, self.input_shape)
         self.view = copy.deepcopy(view).to(self.device, torch.float64).eval()
         self._bounded_modules: dict[tuple[str, int], object] = {}
+        self.batch_size: int | None = None  # examples per bound pass (None: the whole batch; bounds.memory plans it)
 
     def _bounded(self, target: str, inputs: tuple[torch.Tensor, ...]):
         key = (target, inputs[0].shape[0])
@@ -217,8 +218,21 @@ class LinearityBounder:
         """Bounds of ``h(x + delta) - delta^T slope`` over ``B_p(x, eps)`` (L-inf: intersected with the box).
 
         ``slope`` is (B, M, *input) (``grad h(x)`` gives gamma; None means 0, i.e. bounds of
-        ``h`` itself). Non-finite bounds become -inf / +inf (still sound).
+        ``h`` itself). Non-finite bounds become -inf / +inf (still sound). At most
+        ``batch_size`` examples go through one bound pass (each example's bounds depend on
+        that example only, so chunking changes no value).
         """
+        step = self.batch_size or max(len(x), 1)
+        if len(x) <= step:
+            return self._bounds_pass(x, y, eps, target, slope)
+        parts = [self._bounds_pass(x[i:i + step], y[i:i + step], eps, target,
+                                   None if slope is None else slope[i:i + step]) for i in range(0, len(x), step)]
+        return ScalarBounds(lower=torch.cat([p.lower for p in parts]), upper=torch.cat([p.upper for p in parts]),
+                            center=torch.cat([p.center for p in parts]))
+
+    def _bounds_pass(self, x: torch.Tensor, y: torch.Tensor, eps: float, target: str,
+                     slope: torch.Tensor | None) -> ScalarBounds:
+        """One auto_LiRPA pass of ``bounds`` over the whole of ``x``."""
         _check_target(target)
         check_eps(eps)
         dt = torch.float64

@@ -69,3 +69,19 @@ def test_progress_in_a_log_is_one_line_per_stage_and_silent_when_disabled():
     with pytest.raises(RuntimeError), Progress(2, "train", "epoch", stream=failed):
         raise RuntimeError("boom")
     assert failed.getvalue() == ""
+
+
+def test_certified_gamma_passes_chunked_by_batch_size_give_the_same_bounds():
+    from bounds.linearity import MARGIN, LinearityBounder
+    from certkd.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("mlp", 10, (1, 8, 8), hidden=[16]).eval()
+    bounder = LinearityBounder(model, (1, 8, 8), "crown", "inf")
+    x, y = torch.rand(5, 1, 8, 8), torch.randint(0, 10, (5,))
+    slope = torch.randn(5, 9, 1, 8, 8)
+    whole = bounder.bounds(x, y, 0.05, MARGIN, slope)
+    bounder.batch_size = 2
+    chunked = bounder.bounds(x, y, 0.05, MARGIN, slope)
+    for a, b in ((whole.lower, chunked.lower), (whole.upper, chunked.upper), (whole.center, chunked.center)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
