@@ -29,10 +29,15 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from bounds.errors import BoundsError
+
+if TYPE_CHECKING:
+    from bounds.certify import BoundEngine
+    from bounds.linearity import LinearityBounder
 
 DEFAULT_FRACTION = 3
 """The default budget is ``available // DEFAULT_FRACTION``."""
@@ -258,5 +263,42 @@ def plan_batch(probe: Callable[[int], object], probe_size: int, cap: int, budget
                       device=str(torch.device(device)))
 
 
-__all__ = ["MemoryPlan", "available_memory", "current_rss", "default_budget", "format_bytes", "measure_peak",
+PROBE_POINTS = 2
+"""Points in the probe pass (the first points of the run; their bounds are discarded)."""
+
+
+def plan_engine(engine: BoundEngine, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str | float,
+                method: str, cap: int, budget_bytes: int | None = None) -> MemoryPlan:
+    """Probe ``engine.margin_bounds`` on the first ``PROBE_POINTS`` of ``(x, y)`` and set ``engine.batch_size``.
+
+    Every later ``margin_bounds`` / ``certified_radius`` call of the engine then bounds at
+    most ``plan.batch_size`` points per auto_LiRPA pass (each point's bounds depend on that
+    point only, so the values do not change).
+
+    Example
+    -------
+    >>> plan = plan_engine(engine, x, y, 2 / 255, "inf", "crown", cap=32)  # doctest: +SKIP
+    >>> engine.batch_size == plan.batch_size  # doctest: +SKIP
+    True
+    """
+    def probe(n: int) -> object:
+        return engine.margin_bounds(x[:n], y[:n], eps, norm, method)
+
+    plan = plan_batch(probe, min(PROBE_POINTS, len(x)), cap, budget_bytes, engine.device)
+    engine.batch_size = plan.batch_size
+    return plan
+
+
+def plan_bounder(bounder: LinearityBounder, x: torch.Tensor, y: torch.Tensor, eps: float, target: str, cap: int,
+                 budget_bytes: int | None = None) -> MemoryPlan:
+    """The same for the certified-gamma passes of a ``bounds.linearity.LinearityBounder`` (sets its ``batch_size``)."""
+    def probe(n: int) -> object:
+        return bounder.bounds(x[:n], y[:n], eps, target)
+
+    plan = plan_batch(probe, min(PROBE_POINTS, len(x)), cap, budget_bytes, bounder.device)
+    bounder.batch_size = plan.batch_size
+    return plan
+
+
+__all__ = ["MemoryPlan", "PROBE_POINTS", "plan_bounder", "plan_engine", "available_memory", "current_rss", "default_budget", "format_bytes", "measure_peak",
            "parse_memory", "peak_rss", "plan_batch", "reset_peak_rss"]

@@ -20,12 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from certkd.certification import (
+    BOUND_METHODS_BY_COST,
     COMMAND,
     PGD,
     CertifyJob,
     CertifyOptions,
     certify_points,
     check_fits,
+    plan_bound_memory,
     prepare_methods,
     record_key,
     summarize,
@@ -135,6 +137,8 @@ def run_study(study: Study, out: Path | None = None, overwrite: bool = False, pr
                 config = {"checkpoint_sha256": file_sha256(path), "model": ckpt.model_name, "dataset": dataset,
                           "split": study.split, "num_examples": n, **job.to_config()}
                 ctx = prepare_methods(model, ckpt.input_shape, job.all_methods(), norm, job.params, study.device)
+                if method in BOUND_METHODS_BY_COST:  # bound batches sized to a third of the available memory
+                    plan_bound_memory([ctx.bound_engine()], data, n, method, max(study.eps), norm, study.batch_size)
                 t0 = time.perf_counter()
                 with RecordLog.open(out / "records" / f"{label}_L{norm}_{method}.jsonl", COMMAND, config,
                                     record_key, resume=True, overwrite=overwrite) as log:

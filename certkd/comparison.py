@@ -11,7 +11,7 @@ bootstrap CIs, Wilcoxon, verdict) -> ``compare.json`` and figures.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -212,7 +212,8 @@ def merge_compare(parts: Sequence[tuple[str, Record | None, list[Record]]], out:
 def run_compare(student_path: Path, teacher_path: Path, job: CompareJob, shard: Shard | str | None = None,
                 dataset: str | None = None, split: str = "test", data_dir: Path | None = None,
                 num_examples: int | None = None, device: str = "cpu", out: Path | None = None,
-                resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict[str, Any] | None:
+                resume: bool = False, overwrite: bool = False, progress: bool = True,
+                max_memory: int | None = None, notify: Callable[[str], None] | None = None) -> dict[str, Any] | None:
     """``certkd compare``: both models' radii on the same points and the paired verdict.
 
     Parameters
@@ -233,7 +234,9 @@ def run_compare(student_path: Path, teacher_path: Path, job: CompareJob, shard: 
     resume, overwrite : bool
         Continue the run in ``out`` (same configuration only) or discard it.
     progress : bool
-        Progress bar on stderr.
+        Progress on stderr (a bar on a terminal, one line per stage otherwise).
+    max_memory, notify
+        Memory per bound pass and where its plan is reported (``certification.run.plan_bound_memory``).
 
     Returns
     -------
@@ -241,7 +244,7 @@ def run_compare(student_path: Path, teacher_path: Path, job: CompareJob, shard: 
         The summary; None for a shard that is not the whole run.
     """
     from certkd.certification.methods import prepare_methods
-    from certkd.certification.run import load_pair, load_points
+    from certkd.certification.run import BOUND_METHODS_BY_COST, load_pair, load_points, plan_bound_memory
     from certkd.checkpoint import file_sha256
     from certkd.errors import CertkdError
 
@@ -259,6 +262,9 @@ def run_compare(student_path: Path, teacher_path: Path, job: CompareJob, shard: 
     data_name, data, count = load_points(student_ckpt, dataset, split, data_dir, num_examples)
     contexts = [prepare_methods(m, student_ckpt.input_shape, [job.method], job.norm, job.options(), device)
                 for m in (student, teacher)]
+    plans = plan_bound_memory([c.bound_engine() for c in contexts], data, count, job.method,
+                              max(job.eps) if job.eps else None, job.norm, job.batch_size, max_memory,
+                              notify) if job.method in BOUND_METHODS_BY_COST else []
     config = {"student_sha256": file_sha256(student_path), "teacher_sha256": file_sha256(teacher_path),
               "dataset": data_name, "split": split, "num_examples": count, **job.to_config()}
     path = out / PER_EXAMPLE if out is not None else None
@@ -277,6 +283,7 @@ def run_compare(student_path: Path, teacher_path: Path, job: CompareJob, shard: 
         return None
     summary = summarize_compare(config, records)
     summary["provenance"] = {"student": str(student_path), "teacher": str(teacher_path)}
+    summary["memory_plan"] = dict(zip(("student", "teacher"), plans, strict=True)) if plans else None
     if out is not None:
         write_compare_outputs(out, summary)
     return summary

@@ -298,24 +298,22 @@ def execute(work: Sequence[W], compute: Callable[[W], list[Record]], log: Record
     log : RecordLog
         Receives the records; records already done are not appended again.
     progress : bool
-        Show a progress bar (on stderr).
+        Progress on stderr (``certkd.progress.Progress``: a bar on a terminal, else one line when done).
     desc, label
-        The bar's title and a per-item label.
+        The stage's name and a per-item label (shown beside a bar).
 
     Returns
     -------
     list of dict
         The records appended now.
     """
-    from tqdm.auto import tqdm
+    from certkd.progress import Progress
 
     new: list[Record] = []
-    with tqdm(total=len(work), desc=desc, unit="batch", disable=not progress, leave=False) as bar:
+    with Progress(len(work), desc, "batch", enabled=progress) as bar:
         for item in work:
-            if label is not None:
-                bar.set_postfix_str(label(item))
             new += log.add(compute(item))
-            bar.update(1)
+            bar.update(1, label(item) if label is not None else None)
     return new
 
 

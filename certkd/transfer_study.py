@@ -10,7 +10,7 @@ how often each bound holds, certificate counts) -> ``summary.json`` and figures.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -216,7 +216,8 @@ def write_bounds_outputs(out: Path, summary: dict[str, Any], records: list[Recor
 def run_bounds(student_path: Path, teacher_path: Path, job: BoundsJob, dataset: str | None = None,
                split: str = "test", data_dir: Path | None = None, num_examples: int | None = None,
                device: str = "cpu", out: Path | None = None, resume: bool = False, overwrite: bool = False,
-               progress: bool = True) -> dict[str, Any]:
+               progress: bool = True, max_memory: int | None = None,
+               notify: Callable[[str], None] | None = None) -> dict[str, Any]:
     """``certkd bounds``: the transfer-bound terms for STUDENT distilled from TEACHER; the summary.
 
     Parameters
@@ -234,14 +235,18 @@ def run_bounds(student_path: Path, teacher_path: Path, job: BoundsJob, dataset: 
     resume, overwrite : bool
         Continue the run in ``out`` (same configuration only) or discard it.
     progress : bool
-        Progress bar on stderr.
+        Progress on stderr (a bar on a terminal, one line per stage otherwise).
+    max_memory, notify
+        Memory per bound pass (certified gammas and margins) and where its plan is reported
+        (``certification.run.plan_bound_memory``).
 
     Returns
     -------
     dict
         The summary (``summarize_bounds``).
     """
-    from certkd.certification.run import load_pair, load_points
+    from bounds.linearity import MARGIN
+    from certkd.certification.run import load_pair, load_points, plan_bound_memory
     from certkd.checkpoint import file_sha256
     from certkd.errors import CertkdError
 
@@ -253,6 +258,10 @@ def run_bounds(student_path: Path, teacher_path: Path, job: BoundsJob, dataset: 
     student_ckpt, _, student, teacher = load_pair(student_path, teacher_path, device)
     data_name, data, count = load_points(student_ckpt, dataset, split, data_dir, num_examples)
     tools = TransferTools.build(student, teacher, student_ckpt.input_shape, job, device)
+    plans: list[dict[str, Any]] = []
+    if tools.engines is not None and tools.bounders is not None:
+        common = (data, count, job.method, max(job.eps), job.norm, job.batch_size, max_memory, notify)
+        plans = plan_bound_memory(tools.engines, *common) + plan_bound_memory(tools.bounders, *common, target=MARGIN)
     config = {"student_sha256": file_sha256(student_path), "teacher_sha256": file_sha256(teacher_path),
               "dataset": data_name, "split": split, "num_examples": count, **asdict(job)}
     path = out / "per_example.jsonl" if out is not None else None
@@ -260,6 +269,7 @@ def run_bounds(student_path: Path, teacher_path: Path, job: BoundsJob, dataset: 
         bounds_points(student, teacher, data, range(count), job, tools, log, device, progress)
     summary = summarize_bounds(config, log.records)
     summary["provenance"] = {"student": str(student_path), "teacher": str(teacher_path)}
+    summary["memory_plan"] = plans or None
     if out is not None:
         write_bounds_outputs(out, summary, log.records)
     return summary

@@ -3,16 +3,24 @@ idx set, certified in fresh processes with their peak memory measured."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from test_data import write_mnist_split
 
 from bounds.memory import measure_peak
-from certkd.data import check_dataset_fits, load_dataset
+from certkd.certification import check_fits
+from certkd.checkpoint import make_checkpoint, save_checkpoint
+from certkd.data import dataset_info, load_dataset
 from certkd.data.imagenet import decode_image
 from certkd.errors import CertkdError
+from certkd.models import create_model
 
 PIL = pytest.importorskip("PIL.Image")
 REPO = Path(__file__).resolve().parents[1]
@@ -33,6 +41,24 @@ def write_image_tree(root: Path) -> None:
             PIL.fromarray(pixels).save(folder / f"img_{i:03d}{suffix}")
 
 
+def run_certkd(args: list[str], cwd: Path) -> tuple[str, str, int, int]:
+    """stdout, stderr, exit code and the peak resident set (bytes) of this one child (``os.wait4``)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    out_path, err_path = cwd / f"{args[1]}.stdout", cwd / f"{args[1]}.stderr"
+    with open(out_path, "w") as out, open(err_path, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "certkd", *args], cwd=cwd, env=env, stdout=out, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return out_path.read_text(), err_path.read_text(), proc.returncode, usage.ru_maxrss * 1024
+
+
+def small_checkpoint(path: Path, arch: str, dataset: str, **kwargs) -> Path:
+    meta = dataset_info(dataset)
+    torch.manual_seed(0)
+    model = create_model(arch, meta.num_classes, meta.input_shape, meta.mean, meta.std, **kwargs)
+    return save_checkpoint(make_checkpoint(model, arch, kwargs, meta), path)
+
+
 def test_image_folder_streams_its_images(tmp_path):
     write_image_tree(tmp_path)
     data = load_dataset("imagenet", "test", tmp_path)
@@ -42,9 +68,9 @@ def test_image_folder_streams_its_images(tmp_path):
     assert x.shape == (3, 3, 224, 224) and x.dtype == torch.float32 and 0 <= float(x.min()) <= float(x.max()) <= 1
     assert y.tolist() == [0, 1, 2]
     assert float(x[1, 1].mean()) > float(x[1, 0].mean()) + 0.5  # class 1 images are green
-    check_dataset_fits(data, (3, 224, 224), 1000, "imagenet")
+    check_fits((3, 224, 224), 1000, data, "imagenet")
     with pytest.raises(CertkdError, match="inputs of shape"):
-        check_dataset_fits(data, (3, 32, 32), 1000, "imagenet")
+        check_fits((3, 32, 32), 1000, data, "imagenet")
     with measure_peak() as used:  # a pass over every image holds one batch at a time
         for start in range(0, len(data), 20):
             data.batch(list(range(start, start + 20)))
@@ -52,3 +78,26 @@ def test_image_folder_streams_its_images(tmp_path):
     assert used["bytes"] < whole_split / 3, used
     sub = data.subset([5, 7])
     assert torch.equal(sub.batch([1])[0], decode_image(data.paths[7]).unsqueeze(0))
+
+
+def test_certify_an_image_folder_and_10000_mnist_points_in_fresh_processes(tmp_path):
+    write_image_tree(tmp_path / "imagenet")
+    write_mnist_split(tmp_path / "mnist", "test", 10_000, gz=True)
+    small_checkpoint(tmp_path / "inet.pt", "cnn4", "imagenet", width=2, linear=8)
+    small_checkpoint(tmp_path / "mnist.pt", "lenet5", "mnist", conv=[4, 8], linear=[16])
+    inet = run_certkd(["certify", "inet.pt", "--data-dir", "imagenet", "--method", "ibp", "--pgd-steps", "0",
+                       "--batch-size", "25", "--no-progress", "--out", "inet.json"], tmp_path)
+    mnist = run_certkd(["certify", "mnist.pt", "--data-dir", "mnist", "--method", "ibp", "--pgd-steps", "0",
+                        "--batch-size", "1000", "--no-progress", "--out", "mnist.json"], tmp_path)
+    crown = run_certkd(["certify", "mnist.pt", "--data-dir", "mnist", "--method", "crown", "-n", "24",
+                        "--out", "crown.json"], tmp_path)
+    for _, err, code, _ in (inet, mnist, crown):
+        assert code == 0, err
+    assert json.loads((tmp_path / "inet.json").read_text())["num_examples"] == 300
+    assert json.loads((tmp_path / "mnist.json").read_text())["num_examples"] == 10_000
+    # the 300 decoded images alone would take 180 MB; the process stays well under 1.5 GB
+    print(f"peak RSS: imagefolder {inet[3] / MB:.0f} MB, mnist 10k {mnist[3] / MB:.0f} MB, crown {crown[3] / MB:.0f} MB")
+    assert inet[3] < 1536 * MB
+    plan = json.loads((tmp_path / "crown.json").read_text())["memory_plan"]
+    assert plan["batch_size"] >= 1 and plan["per_point_bytes"] > 0 and plan["budget_bytes"] > 0
+    assert f"bound batch {plan['batch_size']}" in crown[1] and "\r" not in crown[1]

@@ -37,18 +37,20 @@ from certkd.certification.records import (
     record_key,
 )
 from certkd.certification.run import (
+    BOUND_METHODS_BY_COST,
     certify_checkpoint,
     certify_points,
     check_device,
     check_fits,
     load_points,
     per_example_radii,
+    plan_bound_memory,
 )
 from certkd.certification.summary import eps_label, format_summary, summarize
 
-__all__ = ["CERTIFIED", "COMMAND", "ESTIMATE", "LEGEND", "METHODS", "MODEL", "PGD", "SMOOTHED", "CertifyJob",
+__all__ = ["BOUND_METHODS_BY_COST", "CERTIFIED", "COMMAND", "ESTIMATE", "LEGEND", "METHODS", "MODEL", "PGD", "SMOOTHED", "CertifyJob",
            "CertifyOptions", "Context", "Method", "MethodOutput", "canonical_order", "certify_checkpoint",
            "certify_methods", "certify_points", "check_device", "check_fits", "check_norm", "eps_label",
            "evaluate_batch", "expected_keys", "format_summary", "get_method", "load_points", "merge_shards",
-           "method_records", "parse_eps_list", "per_example_radii", "prepare_methods", "read_per_example",
+           "method_records", "parse_eps_list", "per_example_radii", "plan_bound_memory", "prepare_methods", "read_per_example",
            "record_key", "register_method", "summarize"]

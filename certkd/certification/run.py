@@ -7,7 +7,7 @@ missing (batch, method) work into the record log, gather shards, summarize, writ
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +71,48 @@ def check_fits(input_shape: Sequence[int], num_classes: int, data: Points, data_
     if tuple(x.shape[1:]) != tuple(input_shape):
         raise CertkdError(f"{data_name} has inputs of shape {tuple(x.shape[1:])} but the model takes "
                           f"{tuple(input_shape)}")
+
+
+BOUND_METHODS_BY_COST = ("alpha-crown", "crown", "crown-ibp", "ibp")
+"""Bound methods, the most memory-hungry first: the probe pass uses the costliest a run asks for."""
+NOMINAL_EPS = 1 / 255
+"""The probe's eps where a run has no eps grid (the memory of a CROWN pass hardly depends on eps)."""
+
+
+def plan_bound_memory(tools: Sequence[Any], data: Points, count: int, method: str, eps: float | None, norm: str,
+                      cap: int, max_memory: int | None = None, notify: Callable[[str], None] | None = None,
+                      target: str | None = None) -> list[dict[str, Any]]:
+    """Size every bound pass of ``tools`` to ``max_memory`` from one measured probe pass each (bounds.memory).
+
+    Parameters
+    ----------
+    tools : BoundEngines (``bounds.certify``) or, with ``target``, LinearityBounders (certified gamma)
+    data, count : the run's points; the probe reads the first ``bounds.memory.PROBE_POINTS``
+    method, eps, norm : what the run bounds (``eps`` None: ``NOMINAL_EPS``)
+    cap : the run's batch size (a pass never takes more points)
+    max_memory : bytes one pass may add (None: a third of the available memory)
+    notify : receives one line per plan (``bound batch 9 (measured 350 MB per point ...)``)
+
+    Returns
+    -------
+    list of dict
+        ``MemoryPlan.to_dict()`` per tool, for the run's summary.
+    """
+    from bounds.memory import PROBE_POINTS, plan_bounder, plan_engine
+
+    if count == 0 or not tools:
+        return []
+    x, y = data.batch(list(range(min(PROBE_POINTS, count))))
+    e = NOMINAL_EPS if eps is None else float(eps)
+    plans = []
+    for tool in tools:
+        x_t, y_t = x.to(tool.device), y.to(tool.device)
+        plan = (plan_engine(tool, x_t, y_t, e, norm, method, cap, max_memory) if target is None
+                else plan_bounder(tool, x_t, y_t, e, target, cap, max_memory))
+        if notify is not None:
+            notify(plan.describe())
+        plans.append(plan.to_dict())
+    return plans
 
 
 def load_points(ckpt: Any, dataset: str | None, split: str, data_dir: Path | None,
@@ -175,7 +217,8 @@ def certify_checkpoint(checkpoint: Path, job: CertifyJob, shard: Shard | str | N
                        dataset: str | None = None, split: str = "test", data_dir: Path | None = None,
                        num_examples: int | None = None, device: str = "cpu", out: Path | None = None,
                        per_example: Path | None = None, resume: bool = False, overwrite: bool = False,
-                       progress: bool = True) -> dict[str, Any] | None:
+                       progress: bool = True, max_memory: int | None = None,
+                       notify: Callable[[str], None] | None = None) -> dict[str, Any] | None:
     """``certkd certify``: certify the first points of a split for a checkpoint; the summary.
 
     Parameters
@@ -196,12 +239,17 @@ def certify_checkpoint(checkpoint: Path, job: CertifyJob, shard: Shard | str | N
     resume, overwrite : bool
         Continue the run in ``per_example`` (same configuration only) or discard it.
     progress : bool
-        Progress bar on stderr.
+        Progress on stderr (a bar on a terminal, one line per stage otherwise).
+    max_memory : int or None
+        Bytes one bound pass may add (``--max-memory``; None: a third of the available memory):
+        the bound batch comes from one measured probe pass (``plan_bound_memory``).
+    notify : callable or None
+        Receives the one-line memory plan.
 
     Returns
     -------
     dict or None
-        The summary (None on torchrun ranks other than 0).
+        The summary (None on torchrun ranks other than 0); ``memory_plan`` records the bound batch.
     """
     from certkd.checkpoint import file_sha256, load_checkpoint
 
@@ -214,6 +262,9 @@ def certify_checkpoint(checkpoint: Path, job: CertifyJob, shard: Shard | str | N
     data_name, data, count = load_points(ckpt, dataset, split, data_dir, num_examples)
     model = ckpt.build_model(device)
     ctx = prepare_methods(model, ckpt.input_shape, job.all_methods(), job.norm, job.params, device)
+    costly = [m for m in BOUND_METHODS_BY_COST if m in job.methods]
+    plans = plan_bound_memory([ctx.bound_engine()], data, count, costly[0], max(job.eps), job.norm, job.batch_size,
+                              max_memory, notify) if costly else []
     config: dict[str, Any] = {"checkpoint_sha256": file_sha256(checkpoint), "model": ckpt.model_name,
                               "dataset": data_name, "split": split, "num_examples": count, **job.to_config()}
     log_path = shard_path(per_example, job.shard) if launcher == TORCHRUN else per_example
@@ -230,6 +281,7 @@ def certify_checkpoint(checkpoint: Path, job: CertifyJob, shard: Shard | str | N
     summary = summarize(config, records)
     summary["provenance"] = {"checkpoint": str(checkpoint), "device": str(device),
                              "per_example": str(per_example) if per_example else None}
+    summary["memory_plan"] = plans[0] if plans else None
     if out is not None:
         atomic_write_json(out, summary)
     return summary
@@ -257,5 +309,5 @@ def load_pair(student_path: Path, teacher_path: Path, device: str) -> tuple[Any,
     return student_ckpt, teacher_ckpt, student_ckpt.build_model(device), teacher_ckpt.build_model(device)
 
 
-__all__ = ["load_pair", "merge_certify", "certify_checkpoint", "certify_points", "check_device", "check_fits", "load_points",
+__all__ = ["plan_bound_memory", "load_pair", "merge_certify", "certify_checkpoint", "certify_points", "check_device", "check_fits", "load_points",
            "per_example_radii"]

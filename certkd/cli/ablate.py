@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from certkd.cli import main
-from certkd.cli.options import overwrite_option
+from certkd.cli.options import overwrite_option, progress_option
 
 
 @main.command("ablate")
@@ -15,7 +15,8 @@ from certkd.cli.options import overwrite_option
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Output folder (default: the study's `out`, else the study file's name without .yaml).")
 @overwrite_option
-def ablate_command(study_file: Path, out: Path | None, overwrite: bool) -> None:
+@progress_option
+def ablate_command(study_file: Path, out: Path | None, overwrite: bool, progress: bool) -> None:
     """Run a grid over bound methods, eps, norms and checkpoints (and KDIGA iga weights).
 
     \b
@@ -31,5 +32,5 @@ def ablate_command(study_file: Path, out: Path | None, overwrite: bool) -> None:
     from certkd.ablate import format_cells, read_cells, run_study
     from certkd.study import load_study
 
-    cells = run_study(load_study(study_file), out, overwrite=overwrite)
+    cells = run_study(load_study(study_file), out, overwrite=overwrite, progress=progress)
     click.echo(format_cells(read_cells(cells), cells))

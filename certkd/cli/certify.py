@@ -14,6 +14,7 @@ from certkd.cli.options import (
     dataclass_options,
     eps_callback,
     norm_option,
+    notify_stderr,
     overwrite_option,
     points_options,
     run_options,
@@ -63,7 +64,7 @@ def _legend() -> str:
 @dataclass_options(CertifyOptions)
 def certify(checkpoint: Path, num_examples: int | None, dataset: str | None, data_dir: Path | None, split: str,
             eps: list[float], norm: str, methods: list[str], radius: bool, batch_size: int, device: str, seed: int,
-            out: Path | None, per_example: Path | None, resume: bool, overwrite: bool,
+            max_memory: int | None, progress: bool, out: Path | None, per_example: Path | None, resume: bool, overwrite: bool,
             shard: tuple[int, int] | str | None, **options: Any) -> None:
     """Certify the first N points of a split for CHECKPOINT: accuracy per method and eps, and radii.
 
@@ -83,7 +84,8 @@ def certify(checkpoint: Path, num_examples: int | None, dataset: str | None, dat
                      params=CertifyOptions(**options))
     summary = certify_checkpoint(checkpoint, job, shard, dataset=dataset, split=split, data_dir=data_dir,
                                  num_examples=num_examples, device=device, out=out, per_example=per_example,
-                                 resume=resume, overwrite=overwrite)
+                                 resume=resume, overwrite=overwrite, progress=progress, max_memory=max_memory,
+                                 notify=notify_stderr)
     if summary is not None:
         click.echo(format_summary(summary))
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from certkd.cli import main
-from certkd.cli.options import overwrite_option, seed_option
+from certkd.cli.options import overwrite_option, progress_option, seed_option
 
 
 @main.command("demo")
@@ -17,7 +17,8 @@ from certkd.cli.options import overwrite_option, seed_option
 @click.option("--quick", is_flag=True, help="Certify and compare on fewer points (60 instead of 300); same training.")
 @seed_option
 @overwrite_option
-def demo_command(out: Path, quick: bool, seed: int, overwrite: bool) -> None:
+@progress_option
+def demo_command(out: Path, quick: bool, seed: int, overwrite: bool, progress: bool) -> None:
     """Train a PGD-AT teacher, a KD and a KDIGA student on digits; certify, compare, explain.
 
     Writes OUT/report.md (tables, verdicts, what each number means), OUT/results.json
@@ -25,4 +26,4 @@ def demo_command(out: Path, quick: bool, seed: int, overwrite: bool) -> None:
     """
     from certkd.demo import format_demo, run_demo
 
-    click.echo(format_demo(run_demo(out, quick=quick, seed=seed, overwrite=overwrite), out))
+    click.echo(format_demo(run_demo(out, quick=quick, seed=seed, overwrite=overwrite, progress=progress), out))

@@ -87,10 +87,36 @@ def points_options(command: F) -> F:
     ])
 
 
+def parse_max_memory(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    """``--max-memory 4G`` -> bytes (None: the default, a third of the available memory)."""
+    from bounds.errors import BoundsError
+    from bounds.memory import parse_memory
+
+    if value is None:
+        return None
+    try:
+        return parse_memory(value)
+    except BoundsError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+progress_option = click.option("--progress/--no-progress", default=True, show_default=True,
+                               help="Progress on stderr: a bar on a terminal, one line per finished stage in logs.")
+max_memory_option = click.option(
+    "--max-memory", callback=parse_max_memory, default=None, metavar="SIZE",
+    help="Memory one bound pass may add, e.g. 4G or 512M (default: a third of the available RAM, or of the free "
+         "GPU memory on CUDA). The bound batch is sized from one measured probe pass; printed and recorded.")
+
+
+def notify_stderr(line: str) -> None:
+    """A run's one-line notes (e.g. the bound batch chosen for --max-memory) go to stderr."""
+    click.echo(line, err=True)
+
+
 def run_options(command: F) -> F:
-    """Batch size, device and seed (certify, bounds, compare)."""
+    """Batch size, device, seed, memory per bound pass and progress (certify, bounds, compare)."""
     return _apply(command, [click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True),
-                            device_option, seed_option])
+                            device_option, seed_option, max_memory_option, progress_option])
 
 
 def dataclass_options(cls: type, skip: tuple[str, ...] = ()) -> Callable[[F], F]:

@@ -15,6 +15,7 @@ from certkd.cli import main
 from certkd.cli.options import (
     eps_callback,
     norm_option,
+    notify_stderr,
     overwrite_option,
     parse_params,
     points_options,
@@ -48,8 +49,8 @@ _resume_option = click.option("--resume", is_flag=True, help="Continue an interr
 @overwrite_option
 def bounds_command(student: Path, teacher: Path, eps: list[float], norm: str, num_examples: int | None,
                    dataset: str | None, data_dir: Path | None, split: str, certified_gamma: bool, method: str,
-                   steps: int, restarts: int, batch_size: int, device: str, seed: int, out: Path | None,
-                   resume: bool, overwrite: bool) -> None:
+                   steps: int, restarts: int, batch_size: int, device: str, seed: int, max_memory: int | None,
+                   progress: bool, out: Path | None, resume: bool, overwrite: bool) -> None:
     """The transfer bound of theory.md §3 for STUDENT distilled from TEACHER, term by term.
 
     \b
@@ -68,7 +69,8 @@ def bounds_command(student: Path, teacher: Path, eps: list[float], norm: str, nu
     job = BoundsJob(eps=eps, norm=norm, certified_gamma=certified_gamma, method=method, steps=steps,
                     restarts=restarts, batch_size=batch_size, seed=seed)
     summary = run_bounds(student, teacher, job, dataset=dataset, split=split, data_dir=data_dir,
-                         num_examples=num_examples, device=device, out=out, resume=resume, overwrite=overwrite)
+                         num_examples=num_examples, device=device, out=out, resume=resume, overwrite=overwrite,
+                         progress=progress, max_memory=max_memory, notify=notify_stderr)
     click.echo(format_bounds(summary))
 
 
@@ -102,7 +104,8 @@ def compare_command(student: Path, teacher: Path, method: str, eps: list[float] 
                     num_examples: int | None, dataset: str | None, data_dir: Path | None, split: str,
                     radius_tol: float, params: dict[str, Any], margin: float, alpha: float,
                     fraction_threshold: float, n_boot: int, batch_size: int, device: str, seed: int,
-                    out: Path | None, resume: bool, overwrite: bool, shard: tuple[int, int] | str | None) -> None:
+                    max_memory: int | None, progress: bool, out: Path | None, resume: bool, overwrite: bool,
+                    shard: tuple[int, int] | str | None) -> None:
     """Does STUDENT certify at least as robustly as TEACHER?  yes / no / inconclusive.
 
     \b
@@ -120,7 +123,8 @@ def compare_command(student: Path, teacher: Path, method: str, eps: list[float] 
                      seed=seed, eps=eps, margin=margin, alpha=alpha, fraction_threshold=fraction_threshold,
                      n_boot=n_boot)
     summary = run_compare(student, teacher, job, shard, dataset=dataset, split=split, data_dir=data_dir,
-                          num_examples=num_examples, device=device, out=out, resume=resume, overwrite=overwrite)
+                          num_examples=num_examples, device=device, out=out, resume=resume, overwrite=overwrite,
+                          progress=progress, max_memory=max_memory, notify=notify_stderr)
     if summary is not None:
         click.echo(format_compare(summary))
     elif job.shard is not None:

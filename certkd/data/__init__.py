@@ -6,7 +6,6 @@ from certkd.data._registry import (
     BatchSource,
     Dataset,
     DatasetInfo,
-    check_dataset_fits,
     dataset_description,
     dataset_info,
     list_datasets,
@@ -14,5 +13,5 @@ from certkd.data._registry import (
     register_dataset,
 )
 
-__all__ = ["DATASETS", "BatchSource", "Dataset", "DatasetInfo", "check_dataset_fits", "dataset_description", "dataset_info", "list_datasets", "load_dataset",
+__all__ = ["DATASETS", "BatchSource", "Dataset", "DatasetInfo", "dataset_description", "dataset_info", "list_datasets", "load_dataset",
            "register_dataset"]

@@ -72,27 +72,6 @@ class Dataset:
         return self.x[idx], self.y[idx]
 
 
-def check_dataset_fits(dataset: BatchSource, input_shape: tuple[int, ...] | list[int], num_classes: int,
-                       what: str = "data") -> None:
-    """Refuse, in one sentence, a dataset a model cannot take: checks one sample's shape and every label.
-
-    Only ``dataset.batch([0])`` is read (one decoded input), so a streamed split is not loaded.
-
-    Example
-    -------
-    >>> info = DatasetInfo("toy", (1, 2, 2), 3, (0.0,), (1.0,))
-    >>> check_dataset_fits(Dataset(torch.zeros(4, 1, 2, 2), torch.tensor([0, 1, 2, 0]), info), (1, 2, 2), 3)
-    """
-    if len(dataset) == 0:
-        raise CertkdError(f"{what} holds no examples")
-    x, _ = dataset.batch([0])
-    if tuple(x.shape[1:]) != tuple(input_shape):
-        raise CertkdError(f"{what} has inputs of shape {tuple(x.shape[1:])} but the model takes {tuple(input_shape)}")
-    y = dataset.y
-    if len(y) and (int(y.max()) >= num_classes or int(y.min()) < 0):
-        raise CertkdError(f"{what} has labels up to {int(y.max())} but the model has {num_classes} classes")
-
-
 Loader = Callable[[str, "Path | None"], BatchSource]
 DATASETS: Registry[Loader] = Registry("dataset", group="certkd.datasets")
 
