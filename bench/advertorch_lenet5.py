@@ -155,12 +155,12 @@ def main() -> None:
                                    str(args.num_examples), "--out", "certify.json"], work, data_dir)
     assert code == 0, err
     summary = json.loads((work / "certify.json").read_text())
-    plan = summary.get("memory_plan", {})
+    plan = summary["provenance"]["memory_plan"]
     print(out.strip())
     print("stderr:", err.strip().replace("\n", " | "))
-    budget = plan.get("budget_bytes", 0)
-    print(f"certify peak RSS {peak / 2**30:.2f} GB; bound batch {plan.get('batch_size')} "
-          f"({plan.get('per_point_bytes', 0) / 2**20:.0f} MB per point measured); default budget "
+    budget = plan["budget_bytes"]
+    print(f"certify peak RSS {peak / 2**30:.2f} GB; bound batch {plan['batch_size']} "
+          f"({plan['per_point_bytes'] / 2**20:.0f} MB per point measured); default budget "
           f"{budget / 2**30:.2f} GB; within budget: {peak <= budget + 2**30} (1 GB allowance for torch itself)")
 
 

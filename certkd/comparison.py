@@ -262,15 +262,15 @@ def run_compare(student_path: Path, teacher_path: Path, job: CompareJob, shard: 
     data_name, data, count = load_points(student_ckpt, dataset, split, data_dir, num_examples)
     contexts = [prepare_methods(m, student_ckpt.input_shape, [job.method], job.norm, job.options(), device)
                 for m in (student, teacher)]
-    plans = plan_bound_memory([c.bound_engine() for c in contexts], data, count, job.method,
-                              max(job.eps) if job.eps else None, job.norm, job.batch_size, max_memory,
-                              notify) if job.method in BOUND_METHODS_BY_COST else []
     config = {"student_sha256": file_sha256(student_path), "teacher_sha256": file_sha256(teacher_path),
               "dataset": data_name, "split": split, "num_examples": count, **job.to_config()}
     path = out / PER_EXAMPLE if out is not None else None
     if launcher == TORCHRUN:
         path = shard_path(path, job.shard)
     with RecordLog.open(path, COMMAND, config, record_key, resume=resume, overwrite=overwrite) as log:
+        plans = plan_bound_memory([c.bound_engine() for c in contexts], data, count, job.method,
+                                  max(job.eps) if job.eps else None, job.norm, job.batch_size, max_memory,
+                                  notify) if job.method in BOUND_METHODS_BY_COST else []
         compare_points(contexts[0], contexts[1], data, range(count), job, log, progress)
     records = log.records
     if launcher == TORCHRUN:
@@ -282,8 +282,8 @@ def run_compare(student_path: Path, teacher_path: Path, job: CompareJob, shard: 
     if job.shard is not None:
         return None
     summary = summarize_compare(config, records)
-    summary["provenance"] = {"student": str(student_path), "teacher": str(teacher_path)}
-    summary["memory_plan"] = dict(zip(("student", "teacher"), plans, strict=True)) if plans else None
+    summary["provenance"] = {"student": str(student_path), "teacher": str(teacher_path),
+                             "memory_plan": dict(zip(("student", "teacher"), plans, strict=True)) if plans else None}
     if out is not None:
         write_compare_outputs(out, summary)
     return summary

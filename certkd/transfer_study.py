@@ -258,18 +258,18 @@ def run_bounds(student_path: Path, teacher_path: Path, job: BoundsJob, dataset: 
     student_ckpt, _, student, teacher = load_pair(student_path, teacher_path, device)
     data_name, data, count = load_points(student_ckpt, dataset, split, data_dir, num_examples)
     tools = TransferTools.build(student, teacher, student_ckpt.input_shape, job, device)
-    plans: list[dict[str, Any]] = []
-    if tools.engines is not None and tools.bounders is not None:
-        common = (data, count, job.method, max(job.eps), job.norm, job.batch_size, max_memory, notify)
-        plans = plan_bound_memory(tools.engines, *common) + plan_bound_memory(tools.bounders, *common, target=MARGIN)
     config = {"student_sha256": file_sha256(student_path), "teacher_sha256": file_sha256(teacher_path),
               "dataset": data_name, "split": split, "num_examples": count, **asdict(job)}
     path = out / "per_example.jsonl" if out is not None else None
     with RecordLog.open(path, COMMAND, config, record_key, resume=resume, overwrite=overwrite) as log:
+        plans: list[dict[str, Any]] = []
+        if tools.engines is not None and tools.bounders is not None:
+            common = (data, count, job.method, max(job.eps), job.norm, job.batch_size, max_memory, notify)
+            plans = plan_bound_memory(tools.engines, *common) + plan_bound_memory(tools.bounders, *common,
+                                                                                  target=MARGIN)
         bounds_points(student, teacher, data, range(count), job, tools, log, device, progress)
     summary = summarize_bounds(config, log.records)
-    summary["provenance"] = {"student": str(student_path), "teacher": str(teacher_path)}
-    summary["memory_plan"] = plans or None
+    summary["provenance"] = {"student": str(student_path), "teacher": str(teacher_path), "memory_plan": plans or None}
     if out is not None:
         write_bounds_outputs(out, summary, log.records)
     return summary

@@ -85,3 +85,28 @@ def test_certified_gamma_passes_chunked_by_batch_size_give_the_same_bounds():
     chunked = bounder.bounds(x, y, 0.05, MARGIN, slope)
     for a, b in ((whole.lower, chunked.lower), (whole.upper, chunked.upper), (whole.center, chunked.center)):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_max_memory_sets_the_recorded_bound_batch_and_bad_sizes_are_one_line(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from certkd.checkpoint import make_checkpoint, save_checkpoint
+    from certkd.cli import main
+    from certkd.data import dataset_info
+    from certkd.models import create_model
+
+    meta = dataset_info("digits")
+    torch.manual_seed(0)
+    model = create_model("cnn4", meta.num_classes, meta.input_shape, meta.mean, meta.std, width=4, linear=16)
+    ckpt = save_checkpoint(make_checkpoint(model, "cnn4", {"width": 4, "linear": 16}, meta), tmp_path / "c.pt")
+    runner = CliRunner()
+    result = runner.invoke(main, ["certify", str(ckpt), "-n", "6", "--batch-size", "6", "--pgd-steps", "0",
+                                  "--max-memory", "1M", "--no-progress", "--out", str(tmp_path / "s.json")])
+    assert result.exit_code == 0, result.output
+    plan = json.loads((tmp_path / "s.json").read_text())["provenance"]["memory_plan"]
+    assert plan["batch_size"] == 1 and plan["budget_bytes"] == MB and plan["per_point_bytes"] >= MIN_COST_BYTES
+    assert "bound batch 1 (measured" in result.output and "certify: " not in result.output
+    bad = runner.invoke(main, ["certify", str(ckpt), "--max-memory", "lots"])
+    assert bad.exit_code == 2 and len(bad.output.strip().splitlines()) == 1 and "--max-memory" in bad.output

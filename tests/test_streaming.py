@@ -98,6 +98,6 @@ def test_certify_an_image_folder_and_10000_mnist_points_in_fresh_processes(tmp_p
     # the 300 decoded images alone would take 180 MB; the process stays well under 1.5 GB
     print(f"peak RSS: imagefolder {inet[3] / MB:.0f} MB, mnist 10k {mnist[3] / MB:.0f} MB, crown {crown[3] / MB:.0f} MB")
     assert inet[3] < 1536 * MB
-    plan = json.loads((tmp_path / "crown.json").read_text())["memory_plan"]
+    plan = json.loads((tmp_path / "crown.json").read_text())["provenance"]["memory_plan"]
     assert plan["batch_size"] >= 1 and plan["per_point_bytes"] > 0 and plan["budget_bytes"] > 0
     assert f"bound batch {plan['batch_size']}" in crown[1] and "\r" not in crown[1]

@@ -249,7 +249,8 @@ def certify_checkpoint(checkpoint: Path, job: CertifyJob, shard: Shard | str | N
     Returns
     -------
     dict or None
-        The summary (None on torchrun ranks other than 0); ``memory_plan`` records the bound batch.
+        The summary (None on torchrun ranks other than 0); ``provenance.memory_plan`` records the
+        bound batch.
     """
     from certkd.checkpoint import file_sha256, load_checkpoint
 
@@ -262,13 +263,13 @@ def certify_checkpoint(checkpoint: Path, job: CertifyJob, shard: Shard | str | N
     data_name, data, count = load_points(ckpt, dataset, split, data_dir, num_examples)
     model = ckpt.build_model(device)
     ctx = prepare_methods(model, ckpt.input_shape, job.all_methods(), job.norm, job.params, device)
-    costly = [m for m in BOUND_METHODS_BY_COST if m in job.methods]
-    plans = plan_bound_memory([ctx.bound_engine()], data, count, costly[0], max(job.eps), job.norm, job.batch_size,
-                              max_memory, notify) if costly else []
     config: dict[str, Any] = {"checkpoint_sha256": file_sha256(checkpoint), "model": ckpt.model_name,
                               "dataset": data_name, "split": split, "num_examples": count, **job.to_config()}
     log_path = shard_path(per_example, job.shard) if launcher == TORCHRUN else per_example
     with RecordLog.open(log_path, COMMAND, config, record_key, resume=resume, overwrite=overwrite) as log:
+        costly = [m for m in BOUND_METHODS_BY_COST if m in job.methods]
+        plans = plan_bound_memory([ctx.bound_engine()], data, count, costly[0], max(job.eps), job.norm,
+                                  job.batch_size, max_memory, notify) if costly else []
         certify_points(ctx, data, range(count), job, log, progress)
     records = log.records
     if launcher == TORCHRUN:
@@ -280,8 +281,8 @@ def certify_checkpoint(checkpoint: Path, job: CertifyJob, shard: Shard | str | N
             write_log(per_example, COMMAND, config, records)
     summary = summarize(config, records)
     summary["provenance"] = {"checkpoint": str(checkpoint), "device": str(device),
-                             "per_example": str(per_example) if per_example else None}
-    summary["memory_plan"] = plans[0] if plans else None
+                             "per_example": str(per_example) if per_example else None,
+                             "memory_plan": plans[0] if plans else None}
     if out is not None:
         atomic_write_json(out, summary)
     return summary
