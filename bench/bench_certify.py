@@ -31,10 +31,10 @@ from certkd.data import load_dataset
 
 
 def pgd_trained_cnn(out: Path) -> Path:
-    from certkd.train import MethodParams, TrainConfig, train
+    from certkd.train import ObjectiveParams, TrainConfig, train
 
     return train(TrainConfig(method="pgd-at", arch="cnn4", out=out / "teacher.pt", epochs=8, batch_size=128, lr=0.1,
-                             params=MethodParams(eps=0.2, norm="inf", attack_steps=5), val_size=200,
+                             params=ObjectiveParams(eps=0.2, norm="inf", attack_steps=5), val_size=200,
                              val_attack_steps=10, progress=False))
 
 

@@ -18,7 +18,7 @@ import time
 import torch
 
 from certkd.models import create_model
-from certkd.train.losses import LossBatch, MethodParams, get_loss
+from certkd.train.losses import LossBatch, ObjectiveParams, get_loss
 from certkd.train.trainer import compute_loss, optimizer_step
 
 METHODS = ("kd", "kdiga", "ard", "rslad", "pgd-at", "trades", "natural")
@@ -33,7 +33,7 @@ def time_steps(arch: str, arch_kwargs: dict, input_shape: tuple[int, ...], batch
     teacher = create_model(arch, 10, input_shape, **arch_kwargs).to(dev).eval().requires_grad_(False)
     x = torch.rand(batch_size, *input_shape, device=dev)
     y = torch.randint(0, 10, (batch_size,), device=dev)
-    params = MethodParams(eps=8 / 255, attack_steps=attack_steps, iga_weight=1.0).resolved()
+    params = ObjectiveParams(eps=8 / 255, attack_steps=attack_steps, iga_weight=1.0).resolved()
     students, optimizers = {}, {}
     for method in METHODS:
         torch.manual_seed(seed + 1)

@@ -37,7 +37,7 @@ from certkd.data import load_dataset
 from certkd.io import atomic_write_text
 from certkd.runs import RecordLog, config_sha256
 from certkd.study import Study
-from certkd.train import MethodParams as TrainParams
+from certkd.train import ObjectiveParams as TrainParams
 from certkd.train import TrainConfig, train
 
 COLUMNS = ["study", "model", "checkpoint", "iga_weight", "method", "kind", "target", "norm", "eps", "n",

@@ -32,7 +32,7 @@ from certkd.checkpoint import file_sha256, load_checkpoint, load_model
 from certkd.data import load_dataset
 from certkd.io import atomic_write_json
 from certkd.runs import Points, RecordLog, seed_stream
-from certkd.train import MethodParams as TrainParams
+from certkd.train import ObjectiveParams as TrainParams
 from certkd.train import TrainConfig, train
 
 TEACHER = ("cnn4", {})

@@ -13,7 +13,8 @@ from torch import nn
 import bounds.attack
 from bounds.norms import random_in_ball
 from certkd.errors import CertkdError
-from certkd.train.losses import LossBatch, MethodParams, gaussian_noise, get_loss, list_methods
+from certkd.registry import Registry
+from certkd.train.losses import LOSSES, LossBatch, ObjectiveParams, gaussian_noise, get_loss, list_methods
 from certkd.train.losses.distill import iga_term, input_gradient
 
 # Three classes, two features: logits = W x (+ b); x one-hot reads a column of W.
@@ -84,7 +85,7 @@ def mean(values: list[float]) -> float:
 
 
 def test_natural_is_cross_entropy():
-    out = get_loss("natural").fn(make_batch(linear(W_STUDENT)), MethodParams().resolved())
+    out = get_loss("natural").fn(make_batch(linear(W_STUDENT)), ObjectiveParams().resolved())
     expected = mean([ce(logits_of(W_STUDENT, x), y) for x, y in zip(X, Y, strict=True)])
     assert out["loss"].item() == pytest.approx(expected, rel=1e-12)
     assert float(out["ce"]) == pytest.approx(expected, rel=1e-12)
@@ -92,7 +93,7 @@ def test_natural_is_cross_entropy():
 
 @pytest.mark.parametrize("alpha,tau", [(0.5, 1.0), (0.3, 4.0)])
 def test_kd_formula_with_batchmean_kl(alpha, tau):
-    params = MethodParams(alpha=alpha, tau=tau).resolved()
+    params = ObjectiveParams(alpha=alpha, tau=tau).resolved()
     out = get_loss("kd").fn(make_batch(linear(W_STUDENT), linear(W_TEACHER)), params)
     kls = [kl(logits_of(W_TEACHER, x), logits_of(W_STUDENT, x), tau) for x in X]
     ces = [ce(logits_of(W_STUDENT, x), y) for x, y in zip(X, Y, strict=True)]
@@ -109,7 +110,7 @@ def grad_ce_linear(weight: list[list[float]], x: list[float], y: int) -> list[fl
 
 @pytest.mark.parametrize("norm", ["2", "1", "inf"])
 def test_kdiga_formula_per_sample_gradients(norm):
-    params = MethodParams(alpha=0.5, tau=2.0, iga_weight=3.0, iga_norm=norm).resolved()
+    params = ObjectiveParams(alpha=0.5, tau=2.0, iga_weight=3.0, iga_norm=norm).resolved()
     out = get_loss("kdiga").fn(make_batch(linear(W_STUDENT), linear(W_TEACHER)), params)
     p = {"2": 2.0, "1": 1.0, "inf": math.inf}[norm]
     gaps = []
@@ -130,7 +131,7 @@ def small_mlp(seed: int) -> nn.Module:
 
 def test_iga_is_zero_when_the_student_is_the_teacher():
     model = small_mlp(0)
-    params = MethodParams(iga_weight=5.0).resolved()
+    params = ObjectiveParams(iga_weight=5.0).resolved()
     assert float(get_loss("kdiga").fn(make_batch(model, model), params)["iga"]) == 0.0
     twin = copy.deepcopy(model).requires_grad_(False)
     out = get_loss("kdiga").fn(make_batch(model, twin), params)
@@ -164,7 +165,7 @@ def test_iga_gradient_reaches_the_student_by_double_backprop():
             weight[idx] += h
         assert float(grad[idx]) == pytest.approx((up - down) / (2 * h), rel=1e-5, abs=1e-9)
     # the teacher's gradient is a constant: nothing flows into the teacher
-    out = get_loss("kdiga").fn(batch, MethodParams().resolved())
+    out = get_loss("kdiga").fn(batch, ObjectiveParams().resolved())
     out["loss"].backward()
     assert all(p.grad is None for p in teacher.parameters())
     assert student[0].weight.grad is not None
@@ -172,14 +173,14 @@ def test_iga_gradient_reaches_the_student_by_double_backprop():
 
 def test_kdiga_noisy_aligns_at_uniform_noise_in_the_ball():
     student, teacher = linear(W_STUDENT), linear(W_TEACHER)
-    params = MethodParams(iga_on="noisy", eps=0.05, norm="inf", iga_weight=1.0).resolved()
+    params = ObjectiveParams(iga_on="noisy", eps=0.05, norm="inf", iga_weight=1.0).resolved()
     out = get_loss("kdiga").fn(make_batch(student, teacher), params)
     noise = random_in_ball((2, 2), math.inf, 0.05, torch.Generator().manual_seed(0),
                            dtype=torch.float64)
     x_noisy = (torch.tensor(X, dtype=torch.float64) + noise).clamp(0, 1).tolist()
     gaps = [math.dist(grad_ce_linear(W_STUDENT, x, y), grad_ce_linear(W_TEACHER, x, y)) for x, y in zip(x_noisy, Y, strict=True)]
     assert float(out["iga"]) == pytest.approx(mean(gaps), rel=1e-10)
-    clean = get_loss("kdiga").fn(make_batch(student, teacher), MethodParams(iga_weight=1.0).resolved())
+    clean = get_loss("kdiga").fn(make_batch(student, teacher), ObjectiveParams(iga_weight=1.0).resolved())
     assert float(out["iga"]) != pytest.approx(float(clean["iga"]), rel=1e-6)
     assert float(out["kl"]) == pytest.approx(float(clean["kl"]), rel=1e-12)  # KD stays on clean x
 
@@ -191,7 +192,7 @@ def run_with_fixed_attack(monkeypatch, method: str, **params) -> tuple[dict, Fix
     spy = FixedAttack(DELTA)
     monkeypatch.setattr(bounds.attack, "pgd_maximize", spy)
     out = get_loss(method).fn(make_batch(linear(W_STUDENT), linear(W_TEACHER)),
-                              MethodParams(**ATTACK, **params).resolved())
+                              ObjectiveParams(**ATTACK, **params).resolved())
     return out, spy
 
 
@@ -260,7 +261,7 @@ def test_real_attack_stays_in_the_ball_and_raises_its_objective(method):
     try:
         batch = LossBatch(x=x, y=y, student=student, student_bare=student, teacher=teacher,
                           generator=torch.Generator().manual_seed(1))
-        get_loss(method).fn(batch, MethodParams(eps=0.1, norm="inf", attack_steps=5).resolved())
+        get_loss(method).fn(batch, ObjectiveParams(eps=0.1, norm="inf", attack_steps=5).resolved())
     finally:
         mp.undo()
     (objective, x_in, x_adv, value), = calls
@@ -282,16 +283,76 @@ def test_gaussian_noise_statistics():
 
 
 def test_method_params_resolution_and_errors():
-    assert MethodParams(eps=0.2, attack_steps=4).resolved().attack_step_size == pytest.approx(0.125)
-    assert MethodParams(eps=0.2, attack_step_size=0.01).resolved().attack_step_size == 0.01
+    assert ObjectiveParams(eps=0.2, attack_steps=4).resolved().attack_step_size == pytest.approx(0.125)
+    assert ObjectiveParams(eps=0.2, attack_step_size=0.01).resolved().attack_step_size == 0.01
     for bad in (dict(alpha=1.5), dict(tau=0.0), dict(iga_norm="3"), dict(iga_on="adv"), dict(norm="1"),
-                dict(attack_steps=0), dict(eps=-0.1), dict(iga_weight=-1.0)):
+                dict(attack_steps=0), dict(eps=-0.1), dict(iga_weight=-1.0), dict(iga_scale="batch"),
+                dict(eps=0.1, iga_step=-1.0)):
         with pytest.raises(CertkdError):
-            MethodParams(**bad).resolved()
+            ObjectiveParams(**bad).resolved()
 
 
 def test_registry_lists_every_method_of_theory_section_4():
     assert set(list_methods()) == {"natural", "pgd-at", "trades", "kd", "kdiga", "ard", "rslad"}
     with pytest.raises(CertkdError, match="unknown training method"):
         get_loss("madry")
+    assert isinstance(LOSSES, Registry) and LOSSES.get("kdiga") is get_loss("kdiga")
     assert {m for m in list_methods() if get_loss(m).needs_teacher} == {"kd", "kdiga", "ard", "rslad"}
+
+
+def one_step_by_hand(weight, x, y, u, eps, step):
+    """The fast-AT point, L-inf, written out: x0 = clip(x + u), one signed step, projection to ball and box."""
+    clip = [min(1.0, max(0.0, v)) for v in (xi + ui for xi, ui in zip(x, u, strict=True))]
+    g = grad_ce_linear(weight, clip, y)
+    moved = [c + step * math.copysign(1.0, gi) if gi != 0 else c for c, gi in zip(clip, g, strict=True)]
+    return [min(1.0, max(0.0, xi + min(eps, max(-eps, m - xi)))) for xi, m in zip(x, moved, strict=True)]
+
+
+X3 = [[1.0, 0.0], [0.3, 0.6], [0.0, 0.9]]
+Y3 = [0, 2, 2]
+
+
+@pytest.mark.parametrize("scale", ["sample", "batch-mean"])
+@pytest.mark.parametrize("mask", [True, False])
+def test_kdiga_adversarial_formula(scale, mask):
+    """Every term at the student's one-step point x'; KL and IGA averaged over the examples the teacher
+    gets right at x' (the teacher misclassifies the second one); batch-mean rows are 1/B of the per-sample ones."""
+    eps, tau, weight = 0.1, 2.0, 3.0
+    params = ObjectiveParams(iga_on="adversarial", eps=eps, tau=tau, alpha=0.4, iga_weight=weight,
+                             iga_scale=scale, teacher_mask=None if mask else False).resolved()
+    assert params.iga_step == pytest.approx(1.25 * eps) and params.teacher_mask is mask
+    out = get_loss("kdiga").fn(make_batch(linear(W_STUDENT), linear(W_TEACHER), X3, Y3), params)
+    u = random_in_ball((3, 2), math.inf, eps, torch.Generator().manual_seed(0), dtype=torch.float64).tolist()
+    points = [one_step_by_hand(W_STUDENT, x, y, ui, eps, 1.25 * eps) for x, y, ui in zip(X3, Y3, u, strict=True)]
+    right = [max(range(3), key=lambda k, p=p: logits_of(W_TEACHER, p)[k]) == y for p, y in zip(points, Y3, strict=True)]
+    assert right == [True, False, True]
+    keep = right if mask else [True] * 3
+    kls = [kl(logits_of(W_TEACHER, p), logits_of(W_STUDENT, p), tau) for p in points]
+    ces = [ce(logits_of(W_STUDENT, p), y) for p, y in zip(points, Y3, strict=True)]
+    gaps = [math.dist(grad_ce_linear(W_STUDENT, p, y), grad_ce_linear(W_TEACHER, p, y)) / (3 if scale == "batch-mean"
+                                                                                            else 1)
+            for p, y in zip(points, Y3, strict=True)]
+    kept_mean = lambda v: sum(vi for vi, k in zip(v, keep, strict=True) if k) / sum(keep)  # noqa: E731
+    assert float(out["kl"]) == pytest.approx(kept_mean(kls), rel=1e-10)
+    assert float(out["iga"]) == pytest.approx(kept_mean(gaps), rel=1e-10)
+    assert float(out["ce"]) == pytest.approx(mean(ces), rel=1e-10)  # CE on the whole batch
+    expected = 0.4 * tau ** 2 * kept_mean(kls) + 0.6 * mean(ces) + weight * kept_mean(gaps)
+    assert out["loss"].item() == pytest.approx(expected, rel=1e-10)
+    assert float(out["kd_term"]) + float(out["iga_weighted"]) == pytest.approx(expected, rel=1e-10)
+    if mask:
+        assert float(out["teacher_right"]) == pytest.approx(2 / 3)
+
+
+def test_one_step_point_l2_stays_in_ball_and_box():
+    torch.manual_seed(0)
+    model = small_mlp(0)
+    x = torch.rand(32, 2, dtype=torch.float64)
+    y = torch.randint(0, 3, (32,))
+    from certkd.train.losses.common import one_step_point
+
+    x_adv = one_step_point(model, x, y, 0.2, "2", 0.25, torch.Generator().manual_seed(0))
+    assert float((x_adv - x).norm(dim=1).max()) <= 0.2 + 1e-12
+    assert float(x_adv.min()) >= 0.0 and float(x_adv.max()) <= 1.0 and not x_adv.requires_grad
+    with torch.no_grad():
+        assert float(nn.functional.cross_entropy(model(x_adv), y)) > float(nn.functional.cross_entropy(model(x), y))
+    assert all(p.grad is None for p in model.parameters())  # no parameter gradients kept

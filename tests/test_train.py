@@ -21,7 +21,7 @@ from certkd.data import DatasetInfo, load_dataset
 from certkd.errors import CertkdError
 from certkd.io import read_jsonl
 from certkd.models import create_model
-from certkd.train import MethodParams, TrainConfig, TrainingDiverged, evaluate, train
+from certkd.train import ObjectiveParams, TrainConfig, Trainer, TrainingDiverged, evaluate, train
 from certkd.train import trainer as trainer_module
 from certkd.train.losses.distill import iga_term, input_gradient
 
@@ -92,23 +92,24 @@ def test_student_checkpoint_records_method_hyperparameters_and_teacher(digits_tr
     assert best.metrics["pgd_acc"] == max(r["pgd_acc"] for r in rows)
 
 
-def test_resume_ends_with_the_same_weights(tmp_path, monkeypatch):
-    cfg = TrainConfig(method="trades", out=tmp_path / "full.pt", epochs=3, noise_sd=0.05,
-                      params=MethodParams(eps=0.1, attack_steps=2), **TINY)
-    full = load_checkpoint(train(cfg))
+class InterruptedTrainer(Trainer):
+    """Stops like a killed job at the start of one epoch (0-based ``stop_at``)."""
 
-    real_epoch = trainer_module._train_epoch
+    stop_at = 2
 
-    def interrupted(*args, **kwargs):
-        if args[7] == 2:  # the third epoch
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        if epoch == self.stop_at:
             raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
+        return super().train_epoch(epoch)
 
+
+def test_resume_ends_with_the_same_weights(tmp_path):
+    cfg = TrainConfig(method="trades", out=tmp_path / "full.pt", epochs=3, noise_sd=0.05,
+                      params=ObjectiveParams(eps=0.1, attack_steps=2), **TINY)
+    full = load_checkpoint(train(cfg))
     split = replace(cfg, out=tmp_path / "split.pt")
-    monkeypatch.setattr(trainer_module, "_train_epoch", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        train(split)
-    monkeypatch.setattr(trainer_module, "_train_epoch", real_epoch)
+        InterruptedTrainer(split).run()
     assert load_checkpoint(split.out).metrics["epoch"] == 2
     resumed = load_checkpoint(train(replace(split, resume=True)))
     assert resumed.metrics["epoch"] == 3
@@ -138,7 +139,7 @@ def test_training_attacks_use_the_given_settings(tmp_path, monkeypatch, digits_t
         seen.clear()
         teacher = digits_trio.teacher_path if method in ("ard", "rslad") else None
         train(TrainConfig(method=method, out=tmp_path / f"{method}.pt", epochs=1, teacher=teacher, val_eps=0.03,
-                          params=MethodParams(eps=0.05, norm="2", attack_steps=2, attack_step_size=0.02),
+                          params=ObjectiveParams(eps=0.05, norm="2", attack_steps=2, attack_step_size=0.02),
                           **{**TINY, "val_attack_steps": 3}))
         training, validation = seen[:-1], seen[-1:]
         assert len(training) == 11  # one attack per batch: ceil(1347 / 128)

@@ -1,19 +1,27 @@
-"""``certkd train``: teachers and students with any objective of theory.md §4."""
+"""``certkd train``: teachers and students with any objective of theory.md §4 (parsing and printing only)."""
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import MISSING, fields
 from pathlib import Path
+from typing import Any
 
 import click
+from click.core import ParameterSource
 
 from certkd.checkpoint import load_checkpoint
 from certkd.cli import main
 from certkd.cli.options import device_option, norm_option, parse_eps_list, seed_option
-from certkd.errors import CertkdError
-from certkd.train import MethodParams, TrainConfig, list_methods, train
+from certkd.train import RECIPES, ObjectiveParams, TrainConfig, list_methods, train
 from certkd.train.losses import get_loss
+from certkd.train.losses._registry import IGA_POINTS, IGA_SCALES
+from certkd.train.trainer import SCHEDULES
+
+_DEFAULTS = {f.name: f.default for cls in (TrainConfig, ObjectiveParams) for f in fields(cls)
+             if f.default is not MISSING}
+"""Every option's default, read from the dataclasses (one place)."""
 
 
 def _one_number(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
@@ -38,28 +46,38 @@ def _json_kwargs(ctx: click.Context, param: click.Parameter, value: str | None) 
 
 
 _METHODS_HELP = "; ".join(f"{name}: {get_loss(name).summary}" for name in list_methods())
+_RECIPES_HELP = " ".join(RECIPES.get(name).describe() for name in RECIPES.names())
 
 
-@main.command("train", epilog=f"Methods (theory.md §4): {_METHODS_HELP}.")
-@click.option("--method", required=True, type=click.Choice(list_methods()), help="Training objective.")
+@main.command("train", epilog=f"Methods (theory.md §4): {_METHODS_HELP}. Recipes: {_RECIPES_HELP}")
+@click.option("--method", type=click.Choice(list_methods()), help="Training objective (required unless --recipe).")
+@click.option("--recipe", type=click.Choice(RECIPES.names()), help="Set the method and its settings as a paper's "
+              "authors train (listed below); options given explicitly override it; `certkd info` shows the "
+              "resolved values.")
 @click.option("--arch", required=True, help="Student (or teacher) architecture from the model registry.")
 @click.option("--arch-kwargs", callback=_json_kwargs, help="JSON keyword arguments of the architecture, "
               "e.g. '{\"width\": 8}'.")
-@click.option("--dataset", default="digits", show_default=True, help="Dataset name (see the data registry).")
+@click.option("--dataset", default=_DEFAULTS["dataset"], show_default=True, help="Dataset name (see the data "
+              "registry).")
 @click.option("--data-dir", type=click.Path(path_type=Path), help="Where the dataset files live.")
 @click.option("--teacher", type=click.Path(path_type=Path), help="Teacher checkpoint (kd, kdiga, ard, rslad); "
               "any architecture with the dataset's input shape and class count; frozen, eval mode.")
 @click.option("--init", type=click.Path(path_type=Path), help="Start the student from this checkpoint: every "
               "tensor whose name and shape match is copied (another family is allowed).")
-@click.option("--epochs", type=int, default=10, show_default=True)
-@click.option("--batch-size", type=int, default=128, show_default=True, help="Global batch (split over torchrun "
-              "processes).")
-@click.option("--lr", type=float, default=0.1, show_default=True, help="Initial learning rate.")
-@click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default="sgd", show_default=True,
+@click.option("--epochs", type=int, default=_DEFAULTS["epochs"], show_default=True)
+@click.option("--batch-size", type=int, default=_DEFAULTS["batch_size"], show_default=True,
+              help="Global batch (split over torchrun processes).")
+@click.option("--lr", type=float, default=_DEFAULTS["lr"], show_default=True, help="Initial (cyclic: peak) "
+              "learning rate.")
+@click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default=_DEFAULTS["optimizer"], show_default=True,
               help="SGD with momentum 0.9, or Adam.")
-@click.option("--weight-decay", type=float, default=5e-4, show_default=True)
-@click.option("--schedule", type=click.Choice(["cosine", "step"]), default="cosine", show_default=True,
-              help="Per-epoch cosine annealing, or x0.1 at 50% and 75% of the epochs.")
+@click.option("--weight-decay", type=float, default=_DEFAULTS["weight_decay"], show_default=True)
+@click.option("--lr-schedule", "--schedule", "schedule", type=click.Choice(SCHEDULES), default=_DEFAULTS["schedule"],
+              show_default=True, help="Cosine annealing per epoch; x0.1 at 50% and 75% of the epochs; or cyclic "
+              "(linear up to --lr over the first 40% of the steps, then down to 0; Wong et al. 2020).")
+@click.option("--clip-grad", type=float, help="Clip the L2 norm of the parameter gradient of every step to this.")
+@click.option("--eps-warmup", type=float, default=_DEFAULTS["eps_warmup"], show_default=True, metavar="EPOCHS",
+              help="Ramp the training radius (and its step sizes) linearly from 0 to --eps over this many epochs.")
 @seed_option
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Checkpoint path (ckpt.pt); beside "
               "it: ckpt.best.pt, ckpt.metrics.jsonl (one line per epoch), ckpt.resume.pt.")
@@ -67,47 +85,53 @@ _METHODS_HELP = "; ".join(f"{name}: {get_loss(name).summary}" for name in list_m
               "CPU it ends with the same weights as an uninterrupted run.")
 @device_option
 @click.option("--amp", is_flag=True, help="Mixed precision (float16 with loss scaling on CUDA, bfloat16 on CPU).")
-@click.option("--alpha", type=float, default=0.5, show_default=True, help="KD/KDIGA/ARD weight of the KL term.")
-@click.option("--tau", type=float, default=1.0, show_default=True, help="Distillation temperature.")
-@click.option("--beta", type=float, default=6.0, show_default=True, help="TRADES weight of the robust KL term.")
-@click.option("--iga-weight", type=float, default=1.0, show_default=True,
-              help="KDIGA weight of the input-gradient alignment term (the authors swept 1, 10, 100).")
-@click.option("--iga-norm", type=click.Choice(["2", "1", "inf"]), default="2", show_default=True,
+@click.option("--alpha", type=float, default=_DEFAULTS["alpha"], show_default=True,
+              help="KD/KDIGA/ARD weight of the KL term.")
+@click.option("--tau", type=float, default=_DEFAULTS["tau"], show_default=True, help="Distillation temperature.")
+@click.option("--beta", type=float, default=_DEFAULTS["beta"], show_default=True,
+              help="TRADES weight of the robust KL term.")
+@click.option("--iga-weight", type=float, default=_DEFAULTS["iga_weight"], show_default=True,
+              help="KDIGA weight of the input-gradient alignment term, on the --iga-scale scale.")
+@click.option("--iga-scale", type=click.Choice(IGA_SCALES), default=_DEFAULTS["iga_scale"], show_default=True,
+              help="sample: each aligned row is the gradient of its example's own CE (certkd's scale); batch-mean: "
+              "of the batch-mean CE, 1/B of it, as in the authors' code. A batch-mean weight w equals w/B on the "
+              "sample scale (B the per-process batch; the paper's gamma 1 at B=126 is 0.0079, at B=128 0.0078); "
+              "the checkpoint records both.")
+@click.option("--iga-norm", type=click.Choice(["2", "1", "inf"]), default=_DEFAULTS["iga_norm"], show_default=True,
               help="Norm of the per-sample gradient difference in KDIGA.")
-@click.option("--iga-on", type=click.Choice(["clean", "noisy"]), default="clean", show_default=True,
-              help="Align gradients at x, or at x plus uniform noise in the --eps ball.")
+@click.option("--iga-on", type=click.Choice(IGA_POINTS), default=_DEFAULTS["iga_on"], show_default=True,
+              help="Where KDIGA works: at x; gradients at x plus uniform noise in the --eps ball (KD at x); or every "
+              "term at the student's fast-AT point (random start, one signed step of --iga-step on its CE, "
+              "projected to ball and box), the authors' recipe.")
+@click.option("--iga-step", callback=_one_number, help="Step of the adversarial point [default: 1.25 * eps].")
+@click.option("--teacher-mask/--no-teacher-mask", default=None, help="Average KD and IGA only over the examples "
+              "the teacher classifies correctly at the point used [default: on with --iga-on adversarial].")
 @click.option("--eps", callback=_one_number, help="Attack radius for pgd-at, trades, ard, rslad (and "
-              "kdiga --iga-on noisy); also the validation PGD radius. Fractions allowed: 8/255.")
+              "kdiga --iga-on noisy/adversarial); also the validation PGD radius. Fractions allowed: 8/255.")
 @norm_option
-@click.option("--attack-steps", type=int, default=10, show_default=True, help="PGD steps of the training attack.")
+@click.option("--attack-steps", type=int, default=_DEFAULTS["attack_steps"], show_default=True,
+              help="PGD steps of the training attack.")
 @click.option("--attack-step-size", callback=_one_number, help="PGD step size [default: 2.5 * eps / steps].")
-@click.option("--noise-sd", type=float, default=0.0, show_default=True,
+@click.option("--noise-sd", type=float, default=_DEFAULTS["noise_sd"], show_default=True,
               help="Gaussian noise augmentation (any method), for randomized-smoothing comparisons.")
-@click.option("--val-size", type=int, default=500, show_default=True,
-              help="Size of the fixed validation subset of the test split.")
+@click.option("--val-size", type=int, help="Size of the validation set, carved from the training split (never "
+              "the test points) [default: min(500, 10% of the training split)].")
 @click.option("--val-eps", callback=_one_number, help="Radius of the validation PGD accuracy [default: --eps].")
-@click.option("--val-attack-steps", type=int, default=20, show_default=True)
-@click.option("--progress/--no-progress", default=True, show_default=True, help="tqdm bars on stderr.")
-def train_command(method: str, arch: str, arch_kwargs: dict, dataset: str, data_dir: Path | None,
-                  teacher: Path | None, init: Path | None, epochs: int, batch_size: int, lr: float, optimizer: str,
-                  weight_decay: float, schedule: str, seed: int, out: Path, resume: bool, device: str, amp: bool,
-                  alpha: float, tau: float, beta: float, iga_weight: float, iga_norm: str, iga_on: str,
-                  eps: float | None, norm: str, attack_steps: int, attack_step_size: float | None, noise_sd: float,
-                  val_size: int, val_eps: float | None, val_attack_steps: int, progress: bool) -> None:
+@click.option("--val-attack-steps", type=int, default=_DEFAULTS["val_attack_steps"], show_default=True)
+@click.option("--progress/--no-progress", default=True, show_default=True, help="tqdm bars and one line per "
+              "epoch on stderr.")
+@click.pass_context
+def train_command(ctx: click.Context, **options: Any) -> None:
     """Train a teacher or a student; one checkpoint per epoch, metrics as JSON lines, resumable.
 
     Runs the same under torchrun (DistributedDataParallel; gloo on CPU, nccl on GPU):
     torchrun --nproc_per_node 2 -m certkd train ...
     """
-    if val_size < 1 or val_attack_steps < 1:
-        raise CertkdError("--val-size and --val-attack-steps must be >= 1")
-    params = MethodParams(alpha=alpha, tau=tau, beta=beta, iga_weight=iga_weight, iga_norm=iga_norm, iga_on=iga_on,
-                          eps=eps, norm=norm, attack_steps=attack_steps, attack_step_size=attack_step_size)
-    cfg = TrainConfig(method=method, arch=arch, arch_kwargs=arch_kwargs, dataset=dataset, data_dir=data_dir,
-                      teacher=teacher, init=init, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
-                      weight_decay=weight_decay, schedule=schedule, seed=seed, out=out, resume=resume,
-                      device=device, amp=amp, noise_sd=noise_sd, params=params, val_size=val_size, val_eps=val_eps,
-                      val_attack_steps=val_attack_steps, progress=progress)
+    if options["method"] is None and options["recipe"] is None:
+        raise click.UsageError("give --method (or --recipe)")
+    explicit = {name for name in options
+                if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)}
+    cfg = TrainConfig.from_flat({k: v for k, v in options.items() if v is not None or k in explicit}, explicit)
     path = train(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         m = load_checkpoint(path).metrics

@@ -1,15 +1,23 @@
 """One trainer for every objective of theory.md §4: single process, or DistributedDataParallel under torchrun.
 
-``train(TrainConfig) -> Path`` writes, beside ``out`` (``ckpt.pt``):
+``train(TrainConfig) -> Path`` (``Trainer(cfg).run()``) writes, beside ``out`` (``ckpt.pt``):
 
-- ``ckpt.pt``: the latest epoch's student (atomic, rewritten every epoch);
+- ``ckpt.pt``: the latest good epoch's student (atomic, rewritten every epoch);
 - ``ckpt.best.pt``: the best epoch by the method's validation metric (clean or PGD accuracy);
-- ``ckpt.metrics.jsonl``: one line per epoch (every loss term, lr, clean and PGD accuracy);
+- ``ckpt.metrics.jsonl``: one line per epoch (every loss term, lr, clean and PGD accuracy, the mean
+  input-gradient norms of student and teacher, the IGA term relative to the KD term);
 - ``ckpt.resume.pt``: optimizer, scheduler, scaler and epoch, for ``resume=True``.
 
-Every epoch's randomness (shuffling, attack starts, noise, dropout) is drawn from generators
-seeded by ``(seed, epoch, rank)``, so a resumed run replays the remaining epochs exactly: on CPU
-it ends with the same weights as an uninterrupted run.
+The validation set is carved from the training split by a fixed permutation (the same for every
+run and seed), so it never touches the test points that ``certify`` evaluates; the student trains
+on the rest. Every epoch's randomness (shuffling, attack starts, noise, dropout) is drawn from
+generators seeded by ``(seed, epoch, rank)``, so a resumed run replays the remaining epochs
+exactly: on CPU it ends with the same weights as an uninterrupted run.
+
+Training stops with one line (``TrainingDiverged``) when the loss is not finite, or when the
+student collapses (``TrainingCollapsed``): its validation clean accuracy falls below twice chance
+(from epoch 2 on), or its mean input-gradient norm stays near 0 for two epochs. The line names
+the weight to lower; ``ckpt.pt`` stays at the last good epoch.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from tqdm import tqdm
 
 from bounds import attack
 from bounds.nn import Normalize
+from bounds.norms import batch_norm
 from certkd.checkpoint import (
     file_sha256,
     load_checkpoint,
@@ -39,15 +48,24 @@ from certkd.checkpoint import (
     save_checkpoint,
     torch_load_weights_only,
 )
-from certkd.data import DatasetInfo, load_dataset
+from certkd.data import Dataset, DatasetInfo, load_dataset
 from certkd.errors import CertkdError, CheckpointError
 from certkd.io import JsonlAppender, atomic_write, read_jsonl
 from certkd.models import create_model
-from certkd.train.losses import LossBatch, LossSpec, MethodParams, gaussian_noise, get_loss
+from certkd.train.losses import LossBatch, LossSpec, ObjectiveParams, gaussian_noise, get_loss
+from certkd.train.losses.distill import input_gradient
+from certkd.train.recipes import apply_recipe
 
 OPTIMIZERS = ("sgd", "adam")
-SCHEDULES = ("cosine", "step")
+SCHEDULES = ("cosine", "step", "cyclic")
+CYCLIC_PEAK = 0.4
+"""The cyclic schedule rises linearly from 0 to --lr over the first 40 % of the steps, then falls to 0."""
 VAL_SPLIT_SEED = 0
+VAL_DEFAULT_SIZE = 500
+VAL_DEFAULT_FRACTION = 0.1
+COLLAPSE_CHANCE_FACTOR = 2.0
+COLLAPSE_GRAD_FRACTION = 1e-3
+COLLAPSE_GRAD_EPOCHS = 2
 # settings that may differ between an interrupted run and its --resume
 _RESUME_FREE = ("resume", "device", "progress")
 
@@ -56,9 +74,19 @@ class TrainingDiverged(CertkdError):
     """The loss became NaN or Inf; the last good checkpoint is kept."""
 
 
+class TrainingCollapsed(CertkdError):
+    """The student collapsed (constant classifier, or input gradients near 0); the last good checkpoint is kept."""
+
+
 @dataclass
 class TrainConfig:
-    """Everything ``certkd train`` takes; recorded in the student checkpoint's ``config``."""
+    """Everything ``certkd train`` takes; recorded in the student checkpoint's ``config``.
+
+    ``val_size`` ``None``: ``min(500, 10 % of the training split)``. ``eps_warmup``: epochs of a
+    linear ramp of the training radius (and its step sizes) from 0 to ``params.eps``. ``clip_grad``:
+    the largest L2 norm of the parameter gradient per step. ``recipe``: the recipe the settings
+    were resolved from (recorded only; build with :meth:`from_flat` to apply one).
+    """
 
     method: str
     arch: str
@@ -75,16 +103,40 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     schedule: str = "cosine"
+    clip_grad: float | None = None
+    eps_warmup: float = 0.0
+    recipe: str | None = None
     seed: int = 0
     resume: bool = False
     device: str = "cpu"
     amp: bool = False
     noise_sd: float = 0.0
-    params: MethodParams = field(default_factory=MethodParams)
-    val_size: int = 500
+    params: ObjectiveParams = field(default_factory=ObjectiveParams)
+    val_size: int | None = None
     val_eps: float | None = None  # PGD accuracy radius on the validation subset; None: params.eps
     val_attack_steps: int = 20
     progress: bool = True
+
+    @classmethod
+    def from_flat(cls, values: dict[str, Any], explicit: set[str] | None = None) -> TrainConfig:
+        """Build from flat settings (``TrainConfig`` and ``ObjectiveParams`` field names), recipe applied.
+
+        ``explicit``: the keys the user gave (they override the recipe); default every key.
+
+        Example
+        -------
+        >>> cfg = TrainConfig.from_flat({"method": "kdiga", "arch": "mlp", "out": "s.pt", "recipe": "shao2021"})
+        >>> cfg.params.iga_on, cfg.schedule
+        ('adversarial', 'cyclic')
+        """
+        resolved = apply_recipe(values, explicit)
+        own = {f.name for f in fields(cls)} - {"params"}
+        objective = {f.name for f in fields(ObjectiveParams)}
+        unknown = set(resolved) - own - objective
+        if unknown:
+            raise CertkdError(f"unknown training settings: {', '.join(sorted(unknown))}")
+        params = ObjectiveParams(**{k: v for k, v in resolved.items() if k in objective})
+        return cls(params=params, **{k: v for k, v in resolved.items() if k in own})
 
     def to_dict(self) -> dict[str, Any]:
         """Flat JSON-friendly record (paths as strings, method parameters inlined)."""
@@ -145,7 +197,8 @@ def _generator(seed: int, device: torch.device) -> torch.Generator:
     return g
 
 
-def _check_config(cfg: TrainConfig, spec: LossSpec) -> MethodParams:
+def check_config(cfg: TrainConfig, spec: LossSpec) -> ObjectiveParams:
+    """Every setting of ``cfg`` checked before long work starts; returns the resolved objective params."""
     params = cfg.params.resolved()
     if cfg.epochs < 1 or cfg.batch_size < 1:
         raise CertkdError(f"--epochs and --batch-size must be >= 1, got {cfg.epochs} and {cfg.batch_size}")
@@ -154,19 +207,46 @@ def _check_config(cfg: TrainConfig, spec: LossSpec) -> MethodParams:
     if cfg.optimizer not in OPTIMIZERS:
         raise CertkdError(f"--optimizer must be sgd or adam, got {cfg.optimizer!r}")
     if cfg.schedule not in SCHEDULES:
-        raise CertkdError(f"--schedule must be cosine or step, got {cfg.schedule!r}")
+        raise CertkdError(f"--lr-schedule must be one of {', '.join(SCHEDULES)}, got {cfg.schedule!r}")
     if not (math.isfinite(cfg.noise_sd) and cfg.noise_sd >= 0):
         raise CertkdError(f"--noise-sd must be a number >= 0, got {cfg.noise_sd}")
+    if cfg.clip_grad is not None and not (math.isfinite(cfg.clip_grad) and cfg.clip_grad > 0):
+        raise CertkdError(f"--clip-grad must be a positive number, got {cfg.clip_grad}")
+    if not (math.isfinite(cfg.eps_warmup) and 0 <= cfg.eps_warmup <= cfg.epochs):
+        raise CertkdError(f"--eps-warmup must lie in [0, --epochs], got {cfg.eps_warmup}")
+    if cfg.val_size is not None and cfg.val_size < 1 or cfg.val_attack_steps < 1:
+        raise CertkdError("--val-size and --val-attack-steps must be >= 1")
     if spec.needs_teacher and cfg.teacher is None:
         raise CertkdError(f"method {spec.name} distils a teacher: give --teacher t.pt")
     if not spec.needs_teacher and cfg.teacher is not None:
         raise CertkdError(f"method {spec.name} uses no teacher; drop --teacher (distillation methods: "
                           "kd, kdiga, ard, rslad)")
-    needs_eps = spec.uses_attack or (spec.name == "kdiga" and params.iga_on == "noisy")
+    needs_eps = spec.uses_attack or (spec.name == "kdiga" and params.iga_on != "clean")
     if needs_eps and not params.eps:
         raise CertkdError(f"method {spec.name} attacks within a ball: give --eps > 0 (e.g. 8/255 on CIFAR, "
                           "0.1 on digits)")
     return params
+
+
+def validation_split(n: int, size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(train_indices, validation_indices)`` of a training split of ``n`` examples, disjoint.
+
+    A fixed permutation (seed ``VAL_SPLIT_SEED``, the same for every run) puts its first ``size``
+    indices in the validation set; ``size`` ``None`` means ``min(500, n // 10)``. At least half
+    of the split stays for training.
+
+    Example
+    -------
+    >>> train_idx, val_idx = validation_split(1000, None)
+    >>> len(train_idx), len(val_idx), bool(set(train_idx.tolist()) & set(val_idx.tolist()))
+    (900, 100, False)
+    """
+    size = min(VAL_DEFAULT_SIZE, max(1, int(n * VAL_DEFAULT_FRACTION))) if size is None else size
+    if size > n // 2:
+        raise CertkdError(f"--val-size {size} leaves fewer than half of the {n} training examples for training; "
+                          f"give at most {n // 2}")
+    order = torch.randperm(n, generator=_generator(VAL_SPLIT_SEED, torch.device("cpu")))
+    return order[size:], order[:size]
 
 
 def _load_teacher(path: Path, info: DatasetInfo, device: torch.device) -> tuple[nn.Module, str]:
@@ -198,32 +278,39 @@ def _load_init(student: nn.Module, path: Path) -> dict[str, Any]:
             "loaded": len(matched), "total": len(own), "skipped": sorted(set(own) - set(matched))}
 
 
-def _make_optimizer(cfg: TrainConfig, model: nn.Module) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """SGD (momentum, weight decay) or Adam; cosine or step (x0.1 at 50 % and 75 %) per epoch."""
+def lr_factor(schedule: str, epochs: int, steps_per_epoch: int, step: int) -> float:
+    """The learning rate of optimizer step ``step`` (0-based) as a fraction of --lr.
+
+    ``cosine``: ``(1 + cos(pi e / E)) / 2`` with ``e`` the epoch (constant within an epoch);
+    ``step``: ``0.1`` at 50 % and again at 75 % of the epochs; ``cyclic`` (Wong et al. 2020, as the
+    KDIGA authors use it): linear from 0 to 1 over the first 40 % of the steps, then back to 0.
+
+    Example
+    -------
+    >>> lr_factor("cyclic", 10, 100, 399), lr_factor("cosine", 10, 100, 500)
+    (1.0, 0.5)
+    """
+    epoch = step // steps_per_epoch
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
+    if schedule == "step":
+        milestones = sorted({max(1, epochs // 2), max(1, 3 * epochs // 4)})
+        return 0.1 ** sum(epoch >= m for m in milestones)
+    t = (step + 1) / (steps_per_epoch * epochs)
+    return t / CYCLIC_PEAK if t <= CYCLIC_PEAK else max(0.0, (1.0 - t) / (1.0 - CYCLIC_PEAK))
+
+
+def _make_optimizer(cfg: TrainConfig, model: nn.Module, steps_per_epoch: int
+                    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """SGD (momentum, weight decay) or Adam, with the schedule of :func:`lr_factor` stepped per batch."""
     if cfg.optimizer == "sgd":
-        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        opt: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                                     weight_decay=cfg.weight_decay)
     else:
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.schedule == "cosine":
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
-    else:
-        milestones = sorted({max(1, cfg.epochs // 2), max(1, 3 * cfg.epochs // 4)})
-        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: lr_factor(cfg.schedule, cfg.epochs, steps_per_epoch, step))
     return opt, sched
-
-
-def _resume_state(path: Path, cfg_dict: dict[str, Any]) -> dict[str, Any] | None:
-    if not path.exists():
-        return None
-    state = torch_load_weights_only(path, "resume state")
-    if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
-        raise CheckpointError(f"{path}: not a certkd resume state; delete it to start over")
-    old = state["config"]
-    diff = [k for k in cfg_dict if k not in _RESUME_FREE and old.get(k) != cfg_dict[k]]
-    if diff:
-        raise CertkdError(f"--resume with different settings than the interrupted run ({', '.join(diff)}); "
-                          "use the same command or a new --out")
-    return state
 
 
 def _save_resume_state(path: Path, state: dict[str, Any]) -> None:
@@ -240,200 +327,338 @@ def _autocast(device: torch.device, enabled: bool) -> torch.autocast:
 
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | None, norm: str, steps: int,
              seed: int, batch_size: int = 500, dist_info: _Dist | None = None) -> dict[str, float | None]:
-    """Clean accuracy and PGD accuracy (margin loss, ``steps`` steps; an estimate) of ``model`` on (x, y).
+    """Clean accuracy, PGD accuracy (margin loss, ``steps`` steps; an estimate) and the mean input-gradient
+    norm ``mean_i ||grad_x CE(model(x_i), y_i)||_2`` (per-sample scale) of ``model`` on (x, y).
 
-    Under torchrun each rank takes a slice and the counts are summed.
+    Under torchrun each rank takes a slice and the sums are added up.
     """
     d = dist_info or _Dist(device=next(model.parameters()).device)
     idx = torch.arange(d.rank, len(y), d.world)
     x, y = x[idx], y[idx]
     gen = _generator(_epoch_seed(seed, 0, d.rank), d.device)
-    counts = torch.zeros(3, dtype=torch.float64, device=d.device)
+    sums = torch.zeros(4, dtype=torch.float64, device=d.device)
     was_training = model.training
     model.eval()
     for i in range(0, len(y), batch_size):
         xb, yb = x[i:i + batch_size].to(d.device), y[i:i + batch_size].to(d.device)
-        with torch.no_grad():
-            counts[0] += (model(xb).argmax(1) == yb).sum()
+        logits, grad = input_gradient(model, xb, yb, create_graph=False)
+        sums[0] += (logits.detach().argmax(1) == yb).sum()
+        sums[3] += batch_norm(grad, 2.0).double().sum()
         if eps is not None:
             res = attack.pgd(model, xb, yb, eps, norm, steps=steps, generator=gen)
-            counts[1] += (res.margin > 0).sum()
-        counts[2] += len(yb)
+            sums[1] += (res.margin > 0).sum()
+        sums[2] += len(yb)
     model.train(was_training)
-    counts = d.all_sum(counts)
-    n = max(float(counts[2]), 1.0)
-    return {"clean_acc": float(counts[0]) / n, "pgd_acc": float(counts[1]) / n if eps is not None else None}
+    sums = d.all_sum(sums)
+    n = max(float(sums[2]), 1.0)
+    return {"clean_acc": float(sums[0]) / n, "pgd_acc": float(sums[1]) / n if eps is not None else None,
+            "grad_norm": float(sums[3]) / n}
 
 
-def _validation_subset(dataset: str, data_dir: Path | None, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A fixed subset of the test split (the same for every run and seed)."""
-    test = load_dataset(dataset, "test", data_dir)
-    order = torch.randperm(len(test), generator=_generator(VAL_SPLIT_SEED, torch.device("cpu")))
-    idx = order[:size]
-    return test.x[idx], test.y[idx]
-
-
-def train(cfg: TrainConfig) -> Path:
-    """Train the student of ``cfg`` (theory.md §4); returns the path of the final checkpoint ``cfg.out``.
-
-    Raises ``CertkdError`` (one sentence) for bad settings, an incompatible teacher, or a NaN/Inf loss
-    (``TrainingDiverged``; the checkpoints of the last good epoch stay on disk).
-    """
-    spec = get_loss(cfg.method)
-    params = _check_config(cfg, spec)
-    cfg_dict = replace(cfg, params=params).to_dict()
-    d = _setup_distributed(cfg.device)
-    try:
-        return _train(cfg, spec, params, cfg_dict, d)
-    finally:
-        if d.owns_group and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def _train(cfg: TrainConfig, spec: LossSpec, params: MethodParams, cfg_dict: dict[str, Any], d: _Dist) -> Path:
-    paths = cfg.paths()
-    train_set = load_dataset(cfg.dataset, "train", cfg.data_dir)
-    info = train_set.info
-    x_val, y_val = _validation_subset(cfg.dataset, cfg.data_dir, cfg.val_size)
-    val_eps = cfg.val_eps if cfg.val_eps is not None else params.eps
-
-    teacher, teacher_sha = (None, None)
-    if cfg.teacher is not None:
-        teacher, teacher_sha = _load_teacher(Path(cfg.teacher), info, d.device)
-    torch.manual_seed(cfg.seed)
-    student = create_model(cfg.arch, num_classes=info.num_classes, input_shape=info.input_shape,
-                           mean=info.mean, std=info.std, **cfg.arch_kwargs)
-    init_report = _load_init(student, Path(cfg.init)) if cfg.init is not None else None
-    if init_report and d.main:
-        _say(f"init: loaded {init_report['loaded']} of {init_report['total']} tensors from {cfg.init} "
-             f"({init_report['model']} -> {cfg.arch})"
-             + (f"; kept fresh: {', '.join(init_report['skipped'])}" if init_report["skipped"] else ""))
-    student.to(d.device).train()
-
-    per_rank = cfg.batch_size // d.world if d.world > 1 else cfg.batch_size
-    if per_rank < 1:
-        raise CertkdError(f"--batch-size {cfg.batch_size} is smaller than the {d.world} processes")
-    n_per_rank = len(train_set) // d.world
-    optimizer, scheduler = _make_optimizer(cfg, student)
-    scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and d.device.type == "cuda")
-
-    start_epoch, best = 0, -math.inf
-    state = _resume_state(paths["resume"], cfg_dict) if cfg.resume else None
-    if cfg.resume and state is None and d.main:
-        _say(f"resume: no state at {paths['resume']}, starting at epoch 1")
-    if state is not None:
-        if state["teacher_sha256"] != teacher_sha:
-            raise CertkdError(f"--resume: the teacher file {cfg.teacher} changed since the interrupted run")
-        student.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        start_epoch, best = int(state["epoch"]), float(state["best"])
-        if d.main:
-            _keep_metrics_until(paths["metrics"], start_epoch)
-            _say(f"resume: continuing after epoch {start_epoch} of {cfg.epochs}")
-    elif d.main:
-        for key in ("metrics", "resume"):
-            paths[key].unlink(missing_ok=True)
-
-    model = nn.parallel.DistributedDataParallel(student) if d.world > 1 else student
-    prov_extra = {"method": spec.name, "world_size": d.world}
-    if init_report:
-        prov_extra["init"] = init_report
-    prov = provenance(cfg.seed, teacher=cfg.teacher, **prov_extra)
-
-    metrics_log = JsonlAppender(paths["metrics"]) if d.main else None
-    try:
-        for epoch in range(start_epoch, cfg.epochs):
-            t0 = time.perf_counter()
-            lr = optimizer.param_groups[0]["lr"]
-            terms = _train_epoch(cfg, spec, params, model, student, teacher, train_set, epoch, per_rank,
-                                 n_per_rank, optimizer, scaler, d, paths)
-            scheduler.step()
-            val = evaluate(student, x_val, y_val, val_eps, params.norm, cfg.val_attack_steps, cfg.seed,
-                           dist_info=d)
-            row = {"epoch": epoch + 1, "lr": lr, **terms, **val, "val_eps": val_eps, "norm": params.norm,
-                   "seconds": round(time.perf_counter() - t0, 3)}
-            score = val[spec.select] if val[spec.select] is not None else val["clean_acc"]
-            if d.main:
-                ckpt = make_checkpoint(student, cfg.arch, cfg.arch_kwargs, info, config=cfg_dict,
-                                       metrics={**row, "best_" + spec.select: max(best, score)},
-                                       provenance_info=prov)
-                save_checkpoint(ckpt, paths["last"])
-                if score > best:
-                    save_checkpoint(ckpt, paths["best"])
-                metrics_log.write([row])
-                _save_resume_state(paths["resume"], {
-                    "epoch": epoch + 1, "best": max(best, score), "config": cfg_dict, "teacher_sha256": teacher_sha,
-                    "model": student.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()})
-            best = max(best, score)
-        if d.world > 1:
-            dist.barrier()
-    finally:
-        if metrics_log is not None:
-            metrics_log.close()
-    return paths["last"]
-
-
-def _train_epoch(cfg: TrainConfig, spec: LossSpec, params: MethodParams, model: nn.Module, student: nn.Module,
-                 teacher: nn.Module | None, train_set, epoch: int, per_rank: int, n_per_rank: int,
-                 optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, d: _Dist,
-                 paths: dict[str, Path]) -> dict[str, float]:
-    """One pass over this rank's share of a (seed, epoch)-shuffled training set; returns mean loss terms."""
-    seed = _epoch_seed(cfg.seed, epoch + 1, d.rank)
-    torch.manual_seed(seed)
-    shuffle = _generator(_epoch_seed(cfg.seed, epoch + 1), torch.device("cpu"))  # the same on every rank
-    order = torch.randperm(len(train_set), generator=shuffle)
-    mine = order[d.rank::d.world][:n_per_rank]
-    gen = _generator(seed, d.device)
-    sums: dict[str, torch.Tensor] = {}
-    batches = range(0, n_per_rank, per_rank)
-    bar = tqdm(batches, desc=f"{spec.name} epoch {epoch + 1}/{cfg.epochs}", file=sys.stderr, leave=False,
-               disable=not (cfg.progress and d.main))
-    model.train()
-    for step, start in enumerate(bar):
-        idx = mine[start:start + per_rank]
-        x = gaussian_noise(train_set.x[idx].to(d.device), cfg.noise_sd, gen)
-        batch = LossBatch(x=x, y=train_set.y[idx].to(d.device), student=model, student_bare=student,
-                          teacher=teacher, generator=gen)
-        out = compute_loss(spec, params, batch, cfg.amp)
-        loss = out["loss"]
-        finite = d.all_sum(torch.isfinite(loss.detach()).float().reshape(1)).item() == d.world
-        if not finite:
-            raise TrainingDiverged(_diverged_message(spec.name, epoch, step, out, paths))
-        optimizer_step(loss, optimizer, scaler)
-        for key, value in out.items():
-            sums[key] = sums.get(key, torch.zeros((), dtype=torch.float64, device=d.device)) \
-                + value.detach().double() * len(idx)
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
-    count = d.all_sum(torch.tensor(float(n_per_rank), dtype=torch.float64, device=d.device))
-    return {key: float(d.all_sum(total) / count) for key, total in sums.items()}
-
-
-def compute_loss(spec: LossSpec, params: MethodParams, batch: LossBatch, amp: bool = False
+def compute_loss(spec: LossSpec, params: ObjectiveParams, batch: LossBatch, amp: bool = False
                  ) -> dict[str, torch.Tensor]:
     """The objective's terms on one batch (under autocast with ``amp``)."""
     with _autocast(batch.x.device, amp):
         return spec.fn(batch, params)
 
 
-def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
-    """Backward pass (through the loss scaler) and one optimizer step."""
+def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                   clip_grad: float | None = None) -> None:
+    """Backward pass (through the loss scaler), optional clipping of the gradient's L2 norm, one step."""
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
+    if clip_grad is not None:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], clip_grad)
     scaler.step(optimizer)
     scaler.update()
 
 
-def _diverged_message(method: str, epoch: int, step: int, out: dict[str, torch.Tensor],
-                      paths: dict[str, Path]) -> str:
-    terms = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in out.items())
-    kept = f"the last good checkpoint {paths['last']} (epoch {epoch}) is kept" if epoch > 0 and \
-        paths["last"].exists() else "no checkpoint was written"
-    return (f"{method} loss is not finite at epoch {epoch + 1}, step {step + 1} ({terms}); training stopped and "
-            f"{kept}; lower --lr or check the data")
+class Trainer:
+    """Train the student of one :class:`TrainConfig` (theory.md §4).
+
+    ``Trainer(cfg).run()`` checks the settings, joins torchrun's process group, loads data, teacher
+    and student, restores the resume state, then runs :meth:`train_epoch` and :meth:`validate`
+    once per epoch, writing checkpoints and metrics as it goes. Subclasses may override either.
+
+    Example
+    -------
+    >>> Trainer(TrainConfig(method="natural", arch="mlp", out=Path("m.pt"))).params.iga_weight
+    1.0
+    """
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.spec = get_loss(cfg.method)
+        self.params = check_config(cfg, self.spec)
+        self.paths = cfg.paths()
+        self.record = replace(cfg, params=self.params).to_dict()
+
+    # ------------------------------------------------------------------ set-up
+    def run(self) -> Path:
+        """Train every remaining epoch; returns the path of the final checkpoint ``cfg.out``.
+
+        Raises ``CertkdError`` (one sentence) for bad settings or an incompatible teacher,
+        ``TrainingDiverged`` for a NaN/Inf loss and ``TrainingCollapsed`` for a collapsed student
+        (the checkpoints of the last good epoch stay on disk).
+        """
+        self.dist = _setup_distributed(self.cfg.device)
+        try:
+            self._prepare()
+            return self._epoch_loop()
+        finally:
+            if self.dist.owns_group and dist.is_initialized():
+                dist.destroy_process_group()
+
+    def _prepare(self) -> None:
+        cfg, d = self.cfg, self.dist
+        full = load_dataset(cfg.dataset, "train", cfg.data_dir)
+        self.info = full.info
+        self.data: Dataset = full
+        self.train_idx, val_idx = validation_split(len(full), cfg.val_size)
+        self.x_val, self.y_val = full.batch(val_idx)
+        self.val_eps = cfg.val_eps if cfg.val_eps is not None else self.params.eps
+        self.teacher: nn.Module | None = None
+        self.teacher_sha: str | None = None
+        if cfg.teacher is not None:
+            self.teacher, self.teacher_sha = _load_teacher(Path(cfg.teacher), self.info, d.device)
+        torch.manual_seed(cfg.seed)
+        self.student = create_model(cfg.arch, num_classes=self.info.num_classes, input_shape=self.info.input_shape,
+                                    mean=self.info.mean, std=self.info.std, **cfg.arch_kwargs)
+        init_report = _load_init(self.student, Path(cfg.init)) if cfg.init is not None else None
+        if init_report and d.main:
+            _say(f"init: loaded {init_report['loaded']} of {init_report['total']} tensors from {cfg.init} "
+                 f"({init_report['model']} -> {cfg.arch})"
+                 + (f"; kept fresh: {', '.join(init_report['skipped'])}" if init_report["skipped"] else ""))
+        self.student.to(d.device).train()
+        self.per_rank = cfg.batch_size // d.world if d.world > 1 else cfg.batch_size
+        if self.per_rank < 1:
+            raise CertkdError(f"--batch-size {cfg.batch_size} is smaller than the {d.world} processes")
+        self.n_per_rank = len(self.train_idx) // d.world
+        self.steps_per_epoch = math.ceil(self.n_per_rank / self.per_rank)
+        if self.params.iga_scale == "batch-mean":
+            self.record["iga_weight_per_sample"] = self.params.iga_weight / self.per_rank
+        self.optimizer, self.scheduler = _make_optimizer(cfg, self.student, self.steps_per_epoch)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and d.device.type == "cuda")
+        self.model = nn.parallel.DistributedDataParallel(self.student) if d.world > 1 else self.student
+        extra: dict[str, Any] = {"method": self.spec.name, "world_size": d.world}
+        if init_report:
+            extra["init"] = init_report
+        self.provenance = provenance(cfg.seed, teacher=cfg.teacher, **extra)
+        self.teacher_val = evaluate(self.teacher, self.x_val, self.y_val, None, self.params.norm, 1, cfg.seed,
+                                    dist_info=d) if self.teacher is not None else None
+        self.start_epoch, self.best, self.flat_epochs, self.top_grad_norm = 0, -math.inf, 0, 0.0
+        self._restore()
+
+    def _restore(self) -> None:
+        """Load the resume state (``cfg.resume``) or clear the files of an earlier run."""
+        cfg, d = self.cfg, self.dist
+        state = self._resume_state() if cfg.resume else None
+        if cfg.resume and state is None and d.main:
+            _say(f"resume: no state at {self.paths['resume']}, starting at epoch 1")
+        if state is None:
+            if d.main:
+                for key in ("metrics", "resume"):
+                    self.paths[key].unlink(missing_ok=True)
+            return
+        if state["teacher_sha256"] != self.teacher_sha:
+            raise CertkdError(f"--resume: the teacher file {cfg.teacher} changed since the interrupted run")
+        self.student.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.start_epoch, self.best = int(state["epoch"]), float(state["best"])
+        self.flat_epochs, self.top_grad_norm = int(state["flat_epochs"]), float(state["top_grad_norm"])
+        if d.main:
+            _keep_metrics_until(self.paths["metrics"], self.start_epoch)
+            _say(f"resume: continuing after epoch {self.start_epoch} of {cfg.epochs}")
+
+    def _resume_state(self) -> dict[str, Any] | None:
+        path = self.paths["resume"]
+        if not path.exists():
+            return None
+        state = torch_load_weights_only(path, "resume state")
+        if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
+            raise CheckpointError(f"{path}: not a certkd resume state; delete it to start over")
+        old = state["config"]
+        diff = [k for k in self.record if k not in _RESUME_FREE and old.get(k) != self.record[k]]
+        if diff:
+            raise CertkdError(f"--resume with different settings than the interrupted run ({', '.join(diff)}); "
+                              "use the same command or a new --out")
+        return state
+
+    # ------------------------------------------------------------------ epochs
+    def _epoch_loop(self) -> Path:
+        cfg, d = self.cfg, self.dist
+        metrics_log = JsonlAppender(self.paths["metrics"]) if d.main else None
+        try:
+            for epoch in range(self.start_epoch, cfg.epochs):
+                t0 = time.perf_counter()
+                lr = self.optimizer.param_groups[0]["lr"]
+                terms = self.train_epoch(epoch)
+                row = {"epoch": epoch + 1, "lr": lr, **terms, **self._diagnostics(terms), **self.validate(),
+                       "val_eps": self.val_eps, "norm": self.params.norm,
+                       "seconds": round(time.perf_counter() - t0, 3)}
+                problem, stop = self._health(epoch, row)
+                if problem:
+                    row["collapse"] = problem
+                if metrics_log is not None:
+                    metrics_log.write([row])
+                if stop:
+                    raise TrainingCollapsed(self._collapse_message(epoch, problem))
+                if not problem:
+                    self._save_epoch(epoch, row)
+                if d.main and cfg.progress:
+                    _say(_epoch_line(self.spec.name, cfg.epochs, row))
+            if d.world > 1:
+                dist.barrier()
+        finally:
+            if metrics_log is not None:
+                metrics_log.close()
+        return self.paths["last"]
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        """One pass over this rank's share of a (seed, epoch)-shuffled training set; returns mean loss terms."""
+        cfg, d = self.cfg, self.dist
+        seed = _epoch_seed(cfg.seed, epoch + 1, d.rank)
+        torch.manual_seed(seed)
+        shuffle = _generator(_epoch_seed(cfg.seed, epoch + 1), torch.device("cpu"))  # the same on every rank
+        order = torch.randperm(len(self.train_idx), generator=shuffle)
+        mine = order[d.rank::d.world][:self.n_per_rank]
+        gen = _generator(seed, d.device)
+        sums: dict[str, torch.Tensor] = {}
+        bar = tqdm(range(0, self.n_per_rank, self.per_rank), desc=f"{self.spec.name} epoch {epoch + 1}/{cfg.epochs}",
+                   file=sys.stderr, leave=False, disable=not (cfg.progress and d.main))
+        self.model.train()
+        for step, start in enumerate(bar):
+            idx = mine[start:start + self.per_rank]
+            x, y = self.data.batch(self.train_idx[idx])
+            batch = LossBatch(x=gaussian_noise(x.to(d.device), cfg.noise_sd, gen), y=y.to(d.device),
+                              student=self.model, student_bare=self.student, teacher=self.teacher, generator=gen)
+            params = self.params.eps_scaled(self._warmup_factor(epoch * self.steps_per_epoch + step))
+            out = compute_loss(self.spec, params, batch, cfg.amp)
+            loss = out["loss"]
+            finite = d.all_sum(torch.isfinite(loss.detach()).float().reshape(1)).item() == d.world
+            if not finite:
+                raise TrainingDiverged(self._diverged_message(epoch, step, out))
+            optimizer_step(loss, self.optimizer, self.scaler, cfg.clip_grad)
+            self.scheduler.step()
+            for key, value in out.items():
+                sums[key] = sums.get(key, torch.zeros((), dtype=torch.float64, device=d.device)) \
+                    + value.detach().double() * len(idx)
+            if step % 10 == 0:
+                bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
+        count = d.all_sum(torch.tensor(float(self.n_per_rank), dtype=torch.float64, device=d.device))
+        terms = {key: float(d.all_sum(total) / count) for key, total in sums.items()}
+        if self.params.eps is not None and cfg.eps_warmup > 0:
+            terms["train_eps"] = self.params.eps * self._warmup_factor((epoch + 1) * self.steps_per_epoch - 1)
+        return terms
+
+    def _warmup_factor(self, step: int) -> float:
+        """``min(1, (step + 1) / (eps_warmup * steps_per_epoch))``: the --eps-warmup ramp at a step."""
+        if self.cfg.eps_warmup <= 0:
+            return 1.0
+        return min(1.0, (step + 1) / (self.cfg.eps_warmup * self.steps_per_epoch))
+
+    def validate(self) -> dict[str, float | None]:
+        """Clean and PGD accuracy and the mean input-gradient norm of the student on the validation set."""
+        return evaluate(self.student, self.x_val, self.y_val, self.val_eps, self.params.norm, self.cfg.val_attack_steps,
+                        self.cfg.seed, dist_info=self.dist)
+
+    def _diagnostics(self, terms: dict[str, float]) -> dict[str, float]:
+        """The teacher's validation gradient norm, and the IGA part of the loss over its KD part."""
+        out: dict[str, float] = {}
+        if self.teacher_val is not None:
+            out["teacher_grad_norm"] = float(self.teacher_val["grad_norm"] or 0.0)
+        if "iga_weighted" in terms and terms.get("kd_term"):
+            out["iga_to_kd"] = terms["iga_weighted"] / terms["kd_term"]
+        return out
+
+    # ------------------------------------------------------------------ health and checkpoints
+    def _health(self, epoch: int, row: dict[str, Any]) -> tuple[str, bool]:
+        """``(problem, stop)``: what is wrong with this epoch's student ('' if nothing), whether to stop.
+
+        Stop at once when the validation clean accuracy is below ``2 / K`` (from epoch 2); stop when
+        the mean input-gradient norm stayed below ``1e-3`` of a reference (the teacher's norm, else
+        the student's largest so far) for two epochs in a row.
+        """
+        floor = COLLAPSE_CHANCE_FACTOR / self.info.num_classes
+        if epoch >= 1 and row["clean_acc"] < floor:
+            return (f"validation clean accuracy {row['clean_acc']:.3f} is below {COLLAPSE_CHANCE_FACTOR:g}x chance "
+                    f"({floor:.3f})"), True
+        self.top_grad_norm = max(self.top_grad_norm, row["grad_norm"])
+        reference = row.get("teacher_grad_norm") or self.top_grad_norm
+        if row["grad_norm"] < COLLAPSE_GRAD_FRACTION * reference:
+            self.flat_epochs += 1
+            return (f"the student's mean input-gradient norm {row['grad_norm']:.3g} is near 0 (reference "
+                    f"{reference:.3g}) for {self.flat_epochs} epoch(s)"), self.flat_epochs >= COLLAPSE_GRAD_EPOCHS
+        self.flat_epochs = 0
+        return "", False
+
+    def _save_epoch(self, epoch: int, row: dict[str, Any]) -> None:
+        score = row[self.spec.select] if row[self.spec.select] is not None else row["clean_acc"]
+        if self.dist.main:
+            ckpt = make_checkpoint(self.student, self.cfg.arch, self.cfg.arch_kwargs, self.info, config=self.record,
+                                   metrics={**row, "best_" + self.spec.select: max(self.best, score)},
+                                   provenance_info=self.provenance)
+            save_checkpoint(ckpt, self.paths["last"])
+            if score > self.best:
+                save_checkpoint(ckpt, self.paths["best"])
+            _save_resume_state(self.paths["resume"], {
+                "epoch": epoch + 1, "best": max(self.best, score), "config": self.record,
+                "teacher_sha256": self.teacher_sha, "flat_epochs": self.flat_epochs,
+                "top_grad_norm": self.top_grad_norm, "model": self.student.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict()})
+        self.best = max(self.best, score)
+
+    def _kept(self) -> str:
+        if not self.paths["last"].exists():
+            return "no checkpoint was written"
+        epoch = load_checkpoint(self.paths["last"]).metrics.get("epoch")
+        return f"the last good checkpoint {self.paths['last']} (epoch {epoch}) is kept"
+
+    def _weight_hint(self) -> str:
+        option = self.spec.weight_option
+        if option != "--iga-weight":
+            return f"lower {option}"
+        p = self.params
+        per_sample = f", {p.iga_weight / self.per_rank:.3g} per sample" if p.iga_scale == "batch-mean" else ""
+        return f"lower --iga-weight (now {p.iga_weight:g} on the {p.iga_scale} scale{per_sample})"
+
+    def _collapse_message(self, epoch: int, problem: str) -> str:
+        return (f"{self.spec.name} collapsed at epoch {epoch + 1}: {problem}; training stopped and {self._kept()}; "
+                f"{self._weight_hint()}")
+
+    def _diverged_message(self, epoch: int, step: int, out: dict[str, torch.Tensor]) -> str:
+        terms = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in out.items())
+        hint = "lower --lr or check the data" if self.spec.weight_option == "--lr" else \
+            f"{self._weight_hint()} or --lr, or give --clip-grad"
+        return (f"{self.spec.name} loss is not finite at epoch {epoch + 1}, step {step + 1} ({terms}); training "
+                f"stopped and {self._kept()}; {hint}")
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Train the student of ``cfg`` (theory.md §4); returns the path of the final checkpoint ``cfg.out``.
+
+    ``Trainer(cfg).run()``; raises ``CertkdError`` (one sentence) for bad settings, an incompatible
+    teacher, a NaN/Inf loss (``TrainingDiverged``) or a collapsed student (``TrainingCollapsed``).
+    """
+    return Trainer(cfg).run()
+
+
+def _epoch_line(method: str, epochs: int, row: dict[str, Any]) -> str:
+    """The per-epoch progress line: loss, validation accuracies, gradient norms, IGA over KD."""
+    parts = [f"{method} epoch {row['epoch']}/{epochs}: loss {row['loss']:.4g}", f"val clean {row['clean_acc']:.3f}"]
+    if row.get("pgd_acc") is not None:
+        parts.append(f"PGD {row['pgd_acc']:.3f} at {row['val_eps']:g} (estimate)")
+    grad = f"|grad_x CE| student {row['grad_norm']:.3g}"
+    if "teacher_grad_norm" in row:
+        grad += f" teacher {row['teacher_grad_norm']:.3g}"
+    parts.append(grad)
+    if "iga_to_kd" in row:
+        parts.append(f"IGA/KD {row['iga_to_kd']:.3g}")
+    return ", ".join(parts)
 
 
 def _keep_metrics_until(path: Path, epoch: int) -> None:

@@ -1,7 +1,9 @@
 """Registry of training objectives (theory.md §4): ``get_loss(name) -> LossSpec``.
 
-Every objective is a function ``fn(batch: LossBatch, params: MethodParams) -> dict``
+Every objective is a function ``fn(batch: LossBatch, params: ObjectiveParams) -> dict``
 returning each term under its own name (logged separately) and the total under ``"loss"``.
+Objectives live in :data:`LOSSES`, a :class:`certkd.registry.Registry`; installed packages
+add their own through the ``certkd.losses`` entry-point group.
 """
 
 from __future__ import annotations
@@ -15,31 +17,67 @@ from torch import nn
 
 from bounds.norms import parse_norm
 from certkd.errors import CertkdError
+from certkd.registry import Registry
 
 IGA_NORMS = ("2", "1", "inf")
-IGA_POINTS = ("clean", "noisy")
+IGA_POINTS = ("clean", "noisy", "adversarial")
+IGA_SCALES = ("sample", "batch-mean")
+IGA_STEP_FACTOR = 1.25
+"""Default ``--iga-step`` as a multiple of eps: 10/255 at eps 8/255, as in fast AT (Wong et al. 2020)."""
 
 
 @dataclass(frozen=True)
-class MethodParams:
+class ObjectiveParams:
     """Hyperparameters of the objectives (theory.md §4); each method reads the ones it needs.
 
-    ``attack_step_size`` ``None`` resolves to ``2.5 * eps / attack_steps`` (``resolved()``).
+    ``resolved()`` fills the defaults that depend on other values: ``attack_step_size``
+    ``None`` becomes ``2.5 * eps / attack_steps``; ``iga_step`` ``None`` becomes
+    ``1.25 * eps``; ``teacher_mask`` ``None`` becomes ``iga_on == "adversarial"``.
+
+    ``iga_scale`` says what a row of the aligned gradients is: ``"sample"`` the gradient of
+    the example's own CE (certkd's scale), ``"batch-mean"`` the gradient of the batch-mean
+    CE, ``1/B`` times smaller, as in the authors' code. A weight ``w`` on the batch-mean scale
+    equals ``w / B`` on the sample scale.
+
+    Example
+    -------
+    >>> ObjectiveParams(eps=0.1, iga_on="adversarial").resolved().iga_step
+    0.125
     """
 
     alpha: float = 0.5
     tau: float = 1.0
     beta: float = 6.0
-    iga_weight: float = 10.0
+    iga_weight: float = 1.0
     iga_norm: str = "2"
     iga_on: str = "clean"
+    iga_step: float | None = None
+    iga_scale: str = "sample"
+    teacher_mask: bool | None = None
     eps: float | None = None
     norm: str = "inf"
     attack_steps: int = 10
     attack_step_size: float | None = None
 
-    def resolved(self) -> MethodParams:
-        """Check every value and fill in the default step size; raises ``CertkdError``."""
+    def resolved(self) -> ObjectiveParams:
+        """Check every value and fill in the dependent defaults; raises ``CertkdError``."""
+        self._check_weights()
+        self._check_attack()
+        step = self.attack_step_size
+        if step is None and self.eps is not None:
+            step = 2.5 * self.eps / self.attack_steps
+        if step is not None and not (math.isfinite(step) and step >= 0):
+            raise CertkdError(f"--attack-step-size must be a finite number >= 0, got {step}")
+        iga_step = self.iga_step
+        if iga_step is None and self.eps is not None:
+            iga_step = IGA_STEP_FACTOR * self.eps
+        if iga_step is not None and not (math.isfinite(iga_step) and iga_step >= 0):
+            raise CertkdError(f"--iga-step must be a finite number >= 0, got {iga_step}")
+        mask = self.iga_on == "adversarial" if self.teacher_mask is None else bool(self.teacher_mask)
+        return replace(self, iga_norm=str(self.iga_norm), attack_step_size=step, iga_step=iga_step,
+                       teacher_mask=mask)
+
+    def _check_weights(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
             raise CertkdError(f"--alpha must lie in [0, 1], got {self.alpha}")
         if not (math.isfinite(self.tau) and self.tau > 0):
@@ -51,19 +89,31 @@ class MethodParams:
         if str(self.iga_norm) not in IGA_NORMS:
             raise CertkdError(f"--iga-norm must be one of {', '.join(IGA_NORMS)}, got {self.iga_norm!r}")
         if self.iga_on not in IGA_POINTS:
-            raise CertkdError(f"--iga-on must be clean or noisy, got {self.iga_on!r}")
+            raise CertkdError(f"--iga-on must be one of {', '.join(IGA_POINTS)}, got {self.iga_on!r}")
+        if self.iga_scale not in IGA_SCALES:
+            raise CertkdError(f"--iga-scale must be one of {', '.join(IGA_SCALES)}, got {self.iga_scale!r}")
+
+    def _check_attack(self) -> None:
         if parse_norm(self.norm) not in (math.inf, 2.0):
             raise CertkdError(f"--norm must be inf or 2 for training attacks, got {self.norm!r}")
         if self.attack_steps < 1:
             raise CertkdError(f"--attack-steps must be >= 1, got {self.attack_steps}")
         if self.eps is not None and not (math.isfinite(self.eps) and self.eps >= 0):
             raise CertkdError(f"--eps must be a finite number >= 0, got {self.eps}")
-        step = self.attack_step_size
-        if step is None and self.eps is not None:
-            step = 2.5 * self.eps / self.attack_steps
-        if step is not None and not (math.isfinite(step) and step >= 0):
-            raise CertkdError(f"--attack-step-size must be a finite number >= 0, got {step}")
-        return replace(self, iga_norm=str(self.iga_norm), attack_step_size=step)
+
+    def eps_scaled(self, factor: float) -> ObjectiveParams:
+        """The radius and both step sizes times ``factor`` (the ``--eps-warmup`` ramp); resolved params only.
+
+        Example
+        -------
+        >>> ObjectiveParams(eps=0.2).resolved().eps_scaled(0.5).iga_step
+        0.125
+        """
+        if self.eps is None or factor == 1.0:
+            return self
+        assert self.attack_step_size is not None and self.iga_step is not None, "resolve the params first"
+        return replace(self, eps=self.eps * factor, attack_step_size=self.attack_step_size * factor,
+                       iga_step=self.iga_step * factor)
 
 
 @dataclass
@@ -81,8 +131,14 @@ class LossBatch:
     teacher: nn.Module | None = None
     generator: torch.Generator | None = None
 
+    def frozen_teacher(self) -> nn.Module:
+        """The teacher; an objective that distils calls this (the trainer refuses a missing teacher first)."""
+        if self.teacher is None:
+            raise CertkdError("this objective distils a teacher: give --teacher t.pt")
+        return self.teacher
 
-LossFn = Callable[[LossBatch, MethodParams], dict[str, torch.Tensor]]
+
+LossFn = Callable[[LossBatch, ObjectiveParams], dict[str, torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -91,6 +147,7 @@ class LossSpec:
 
     ``uses_attack``: crafts PGD points with --eps/--norm/--attack-steps/--attack-step-size.
     ``select``: the validation metric that picks the best checkpoint (``clean_acc`` or ``pgd_acc``).
+    ``weight_option``: the option to lower when training collapses or diverges.
     """
 
     name: str
@@ -99,24 +156,27 @@ class LossSpec:
     uses_attack: bool
     select: str
     summary: str
+    weight_option: str = "--lr"
 
 
-_LOSSES: dict[str, LossSpec] = {}
+LOSSES: Registry[LossSpec] = Registry("training method", group="certkd.losses")
+"""Every training objective, by name (built-in ones register on import of ``certkd.train.losses``)."""
 
 
-def register_loss(name: str, *, needs_teacher: bool, uses_attack: bool, select: str,
-                  summary: str) -> Callable[[LossFn], LossFn]:
+def register_loss(name: str, *, needs_teacher: bool, uses_attack: bool, select: str, summary: str,
+                  weight_option: str = "--lr") -> Callable[[LossFn], LossFn]:
+    """Decorator: register ``fn`` in :data:`LOSSES` under ``name`` with its :class:`LossSpec` fields."""
     def deco(fn: LossFn) -> LossFn:
-        _LOSSES[name] = LossSpec(name, fn, needs_teacher, uses_attack, select, summary)
+        LOSSES.add(name, LossSpec(name, fn, needs_teacher, uses_attack, select, summary, weight_option))
         return fn
     return deco
 
 
 def list_methods() -> list[str]:
-    return sorted(_LOSSES)
+    """Every registered training method, sorted."""
+    return LOSSES.names()
 
 
 def get_loss(name: str) -> LossSpec:
-    if name not in _LOSSES:
-        raise CertkdError(f"unknown training method {name!r}; available: {', '.join(list_methods())}")
-    return _LOSSES[name]
+    """The :class:`LossSpec` of ``name``; an unknown name raises ``CertkdError`` listing the known ones."""
+    return LOSSES.get(name)

@@ -5,13 +5,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from certkd.train.losses._registry import LossBatch, MethodParams, register_loss
+from certkd.train.losses._registry import LossBatch, ObjectiveParams, register_loss
 from certkd.train.losses.common import ce_objective, craft_adversarial, eval_mode, kl_batchmean, kl_objective
 
 
 @register_loss("pgd-at", needs_teacher=False, uses_attack=True, select="pgd_acc",
                summary="CE(S(x'), y), x' = PGD on CE")
-def pgd_at_loss(batch: LossBatch, params: MethodParams) -> dict[str, torch.Tensor]:
+def pgd_at_loss(batch: LossBatch, params: ObjectiveParams) -> dict[str, torch.Tensor]:
     """``CE(z(x'), y)`` with ``x'`` = PGD on the student's CE within the ball (theory.md §4)."""
     with eval_mode(batch.student_bare):
         x_adv = craft_adversarial(ce_objective(batch.student_bare, batch.y), batch.x, params, batch.generator)
@@ -20,8 +20,8 @@ def pgd_at_loss(batch: LossBatch, params: MethodParams) -> dict[str, torch.Tenso
 
 
 @register_loss("trades", needs_teacher=False, uses_attack=True, select="pgd_acc",
-               summary="CE(S(x), y) + beta KL(S(x) || S(x'))")
-def trades_loss(batch: LossBatch, params: MethodParams) -> dict[str, torch.Tensor]:
+               summary="CE(S(x), y) + beta KL(S(x) || S(x'))", weight_option="--beta")
+def trades_loss(batch: LossBatch, params: ObjectiveParams) -> dict[str, torch.Tensor]:
     """``CE(z(x), y) + beta * KL(softmax z(x) || softmax z(x'))``, ``x'`` maximizes the KL (theory.md §4)."""
     with eval_mode(batch.student_bare):
         with torch.no_grad():

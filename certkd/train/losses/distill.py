@@ -6,24 +6,43 @@ import torch
 import torch.nn.functional as F
 
 from bounds.norms import batch_norm, parse_norm, random_in_ball
-from certkd.train.losses._registry import LossBatch, MethodParams, register_loss
-from certkd.train.losses.common import kl_batchmean
+from certkd.train.losses._registry import LossBatch, ObjectiveParams, register_loss
+from certkd.train.losses.common import eval_mode, kl_per_example, one_step_point
+
+
+def masked_mean(values: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """``sum_i keep_i * v_i / max(1, sum_i keep_i)``: the mean over the kept examples (all when ``keep`` is None).
+
+    Example
+    -------
+    >>> masked_mean(torch.tensor([1.0, 2.0, 6.0]), torch.tensor([True, False, True]))
+    tensor(3.5000)
+    """
+    if keep is None:
+        return values.mean()
+    weights = keep.to(values.dtype)
+    return (values * weights).sum() / weights.sum().clamp_min(1.0)
 
 
 def _kd_terms(teacher_logits: torch.Tensor, student_logits: torch.Tensor, y: torch.Tensor,
-              params: MethodParams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(kl, ce, alpha * tau^2 * kl + (1 - alpha) * ce)`` on the same inputs."""
-    kl = kl_batchmean(teacher_logits.detach(), student_logits, params.tau)
+              params: ObjectiveParams, keep: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(kl, ce, alpha * tau^2 * kl + (1 - alpha) * ce)`` on the same inputs.
+
+    ``kl`` is summed over the classes and averaged over the kept examples (batchmean, theory.md §4);
+    ``ce`` over the whole batch.
+    """
+    kl = masked_mean(kl_per_example(teacher_logits.detach(), student_logits, params.tau), keep)
     ce = F.cross_entropy(student_logits, y)
     return kl, ce, params.alpha * params.tau ** 2 * kl + (1 - params.alpha) * ce
 
 
 @register_loss("kd", needs_teacher=True, uses_attack=False, select="clean_acc",
                summary="alpha tau^2 KL(T(x)/tau || S(x)/tau) + (1 - alpha) CE(S(x), y)")
-def kd_loss(batch: LossBatch, params: MethodParams) -> dict[str, torch.Tensor]:
+def kd_loss(batch: LossBatch, params: ObjectiveParams) -> dict[str, torch.Tensor]:
     """``alpha * tau^2 * KL(softmax(z_T/tau) || softmax(z_S/tau)) + (1 - alpha) * CE(z_S, y)`` on clean x."""
     with torch.no_grad():
-        teacher_logits = batch.teacher(batch.x)
+        teacher_logits = batch.frozen_teacher()(batch.x)
     kl, ce, total = _kd_terms(teacher_logits, batch.student(batch.x), batch.y, params)
     return {"kl": kl.detach(), "ce": ce.detach(), "loss": total}
 
@@ -46,32 +65,69 @@ def input_gradient(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
     return logits, grad
 
 
-def iga_term(student_grad: torch.Tensor, teacher_grad: torch.Tensor, norm: str) -> torch.Tensor:
-    """``mean_i ||g_S(x_i) - g_T(x_i)||_p`` with the teacher gradient a constant (theory.md §4)."""
-    return batch_norm(student_grad - teacher_grad.detach(), parse_norm(norm)).mean()
+def iga_term(student_grad: torch.Tensor, teacher_grad: torch.Tensor, norm: str,
+             keep: torch.Tensor | None = None, scale: str = "sample") -> torch.Tensor:
+    """``mean_i ||g_S(x_i) - g_T(x_i)||_p`` with the teacher gradient a constant (theory.md §4).
+
+    ``g`` are per-sample gradients. ``scale="batch-mean"`` divides every row by the batch size
+    ``B`` (the gradients of the batch-mean CE, the authors' scale); ``keep`` averages over the
+    kept examples only.
+    """
+    gaps = batch_norm(student_grad - teacher_grad.detach(), parse_norm(norm))
+    if scale == "batch-mean":
+        gaps = gaps / len(gaps)
+    return masked_mean(gaps, keep)
+
+
+def iga_point(batch: LossBatch, params: ObjectiveParams) -> torch.Tensor:
+    """Where KDIGA aligns gradients: ``x`` (clean), ``clip(x + u)`` (noisy, ``u`` uniform in the ball)
+    or the student's fast-AT point (adversarial: :func:`one_step_point` with step ``--iga-step``)."""
+    if params.iga_on == "clean":
+        return batch.x
+    assert params.eps is not None, f"iga_on={params.iga_on!r} needs eps"
+    if params.iga_on == "noisy":
+        noise = random_in_ball(batch.x.shape, parse_norm(params.norm), params.eps, batch.generator,
+                               batch.x.device, batch.x.dtype)
+        return (batch.x + noise).clamp(0.0, 1.0)
+    assert params.iga_step is not None, "resolve ObjectiveParams first"
+    with eval_mode(batch.student_bare):
+        return one_step_point(batch.student_bare, batch.x, batch.y, params.eps, params.norm, params.iga_step,
+                              batch.generator)
 
 
 @register_loss("kdiga", needs_teacher=True, uses_attack=False, select="pgd_acc",
-               summary="KD + iga_weight * mean_i ||grad_x CE_S(x_i) - grad_x CE_T(x_i)||")
-def kdiga_loss(batch: LossBatch, params: MethodParams) -> dict[str, torch.Tensor]:
-    """KD ``+ iga_weight * mean_i ||grad_x CE(z_S(x_i), y_i) - grad_x CE(z_T(x_i), y_i)||_p`` (theory.md §4).
+               summary="KD + iga_weight * mean_i ||grad_x CE_S(x_i) - grad_x CE_T(x_i)||", weight_option="--iga-weight")
+def kdiga_loss(batch: LossBatch, params: ObjectiveParams) -> dict[str, torch.Tensor]:
+    """KD ``+ iga_weight * mean_i ||G_S,i - G_T,i||_p``, ``G`` = input gradients of the CE (theory.md §4).
 
-    ``iga_on="clean"`` aligns gradients at ``x`` (one student forward serves KD and IGA);
-    ``"noisy"`` at ``x + u``, ``u`` uniform in the --eps ball (clipped to [0, 1]), KD still on clean ``x``.
+    ``iga_on``: ``"clean"`` aligns at ``x`` (one student forward serves KD and IGA); ``"noisy"`` at
+    ``x + u`` with KD still on clean ``x``; ``"adversarial"`` (the authors' recipe) evaluates every
+    term at the student's fast-AT point ``x'``::
+
+        (1 - alpha) CE(S(x'), y) + alpha tau^2 KL(T(x') || S(x')) + iga_weight * mean_i ||G_S,i(x') - G_T,i(x')||
+
+    With ``teacher_mask`` the KL and IGA means run over the examples the teacher classifies
+    correctly at the point each term uses (CE stays on the whole batch). ``iga_scale`` picks the
+    row scale of ``G`` (:func:`iga_term`). Returns the terms ``kl, ce, iga`` (as in the loss),
+    ``kd_term`` and ``iga_weighted`` (the two parts of the loss), ``teacher_right`` (with the mask)
+    and ``loss``.
     """
-    if params.iga_on == "noisy":
-        assert params.eps is not None, "iga_on='noisy' needs eps"
-        noise = random_in_ball(batch.x.shape, parse_norm(params.norm), params.eps, batch.generator,
-                               batch.x.device, batch.x.dtype)
-        x_iga = (batch.x + noise).clamp(0.0, 1.0)
-    else:
-        x_iga = batch.x
-    teacher_logits, teacher_grad = input_gradient(batch.teacher, x_iga, batch.y, create_graph=False)
+    teacher = batch.frozen_teacher()
+    x_iga = iga_point(batch, params)
+    teacher_logits, teacher_grad = input_gradient(teacher, x_iga, batch.y, create_graph=False)
     student_logits, student_grad = input_gradient(batch.student, x_iga, batch.y, create_graph=True)
+    keep_iga = teacher_logits.argmax(1) == batch.y if params.teacher_mask else None
+    keep_kd = keep_iga
     if params.iga_on == "noisy":
         student_logits = batch.student(batch.x)
         with torch.no_grad():
-            teacher_logits = batch.teacher(batch.x)
-    kl, ce, kd = _kd_terms(teacher_logits, student_logits, batch.y, params)
-    iga = iga_term(student_grad, teacher_grad, params.iga_norm)
-    return {"kl": kl.detach(), "ce": ce.detach(), "iga": iga.detach(), "loss": kd + params.iga_weight * iga}
+            teacher_logits = teacher(batch.x)
+        keep_kd = teacher_logits.argmax(1) == batch.y if params.teacher_mask else None
+    kl, ce, kd = _kd_terms(teacher_logits, student_logits, batch.y, params, keep_kd)
+    iga = iga_term(student_grad, teacher_grad, params.iga_norm, keep_iga, params.iga_scale)
+    weighted = params.iga_weight * iga
+    out = {"kl": kl.detach(), "ce": ce.detach(), "iga": iga.detach(), "kd_term": kd.detach(),
+           "iga_weighted": weighted.detach(), "loss": kd + weighted}
+    if keep_iga is not None:
+        out["teacher_right"] = keep_iga.float().mean()
+    return out

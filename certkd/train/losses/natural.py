@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from certkd.train.losses._registry import LossBatch, MethodParams, register_loss
+from certkd.train.losses._registry import LossBatch, ObjectiveParams, register_loss
 
 
 @register_loss("natural", needs_teacher=False, uses_attack=False, select="clean_acc",
                summary="CE(S(x), y)")
-def natural_loss(batch: LossBatch, params: MethodParams) -> dict[str, torch.Tensor]:
+def natural_loss(batch: LossBatch, params: ObjectiveParams) -> dict[str, torch.Tensor]:
     """``CE(z_S(x), y)`` (theory.md §4)."""
     ce = F.cross_entropy(batch.student(batch.x), batch.y)
     return {"ce": ce.detach(), "loss": ce}

@@ -5,16 +5,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from certkd.train.losses._registry import LossBatch, MethodParams, register_loss
+from certkd.train.losses._registry import LossBatch, ObjectiveParams, register_loss
 from certkd.train.losses.common import ce_objective, craft_adversarial, eval_mode, kl_batchmean, kl_objective
 
 
 @register_loss("ard", needs_teacher=True, uses_attack=True, select="pgd_acc",
                summary="alpha tau^2 KL(T(x)/tau || S(x')/tau) + (1 - alpha) CE(S(x), y), x' = PGD on S's CE")
-def ard_loss(batch: LossBatch, params: MethodParams) -> dict[str, torch.Tensor]:
+def ard_loss(batch: LossBatch, params: ObjectiveParams) -> dict[str, torch.Tensor]:
     """``alpha * tau^2 * KL(T(x) || S(x')) + (1 - alpha) * CE(S(x), y)``, ``x'`` = PGD on the student's CE."""
     with torch.no_grad():
-        teacher_logits = batch.teacher(batch.x)
+        teacher_logits = batch.frozen_teacher()(batch.x)
     with eval_mode(batch.student_bare):
         x_adv = craft_adversarial(ce_objective(batch.student_bare, batch.y), batch.x, params, batch.generator)
     kl_adv = kl_batchmean(teacher_logits, batch.student(x_adv), params.tau)
@@ -25,10 +25,10 @@ def ard_loss(batch: LossBatch, params: MethodParams) -> dict[str, torch.Tensor]:
 
 @register_loss("rslad", needs_teacher=True, uses_attack=True, select="pgd_acc",
                summary="5/6 KL(T(x) || S(x')) + 1/6 KL(T(x) || S(x)), x' maximizes KL(T(x) || S(x'))")
-def rslad_loss(batch: LossBatch, params: MethodParams) -> dict[str, torch.Tensor]:
+def rslad_loss(batch: LossBatch, params: ObjectiveParams) -> dict[str, torch.Tensor]:
     """``5/6 * KL(T(x) || S(x')) + 1/6 * KL(T(x) || S(x))``, ``x'`` maximizes ``KL(T(x) || S(x'))``."""
     with torch.no_grad():
-        teacher_logits = batch.teacher(batch.x)
+        teacher_logits = batch.frozen_teacher()(batch.x)
     with eval_mode(batch.student_bare):
         x_adv = craft_adversarial(kl_objective(batch.student_bare, teacher_logits), batch.x, params,
                                   batch.generator)
