@@ -15,15 +15,24 @@ import torch
 from click.testing import CliRunner
 
 import bounds.attack
-from certkd.checkpoint import file_sha256, load_checkpoint, make_checkpoint, save_checkpoint
+from certkd.checkpoint import file_sha256, load_checkpoint, load_model, make_checkpoint, save_checkpoint
 from certkd.cli import main
 from certkd.data import DatasetInfo, load_dataset
 from certkd.errors import CertkdError
 from certkd.io import read_jsonl
 from certkd.models import create_model
-from certkd.train import ObjectiveParams, TrainConfig, Trainer, TrainingDiverged, evaluate, train
+from certkd.train import (
+    ObjectiveParams,
+    TrainConfig,
+    Trainer,
+    TrainingDiverged,
+    evaluate,
+    train,
+    validation_split,
+)
 from certkd.train import trainer as trainer_module
 from certkd.train.losses.distill import iga_term, input_gradient
+from certkd.train.trainer import lr_factor
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"arch": "mlp", "arch_kwargs": {"hidden": [16]}, "batch_size": 128, "lr": 0.05, "val_size": 40,
@@ -164,7 +173,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
 
     monkeypatch.setattr(trainer_module, "get_loss", poisoned)
     cfg = TrainConfig(method="natural", out=tmp_path / "run.pt", epochs=3, **TINY)
-    with pytest.raises(TrainingDiverged, match=r"not finite at epoch 2, step 4.*run\.pt \(epoch 1\) is kept"):
+    with pytest.raises(TrainingDiverged, match=r"not finite at epoch 2, step 4.*run\.pt \(epoch 1, validation clean accuracy 0\.\d+\) is kept"):
         train(cfg)
     kept = load_checkpoint(cfg.out)
     assert kept.metrics["epoch"] == 1
@@ -247,3 +256,157 @@ def test_torchrun_two_processes_write_one_checkpoint(tmp_path, digits_trio):
     assert [r["epoch"] for r in rows] == [1, 2] and all(r["iga"] > 0 for r in rows)
     assert rows[1]["loss"] < rows[0]["loss"]  # it learns
     assert json.loads(json.dumps(ckpt.config))["iga_on"] == "noisy"
+
+
+# ----------------------------------------------------------------------------- KDIGA as the authors train it
+RECIPE_SEEDS = (0, 1, 2)
+STUDENT = {"arch": "mlp", "arch_kwargs": {"hidden": [64]}, "epochs": 20, "batch_size": 64, "val_size": 200,
+           "val_attack_steps": 10, "progress": False}
+
+
+@pytest.fixture(scope="module")
+def recipe_students(digits_trio, tmp_path_factory) -> dict[str, list[Path]]:
+    """KD students (as the trio's) and --recipe shao2021 students at the teacher's training eps, 3 seeds."""
+    out = tmp_path_factory.mktemp("recipe")
+    students: dict[str, list[Path]] = {"kd": [], "kdiga": []}
+    for seed in RECIPE_SEEDS:
+        common = {**STUDENT, "teacher": digits_trio.teacher_path, "seed": seed, "eps": digits_trio.train_eps}
+        students["kd"].append(train(TrainConfig.from_flat(
+            {**common, "method": "kd", "lr": 0.05, "out": out / f"kd{seed}.pt"})))
+        students["kdiga"].append(train(TrainConfig.from_flat(
+            {**common, "recipe": "shao2021", "out": out / f"kdiga{seed}.pt"})))
+    return students
+
+
+def test_recipe_student_keeps_the_teachers_robustness_and_kd_does_not(digits_trio, digits_test, recipe_students):
+    """PGD-20 accuracy at the teacher's training eps 0.2 on the 450 test points, seeds 0 / 1 / 2, measured:
+    teacher 0.453 (clean 0.947); --recipe shao2021 students 0.493 / 0.482 / 0.493 (1.06-1.09 of the teacher's;
+    clean 0.967-0.971); KD students 0.064 / 0.058 / 0.051 (0.11-0.14; clean 0.964-0.973).
+    Thresholds: the recipe keeps >= 80 % of the teacher's PGD accuracy, KD <= 60 %."""
+    eps = digits_trio.train_eps
+    teacher = pgd_accuracy(digits_trio.teacher, digits_test, eps)
+    for kd_path, kdiga_path in zip(recipe_students["kd"], recipe_students["kdiga"], strict=True):
+        kd = pgd_accuracy(load_model(kd_path), digits_test, eps)
+        kdiga = pgd_accuracy(load_model(kdiga_path), digits_test, eps)
+        assert kdiga["pgd_acc"] >= 0.8 * teacher["pgd_acc"], kdiga_path
+        assert kd["pgd_acc"] <= 0.6 * teacher["pgd_acc"], kd_path
+        assert kdiga["clean_acc"] >= teacher["clean_acc"] - 0.03
+
+
+def test_recipe_checkpoint_records_the_resolved_settings_and_the_weight_conversion(recipe_students):
+    ckpt = load_checkpoint(recipe_students["kdiga"][0])
+    expected = {"recipe": "shao2021", "method": "kdiga", "iga_on": "adversarial", "teacher_mask": True,
+                "iga_scale": "batch-mean", "iga_weight": 1.0, "alpha": 0.5, "tau": 1.0, "schedule": "cyclic",
+                "lr": 0.2, "eps": 0.2, "iga_step": pytest.approx(0.25), "iga_weight_per_sample": 1 / 64}
+    for key, value in expected.items():
+        assert ckpt.config[key] == value, key
+    rows = read_jsonl(recipe_students["kdiga"][0].with_name("kdiga0.metrics.jsonl"))
+    for row in rows:  # per-epoch diagnostics: gradient norms of both models, IGA relative to KD
+        assert row["grad_norm"] > 0 and row["teacher_grad_norm"] > 0 and 0 < row["teacher_right"] <= 1
+        assert row["iga_to_kd"] == pytest.approx(row["iga_weighted"] / row["kd_term"])
+        assert row["loss"] == pytest.approx(row["kd_term"] + row["iga_weighted"], rel=1e-6)
+    lrs = [r["lr"] for r in rows]
+    assert max(lrs) == lrs[8] and lrs[0] < 0.1 * max(lrs) and lrs[-1] < 0.2 * max(lrs)  # cyclic: peak at 40 %
+
+
+def test_cli_recipe_explicit_flags_override_and_info_shows_resolved_values(tmp_path, digits_trio):
+    out = tmp_path / "r.pt"
+    result = run_cli("--recipe", "shao2021", "--arch", "mlp", "--arch-kwargs", '{"hidden": [16]}', "--teacher",
+                     str(digits_trio.teacher_path), "--eps", "0.1", "--epochs", "1", "--lr", "0.05", "--iga-weight",
+                     "2", "--val-size", "40", "--val-attack-steps", "2", "--no-progress", "--out", str(out))
+    assert result.exit_code == 0, result.stderr
+    config = load_checkpoint(out).config
+    assert (config["lr"], config["iga_weight"], config["iga_on"], config["schedule"]) == (0.05, 2.0, "adversarial",
+                                                                                          "cyclic")
+    assert config["iga_weight_per_sample"] == pytest.approx(2 / 128)
+    info = CliRunner().invoke(main, ["info", str(out)])
+    assert info.exit_code == 0, info.output
+    recipe_line = next(line for line in info.output.splitlines() if line.startswith("recipe"))
+    for text in ("shao2021", "iga_on=adversarial", "teacher_mask=True", "iga_scale=batch-mean", "iga_weight=2",
+                 "lr=0.05", "iga_step=0.125", "per sample 0.0156"):
+        assert text in recipe_line, text
+    bad = run_cli("--recipe", "shao2021", "--method", "kd", "--arch", "mlp", "--out", str(tmp_path / "x.pt"))
+    assert bad.exit_code == 2 and "trains --method kdiga" in bad.stderr
+    help_text = " ".join(CliRunner().invoke(main, ["train", "--help"]).output.split())
+    assert "w/B on the sample scale" in help_text and "0.0079" in help_text and "shao2021" in help_text
+
+
+@pytest.mark.parametrize("extra", [
+    # the paper's weight taken as a per-sample weight, with the recipe's lr
+    ["--recipe", "shao2021", "--iga-scale", "sample", "--iga-weight", "10"],
+    ["--method", "kdiga", "--iga-weight", "30", "--lr", "0.05"],
+])
+def test_cli_large_iga_weight_stops_with_one_line_naming_the_weight(tmp_path, digits_trio, extra):
+    """Measured: both collapse to a near-constant classifier at epoch 2 (validation clean accuracy 0.08-0.16);
+    the first keeps its epoch-1 checkpoint, the second is below the floor from epoch 1 and writes none."""
+    out = tmp_path / "big.pt"
+    result = run_cli(*extra, "--arch", "mlp", "--arch-kwargs", '{"hidden": [64]}', "--teacher",
+                     str(digits_trio.teacher_path), "--eps", "0.2", "--epochs", "20", "--batch-size", "64",
+                     "--val-size", "200", "--val-attack-steps", "2", "--no-progress", "--out", str(out))
+    if result.exit_code == 0:  # it trained: then it is no constant classifier
+        assert load_checkpoint(out).metrics["clean_acc"] >= 0.5
+        return
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "collapsed at epoch" in lines[0] and "below 2x chance" in lines[0]
+    assert "lower --iga-weight (now" in lines[0] and "on the sample scale)" in lines[0]
+    rows = read_jsonl(tmp_path / "big.metrics.jsonl")
+    assert "collapse" in rows[-1] and rows[-1]["clean_acc"] < 0.2
+    if out.exists():  # the kept checkpoint is a good one: an epoch below the floor is never written
+        kept = load_checkpoint(out).metrics
+        assert kept["clean_acc"] >= 0.2 and f"(epoch {kept['epoch']}, validation clean accuracy" in lines[0]
+    else:
+        assert "no checkpoint was written" in lines[0] and rows[0]["clean_acc"] < 0.2
+
+
+def test_validation_split_never_overlaps_the_test_points(tmp_path):
+    trainer = Trainer(TrainConfig(method="natural", out=tmp_path / "v.pt", epochs=1, **{**TINY, "val_size": 200}))
+    trainer.run()
+    test, full = load_dataset("digits", "test"), load_dataset("digits", "train")
+    flat = lambda t: {tuple(row) for row in t.reshape(len(t), -1).tolist()}  # noqa: E731
+    val = flat(trainer.x_val)
+    assert len(val) == 200 and not val & flat(test.x)  # the test points certify evaluates are never validated on
+    assert val <= flat(full.x) and not val & flat(full.x[trainer.train_idx])  # carved from the training split
+    assert len(trainer.train_idx) == len(full) - 200
+    again, _ = validation_split(len(full), 200)
+    assert torch.equal(again, trainer.train_idx)  # the same split for every run and seed
+    with pytest.raises(CertkdError, match="leaves fewer than half"):
+        validation_split(100, 51)
+
+
+def test_lr_schedules():
+    cyclic = [lr_factor("cyclic", 5, 10, k) for k in range(50)]
+    assert cyclic[19] == pytest.approx(1.0) and max(cyclic) == pytest.approx(1.0)
+    assert cyclic[0] == pytest.approx(1 / 20) and cyclic[-1] == pytest.approx(0.0)
+    assert all(a < b for a, b in zip(cyclic[:19], cyclic[1:20], strict=True))
+    assert [lr_factor("step", 4, 3, k) for k in (0, 5, 6, 9)] == pytest.approx([1.0, 1.0, 0.1, 0.01])
+    assert lr_factor("cosine", 4, 3, 6) == pytest.approx(0.5) and lr_factor("cosine", 4, 3, 8) == pytest.approx(0.5)
+
+
+def test_clip_grad_bounds_every_step_and_eps_warmup_ramps(tmp_path, monkeypatch):
+    cfg = TrainConfig(method="natural", out=tmp_path / "c.pt", epochs=1, momentum=0.0, weight_decay=0.0,
+                      clip_grad=1e-3, **{**TINY, "lr": 1.0})
+    trainer = Trainer(cfg)
+    trainer.run()
+    torch.manual_seed(cfg.seed)
+    fresh = create_model("mlp", num_classes=10, input_shape=(1, 8, 8), hidden=[16])
+    moved = torch.cat([(a - b).detach().reshape(-1) for a, b in zip(trainer.student.parameters(), fresh.parameters(),
+                                                           strict=True)]).norm()
+    assert 0 < float(moved) <= trainer.steps_per_epoch * 1.0 * 1e-3 * (1 + 1e-5)  # lr * clip per step
+    seen = []
+    real = bounds.attack.pgd_maximize
+    signature = inspect.signature(real)
+
+    def spy(*args, **kwargs):
+        call = signature.bind(*args, **kwargs).arguments
+        if call["steps"] == 1:  # the training attack (validation runs TINY's 2 steps)
+            seen.append(call["eps"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bounds.attack, "pgd_maximize", spy)
+    rows_path = tmp_path / "w.metrics.jsonl"
+    train(TrainConfig(method="pgd-at", out=tmp_path / "w.pt", epochs=2, eps_warmup=1.5,
+                      params=ObjectiveParams(eps=0.1, attack_steps=1), **TINY))
+    steps = trainer.steps_per_epoch
+    assert seen == pytest.approx([0.1 * min(1.0, (k + 1) / (1.5 * steps)) for k in range(2 * steps)])
+    assert [r["train_eps"] for r in read_jsonl(rows_path)] == pytest.approx([0.1 * steps / (1.5 * steps), 0.1])

@@ -12,6 +12,7 @@ from certkd.cli import main
 from certkd.convert import NORMALIZATIONS, wrap_external_weights
 from certkd.data import dataset_description, dataset_info, list_datasets
 from certkd.models import MODELS, list_models, model_description
+from certkd.train.recipes import recipe_summary
 
 
 @main.command()
@@ -46,6 +47,7 @@ def _info_lines(summary: dict[str, Any]) -> list[tuple[str, str]]:
         ("dataset", f"{summary['dataset']}: input {tuple(summary['input_shape'])}, {summary['num_classes']} classes"),
         ("normalize", f"mean {_floats(norm['mean'])}, std {_floats(norm['std'])} (first layer of the model)"),
         ("training", _key_values(summary["config"])),
+        *([("recipe", recipe)] if (recipe := recipe_summary(summary["config"])) else []),
         ("metrics", _key_values(summary["metrics"])),
         ("provenance", _key_values(summary["provenance"])),
     ]

@@ -79,3 +79,31 @@ def apply_recipe(values: dict[str, Any], explicit: set[str] | None = None) -> di
         if key not in given:
             resolved[key] = value
     return resolved
+
+
+def recipe_summary(config: dict[str, Any]) -> str | None:
+    """The recipe a checkpoint's ``config`` was resolved from and the values it trained with (None: no recipe).
+
+    Shows every setting the recipe fixes as resolved (explicit flags included), the step and mask
+    that follow from them, and the batch-mean weight converted to the sample scale.
+
+    Example
+    -------
+    >>> recipe_summary({"recipe": "shao2021", "iga_on": "adversarial", "iga_weight": 1.0})[:29]
+    'shao2021: iga_on=adversarial,'
+    """
+    name = config.get("recipe")
+    if not name:
+        return None
+    recipe = RECIPES.get(name)
+    keys = list(recipe.settings) + [k for k in ("iga_step", "eps") if k not in recipe.settings]
+    parts = []
+    for key in keys:
+        if key not in config:
+            continue
+        value = config[key]
+        text = f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}"
+        if key == "iga_weight" and "iga_weight_per_sample" in config:
+            text += f" (per sample {config['iga_weight_per_sample']:.3g})"
+        parts.append(text)
+    return f"{name}: " + ", ".join(parts)

@@ -17,7 +17,8 @@ exactly: on CPU it ends with the same weights as an uninterrupted run.
 Training stops with one line (``TrainingDiverged``) when the loss is not finite, or when the
 student collapses (``TrainingCollapsed``): its validation clean accuracy falls below twice chance
 (from epoch 2 on), or its mean input-gradient norm stays near 0 for two epochs. The line names
-the weight to lower; ``ckpt.pt`` stays at the last good epoch.
+the weight to lower; ``ckpt.pt`` stays at the last good epoch (an epoch with either problem is
+not written, unless the run has only one epoch).
 """
 
 from __future__ import annotations
@@ -506,7 +507,7 @@ class Trainer:
                     metrics_log.write([row])
                 if stop:
                     raise TrainingCollapsed(self._collapse_message(epoch, problem))
-                if not problem:
+                if not problem or cfg.epochs == 1:
                     self._save_epoch(epoch, row)
                 if d.main and cfg.progress:
                     _say(_epoch_line(self.spec.name, cfg.epochs, row))
@@ -578,14 +579,15 @@ class Trainer:
     def _health(self, epoch: int, row: dict[str, Any]) -> tuple[str, bool]:
         """``(problem, stop)``: what is wrong with this epoch's student ('' if nothing), whether to stop.
 
-        Stop at once when the validation clean accuracy is below ``2 / K`` (from epoch 2); stop when
-        the mean input-gradient norm stayed below ``1e-3`` of a reference (the teacher's norm, else
-        the student's largest so far) for two epochs in a row.
+        A validation clean accuracy below ``2 / K`` stops training from epoch 2 on (epoch 1 may still
+        be warming up, but writes no checkpoint); a mean input-gradient norm below ``1e-3`` of a
+        reference (the teacher's norm, else the student's largest so far) stops it when it lasts two
+        epochs, and the first such epoch writes no checkpoint. A one-epoch run is always written.
         """
         floor = COLLAPSE_CHANCE_FACTOR / self.info.num_classes
-        if epoch >= 1 and row["clean_acc"] < floor:
+        if row["clean_acc"] < floor:
             return (f"validation clean accuracy {row['clean_acc']:.3f} is below {COLLAPSE_CHANCE_FACTOR:g}x chance "
-                    f"({floor:.3f})"), True
+                    f"({floor:.3f})"), epoch >= 1
         self.top_grad_norm = max(self.top_grad_norm, row["grad_norm"])
         reference = row.get("teacher_grad_norm") or self.top_grad_norm
         if row["grad_norm"] < COLLAPSE_GRAD_FRACTION * reference:
@@ -615,8 +617,9 @@ class Trainer:
     def _kept(self) -> str:
         if not self.paths["last"].exists():
             return "no checkpoint was written"
-        epoch = load_checkpoint(self.paths["last"]).metrics.get("epoch")
-        return f"the last good checkpoint {self.paths['last']} (epoch {epoch}) is kept"
+        metrics = load_checkpoint(self.paths["last"]).metrics
+        return (f"the last good checkpoint {self.paths['last']} (epoch {metrics.get('epoch')}, validation clean "
+                f"accuracy {metrics.get('clean_acc', math.nan):.3f}) is kept")
 
     def _weight_hint(self) -> str:
         option = self.spec.weight_option
