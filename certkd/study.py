@@ -51,7 +51,7 @@ def method_names() -> list[str]:
 
 def train_keys() -> set[str]:
     """The keys of ``kdiga.train``: ``TrainConfig`` fields a sweep does not set, and the method parameters."""
-    from certkd.train import MethodParams as TrainParams
+    from certkd.train import ObjectiveParams as TrainParams
     from certkd.train import TrainConfig
 
     return ({f.name for f in fields(TrainConfig)} - _SWEEP_SET) | {f.name for f in fields(TrainParams)}
