@@ -78,6 +78,9 @@ _RECIPES_HELP = " ".join(RECIPES.get(name).describe() for name in RECIPES.names(
 @click.option("--clip-grad", type=float, help="Clip the L2 norm of the parameter gradient of every step to this.")
 @click.option("--eps-warmup", type=float, default=_DEFAULTS["eps_warmup"], show_default=True, metavar="EPOCHS",
               help="Ramp the training radius (and its step sizes) linearly from 0 to --eps over this many epochs.")
+@click.option("--collapse-floor", type=float, default=_DEFAULTS["collapse_floor"], show_default=True,
+              help="Stop (keeping the last good checkpoint) when the validation clean accuracy falls below this "
+              "multiple of chance from epoch 2 on; 0 turns the check off.")
 @seed_option
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Checkpoint path (ckpt.pt); beside "
               "it: ckpt.best.pt, ckpt.metrics.jsonl (one line per epoch), ckpt.resume.pt.")

@@ -85,7 +85,8 @@ class TrainConfig:
 
     ``val_size`` ``None``: ``min(500, 10 % of the training split)``. ``eps_warmup``: epochs of a
     linear ramp of the training radius (and its step sizes) from 0 to ``params.eps``. ``clip_grad``:
-    the largest L2 norm of the parameter gradient per step. ``recipe``: the recipe the settings
+    the largest L2 norm of the parameter gradient per step. ``collapse_floor``: the validation clean
+    accuracy below which training stops, as a multiple of chance (0: never). ``recipe``: the recipe the settings
     were resolved from (recorded only; build with :meth:`from_flat` to apply one).
     """
 
@@ -106,6 +107,7 @@ class TrainConfig:
     schedule: str = "cosine"
     clip_grad: float | None = None
     eps_warmup: float = 0.0
+    collapse_floor: float = COLLAPSE_CHANCE_FACTOR
     recipe: str | None = None
     seed: int = 0
     resume: bool = False
@@ -213,6 +215,8 @@ def check_config(cfg: TrainConfig, spec: LossSpec) -> ObjectiveParams:
         raise CertkdError(f"--noise-sd must be a number >= 0, got {cfg.noise_sd}")
     if cfg.clip_grad is not None and not (math.isfinite(cfg.clip_grad) and cfg.clip_grad > 0):
         raise CertkdError(f"--clip-grad must be a positive number, got {cfg.clip_grad}")
+    if not (math.isfinite(cfg.collapse_floor) and cfg.collapse_floor >= 0):
+        raise CertkdError(f"--collapse-floor must be a number >= 0 (a multiple of chance), got {cfg.collapse_floor}")
     if not (math.isfinite(cfg.eps_warmup) and 0 <= cfg.eps_warmup <= cfg.epochs):
         raise CertkdError(f"--eps-warmup must lie in [0, --epochs], got {cfg.eps_warmup}")
     if cfg.val_size is not None and cfg.val_size < 1 or cfg.val_attack_steps < 1:
@@ -579,14 +583,14 @@ class Trainer:
     def _health(self, epoch: int, row: dict[str, Any]) -> tuple[str, bool]:
         """``(problem, stop)``: what is wrong with this epoch's student ('' if nothing), whether to stop.
 
-        A validation clean accuracy below ``2 / K`` stops training from epoch 2 on (epoch 1 may still
+        A validation clean accuracy below ``collapse_floor / K`` (2x chance by default) stops training from epoch 2 on (epoch 1 may still
         be warming up, but writes no checkpoint); a mean input-gradient norm below ``1e-3`` of a
         reference (the teacher's norm, else the student's largest so far) stops it when it lasts two
         epochs, and the first such epoch writes no checkpoint. A one-epoch run is always written.
         """
-        floor = COLLAPSE_CHANCE_FACTOR / self.info.num_classes
+        floor = self.cfg.collapse_floor / self.info.num_classes
         if row["clean_acc"] < floor:
-            return (f"validation clean accuracy {row['clean_acc']:.3f} is below {COLLAPSE_CHANCE_FACTOR:g}x chance "
+            return (f"validation clean accuracy {row['clean_acc']:.3f} is below {self.cfg.collapse_floor:g}x chance "
                     f"({floor:.3f})"), epoch >= 1
         self.top_grad_norm = max(self.top_grad_norm, row["grad_norm"])
         reference = row.get("teacher_grad_norm") or self.top_grad_norm
