@@ -1,7 +1,8 @@
 """Write an MNIST-shaped stand-in (idx files, 28x28 uint8) made from the embedded digits data.
 
-Not MNIST: each 8x8 digits image is upsampled to a 16-22 pixel square, placed at a random offset
-in a 28x28 frame, given a random contrast and a little noise. Training images come from the
+Not MNIST: each 8x8 digits image is upsampled to a 16-22 pixel square, its strokes saturated
+towards 0 and 1 (MNIST's are nearly binary), placed at a random offset in a 28x28 frame, given a
+random contrast and a little noise. Training images come from the
 digits training split and test images from its test split, so the two never share a source image.
 ``certkd.data`` reads the files as the ``mnist`` dataset (``--dataset mnist --data-dir OUT``).
 
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from certkd.data import load_dataset
 
 SIZE = 28
+STROKE_GAIN = 12.0
 
 
 def idx_bytes(array: torch.Tensor) -> bytes:
@@ -38,9 +40,9 @@ def standin_split(split: str, n: int, generator: torch.Generator) -> tuple[torch
         side = int(torch.randint(16, 23, (1,), generator=generator))
         glyph = F.interpolate(source.x[j:j + 1], size=(side, side), mode="bilinear", align_corners=False)[0, 0]
         top, left = (int(torch.randint(0, SIZE - side + 1, (1,), generator=generator)) for _ in range(2))
-        contrast = 0.7 + 0.3 * float(torch.rand(1, generator=generator))
-        images[i, top:top + side, left:left + side] = glyph.clamp(0, 1) * contrast
-    images = (images + 0.03 * torch.randn(images.shape, generator=generator)).clamp(0, 1)
+        contrast = 0.85 + 0.15 * float(torch.rand(1, generator=generator))
+        images[i, top:top + side, left:left + side] = torch.sigmoid(STROKE_GAIN * (glyph - 0.4)) * contrast
+    images = (images + 0.02 * torch.randn(images.shape, generator=generator)).clamp(0, 1)
     return (images * 255).round().to(torch.uint8), source.y[pick].to(torch.uint8)
 
 

@@ -11,14 +11,14 @@
 # sample scale), adversarial KDIGA (--recipe shao2021) and adversarial KDIGA started from the natural
 # student's weights (claim 2). Prints clean and PGD-40 accuracy at three eps; writes OUT/table.md.
 # Re-running continues: finished models are kept (--resume). Knobs (environment):
-#   TEACHER_EPS=0.2 STUDENT_EPS=0.2 TEACHER_EPOCHS=10 STUDENT_EPOCHS=10 EPS_WARMUP=2 N_EVAL=1000
+#   TEACHER_EPS=0.2 STUDENT_EPS=0.2 TEACHER_EPOCHS=8 STUDENT_EPOCHS=10 EPS_WARMUP=2 N_EVAL=1000
 #   EVAL_EPS=0.1,0.2,0.3 DEVICE=cpu SEED=0 PYTHON=python3 STANDIN_TRAIN=6000 STANDIN_TEST=1000
 set -euo pipefail
 DATA_DIR="${1:-}"
 OUT="${2:-runs/mnist_transfer}"
 TEACHER_EPS="${TEACHER_EPS:-0.2}"
 STUDENT_EPS="${STUDENT_EPS:-0.2}"
-TEACHER_EPOCHS="${TEACHER_EPOCHS:-10}"
+TEACHER_EPOCHS="${TEACHER_EPOCHS:-8}"
 STUDENT_EPOCHS="${STUDENT_EPOCHS:-10}"
 EPS_WARMUP="${EPS_WARMUP:-2}"
 N_EVAL="${N_EVAL:-1000}"
@@ -42,7 +42,8 @@ T="$OUT/teacher.pt"
 
 set -x
 certkd train --method pgd-at --arch cnn4 --arch-kwargs '{"width": 32, "linear": 128}' --eps "$TEACHER_EPS" \
-  --attack-steps 10 --eps-warmup "$EPS_WARMUP" --epochs "$TEACHER_EPOCHS" --lr 0.05 "${COMMON[@]}" --out "$T"
+  --attack-steps 10 --eps-warmup "$EPS_WARMUP" --epochs "$TEACHER_EPOCHS" --optimizer adam --lr 1e-3 \
+  --weight-decay 0 "${COMMON[@]}" --out "$T"
 certkd train --method natural --lr 0.05 "${STUDENT[@]}" --out "$OUT/natural.pt"
 certkd train --method kd --teacher "$T" --lr 0.05 "${STUDENT[@]}" --eps "$STUDENT_EPS" --out "$OUT/kd.pt"
 certkd train --method kdiga --teacher "$T" --iga-on clean --iga-weight 1 --lr 0.05 "${STUDENT[@]}" \
