@@ -42,7 +42,7 @@ from bounds.attack import pgd
 from bounds.certify import BoundEngine
 from bounds.clever import clever
 from certkd.models import create_model
-from certkd.train.losses import LossBatch, MethodParams, get_loss
+from certkd.train.losses import LossBatch, ObjectiveParams, get_loss
 from certkd.train.trainer import compute_loss, optimizer_step
 
 COLUMNS = ("task", "points", "device", "seconds", "result", "check")
@@ -162,7 +162,7 @@ def _epoch(method: str, teacher: torch.nn.Module, sizes: Sizes, device: torch.de
     student = create_model("resnet18", 10, sizes.shape, **sizes.resnet18).to(device).train()
     optimizer = torch.optim.SGD(student.parameters(), lr=1e-3, momentum=0.9)
     scaler = torch.amp.GradScaler("cuda", enabled=False)
-    params = MethodParams(eps=8 / 255, iga_weight=1.0).resolved()
+    params = ObjectiveParams(eps=8 / 255, iga_weight=1.0).resolved()
     spec = get_loss(method)
     generator = torch.Generator(device=device).manual_seed(seed)
 

@@ -16,7 +16,8 @@ exactly: on CPU it ends with the same weights as an uninterrupted run.
 
 Training stops with one line (``TrainingDiverged``) when the loss is not finite, or when the
 student collapses (``TrainingCollapsed``): its validation clean accuracy falls below twice chance
-(from epoch 2 on), or its mean input-gradient norm stays near 0 for two epochs. The line names
+(or never reaches it in a quarter of the epochs), or its mean input-gradient norm stays near 0
+for two epochs. The line names
 the weight to lower; ``ckpt.pt`` stays at the last good epoch (an epoch with either problem is
 not written, unless the run has only one epoch).
 """
@@ -67,6 +68,8 @@ VAL_DEFAULT_FRACTION = 0.1
 COLLAPSE_CHANCE_FACTOR = 2.0
 COLLAPSE_GRAD_FRACTION = 1e-3
 COLLAPSE_GRAD_EPOCHS = 2
+IGA_SMALL = 0.05
+"""Below this ratio of IGA to KD term a collapse is not blamed on --iga-weight."""
 # settings that may differ between an interrupted run and its --resume
 _RESUME_FREE = ("resume", "device", "progress")
 
@@ -453,6 +456,7 @@ class Trainer:
         self.teacher_val = evaluate(self.teacher, self.x_val, self.y_val, None, self.params.norm, 1, cfg.seed,
                                     dist_info=d) if self.teacher is not None else None
         self.start_epoch, self.best, self.flat_epochs, self.top_grad_norm = 0, -math.inf, 0, 0.0
+        self.above_floor = False
         self._restore()
 
     def _restore(self) -> None:
@@ -474,6 +478,7 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.start_epoch, self.best = int(state["epoch"]), float(state["best"])
         self.flat_epochs, self.top_grad_norm = int(state["flat_epochs"]), float(state["top_grad_norm"])
+        self.above_floor = bool(state["above_floor"])
         if d.main:
             _keep_metrics_until(self.paths["metrics"], self.start_epoch)
             _say(f"resume: continuing after epoch {self.start_epoch} of {cfg.epochs}")
@@ -510,7 +515,7 @@ class Trainer:
                 if metrics_log is not None:
                     metrics_log.write([row])
                 if stop:
-                    raise TrainingCollapsed(self._collapse_message(epoch, problem))
+                    raise TrainingCollapsed(self._collapse_message(epoch, problem, row))
                 if not problem or cfg.epochs == 1:
                     self._save_epoch(epoch, row)
                 if d.main and cfg.progress:
@@ -583,15 +588,20 @@ class Trainer:
     def _health(self, epoch: int, row: dict[str, Any]) -> tuple[str, bool]:
         """``(problem, stop)``: what is wrong with this epoch's student ('' if nothing), whether to stop.
 
-        A validation clean accuracy below ``collapse_floor / K`` (2x chance by default) stops training from epoch 2 on (epoch 1 may still
-        be warming up, but writes no checkpoint); a mean input-gradient norm below ``1e-3`` of a
-        reference (the teacher's norm, else the student's largest so far) stops it when it lasts two
-        epochs, and the first such epoch writes no checkpoint. A one-epoch run is always written.
+        Below the floor means a validation clean accuracy under ``collapse_floor / K`` (2x chance by
+        default). It stops training at once when the student was above the floor before (it fell),
+        and otherwise once a quarter of the epochs (at least 2) have passed without reaching it (a
+        slow start, e.g. a cyclic schedule, gets that long). A mean input-gradient norm below ``1e-3``
+        of a reference (the teacher's norm, else the student's largest so far) stops it when it lasts
+        two epochs. An epoch with a problem writes no checkpoint, unless the run has only one epoch.
         """
         floor = self.cfg.collapse_floor / self.info.num_classes
         if row["clean_acc"] < floor:
+            patience = max(2, self.cfg.epochs // 4)
+            fell = self.above_floor
             return (f"validation clean accuracy {row['clean_acc']:.3f} is below {self.cfg.collapse_floor:g}x chance "
-                    f"({floor:.3f})"), epoch >= 1
+                    f"({floor:.3f}){'' if fell else f' after {epoch + 1} epoch(s)'}"), fell or epoch + 1 >= patience
+        self.above_floor = True
         self.top_grad_norm = max(self.top_grad_norm, row["grad_norm"])
         reference = row.get("teacher_grad_norm") or self.top_grad_norm
         if row["grad_norm"] < COLLAPSE_GRAD_FRACTION * reference:
@@ -612,7 +622,7 @@ class Trainer:
                 save_checkpoint(ckpt, self.paths["best"])
             _save_resume_state(self.paths["resume"], {
                 "epoch": epoch + 1, "best": max(self.best, score), "config": self.record,
-                "teacher_sha256": self.teacher_sha, "flat_epochs": self.flat_epochs,
+                "teacher_sha256": self.teacher_sha, "flat_epochs": self.flat_epochs, "above_floor": self.above_floor,
                 "top_grad_norm": self.top_grad_norm, "model": self.student.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict()})
@@ -625,17 +635,22 @@ class Trainer:
         return (f"the last good checkpoint {self.paths['last']} (epoch {metrics.get('epoch')}, validation clean "
                 f"accuracy {metrics.get('clean_acc', math.nan):.3f}) is kept")
 
-    def _weight_hint(self) -> str:
+    def _weight_hint(self, row: dict[str, Any] | None = None) -> str:
+        """Which setting to lower: the method's weight, unless the diagnostics show its term is small."""
         option = self.spec.weight_option
         if option != "--iga-weight":
             return f"lower {option}"
         p = self.params
         per_sample = f", {p.iga_weight / self.per_rank:.3g} per sample" if p.iga_scale == "batch-mean" else ""
+        ratio = None if row is None else row.get("iga_to_kd")
+        if ratio is not None and ratio < IGA_SMALL:
+            return (f"lower --lr or give --eps-warmup: the IGA term is only {ratio:.2g} of the KD term, so "
+                    f"--iga-weight (now {p.iga_weight:g} on the {p.iga_scale} scale{per_sample}) is not the cause")
         return f"lower --iga-weight (now {p.iga_weight:g} on the {p.iga_scale} scale{per_sample})"
 
-    def _collapse_message(self, epoch: int, problem: str) -> str:
+    def _collapse_message(self, epoch: int, problem: str, row: dict[str, Any]) -> str:
         return (f"{self.spec.name} collapsed at epoch {epoch + 1}: {problem}; training stopped and {self._kept()}; "
-                f"{self._weight_hint()}")
+                f"{self._weight_hint(row)}")
 
     def _diverged_message(self, epoch: int, step: int, out: dict[str, torch.Tensor]) -> str:
         terms = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in out.items())
