@@ -1,12 +1,16 @@
-"""Paired teacher-versus-student comparison of per-example radii over the same points (theory.md §2.1, §3).
+"""Paired teacher-versus-student comparison of per-example radii over the same points (theory.md §2.1, §6).
 
-Both radii come from the same method (certified or estimate: the verdict inherits
-that kind). Certified accuracy at ``eps`` is the fraction of points that are
-correctly classified with radius ``r >= eps`` (theory.md §2.1).
+One *part* compares radii of one kind on the same points: the **certified** part
+(certified radii ``r``; certified accuracy at ``eps`` is the fraction correctly
+classified with ``r >= eps``, theory.md §2.1) or the **empirical** part (attack radii
+``a``, the smallest eps where an attack found an adversarial example; attack accuracy
+at ``eps`` is the fraction with ``a > eps``, an estimate). ``headline`` combines both
+parts by the rule of theory.md §6 and states the certificates' looseness ``rho``.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -20,6 +24,12 @@ YES = "yes"
 NO = "no"
 INCONCLUSIVE = "inconclusive"
 QUESTION = "the student certifies at least as robustly as the teacher"
+CERTIFIED_PART = "certified"
+EMPIRICAL_PART = "empirical"
+#: what each part's accuracy is called in reasons and tables
+PART_QUANTITY = {CERTIFIED_PART: "certified accuracy", EMPIRICAL_PART: "attack accuracy"}
+RHO_THRESHOLD = 0.25
+COVERAGE_QUANTILE = 0.9
 
 
 @dataclass
@@ -50,6 +60,8 @@ class PairedComparison:
     margin: float
     alpha: float
     fraction_threshold: float
+    part: str = CERTIFIED_PART
+    n_boot: int = 2000
 
 
 def certified_accuracy(radius: torch.Tensor, eps: Sequence[float] | torch.Tensor,
@@ -58,8 +70,11 @@ def certified_accuracy(radius: torch.Tensor, eps: Sequence[float] | torch.Tensor
     return _certified(radius, torch.as_tensor(eps, dtype=torch.float64), correct).double().mean(0)
 
 
-def _certified(radius: torch.Tensor, eps: torch.Tensor, correct: torch.Tensor | None) -> torch.Tensor:
-    ok = radius.double().view(-1, 1) >= eps.view(1, -1)
+def _certified(radius: torch.Tensor, eps: torch.Tensor, correct: torch.Tensor | None,
+               strict: bool = False) -> torch.Tensor:
+    """(B, E) bool: ``radius >= eps`` (certified radii) or ``radius > eps`` (``strict``: attack radii)."""
+    r, e = radius.double().view(-1, 1), eps.view(1, -1)
+    ok = r > e if strict else r >= e
     return ok if correct is None else ok & correct.bool().view(-1, 1)
 
 
@@ -102,21 +117,33 @@ def check_rule(tol: float, margin: float, alpha: float, fraction_threshold: floa
 def paired_comparison(radius_student: torch.Tensor, radius_teacher: torch.Tensor, eps: Sequence[float],
                       correct_student: torch.Tensor | None = None, correct_teacher: torch.Tensor | None = None,
                       tol: float = 1e-3, margin: float = 0.02, alpha: float = 0.05,
-                      fraction_threshold: float = 0.9, n_boot: int = 2000, seed: int = 0) -> PairedComparison:
-    """Compare per-example radii of student and teacher on the same points; decide the verdict.
+                      fraction_threshold: float = 0.9, n_boot: int = 2000, seed: int = 0,
+                      part: str = CERTIFIED_PART) -> PairedComparison:
+    """Compare per-example radii of student and teacher on the same points; decide the part's verdict.
 
-    Decision rule (checked in this order):
+    ``part`` is ``"certified"`` (certified radii, accuracy ``r >= eps``) or ``"empirical"``
+    (attack radii, accuracy ``a > eps``). Decision rule (checked in this order):
 
     - differences ``d_i = r_S,i - r_T,i`` with ``|d_i| <= tol`` (the radius tolerance) count as 0;
     - **no** if at some eps the bootstrap CI of ``acc_S - acc_T`` lies entirely below
-      ``-margin`` (the student certifies fewer points by more than ``margin``, significantly),
+      ``-margin`` (the student is robust on fewer points by more than ``margin``, significantly),
       or the one-sided Wilcoxon signed-rank test (zeros split, H1: the student's radii are
       smaller) has ``p < alpha``;
     - **yes** if the fraction with ``r_S >= r_T - tol`` is at least ``fraction_threshold``,
       or the one-sided Wilcoxon test the other way (H1: the student's radii are larger)
       has ``p < alpha``;
     - **inconclusive** otherwise.
+
+    Examples
+    --------
+    >>> r = torch.linspace(0.0, 0.1, 50, dtype=torch.float64)
+    >>> paired_comparison(0.5 * r, r, [0.02, 0.05]).verdict
+    'no'
     """
+    if part not in PART_QUANTITY:
+        raise BoundsError(f"unknown part {part!r}: use {CERTIFIED_PART} or {EMPIRICAL_PART}")
+    quantity, r = PART_QUANTITY[part], "r" if part == CERTIFIED_PART else "a"
+    radii = f"{part} radii"
     rs = radius_student.detach().double().cpu().flatten()
     rt = radius_teacher.detach().double().cpu().flatten()
     if rs.shape != rt.shape or rs.numel() == 0:
@@ -125,8 +152,9 @@ def paired_comparison(radius_student: torch.Tensor, radius_teacher: torch.Tensor
     if bool(torch.isnan(rs).any() | torch.isnan(rt).any()):
         raise BoundsError("paired comparison got a NaN radius")
     eps_t = torch.as_tensor(list(eps), dtype=torch.float64)
-    cert_s = _certified(rs, eps_t, correct_student)
-    cert_t = _certified(rt, eps_t, correct_teacher)
+    strict = part == EMPIRICAL_PART
+    cert_s = _certified(rs, eps_t, correct_student, strict)
+    cert_t = _certified(rt, eps_t, correct_teacher, strict)
     acc_s, acc_t = cert_s.double().mean(0), cert_t.double().mean(0)
     low, high = bootstrap_difference(cert_s, cert_t, n_boot, alpha, seed) if len(eps_t) else (eps_t, eps_t)
     diff = rs - rt
@@ -137,18 +165,19 @@ def paired_comparison(radius_student: torch.Tensor, radius_teacher: torch.Tensor
     fraction = float((rs >= rt - tol).double().mean())
     below = [float(e) for e, h in zip(eps_t.tolist(), high.tolist(), strict=True) if h < -margin]
     if below:
-        verdict, reason = NO, (f"at eps {', '.join(f'{e:g}' for e in below)} the {1 - alpha:.0%} CI of the "
-                               f"certified-accuracy difference lies below -{margin:g}")
+        verdict, reason = NO, (f"at eps {', '.join(f'{e:.4g}' for e in below)} the {1 - alpha:.0%} CI of the "
+                               f"{quantity} difference (student - teacher) lies below -{margin:g}")
     elif p_less < alpha:
-        verdict, reason = NO, f"Wilcoxon signed-rank: the student's radii are smaller (p = {p_less:.3g} < {alpha:g})"
+        verdict, reason = NO, (f"Wilcoxon signed-rank: the student's {radii} are smaller "
+                                 f"(p = {p_less:.3g} < {alpha:g})")
     elif fraction >= fraction_threshold:
-        verdict, reason = YES, (f"{fraction:.1%} of points have r_S >= r_T - {tol:g} (>= {fraction_threshold:.0%}) "
+        verdict, reason = YES, (f"{fraction:.1%} of points have {r}_S >= {r}_T - {tol:g} (>= {fraction_threshold:.0%}) "
                                 f"and no eps shows a significant deficit")
     elif p_greater < alpha:
-        verdict, reason = YES, (f"Wilcoxon signed-rank: the student's radii are larger (p = {p_greater:.3g} < "
+        verdict, reason = YES, (f"Wilcoxon signed-rank: the student's {radii} are larger (p = {p_greater:.3g} < "
                                 f"{alpha:g}) and no eps shows a significant deficit")
     else:
-        verdict, reason = INCONCLUSIVE, (f"only {fraction:.1%} of points have r_S >= r_T - {tol:g} "
+        verdict, reason = INCONCLUSIVE, (f"only {fraction:.1%} of points have {r}_S >= {r}_T - {tol:g} "
                                          f"(< {fraction_threshold:.0%}) and the radii do not differ significantly")
     return PairedComparison(
         eps=eps_t, radius_student=rs, radius_teacher=rt, at_least_fraction=fraction, accuracy_student=acc_s,
@@ -156,4 +185,126 @@ def paired_comparison(radius_student: torch.Tensor, radius_teacher: torch.Tensor
         wilcoxon_p_less=p_less, wilcoxon_p_greater=p_greater, wilcoxon_p_two_sided=p_two,
         median_difference=float(diff.median()),
         verdict=verdict, reason=reason, tol=float(tol), margin=float(margin), alpha=float(alpha),
-        fraction_threshold=float(fraction_threshold))
+        fraction_threshold=float(fraction_threshold), part=part, n_boot=int(n_boot))
+
+
+def _median(values: torch.Tensor) -> float:
+    """The median (mean of the two middle values for an even count; ``inf`` stays ``inf``)."""
+    v = values.double().flatten().sort().values
+    n = v.numel()
+    lo, hi = float(v[(n - 1) // 2]), float(v[n // 2])
+    return hi if math.isinf(hi) else (lo + hi) / 2
+
+
+def coverage(radius: torch.Tensor, quantile: float = COVERAGE_QUANTILE) -> float:
+    """The eps range ``[0, X]`` a part covers: ``X`` = the ``quantile`` of the teacher's radii.
+
+    Beyond ``X`` fewer than ``1 - quantile`` of the teacher's points are robust (certified,
+    or not broken by the attack), so the part's curves carry little information there.
+    ``inf`` radii (no adversarial example found) count as larger than every finite one.
+
+    Examples
+    --------
+    >>> coverage(torch.arange(11, dtype=torch.float64) / 10)
+    0.9
+    """
+    v = radius.double().flatten().sort().values
+    return float(v[min(int(math.ceil(quantile * v.numel())) - 1, v.numel() - 1)]) if v.numel() else 0.0
+
+
+def looseness(radius_certified_teacher: torch.Tensor, radius_attack_teacher: torch.Tensor) -> float | None:
+    """Certificate looseness ``rho = median(r_T) / median(a_T)`` (theory.md §6); None when ``median(a_T) = 0``.
+
+    ``r_T <= a_T`` for every point (an attack radius bounds the true radius from above), so
+    ``rho`` lies in [0, 1]; near 1 the bounds see the teacher's whole robustness.
+
+    Examples
+    --------
+    >>> round(looseness(torch.tensor([0.01, 0.02, 0.03]), torch.tensor([0.1, 0.2, 0.3])), 6)
+    0.1
+    """
+    a = _median(radius_attack_teacher)
+    if a == 0 or math.isnan(a):
+        return None
+    return _median(radius_certified_teacher) / a
+
+
+@dataclass
+class Headline:
+    """The verdict of theory.md §6 from a certified and an empirical part on the same points."""
+
+    verdict: str
+    reason: str
+    certified: PairedComparison
+    empirical: PairedComparison
+    rho: float | None
+    rho_threshold: float
+    certified_covers: float  # the certified part covers eps in [0, certified_covers]
+    empirical_covers: float
+    coverage_quantile: float
+
+    @property
+    def coverage_label(self) -> str | None:
+        """``"covers only eps <= X"`` for the certified part when ``rho < rho_threshold``, else None."""
+        if self.rho is None or self.rho < self.rho_threshold:
+            return f"covers only eps <= {self.certified_covers:.4g}"
+        return None
+
+
+def headline(certified: PairedComparison, empirical: PairedComparison, rho_threshold: float = RHO_THRESHOLD,
+             coverage_quantile: float = COVERAGE_QUANTILE) -> Headline:
+    """Combine both parts (theory.md §6); the headline is never more favourable than either part.
+
+    **no** if either part says no; **yes** only if the certified part says yes and the
+    empirical part does not say no; **inconclusive** otherwise. ``rho`` and the eps range
+    each part covers (``coverage``) come with it; below ``rho_threshold`` the certified
+    part is labelled "covers only eps <= X".
+
+    Examples
+    --------
+    >>> r = torch.linspace(0.01, 0.05, 40, dtype=torch.float64)
+    >>> a = torch.linspace(0.1, 0.3, 40, dtype=torch.float64)
+    >>> h = headline(paired_comparison(r, r, [0.02]), paired_comparison(0.5 * a, a, [0.1], part="empirical"))
+    >>> h.verdict, h.coverage_label
+    ('no', 'covers only eps <= 0.0459')
+    """
+    if certified.part != CERTIFIED_PART or empirical.part != EMPIRICAL_PART:
+        raise BoundsError("headline needs a certified part and an empirical part, in that order")
+    if certified.radius_teacher.shape != empirical.radius_teacher.shape:
+        raise BoundsError("the certified and the empirical part must be computed on the same points")
+    parts = {CERTIFIED_PART: certified, EMPIRICAL_PART: empirical}
+    noes = [name for name, p in parts.items() if p.verdict == NO]
+    if noes:
+        verdict = NO
+        reason = "; ".join(f"the {name} part says no ({parts[name].reason})" for name in noes)
+    elif certified.verdict == YES:
+        verdict = YES
+        reason = f"the certified part says yes and the empirical part says {empirical.verdict}"
+    else:
+        verdict = INCONCLUSIVE
+        reason = f"the certified part says {certified.verdict} and the empirical part {empirical.verdict}"
+    return Headline(verdict=verdict, reason=reason, certified=certified, empirical=empirical,
+                    rho=looseness(certified.radius_teacher, empirical.radius_teacher), rho_threshold=rho_threshold,
+                    certified_covers=coverage(certified.radius_teacher, coverage_quantile),
+                    empirical_covers=coverage(empirical.radius_teacher, coverage_quantile),
+                    coverage_quantile=coverage_quantile)
+
+
+def curve_grid(radius_certified: torch.Tensor, radius_attack_teacher: torch.Tensor, points: int = 11,
+               quantile: float = COVERAGE_QUANTILE) -> list[float]:
+    """Eps grid of both parts' curves: ``points`` values from 0 to the teacher's empirical robustness.
+
+    The top is the ``quantile`` of the finite ``a_T`` (theory.md §6), and at least the largest
+    finite certified radius, so the grid spans what the attack sees, not only what the bounds see.
+
+    Examples
+    --------
+    >>> curve_grid(torch.tensor([0.01, 0.02]), torch.tensor([0.1, 0.2, 0.3, 0.5]), points=3)
+    [0.0, 0.25, 0.5]
+    """
+    a = radius_attack_teacher.double().flatten()
+    r = radius_certified.double().flatten()
+    finite_r = r[torch.isfinite(r)]
+    top = max(coverage(a[torch.isfinite(a)], quantile), float(finite_r.max()) if finite_r.numel() else 0.0)
+    top = top if top > 0 else 1.0
+    return [round(v, 10) for v in torch.linspace(0, top, points, dtype=torch.float64).tolist()]
