@@ -426,7 +426,8 @@ def attack_radius(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, atta
 
     ``hi`` starts at ``eps_max``; each round attacks every unfinished example at
     ``(lo + hi) / 2``: a success sets ``hi`` to the norm of the adversarial example found
-    (at most the midpoint), a failure sets ``lo``; until ``hi - lo <= tol``. The result
+    (at most the midpoint), a failure sets ``lo``; until ``hi - lo <= tol``. A first round
+    at ``eps_max`` finds which points can be broken at all. The result
     ``a(x) = hi`` is an upper bound of the true robust radius (an adversarial example
     lies within it), so ``r(x) <= a(x)`` for every certified radius ``r``.
 
@@ -468,7 +469,8 @@ def _attack_at(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, attack:
                eps: torch.Tensor) -> None:
     """One bisection round on ``rows`` at ``eps[rows]``: update ``hi``/``lo``/``found`` in place.
 
-    A success counts only when the model misclassifies the returned point (checked here).
+    A success counts only when the model misclassifies the returned point (checked here); ``hi``
+    becomes that point's distance ``||x_adv - x||_p`` (at most eps, up to float32 rounding).
     """
     if len(rows) == 0:
         return
@@ -478,8 +480,8 @@ def _attack_at(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, attack:
     with torch.no_grad():
         broken = (min_margin(model(res.x_adv), y[idx]) <= 0).cpu()
     dist = batch_norm((res.x_adv - x[idx]).double(), p).cpu()
-    success = broken & (dist <= e * (1 + 1e-6) + 1e-12)
-    hi[rows[success]] = torch.minimum(dist[success], e[success])
+    success = broken & (dist <= e + 1e-5)  # float32 rounding of x_adv - x, no more
+    hi[rows[success]] = dist[success]
     lo[rows[~success]] = e[~success]
     found[rows[success]] = True
 

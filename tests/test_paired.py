@@ -4,7 +4,22 @@ import pytest
 import torch
 
 from bounds.errors import BoundsError
-from bounds.paired import INCONCLUSIVE, NO, YES, bootstrap_difference, certified_accuracy, paired_comparison
+from bounds.paired import (
+    CERTIFIED_PART,
+    EMPIRICAL_PART,
+    INCONCLUSIVE,
+    NO,
+    PART_QUANTITY,
+    YES,
+    PairedComparison,
+    bootstrap_difference,
+    certified_accuracy,
+    coverage,
+    curve_grid,
+    headline,
+    looseness,
+    paired_comparison,
+)
 
 EPS = [0.0, 0.02, 0.05, 0.08]
 
@@ -106,3 +121,92 @@ def test_bad_input_raises_one_sentence_errors():
         paired_comparison(torch.zeros(3), torch.zeros(3), EPS, alpha=1.5)
     with pytest.raises(BoundsError):
         paired_comparison(torch.tensor([float("nan")]), torch.zeros(1), EPS)
+
+
+# --------------------------------------------------------------------------- two parts and the headline (§6)
+
+def _part(student: torch.Tensor, teacher: torch.Tensor, part: str) -> PairedComparison:
+    return paired_comparison(student, teacher, EPS, part=part)
+
+
+@pytest.mark.parametrize(("certified", "empirical", "expected"), [
+    ("yes", "yes", YES), ("yes", "inconclusive", YES), ("yes", "no", NO), ("no", "yes", NO),
+    ("inconclusive", "yes", INCONCLUSIVE), ("inconclusive", "inconclusive", INCONCLUSIVE),
+    ("no", "no", NO), ("inconclusive", "no", NO),
+])
+def test_headline_is_never_more_favourable_than_either_part(certified, empirical, expected):
+    r = radii()
+    signs = torch.tensor([1.0, -1.0]).repeat(len(r) // 2).double()
+    make = {"yes": lambda: r + 0.01, "no": lambda: 0.5 * r, "inconclusive": lambda: r + 0.005 * signs}
+    cert = _part(make[certified](), r, CERTIFIED_PART)
+    emp = _part(make[empirical](), r, EMPIRICAL_PART)
+    assert (cert.verdict, emp.verdict) == (certified, empirical)
+    h = headline(cert, emp)
+    assert h.verdict == expected
+    order = {NO: 0, INCONCLUSIVE: 1, YES: 2}
+    assert order[h.verdict] <= order[cert.verdict]
+    if emp.verdict == NO:
+        assert h.verdict == NO and "empirical part says no" in h.reason
+
+
+def test_rho_and_coverage_label():
+    r_t = radii()
+    a_t = 10 * r_t  # the bounds see a tenth of the teacher's robustness
+    h = headline(_part(r_t, r_t, CERTIFIED_PART), _part(a_t, a_t, EMPIRICAL_PART))
+    assert h.rho == pytest.approx(0.1)
+    assert h.certified_covers == pytest.approx(coverage(r_t)) and h.empirical_covers == pytest.approx(10 * coverage(r_t))
+    assert h.coverage_label == f"covers only eps <= {h.certified_covers:.4g}"
+    tight = headline(_part(r_t, r_t, CERTIFIED_PART), _part(r_t * 1.1, r_t * 1.1, EMPIRICAL_PART))
+    assert tight.rho == pytest.approx(1 / 1.1) and tight.coverage_label is None
+    assert looseness(r_t, torch.zeros_like(r_t)) is None
+
+
+def test_attack_accuracy_counts_strictly_larger_radii():
+    a = torch.tensor([0.0, 0.05, 0.1], dtype=torch.float64)
+    res = paired_comparison(a, a, [0.0, 0.05], part=EMPIRICAL_PART)
+    assert res.accuracy_teacher.tolist() == [2 / 3, 1 / 3]
+    assert "attack" in PART_QUANTITY[res.part]
+    with pytest.raises(BoundsError):
+        paired_comparison(a, a, [0.0], part="bogus")
+    with pytest.raises(BoundsError):
+        headline(_part(a, a, EMPIRICAL_PART), _part(a, a, CERTIFIED_PART))
+
+
+def test_curve_grid_spans_the_teachers_empirical_robustness():
+    r = radii() * 0.1
+    a = radii() + 0.2
+    grid = curve_grid(r, a, points=11)
+    assert grid[0] == 0.0 and len(grid) == 11
+    assert grid[-1] == pytest.approx(coverage(a)) and grid[-1] > float(r.max())
+
+
+def test_tight_certificates_of_a_linear_model_and_its_scaled_copy_give_rho_near_one_and_agreeing_parts():
+    """A linear model's CROWN radius is exact; APGD's radius is within the tolerance above it."""
+    from torch import nn
+
+    from bounds.attack import attack_radius, make_attack
+    from bounds.certify import BoundEngine
+
+    gen = torch.Generator().manual_seed(0)
+    teacher = nn.Sequential(nn.Flatten(), nn.Linear(6, 3))
+    with torch.no_grad():
+        teacher[1].weight.copy_(torch.randn(3, 6, generator=gen))
+        teacher[1].bias.zero_()
+    student = nn.Sequential(nn.Flatten(), nn.Linear(6, 3))
+    student.load_state_dict({k: 2.0 * v for k, v in teacher.state_dict().items()})  # same decisions, 2x logits
+    x = 0.4 + 0.2 * torch.rand(60, 6, generator=gen)
+    with torch.no_grad():
+        y = teacher(x).argmax(1)
+    tol = 1e-3
+    r = {name: BoundEngine(m, (6,)).certified_radius(x, y, "inf", "crown", tol=tol, generator=gen).radius.double()
+         for name, m in (("s", student), ("t", teacher))}
+    a = {name: attack_radius(m, x, y, make_attack(m, steps=10, generator=gen), tol=tol).radius
+         for name, m in (("s", student), ("t", teacher))}
+    assert bool((r["t"] <= a["t"] + 1e-6).all())
+    grid = curve_grid(r["t"], a["t"])
+    h = headline(paired_comparison(r["s"], r["t"], grid, tol=tol),
+                 paired_comparison(a["s"], a["t"], grid, tol=tol, part=EMPIRICAL_PART))
+    assert h.rho == pytest.approx(1.0, abs=0.05)
+    assert h.coverage_label is None
+    assert h.certified.verdict == h.empirical.verdict == h.verdict == YES
+    assert h.certified_covers == pytest.approx(h.empirical_covers, abs=2 * tol)
