@@ -181,9 +181,12 @@ def import_auto_lirpa() -> types.ModuleType:
     root = logging.getLogger()
     root_handlers, root_level = list(root.handlers), root.level
     try:
-        with warnings.catch_warnings():  # restores the filters auto_LiRPA sets to 'once'
-            warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.script in auto_LiRPA 0.3
+        # restores the filters auto_LiRPA sets to 'once' (which would override an 'ignore'), so record instead
+        with warnings.catch_warnings(record=True) as caught:
             module = importlib.import_module("auto_LiRPA")
+        for w in caught:  # torch.jit.script in auto_LiRPA 0.3 is deprecated: nothing a user can act on
+            if not issubclass(w.category, DeprecationWarning):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     except Exception as exc:  # any import failure becomes one sentence for the user
         raise AutoLirpaMissing(
             f"auto_LiRPA {version} does not import with torch {torch.__version__} "

@@ -1,4 +1,11 @@
-"""Atomic file writes and append-only JSON-lines logs (resumable runs)."""
+"""Atomic file writes, append-only JSON-lines logs (resumable runs) and output-path checks.
+
+Every result file is created with the permissions of an ordinary file (``0666`` less
+the umask: ``0644`` under the usual ``022``), whether written atomically or appended.
+``check_output_file`` / ``check_output_dir`` reject an output path that cannot be
+written (missing parent, a file where a folder is wanted, no permission) in one
+sentence, before any computation starts.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +15,8 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+from certkd.errors import CertkdError
 
 
 def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "w") -> None:
@@ -19,6 +28,7 @@ def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "w"
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, file_mode())
         with os.fdopen(fd, mode) as fh:
             write(fh)
             fh.flush()
@@ -28,6 +38,83 @@ def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "w"
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def file_mode() -> int:
+    """Permissions of a new result file: ``0o666`` less the process umask (``0o644`` for umask ``022``).
+
+    Examples
+    --------
+    >>> old = os.umask(0o022); mode = file_mode(); _ = os.umask(old)
+    >>> oct(mode)
+    '0o644'
+    """
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _probe_writable(folder: Path, what: str) -> None:
+    """Create and remove a temporary file in ``folder``; ``CertkdError`` (one sentence) when that fails."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".certkd-probe.", dir=folder)
+    except OSError as exc:
+        raise CertkdError(f"cannot write {what}: {folder} is not writable ({exc.strerror or exc})") from None
+    os.close(fd)
+    os.unlink(tmp)
+
+
+def check_output_file(path: str | Path, option: str = "--out") -> Path:
+    """Check that a result file can be written at ``path`` (its folder exists and is writable).
+
+    Raises ``CertkdError`` with one sentence: the parent folder is missing (no folder is
+    created silently), is not a folder, is not writable, or ``path`` is a directory.
+
+    Examples
+    --------
+    >>> check_output_file("/nonexistent/dir/summary.json")
+    Traceback (most recent call last):
+    ...
+    certkd.errors.CertkdError: --out /nonexistent/dir/summary.json: the folder /nonexistent/dir does not exist
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise CertkdError(f"{option} {path} is a directory; give a file name")
+    parent = path.parent
+    if not parent.exists():
+        raise CertkdError(f"{option} {path}: the folder {parent} does not exist")
+    if not parent.is_dir():
+        raise CertkdError(f"{option} {path}: {parent} is not a folder")
+    _probe_writable(parent, f"{option} {path}")
+    return path
+
+
+def check_output_dir(path: str | Path, option: str = "--out") -> Path:
+    """Check that ``path`` is (or can be created as) a writable output folder; its parent must exist.
+
+    Only the last component may be missing (it is created when results are written);
+    ``CertkdError`` with one sentence otherwise.
+
+    Examples
+    --------
+    >>> check_output_dir("/nonexistent/dir")
+    Traceback (most recent call last):
+    ...
+    certkd.errors.CertkdError: --out /nonexistent/dir: the folder /nonexistent does not exist
+    """
+    path = Path(path)
+    if path.exists():
+        if not path.is_dir():
+            raise CertkdError(f"{option} {path} is a file; give a folder")
+        _probe_writable(path, f"{option} {path}")
+        return path
+    parent = path.parent
+    if not parent.exists():
+        raise CertkdError(f"{option} {path}: the folder {parent} does not exist")
+    if not parent.is_dir():
+        raise CertkdError(f"{option} {path}: {parent} is not a folder")
+    _probe_writable(parent, f"{option} {path}")
+    return path
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

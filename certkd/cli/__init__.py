@@ -10,6 +10,8 @@ from certkd import __version__
 from certkd.errors import USER_ERRORS
 
 EXIT_USAGE = 2
+#: commands that continue where they stopped when run again into the same folder
+RESUME_BY_RERUN = ("demo", "ablate")
 
 
 class CertkdGroup(click.Group):
@@ -21,8 +23,9 @@ class CertkdGroup(click.Group):
                               standalone_mode=False, **extra)
         except click.exceptions.Exit as exc:
             sys.exit(exc.exit_code)
-        except click.exceptions.Abort:
-            click.echo("certkd: aborted", err=True)
+        except click.exceptions.Abort as exc:  # click turns Ctrl-C (KeyboardInterrupt) into Abort
+            interrupted = isinstance(exc.__cause__, KeyboardInterrupt)
+            click.echo(self._interrupted(args) if interrupted else "certkd: aborted", err=True)
             sys.exit(130)
         except click.ClickException as exc:
             click.echo(f"certkd: error: {exc.format_message()}", err=True)
@@ -31,11 +34,26 @@ class CertkdGroup(click.Group):
             click.echo(f"certkd: error: {_one_line(exc)}", err=True)
             sys.exit(EXIT_USAGE)
         except KeyboardInterrupt:
-            click.echo("certkd: interrupted (partial results are kept; rerun with --resume)", err=True)
+            click.echo(self._interrupted(args), err=True)
             sys.exit(130)
         if isinstance(rv, int) and not standalone_mode:
             return rv
         sys.exit(rv if isinstance(rv, int) else 0)
+
+    def _interrupted(self, args: list[str] | None) -> str:
+        """The one line printed on Ctrl-C: how to continue the interrupted command."""
+        argv = sys.argv[1:] if args is None else list(args)
+        name = next((a for a in argv if not a.startswith("-")), None)
+        command = self.commands.get(name) if name else None
+        if command is None:
+            return "certkd: interrupted"
+        if any(p.name == "resume" for p in command.params):
+            return (f"certkd: interrupted; the results computed so far are kept: rerun the same 'certkd {name}' "
+                    "command with --resume to continue")
+        if name in RESUME_BY_RERUN:
+            return (f"certkd: interrupted; finished steps are kept: rerun the same 'certkd {name}' command to "
+                    "continue")
+        return f"certkd: interrupted ({name})"
 
 
 def _one_line(exc: BaseException) -> str:

@@ -7,12 +7,12 @@ from pathlib import Path
 import click
 
 from certkd.cli import main
-from certkd.cli.options import overwrite_option, progress_option
+from certkd.cli.options import OUTPUT_DIR, overwrite_option, progress_option
 
 
 @main.command("ablate")
 @click.argument("study_file", type=click.Path(path_type=Path))
-@click.option("--out", type=click.Path(path_type=Path), default=None,
+@click.option("--out", type=OUTPUT_DIR, default=None,
               help="Output folder (default: the study's `out`, else the study file's name without .yaml).")
 @overwrite_option
 @progress_option

@@ -11,6 +11,7 @@ import click
 from certkd.certification.methods import LEGEND, METHODS, PGD, CertifyOptions, certify_methods, get_method
 from certkd.cli import main
 from certkd.cli.options import (
+    OUTPUT_FILE,
     dataclass_options,
     eps_callback,
     norm_option,
@@ -33,8 +34,10 @@ def _methods_callback(ctx: click.Context, param: click.Parameter, values: tuple[
 
 
 def _method_help() -> str:
-    return "; ".join(f"{m.name} ({m.kind}{'' if m.target == 'model' else ' for the ' + m.target})"
-                     for m in (METHODS.get(name) for name in certify_methods()) if m.name != PGD)
+    listed = [*certify_methods(), PGD]
+    return "; ".join(f"{m.name} ({m.kind}{'' if m.target == 'model' else ' for the ' + m.target}"
+                     f"{'; also runs beside every other method unless --pgd-steps 0' if m.name == PGD else ''})"
+                     for m in (METHODS.get(name) for name in dict.fromkeys(listed)))
 
 
 def _legend() -> str:
@@ -55,8 +58,8 @@ def _legend() -> str:
               help="Also compute each example's radius (bound methods: the largest certified eps by bisection, "
                    "with an attack upper end).")
 @run_options
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="Summary JSON (written atomically).")
-@click.option("--per-example", type=click.Path(path_type=Path), default=None,
+@click.option("--out", type=OUTPUT_FILE, default=None, help="Summary JSON (written atomically).")
+@click.option("--per-example", type=OUTPUT_FILE, default=None,
               help="Per-example JSON lines, appended as computed (needed for --resume and merge).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its --per-example file.")
 @overwrite_option

@@ -7,11 +7,11 @@ from pathlib import Path
 import click
 
 from certkd.cli import main
-from certkd.cli.options import overwrite_option, progress_option, seed_option
+from certkd.cli.options import OUTPUT_DIR, overwrite_option, progress_option, seed_option
 
 
 @main.command("demo")
-@click.option("--out", type=click.Path(path_type=Path), default=Path("demo_out"), show_default=True,
+@click.option("--out", type=OUTPUT_DIR, default=Path("demo_out"), show_default=True,
               help="Folder for checkpoints, per-example records, results.json, report.md and figures. "
                    "Running again into the same folder resumes: finished steps are reused.")
 @click.option("--quick", is_flag=True, help="Certify and compare on fewer points (60 instead of 300); same training.")

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import click
 
 from certkd.checkpoint import file_sha256, load_checkpoint, save_checkpoint
 from certkd.cli import main
+from certkd.cli.options import OUTPUT_FILE
 from certkd.convert import NORMALIZATIONS, wrap_external_weights
 from certkd.data import dataset_description, dataset_info, list_datasets
 from certkd.models import MODELS, list_models, model_description
@@ -48,9 +50,29 @@ def _info_lines(summary: dict[str, Any]) -> list[tuple[str, str]]:
         ("normalize", f"mean {_floats(norm['mean'])}, std {_floats(norm['std'])} (first layer of the model)"),
         ("training", _key_values(summary["config"])),
         *([("recipe", recipe)] if (recipe := recipe_summary(summary["config"])) else []),
-        ("metrics", _key_values(summary["metrics"])),
+        ("metrics", _metrics_text(summary["metrics"])),
         ("provenance", _key_values(summary["provenance"])),
     ]
+
+
+def _metrics_text(metrics: dict[str, Any]) -> str:
+    """The training metrics, each under its real name.
+
+    The trainer records the best validation score under ``best_<selection metric>``; when no
+    validation attack ran (``pgd_acc`` is null) the score it used was the clean accuracy, so it
+    is shown as ``best_clean_acc``. Values of the last epoch come first, labelled as such.
+    """
+    shown = dict(metrics)
+    best = {k: shown.pop(k) for k in list(shown) if k.startswith("best_")}
+    if "best_pgd_acc" in best and metrics.get("pgd_acc") is None:
+        best["best_clean_acc"] = best.pop("best_pgd_acc")
+    if shown.get("pgd_acc") is None:
+        shown.pop("pgd_acc", None)
+    elif "val_eps" in shown:
+        shown["pgd_acc"] = f"{_value(shown['pgd_acc'])} (PGD at eps {_value(shown['val_eps'])}, an estimate)"
+    epoch = shown.pop("epoch", None)
+    text = (f"last epoch {epoch}: " if epoch is not None else "") + _key_values(shown)
+    return text + (f"; best over the epochs (the .best.pt file): {_key_values(best)}" if best else "")
 
 
 def _floats(values: list[float]) -> str:
@@ -117,9 +139,9 @@ def datasets() -> None:
               help="Input normalization put in front of the weights: the dataset's mean/std, or identity for "
               "weights trained on raw [0, 1] inputs (most RobustBench models). Ignored when the weights "
               "carry the Normalize keys 0.mean/0.std.")
-@click.option("--out", required=True, help="Where to write the certkd checkpoint (atomic).")
+@click.option("--out", required=True, type=OUTPUT_FILE, help="Where to write the certkd checkpoint (atomic).")
 def convert(arch: str, arch_kwargs: str, dataset_name: str, weights: str, strip_prefix: str | None,
-            normalization: str, out: str) -> None:
+            normalization: str, out: Path) -> None:
     """Wrap external weights into a certkd checkpoint (strict loading: every key must match).
 
     The weights are for the model's body (keys as in the network itself, e.g.

@@ -137,3 +137,31 @@ def dataclass_options(cls: type, skip: tuple[str, ...] = ()) -> Callable[[F], F]
                                         show_default=default is not None, help=f.metadata.get("help", "")))
         return _apply(command, options)
     return deco
+
+
+class _OutputPath(click.Path):
+    """A ``--out`` path checked when the command line is parsed, so before any computation.
+
+    ``kind`` is ``"file"`` (its folder must exist and be writable) or ``"dir"`` (the folder
+    itself may be missing, its parent must exist; ``certkd.io.check_output_dir``).
+    """
+
+    def __init__(self, kind: str):
+        super().__init__(path_type=Path)
+        self.kind = kind
+        self.name = f"output {kind}"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        from certkd.io import check_output_dir, check_output_file
+
+        path = Path(super().convert(value, param, ctx))
+        option = param.opts[0] if param is not None and param.opts else "--out"
+        check = check_output_file if self.kind == "file" else check_output_dir
+        try:
+            return check(path, option)
+        except CertkdError as exc:
+            self.fail(str(exc).removeprefix(f"{option} "), param, ctx)
+
+
+OUTPUT_FILE = _OutputPath("file")
+OUTPUT_DIR = _OutputPath("dir")

@@ -13,6 +13,7 @@ import click
 
 from certkd.cli import main
 from certkd.cli.options import (
+    OUTPUT_DIR,
     eps_callback,
     norm_option,
     notify_stderr,
@@ -23,7 +24,7 @@ from certkd.cli.options import (
     shard_option,
 )
 
-_out_option = click.option("--out", type=click.Path(path_type=Path), default=None,
+_out_option = click.option("--out", type=OUTPUT_DIR, default=None,
                            help="Directory for per_example.jsonl (appended as computed), the summary and figures.")
 _resume_option = click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
 

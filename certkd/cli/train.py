@@ -13,7 +13,7 @@ from click.core import ParameterSource
 
 from certkd.checkpoint import load_checkpoint
 from certkd.cli import main
-from certkd.cli.options import device_option, norm_option, parse_eps_list, seed_option
+from certkd.cli.options import OUTPUT_FILE, device_option, norm_option, parse_eps_list, seed_option
 from certkd.train import RECIPES, ObjectiveParams, TrainConfig, list_methods, train
 from certkd.train.losses import get_loss
 from certkd.train.losses._registry import IGA_POINTS, IGA_SCALES
@@ -82,7 +82,7 @@ _RECIPES_HELP = " ".join(RECIPES.get(name).describe() for name in RECIPES.names(
               help="Stop (keeping the last good checkpoint) when the validation clean accuracy falls below this "
               "multiple of chance from epoch 2 on; 0 turns the check off.")
 @seed_option
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Checkpoint path (ckpt.pt); beside "
+@click.option("--out", required=True, type=OUTPUT_FILE, help="Checkpoint path (ckpt.pt); beside "
               "it: ckpt.best.pt, ckpt.metrics.jsonl (one line per epoch), ckpt.resume.pt.")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run writing --out (same settings); on "
               "CPU it ends with the same weights as an uninterrupted run.")
