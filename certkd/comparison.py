@@ -1,11 +1,19 @@
 """``certkd compare``: does the student certify at least as robustly as its teacher? (theory.md §6)
 
+Two parts on the same points (theory.md §6):
+
+- **certified**: both models' radii by one radius method (the same random stream as
+  ``certkd certify --radius`` would use, or read from its ``--per-example`` files);
+- **empirical**: both models' attack radii (APGD by default; the smallest eps at which
+  the attack finds an adversarial example, an upper bound of the true radius).
+
 Data flow: two checkpoints and the same points -> each model's certify context
 (``prepare_methods``: its verification engine built ONCE per run) -> per batch, both
-models' radii by the same method and the same random stream as ``certkd certify
---radius`` would use (records in the run's log, ``certkd.runs``; shards merge) ->
-``bounds.paired.paired_comparison`` (fraction, certified-accuracy curves with
-bootstrap CIs, Wilcoxon, verdict) -> ``compare.json`` and figures.
+parts' radii (records in the run's log, ``certkd.runs``; shards merge) ->
+``bounds.paired.paired_comparison`` per part (fraction, accuracy curves with paired
+bootstrap CIs, Wilcoxon, the part's verdict) -> ``bounds.paired.headline`` (never more
+favourable than either part; certificate looseness ``rho``; the eps range each part
+covers) -> ``compare.json`` and figures.
 """
 
 from __future__ import annotations
@@ -50,11 +58,15 @@ class CompareJob:
     params: dict[str, Any] = field(default_factory=dict)  # fields of CertifyOptions
     batch_size: int = 32
     seed: int = 0
-    eps: list[float] | None = None  # grid of the accuracy curves (None: 11 points up to the largest radius)
+    eps: list[float] | None = None  # grid of the curves (None: 11 points up to the 90th percentile of a_T)
+    attack: str = "apgd"  # the attack of the empirical part: apgd or pgd
     margin: float = 0.02
     alpha: float = 0.05
     fraction_threshold: float = 0.9
     n_boot: int = 2000
+    rho_threshold: float = 0.25  # below it the certified part is labelled "covers only eps <= X"
+    student_records: str | None = None  # sha256 of a reused certify --per-example file (its radii)
+    teacher_records: str | None = None
     shard: Shard | None = None
 
     def options(self) -> CertifyOptions:
@@ -64,9 +76,15 @@ class CompareJob:
     def check(self) -> None:
         """One sentence for a bad value (method, options, rule)."""
         from bounds.paired import check_rule
+        from certkd.certification.apgd import ATTACKS
         from certkd.certification.methods import check_norm
+        from certkd.errors import CertkdError
 
         get_method(self.method)
+        if self.attack not in ATTACKS:
+            raise CertkdError(f"unknown attack {self.attack!r}: use {' or '.join(ATTACKS)}")
+        if not 0 < self.rho_threshold <= 1:
+            raise CertkdError(f"rho threshold must lie in (0, 1], got {self.rho_threshold}")
         self.norm = check_norm(self.norm)
         self.options().check()
         check_rule(self.options().radius_tol, self.margin, self.alpha, self.fraction_threshold, self.n_boot)
@@ -91,33 +109,124 @@ def _json_float(value: float) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
-def compare_points(student: Context, teacher: Context, data: Points, indices: Sequence[int], job: CompareJob,
-                   log: RecordLog, progress: bool = False) -> list[Record]:
-    """Both models' radii on the missing batches of this shard into ``log``; returns the new records.
+Reused = dict[int, tuple[float, bool]]
+"""Radius and clean correctness per index, read from a ``certkd certify --per-example`` file."""
 
-    Each model's batch uses ``seed_stream(seed, batch, method)``, the stream of ``certkd
-    certify --radius`` with the same seed and batch size: the radii are those two certify runs give.
+
+def reuse_records(path: Path, checkpoint: Path, job: CompareJob, dataset: str, split: str, count: int) -> Reused:
+    """Radius and correctness per index from a ``certkd certify --radius --per-example`` file.
+
+    The file's configuration header must name the same checkpoint (sha256), points
+    (dataset, split, at least ``count`` examples), norm, method (with ``--radius``) and
+    radius tolerance; else ``CertkdError`` with one sentence naming what differs.
     """
+    from certkd.certification.records import read_per_example
+    from certkd.checkpoint import file_sha256
+    from certkd.errors import CertkdError
+
+    if not Path(path).is_file():
+        raise CertkdError(f"{path}: no such record file")
+    config, records = read_per_example(path)
+    if config is None:
+        raise CertkdError(f"{path}: an empty record file")
+    expected = {"checkpoint_sha256": file_sha256(checkpoint), "dataset": dataset, "split": split,
+                "norm": job.norm, "radius": True}
+    differ = [k for k, v in expected.items() if config.get(k) != v]
+    if job.method not in config.get("methods", []):
+        differ.append(f"method (it has {', '.join(config.get('methods', []))}, not {job.method})")
+    if (config.get("params") or {}).get("radius_tol", job.options().radius_tol) != job.options().radius_tol:
+        differ.append("radius_tol")
+    if differ:
+        raise CertkdError(f"{path} does not hold {job.method} radii of {Path(checkpoint).name} on these points: "
+                          f"its configuration differs in {', '.join(differ)}")
+    given: Reused = {}
+    for r in records:
+        if r["method"] == job.method and int(r["index"]) < count:
+            radius = math.inf if r.get("radius") is None else float(r["radius"])
+            given.setdefault(int(r["index"]), (radius, int(r["pred"]) == int(r["label"])))
+    missing = count - len(given)
+    if missing:
+        raise CertkdError(f"{path} lacks the {job.method} radii of {missing} of the first {count} points")
+    return given
+
+
+def compare_points(student: Context, teacher: Context, data: Points, indices: Sequence[int], job: CompareJob,
+                   log: RecordLog, progress: bool = False,
+                   reused: tuple[Reused | None, Reused | None] = (None, None)) -> list[Record]:
+    """Both models' certified and attack radii on the missing batches of this shard into ``log``.
+
+    Each model's certified radii use ``seed_stream(seed, batch, method)``, the stream of
+    ``certkd certify --radius`` with the same seed and batch size (the radii those two
+    certify runs give), unless ``reused`` holds them; the attack radii use the stream
+    ``seed_stream(seed, batch, "attack:" + attack)``. Returns the new records.
+    """
+    from certkd.certification.apgd import attack_radii
+
     method = get_method(job.method)
     work = [(b, idx) for b, idx in batches(indices, job.batch_size, job.shard) if log.missing((i,) for i in idx)]
+
+    def radii(ctx: Context, given: Reused | None, b: int, idx: list[int], x: torch.Tensor,
+              y: torch.Tensor) -> tuple[list[float], list[bool]]:
+        if given is not None:
+            return [given[i][0] for i in idx], [given[i][1] for i in idx]
+        pred, out = evaluate_batch(ctx, method, x, y, [], True, seed_stream(job.seed, b, method.name,
+                                                                             device=ctx.device))
+        assert out.radius is not None
+        return out.radius.tolist(), (pred == y.cpu()).tolist()
 
     def compute(item: tuple[int, list[int]]) -> list[Record]:
         b, idx = item
         x, y = data.batch(idx)
-        outs = [evaluate_batch(ctx, method, x, y, [], True, seed_stream(job.seed, b, method.name, device=ctx.device))
-                for ctx in (student, teacher)]
-        (ps, os_), (pt, ot) = outs
-        assert os_.radius is not None and ot.radius is not None
-        return [{"index": i, "label": int(y[r]), "radius_student": _json_float(float(os_.radius[r])),
-                 "radius_teacher": _json_float(float(ot.radius[r])), "correct_student": bool(ps[r] == y[r]),
-                 "correct_teacher": bool(pt[r] == y[r])} for r, i in enumerate(idx)]
+        (rs, cs), (rt, ct) = (radii(ctx, given, b, idx, x, y) for ctx, given in zip((student, teacher), reused,
+                                                                                   strict=True))
+        a_s, a_t = (attack_radii(ctx, job.attack, x, y, seed_stream(job.seed, b, f"attack:{job.attack}",
+                                                                     device=ctx.device)).tolist()
+                    for ctx in (student, teacher))
+        return [{"index": i, "label": int(y[r]), "radius_student": _json_float(rs[r]),
+                 "radius_teacher": _json_float(rt[r]), "correct_student": bool(cs[r]),
+                 "correct_teacher": bool(ct[r]), "attack_student": _json_float(a_s[r]),
+                 "attack_teacher": _json_float(a_t[r])} for r, i in enumerate(idx)]
 
     return execute(work, compute, log, progress, "compare", label=lambda w: f"batch {w[0]}")
 
 
+HEADLINE_RULE = ("The headline is never more favourable than either part: no if either part says no, yes only if "
+                 "the certified part says yes and the empirical part does not say no, else inconclusive "
+                 "(theory.md §6).")
+PART_RULE = ("Each part says no if at some eps the paired bootstrap CI of (student - teacher) accuracy lies "
+             "below -margin or a one-sided Wilcoxon signed-rank test finds the student's radii smaller "
+             "(p < alpha); yes if at least the fraction threshold of points have radius_S >= radius_T - tol, "
+             "or the Wilcoxon test finds them larger; else inconclusive.")
+
+
+def _part_json(part: Any, kind: str, radii: str) -> dict[str, Any]:
+    """One part of ``compare.json``: its verdict, statistics and table (eps in the run's norm)."""
+    return {
+        "verdict": part.verdict, "reason": part.reason, "kind": kind, "radii": radii,
+        "at_least_fraction": part.at_least_fraction,
+        "wilcoxon": {"statistic": part.wilcoxon_statistic, "p_less": part.wilcoxon_p_less,
+                     "p_greater": part.wilcoxon_p_greater, "p_two_sided": part.wilcoxon_p_two_sided,
+                     "direction": "p_less: H1 the student's radii are smaller; p_greater: H1 they are larger"},
+        "median_radius_difference": part.median_difference,
+        "median_radius_student": _json_float(float(part.radius_student.median())),
+        "median_radius_teacher": _json_float(float(part.radius_teacher.median())),
+        "table": [{"eps": e, "accuracy_student": a, "accuracy_teacher": b, "difference": d, "ci_low": lo,
+                   "ci_high": hi} for e, a, b, d, lo, hi in zip(
+            part.eps.tolist(), part.accuracy_student.tolist(), part.accuracy_teacher.tolist(),
+            part.difference.tolist(), part.ci_low.tolist(), part.ci_high.tolist(), strict=True)],
+    }
+
+
 def summarize_compare(config: dict[str, Any], records: list[Record]) -> dict[str, Any]:
-    """The verdict of ``bounds.paired.paired_comparison`` on the records, with its table and rule."""
-    from bounds.paired import QUESTION, paired_comparison
+    """Both parts (``bounds.paired.paired_comparison``) and the headline (``bounds.paired.headline``)."""
+    from bounds.paired import (
+        CERTIFIED_PART,
+        EMPIRICAL_PART,
+        QUESTION,
+        curve_grid,
+        headline,
+        paired_comparison,
+    )
 
     job = _job_of(config)
     records = sorted({int(r["index"]): r for r in records}.values(), key=lambda r: r["index"])
@@ -125,32 +234,30 @@ def summarize_compare(config: dict[str, Any], records: list[Record]) -> dict[str
     def column(name: str) -> torch.Tensor:
         return torch.tensor([math.inf if r[name] is None else r[name] for r in records], dtype=torch.float64)
 
-    rs, rt = column("radius_student"), column("radius_teacher")
-    eps = job.eps
-    if eps is None:
-        both = torch.cat([rs, rt])
-        finite = both[torch.isfinite(both)]
-        top = float(finite.max()) if len(finite) and float(finite.max()) > 0 else 1.0
-        eps = torch.linspace(0, top, 11).tolist()
+    rs, rt, a_s, a_t = (column(n) for n in ("radius_student", "radius_teacher", "attack_student", "attack_teacher"))
+    eps = job.eps if job.eps is not None else curve_grid(torch.cat([rs, rt]), a_t)
     cs = torch.tensor([r["correct_student"] for r in records])
     ct = torch.tensor([r["correct_teacher"] for r in records])
     tol = job.options().radius_tol
-    result = paired_comparison(rs, rt, eps, cs, ct, tol=tol, margin=job.margin, alpha=job.alpha,
-                               fraction_threshold=job.fraction_threshold, n_boot=job.n_boot, seed=job.seed)
+    rule = {"tol": tol, "margin": job.margin, "alpha": job.alpha, "fraction_threshold": job.fraction_threshold,
+            "n_boot": job.n_boot, "seed": job.seed}
+    cert = paired_comparison(rs, rt, eps, cs, ct, part=CERTIFIED_PART, **rule)
+    emp = paired_comparison(a_s, a_t, eps, cs, ct, part=EMPIRICAL_PART, **rule)
+    head = headline(cert, emp, rho_threshold=job.rho_threshold)
     return {
-        "question": QUESTION, "verdict": result.verdict, "reason": result.reason, "kind": job.kind(),
-        "n": len(records), "at_least_fraction": result.at_least_fraction,
-        "wilcoxon": {"statistic": result.wilcoxon_statistic, "p_less": result.wilcoxon_p_less,
-                     "p_greater": result.wilcoxon_p_greater, "p_two_sided": result.wilcoxon_p_two_sided},
-        "median_radius_difference": result.median_difference,
-        "table": [{"eps": e, "accuracy_student": a, "accuracy_teacher": b, "difference": d, "ci_low": lo,
-                   "ci_high": hi} for e, a, b, d, lo, hi in zip(
-            result.eps.tolist(), result.accuracy_student.tolist(), result.accuracy_teacher.tolist(),
-            result.difference.tolist(), result.ci_low.tolist(), result.ci_high.tolist(), strict=True)],
-        "rule": {"tol": result.tol, "margin": result.margin, "alpha": result.alpha,
-                 "fraction_threshold": result.fraction_threshold, "n_boot": job.n_boot},
+        "question": QUESTION, "verdict": head.verdict, "reason": head.reason, "n": len(records),
+        "rho": head.rho, "certified_label": head.coverage_label,
+        "coverage": {"certified": head.certified_covers, "empirical": _json_float(head.empirical_covers),
+                     "quantile": head.coverage_quantile,
+                     "meaning": "each part covers eps in [0, X]: X is this quantile of the teacher's radii"},
+        "eps_units": f"L-{job.norm} radius in input units ([0, 1] pixel scale)",
+        "certified": _part_json(cert, job.kind(), f"{job.method} certified radii"),
+        "empirical": _part_json(emp, "estimate", f"{job.attack} attack radii (upper bounds of the true radii)"),
+        "rule": {**{k: v for k, v in rule.items() if k != "seed"}, "rho_threshold": job.rho_threshold,
+                 "coverage_quantile": head.coverage_quantile, "headline": HEADLINE_RULE, "part": PART_RULE},
         "config": config,
         "radius_student": rs.tolist(), "radius_teacher": rt.tolist(),
+        "attack_student": a_s.tolist(), "attack_teacher": a_t.tolist(),
     }
 
 
@@ -161,36 +268,61 @@ def _job_of(config: dict[str, Any]) -> CompareJob:
     return CompareJob(**values, shard=(int(shard[0]), int(shard[1])) if shard else None)
 
 
+def _fmt(value: float | None, spec: str = ".4g") -> str:
+    return "inf" if value is None else format(value, spec)
+
+
 def format_compare(summary: dict[str, Any]) -> str:
-    """The text ``certkd compare`` prints: the verdict, its reason, the statistics and the table."""
-    w = summary["wilcoxon"]
-    lines = [f"{summary['question']}: {summary['verdict'].upper()} ({summary['kind']}: "
-             f"{summary['config']['method']} radii, {summary['n']} points)",
+    """The text ``certkd compare`` prints: the headline, both parts with their reasons, rho, the table."""
+    cfg, cert, emp = summary["config"], summary["certified"], summary["empirical"]
+    cover = summary["coverage"]
+    label = summary["certified_label"] or f"covers eps <= {_fmt(cover['certified'])}"
+    rho = "undefined (median a_T = 0)" if summary["rho"] is None else f"{summary['rho']:.3g}"
+    lines = [f"{summary['question']}: {summary['verdict'].upper()} ({summary['n']} points, L-{cfg['norm']})",
              f"  because {summary['reason']}",
-             f"  r_S >= r_T - tol on {summary['at_least_fraction']:.1%}; median r_S - r_T "
-             f"{summary['median_radius_difference']:.4g}; Wilcoxon p: student smaller {w['p_less']:.3g}, "
-             f"larger {w['p_greater']:.3g}",
-             f"  {'eps':>10}{'teacher':>10}{'student':>10}{'S - T':>10}   CI of S - T"]
-    for row in summary["table"]:
-        lines.append(f"  {row['eps']:>10.4g}{row['accuracy_teacher']:>10.3f}{row['accuracy_student']:>10.3f}"
-                     f"{row['difference']:>10.3f}   [{row['ci_low']:.3f}, {row['ci_high']:.3f}]")
+             f"  certified part ({cert['radii']}, {cert['kind']}; {label}): {cert['verdict']}",
+             f"    {cert['reason']}",
+             f"  empirical part ({emp['radii']}, an estimate; covers eps <= {_fmt(cover['empirical'])}): "
+             f"{emp['verdict']}",
+             f"    {emp['reason']}",
+             f"  certificate looseness rho = median(r_T) / median(a_T) = {rho} (threshold "
+             f"{summary['rule']['rho_threshold']:g})"]
+    for name, part in (("certified", cert), ("empirical", emp)):
+        w = part["wilcoxon"]
+        lines.append(f"  {name}: radius_S >= radius_T - tol on {part['at_least_fraction']:.1%}; median S - T "
+                     f"{part['median_radius_difference']:.4g}; Wilcoxon p (H1 student smaller) {w['p_less']:.3g}, "
+                     f"(H1 larger) {w['p_greater']:.3g}")
+    level = f"{1 - summary['rule']['alpha']:.0%}"
+    lines.append(f"  {'eps':>8} | {'certified T':>11}{'S':>7}  {level + ' CI of S - T':<18}| {'attack T':>9}{'S':>7}  "
+                 f"{level} CI of S - T")
+    for c, e in zip(cert["table"], emp["table"], strict=True):
+        lines.append(f"  {c['eps']:>8.4g} | {c['accuracy_teacher']:>11.3f}{c['accuracy_student']:>7.3f}  "
+                     f"{'[' + format(c['ci_low'], '.3f') + ', ' + format(c['ci_high'], '.3f') + ']':<18}| "
+                     f"{e['accuracy_teacher']:>9.3f}{e['accuracy_student']:>7.3f}  [{e['ci_low']:.3f}, "
+                     f"{e['ci_high']:.3f}]")
     return "\n".join(lines)
 
 
 def write_compare_outputs(out: Path, summary: dict[str, Any]) -> None:
-    """``compare.json`` (without the radius columns, which live in the records) and the two figures."""
+    """``compare.json`` (without the radius columns, which live in the records) and the figures."""
     from certkd.io import atomic_write_json
-    from certkd.plots import plot_certified_accuracy, plot_radius_scatter
+    from certkd.plots import plot_part, plot_radius_pairs
 
-    norm, kind = summary["config"]["norm"], summary["kind"]
-    table = summary["table"]
-    atomic_write_json(out / "compare.json", {k: v for k, v in summary.items()
-                                             if k not in ("radius_student", "radius_teacher")})
-    plot_certified_accuracy([r["eps"] for r in table], [r["accuracy_student"] for r in table],
-                            [r["accuracy_teacher"] for r in table], out / "certified_accuracy.png", kind=kind,
-                            ci_low=[r["ci_low"] for r in table], ci_high=[r["ci_high"] for r in table], norm=norm)
-    plot_radius_scatter(summary["radius_student"], summary["radius_teacher"], out / "radius_scatter.png",
-                        kind=kind, norm=norm)
+    atomic_write_json(out / "compare.json", {k: v for k, v in summary.items() if k not in RADIUS_COLUMNS})
+    names = _model_names(summary)
+    for part, file in (("certified", "certified_accuracy.png"), ("empirical", "attack_accuracy.png")):
+        plot_part(summary, part, names, out / file)
+    plot_radius_pairs(summary, names, out / "radius_scatter.png")
+
+
+RADIUS_COLUMNS = ("radius_student", "radius_teacher", "attack_student", "attack_teacher")
+
+
+def _model_names(summary: dict[str, Any]) -> tuple[str, str]:
+    """Short names of the student and the teacher for figure titles (checkpoint file names when known)."""
+    prov = summary.get("provenance") or {}
+    return (Path(prov["student"]).stem if "student" in prov else "student",
+            Path(prov["teacher"]).stem if "teacher" in prov else "teacher")
 
 
 def merge_compare(parts: Sequence[tuple[str, Record | None, list[Record]]], out: Path,
@@ -213,8 +345,9 @@ def run_compare(student_path: Path, teacher_path: Path, job: CompareJob, shard: 
                 dataset: str | None = None, split: str = "test", data_dir: Path | None = None,
                 num_examples: int | None = None, device: str = "cpu", out: Path | None = None,
                 resume: bool = False, overwrite: bool = False, progress: bool = True,
-                max_memory: int | None = None, notify: Callable[[str], None] | None = None) -> dict[str, Any] | None:
-    """``certkd compare``: both models' radii on the same points and the paired verdict.
+                max_memory: int | None = None, notify: Callable[[str], None] | None = None,
+                student_records: Path | None = None, teacher_records: Path | None = None) -> dict[str, Any] | None:
+    """``certkd compare``: both parts' radii on the same points and the headline verdict (theory.md §6).
 
     Parameters
     ----------
@@ -237,6 +370,9 @@ def run_compare(student_path: Path, teacher_path: Path, job: CompareJob, shard: 
         Progress on stderr (a bar on a terminal, one line per stage otherwise).
     max_memory, notify
         Memory per bound pass and where its plan is reported (``certification.run.plan_bound_memory``).
+    student_records, teacher_records : Path, optional
+        ``certkd certify --radius --per-example`` files of the same points, model and method
+        (checked by their configuration header): their radii are used instead of recomputed.
 
     Returns
     -------
@@ -260,18 +396,25 @@ def run_compare(student_path: Path, teacher_path: Path, job: CompareJob, shard: 
         out = shard_path(out, job.shard)
     student_ckpt, _, student, teacher = load_pair(student_path, teacher_path, device)
     data_name, data, count = load_points(student_ckpt, dataset, split, data_dir, num_examples)
-    contexts = [prepare_methods(m, student_ckpt.input_shape, [job.method], job.norm, job.options(), device)
-                for m in (student, teacher)]
+    reused = tuple(None if path is None else reuse_records(path, ckpt_path, job, data_name, split, count)
+                   for path, ckpt_path in ((student_records, student_path), (teacher_records, teacher_path)))
+    job.student_records, job.teacher_records = (None if p is None else file_sha256(p)
+                                                for p in (student_records, teacher_records))
+    contexts = [prepare_methods(m, student_ckpt.input_shape, [] if given is not None else [job.method], job.norm,
+                                job.options(), device) for m, given in zip((student, teacher), reused, strict=True)]
     config = {"student_sha256": file_sha256(student_path), "teacher_sha256": file_sha256(teacher_path),
               "dataset": data_name, "split": split, "num_examples": count, **job.to_config()}
     path = out / PER_EXAMPLE if out is not None else None
     if launcher == TORCHRUN:
         path = shard_path(path, job.shard)
     with RecordLog.open(path, COMMAND, config, record_key, resume=resume, overwrite=overwrite) as log:
-        plans = plan_bound_memory([c.bound_engine() for c in contexts], data, count, job.method,
-                                  max(job.eps) if job.eps else None, job.norm, job.batch_size, max_memory,
-                                  notify) if job.method in BOUND_METHODS_BY_COST else []
-        compare_points(contexts[0], contexts[1], data, range(count), job, log, progress)
+        computed = [(who, c) for who, c, given in zip(("student", "teacher"), contexts, reused, strict=True)
+                    if given is None]  # the models whose certified radii are computed here, not reused
+        plans = dict(zip((who for who, _ in computed), plan_bound_memory(
+            [c.bound_engine() for _, c in computed], data, count, job.method, max(job.eps) if job.eps else None,
+            job.norm, job.batch_size, max_memory, notify), strict=True)) \
+            if job.method in BOUND_METHODS_BY_COST and computed else {}
+        compare_points(contexts[0], contexts[1], data, range(count), job, log, progress, reused)
     records = log.records
     if launcher == TORCHRUN:
         parts = gather_to_rank0((f"rank {job.shard[0] if job.shard else 0}", header(COMMAND, config), records))
@@ -283,7 +426,7 @@ def run_compare(student_path: Path, teacher_path: Path, job: CompareJob, shard: 
         return None
     summary = summarize_compare(config, records)
     summary["provenance"] = {"student": str(student_path), "teacher": str(teacher_path),
-                             "memory_plan": dict(zip(("student", "teacher"), plans, strict=True)) if plans else None}
+                             "memory_plan": plans or None}
     if out is not None:
         write_compare_outputs(out, summary)
     return summary

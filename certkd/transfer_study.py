@@ -193,10 +193,13 @@ def format_bounds(summary: dict[str, Any]) -> str:
 def write_bounds_outputs(out: Path, summary: dict[str, Any], records: list[Record]) -> None:
     """``summary.json`` and, per eps, the bound-versus-measured and terms figures."""
     from certkd.io import atomic_write_json
-    from certkd.plots import plot_bound_vs_measured, plot_terms
+    from certkd.plots import eps_tag, plot_bound_vs_measured, plot_terms
 
     atomic_write_json(out / "summary.json", summary)
-    for e_i, e in enumerate(summary["config"]["eps"]):
+    prov = summary.get("provenance") or {}
+    cfg = summary["config"]
+    names = f"{Path(prov.get('student', 'student')).stem} vs {Path(prov.get('teacher', 'teacher')).stem}"
+    for e in cfg["eps"]:
         rows = sorted((r for r in records if float(r["eps"]) == float(e)), key=lambda r: r["index"])
         if not rows:
             continue
@@ -205,12 +208,14 @@ def write_bounds_outputs(out: Path, summary: dict[str, Any], records: list[Recor
         series = {"estimate (PGD gammas)": column["bound"]}
         if "bound_certified" in column:
             series["certified"] = column["bound_certified"]
-        plot_bound_vs_measured(series, column["robust_student"], out / f"bound_vs_measured_eps{e_i}.png")
+        title = (f"transfer bound, {names} (theory.md §3)\nL-{cfg['norm']} eps {e:.4g}, n = {len(rows)}; "
+                 f"gammas: PGD (estimate){', ' + cfg['method'].upper() + ' (certified)' if cfg['certified_gamma'] else ''}")
+        plot_bound_vs_measured(series, column["robust_student"], out / f"bound_vs_measured_{eps_tag(e)}.png", title)
         terms = {"output_gap": column["output_gap"],
                  "eps * gradient_gap": [e * g for g in column["gradient_gap"]],
                  **{n: column[n] for n in ("gamma_student", "gamma_teacher", "gamma_student_certified",
                                            "gamma_teacher_certified") if n in column}}
-        plot_terms(terms, out / f"terms_eps{e_i}.png")
+        plot_terms(terms, out / f"terms_{eps_tag(e)}.png", title)
 
 
 def run_bounds(student_path: Path, teacher_path: Path, job: BoundsJob, dataset: str | None = None,

@@ -106,7 +106,7 @@ def test_bounds_summary_has_quantiles_checks_and_counts(bounds_run):
         assert entry["certificate_counts"]["both"] + entry["certificate_counts"]["direct_only"] == sum(
             r["certified_directly"] for r in rows)
     assert "bound (certified)" in bounds_run["stdout"]
-    for name in ("bound_vs_measured_eps0.png", "terms_eps1.png"):
+    for name in ("bound_vs_measured_eps0.02.png", "terms_eps0.05.png"):
         assert (bounds_run["out"] / name).read_bytes()[:4] == b"\x89PNG"
 
 
@@ -150,12 +150,14 @@ def test_compare_student_identical_to_teacher_says_yes_with_equal_radii(ckpts, t
     rows = read_jsonl(tmp_path / "per_example.jsonl")[1:]
     assert len(rows) == 40
     assert all(r["radius_student"] == r["radius_teacher"] for r in rows)
-    assert result["verdict"] == "yes" and result["at_least_fraction"] == 1.0
-    assert result["kind"] == "certified"
-    assert [row["eps"] for row in result["table"]] == [0, 0.01, 0.02, 0.04]
-    assert all(row["difference"] == 0 for row in result["table"])
-    assert result["wilcoxon"]["p_less"] == 1.0
-    for name in ("certified_accuracy.png", "radius_scatter.png"):
+    assert all(r["attack_student"] == r["attack_teacher"] for r in rows)
+    cert, emp = result["certified"], result["empirical"]
+    assert result["verdict"] == cert["verdict"] == emp["verdict"] == "yes" and cert["at_least_fraction"] == 1.0
+    assert cert["kind"] == "certified" and emp["kind"] == "estimate"
+    assert [row["eps"] for row in cert["table"]] == [row["eps"] for row in emp["table"]] == [0, 0.01, 0.02, 0.04]
+    assert all(row["difference"] == 0 for part in (cert, emp) for row in part["table"])
+    assert cert["wilcoxon"]["p_less"] == 1.0
+    for name in ("certified_accuracy.png", "attack_accuracy.png", "radius_scatter.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
 
 
@@ -164,5 +166,5 @@ def test_compare_noisy_student_says_no(ckpts, tmp_path):
     rows = read_jsonl(tmp_path / "per_example.jsonl")[1:]
     smaller = sum(r["radius_student"] < r["radius_teacher"] for r in rows)
     assert smaller > len(rows) / 2
-    assert result["verdict"] == "no", result["reason"]
-    assert result["wilcoxon"]["p_less"] < 0.05
+    assert result["certified"]["verdict"] == "no" and result["verdict"] == "no", result["reason"]
+    assert result["certified"]["wilcoxon"]["p_less"] < 0.05

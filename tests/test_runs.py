@@ -280,7 +280,7 @@ def test_compare_shards_merge_to_one_run(mlps, compare_full, tmp_path: Path) -> 
                                "--out", tmp_path / "m")
     assert code == 0, stderr
     merged, full = (json.loads((d / "compare.json").read_text()) for d in (tmp_path / "m", compare_full))
-    for key in ("verdict", "reason", "table", "wilcoxon", "at_least_fraction", "n"):
+    for key in ("verdict", "reason", "certified", "empirical", "rho", "coverage", "n"):
         assert merged[key] == full[key], key
     rows = sorted(read_jsonl(tmp_path / "m" / "per_example.jsonl")[1:], key=lambda r: r["index"])
     assert rows == sorted(read_jsonl(compare_full / "per_example.jsonl")[1:], key=lambda r: r["index"])

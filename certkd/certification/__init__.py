@@ -6,6 +6,7 @@ method is one decorated function), ``records`` (one JSON record per
 ``(index, method, eps)``), ``run`` (the loop on ``certkd.runs``), ``summary``.
 """
 
+from certkd.certification import apgd as _apgd  # noqa: F401  (registers the apgd method)
 from certkd.certification.methods import (
     CERTIFIED,
     ESTIMATE,

@@ -73,12 +73,17 @@ class CertifyOptions:
     alpha: float = field(default=0.001, metadata={"help": "Smoothing: failure probability."})
     smoothing_batch: int = field(default=500, metadata={"help": "Smoothing: noisy samples per forward pass."})
     radius_tol: float = field(default=1e-3, metadata={"help": "Bisection tolerance of --radius."})
+    apgd_steps: int = field(default=20, metadata={"help": "APGD: iterations per run (method apgd, compare's "
+                                                          "empirical part)."})
+    apgd_restarts: int = field(default=1, metadata={"help": "APGD: random restarts per loss and target."})
+    apgd_targets: int = field(default=3, metadata={"help": "APGD: target classes of the targeted DLR loss."})
 
     def check(self) -> None:
         """Raise ``CertkdError`` with one sentence for an impossible value."""
         positive_ints = {"pgd_restarts": self.pgd_restarts, "clever_batches": self.clever_batches,
                          "clever_samples": self.clever_samples, "n0": self.n0, "n": self.n,
-                         "smoothing_batch": self.smoothing_batch}
+                         "smoothing_batch": self.smoothing_batch, "apgd_steps": self.apgd_steps,
+                         "apgd_restarts": self.apgd_restarts, "apgd_targets": self.apgd_targets}
         for name, value in positive_ints.items():
             if int(value) < 1:
                 raise CertkdError(f"{name.replace('_', '-')} must be at least 1, got {value}")

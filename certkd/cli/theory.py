@@ -81,51 +81,69 @@ def bounds_command(student: Path, teacher: Path, eps: list[float], norm: str, nu
 @click.option("--method", default="crown", show_default=True,
               help="Radius method of 'certkd certify' (the same for both models), e.g. crown, ibp, lipschitz, "
                    "smoothing, clever (an estimate: the verdict is then an estimate too).")
+@click.option("--attack", type=click.Choice(["apgd", "pgd"]), default="apgd", show_default=True,
+              help="Attack of the empirical part: APGD-CE + targeted APGD-DLR (--param apgd_steps=...), or PGD.")
 @click.option("--eps", "eps", multiple=True, callback=eps_callback(None),
-              help="Eps grid of the certified-accuracy curves (default: 11 points from 0 to the largest radius).")
+              help="Eps grid of both parts' curves (default: 11 points from 0 to the 90th percentile of the "
+                   "teacher's attack radii).")
 @norm_option
 @points_options
 @click.option("--radius-tol", type=float, default=1e-3, show_default=True,
-              help="Bisection tolerance of the radii; differences within it count as ties.")
+              help="Bisection tolerance of both parts' radii; differences within it count as ties.")
+@click.option("--student-records", type=click.Path(path_type=Path), default=None,
+              help="Reuse the student's radii from a 'certkd certify --radius --per-example' file of the same "
+                   "points and method (checked by its configuration header).")
+@click.option("--teacher-records", type=click.Path(path_type=Path), default=None,
+              help="The same for the teacher.")
 @click.option("--param", "params", multiple=True, callback=lambda ctx, param, values: parse_params(values),
               help="Further method parameter KEY=VALUE of 'certkd certify' (e.g. sigma=0.5, n=1000); repeatable.")
 @click.option("--margin", type=float, default=0.02, show_default=True,
-              help="Verdict 'no' when a CI of the certified-accuracy difference lies below -margin.")
+              help="A part says 'no' when a CI of its accuracy difference (student - teacher) lies below -margin.")
 @click.option("--alpha", type=float, default=0.05, show_default=True,
               help="Level of the bootstrap CIs and of the Wilcoxon test.")
 @click.option("--fraction", "fraction_threshold", type=float, default=0.9, show_default=True,
-              help="Verdict 'yes' needs at least this fraction of points with r_S >= r_T - radius-tol.")
+              help="A part says 'yes' with at least this fraction of points with radius_S >= radius_T - tol.")
+@click.option("--rho-threshold", type=float, default=0.25, show_default=True,
+              help="Below this certificate looseness rho = median(r_T)/median(a_T) the certified part is labelled "
+                   "'covers only eps <= X'.")
 @click.option("--n-boot", type=click.IntRange(min=1), default=2000, show_default=True, help="Bootstrap resamples.")
 @run_options
 @_out_option
 @_resume_option
 @overwrite_option
 @shard_option
-def compare_command(student: Path, teacher: Path, method: str, eps: list[float] | None, norm: str,
+def compare_command(student: Path, teacher: Path, method: str, attack: str, eps: list[float] | None, norm: str,
                     num_examples: int | None, dataset: str | None, data_dir: Path | None, split: str,
-                    radius_tol: float, params: dict[str, Any], margin: float, alpha: float,
-                    fraction_threshold: float, n_boot: int, batch_size: int, device: str, seed: int,
+                    radius_tol: float, student_records: Path | None, teacher_records: Path | None,
+                    params: dict[str, Any], margin: float, alpha: float, fraction_threshold: float,
+                    rho_threshold: float, n_boot: int, batch_size: int, device: str, seed: int,
                     max_memory: int | None, progress: bool, out: Path | None, resume: bool, overwrite: bool,
                     shard: tuple[int, int] | str | None) -> None:
     """Does STUDENT certify at least as robustly as TEACHER?  yes / no / inconclusive.
 
     \b
-    Per-example radii r_S, r_T of the same points by the same method, then:
-    the fraction with r_S >= r_T - tol, certified accuracy against eps for both,
-    a paired bootstrap CI of the difference at each eps, a Wilcoxon signed-rank test
-    on the radii, and the verdict (rule: bounds.paired.paired_comparison): no when a
-    CI lies entirely below -margin or the Wilcoxon test finds the student's radii
-    smaller; yes when the fraction reaches --fraction or the Wilcoxon test finds the
-    student's radii larger; else inconclusive.
+    Two parts on the same points (theory.md §6), each tested the same way:
+      certified: radii r_S, r_T by --method (the bounds' view);
+      empirical: attack radii a_S, a_T by --attack (the smallest eps where the attack
+                 finds an adversarial example: an upper bound of the true radius).
+    Per part: the fraction with radius_S >= radius_T - tol, accuracy against eps with
+    a paired bootstrap CI of the difference, a one-sided Wilcoxon signed-rank test,
+    and the part's verdict: no when a CI lies below -margin or the student's radii
+    are significantly smaller; yes when the fraction reaches --fraction or they are
+    significantly larger; else inconclusive.
+    The headline is never more favourable than either part: no if either says no,
+    yes only if the certified part says yes and the empirical part not no. It comes
+    with rho = median(r_T) / median(a_T) and the eps range each part covers.
     """
     from certkd.comparison import CompareJob, format_compare, run_compare
 
     job = CompareJob(method=method, norm=norm, params={"radius_tol": radius_tol, **params}, batch_size=batch_size,
-                     seed=seed, eps=eps, margin=margin, alpha=alpha, fraction_threshold=fraction_threshold,
-                     n_boot=n_boot)
+                     seed=seed, eps=eps, attack=attack, margin=margin, alpha=alpha,
+                     fraction_threshold=fraction_threshold, n_boot=n_boot, rho_threshold=rho_threshold)
     summary = run_compare(student, teacher, job, shard, dataset=dataset, split=split, data_dir=data_dir,
                           num_examples=num_examples, device=device, out=out, resume=resume, overwrite=overwrite,
-                          progress=progress, max_memory=max_memory, notify=notify_stderr)
+                          progress=progress, max_memory=max_memory, notify=notify_stderr,
+                          student_records=student_records, teacher_records=teacher_records)
     if summary is not None:
         click.echo(format_compare(summary))
     elif job.shard is not None:
