@@ -78,8 +78,9 @@ def write_demo_report(out: Path, results: dict[str, Any]) -> Path:
         dashed={MODEL_LABELS[n]: (eps, [_cell(m["certification"], "pgd", e) for e in eps]) for n, m in models.items()})
     for student in ("kd", "kdiga"):
         plot_radius_scatter(models[student]["radius"], models["teacher"]["radius"],
-                            fig_dir / f"radius_{student}_vs_teacher.png", kind=f"certified {method.upper()}",
-                            norm=norm)
+                            fig_dir / f"radius_{student}_vs_teacher.png",
+                            f"{MODEL_LABELS[student]} vs {MODEL_LABELS['teacher']}, {method.upper()}, "
+                            f"n = {s['num_examples']}", kind=f"certified {method.upper()}", norm=norm)
     terms = ("output_gap", "eps * gradient_gap", "gamma_student", "gamma_teacher", "robust_loss_teacher", "bound",
              "robust_loss_student")
     plot_grouped_bars({MODEL_LABELS[k]: {t: v["mean"][t] for t in terms} for k, v in results["transfer"].items()},
