@@ -163,22 +163,33 @@ def format_cells(rows: list[dict[str, Any]], path: Path) -> str:
 
 
 def write_figures(rows: list[dict[str, Any]], out: Path) -> list[Path]:
-    """Accuracy against eps per (model, norm), one line per method; certified solid, estimates dashed."""
-    from certkd.report import plot_accuracy_curves
+    """Accuracy against eps per (model, norm), one line per method (certified solid, estimates dashed, each
+    labelled by its own method); with a KDIGA sweep, accuracy against ``iga_weight`` per norm."""
+    from certkd.plots import eps_axis_label
+    from certkd.report import Curve, plot_accuracy_curves, plot_iga_sweep
 
     paths = []
     for norm in sorted({r["norm"] for r in rows}):
         for model in sorted({r["model"] for r in rows}):
             sel = [r for r in rows if r["norm"] == norm and r["model"] == model]
-            solid, dashed = {}, {}
+            curves = []
             for method in dict.fromkeys(r["method"] for r in sel):
                 cells = sorted((r for r in sel if r["method"] == method), key=lambda r: r["eps"])
-                target = solid if cells[0]["kind"] == "certified" else dashed
-                label = method if cells[0]["target"] == "model" else f"{method} ({cells[0]['target']})"
-                target[label] = ([c["eps"] for c in cells], [c["certified_accuracy"] for c in cells])
+                kind, target = cells[0]["kind"], cells[0]["target"]
+                label = f"{method} ({kind}{'' if target == 'model' else ', ' + target})"
+                curves.append(Curve(label, [c["eps"] for c in cells], [c["certified_accuracy"] for c in cells],
+                                    method, estimate=kind != "certified"))
+            n = max(r["n"] for r in sel)
             paths.append(plot_accuracy_curves(
-                solid, out / "figures" / f"{model}_L{norm}.png", "accuracy (certified solid, estimates dashed)",
-                f"eps (L-{norm} radius)", dashed={k: v for k, v in dashed.items()}))
+                curves, out / "figures" / f"{model}_L{norm}.png",
+                f"{model}: accuracy per method, L-{norm}, n = {n} points", "accuracy at eps "
+                "(certified solid, estimates dashed)", eps_axis_label(norm)))
+        swept = [r for r in rows if r["norm"] == norm and r.get("iga_weight") not in ("", None)]
+        if len({r["iga_weight"] for r in swept}) > 1:
+            n = max(r["n"] for r in swept)
+            paths.append(plot_iga_sweep(swept, out / "figures" / f"iga_sweep_L{norm}.png",
+                                        f"KDIGA students across the swept iga_weight, L-{norm}, n = {n} points", norm))
     atomic_write_text(out / "figures" / "README.md", "Figures of `certkd ablate`: accuracy against eps per model "
-                      "and norm. Solid: certified methods; dashed: estimates (PGD, CLEVER).\n")
+                      "and norm (solid: certified methods; dashed: estimates, each labelled by its method), and "
+                      "with a KDIGA sweep `iga_sweep_L<norm>.png`: accuracy against the swept iga_weight.\n")
     return paths

@@ -47,6 +47,8 @@ from certkd.runs import (
 
 COMMAND = "compare"
 PER_EXAMPLE = "per_example.jsonl"
+#: per-example columns of the records: certified radii, then attack radii (estimates)
+RADIUS_COLUMNS = ("radius_student", "radius_teacher", "attack_student", "attack_teacher")
 
 
 @dataclass
@@ -219,6 +221,39 @@ def _part_json(part: Any, kind: str, radii: str) -> dict[str, Any]:
 
 def summarize_compare(config: dict[str, Any], records: list[Record]) -> dict[str, Any]:
     """Both parts (``bounds.paired.paired_comparison``) and the headline (``bounds.paired.headline``)."""
+    job = _job_of(config)
+    records = sorted({int(r["index"]): r for r in records}.values(), key=lambda r: r["index"])
+
+    def column(name: str) -> torch.Tensor:
+        return torch.tensor([math.inf if r[name] is None else r[name] for r in records], dtype=torch.float64)
+
+    radii = {n: column(n) for n in RADIUS_COLUMNS}
+    correct = [torch.tensor([r[f"correct_{who}"] for r in records]) for who in ("student", "teacher")]
+    return {**judge(radii, correct[0], correct[1], job), "config": config,
+            **{n: t.tolist() for n, t in radii.items()}}
+
+
+def judge(radii: dict[str, torch.Tensor], correct_student: torch.Tensor, correct_teacher: torch.Tensor,
+          job: CompareJob) -> dict[str, Any]:
+    """The verdict of theory.md §6 from per-example radii of both parts on the same points.
+
+    Parameters
+    ----------
+    radii : dict
+        ``radius_student``, ``radius_teacher`` (certified, by ``job.method``) and
+        ``attack_student``, ``attack_teacher`` (attack radii by ``job.attack``), each (N,).
+    correct_student, correct_teacher : torch.Tensor
+        (N,) bool: the clean prediction is right.
+    job : CompareJob
+        The rule (margin, alpha, fraction, bootstrap, rho threshold, eps grid or None).
+
+    Returns
+    -------
+    dict
+        ``verdict``/``reason`` (the headline), ``rho``, ``coverage``, ``certified_label``, both
+        parts (``certified``, ``empirical``: verdict, reason, Wilcoxon p-values with their
+        direction, accuracy table with CIs) and the rule's inputs (``rule``).
+    """
     from bounds.paired import (
         CERTIFIED_PART,
         EMPIRICAL_PART,
@@ -228,24 +263,16 @@ def summarize_compare(config: dict[str, Any], records: list[Record]) -> dict[str
         paired_comparison,
     )
 
-    job = _job_of(config)
-    records = sorted({int(r["index"]): r for r in records}.values(), key=lambda r: r["index"])
-
-    def column(name: str) -> torch.Tensor:
-        return torch.tensor([math.inf if r[name] is None else r[name] for r in records], dtype=torch.float64)
-
-    rs, rt, a_s, a_t = (column(n) for n in ("radius_student", "radius_teacher", "attack_student", "attack_teacher"))
+    rs, rt, a_s, a_t = (radii[n] for n in RADIUS_COLUMNS)
     eps = job.eps if job.eps is not None else curve_grid(torch.cat([rs, rt]), a_t)
-    cs = torch.tensor([r["correct_student"] for r in records])
-    ct = torch.tensor([r["correct_teacher"] for r in records])
     tol = job.options().radius_tol
     rule = {"tol": tol, "margin": job.margin, "alpha": job.alpha, "fraction_threshold": job.fraction_threshold,
             "n_boot": job.n_boot, "seed": job.seed}
-    cert = paired_comparison(rs, rt, eps, cs, ct, part=CERTIFIED_PART, **rule)
-    emp = paired_comparison(a_s, a_t, eps, cs, ct, part=EMPIRICAL_PART, **rule)
+    cert = paired_comparison(rs, rt, eps, correct_student, correct_teacher, part=CERTIFIED_PART, **rule)
+    emp = paired_comparison(a_s, a_t, eps, correct_student, correct_teacher, part=EMPIRICAL_PART, **rule)
     head = headline(cert, emp, rho_threshold=job.rho_threshold)
     return {
-        "question": QUESTION, "verdict": head.verdict, "reason": head.reason, "n": len(records),
+        "question": QUESTION, "verdict": head.verdict, "reason": head.reason, "n": len(rs),
         "rho": head.rho, "certified_label": head.coverage_label,
         "coverage": {"certified": head.certified_covers, "empirical": _json_float(head.empirical_covers),
                      "quantile": head.coverage_quantile,
@@ -255,9 +282,6 @@ def summarize_compare(config: dict[str, Any], records: list[Record]) -> dict[str
         "empirical": _part_json(emp, "estimate", f"{job.attack} attack radii (upper bounds of the true radii)"),
         "rule": {**{k: v for k, v in rule.items() if k != "seed"}, "rho_threshold": job.rho_threshold,
                  "coverage_quantile": head.coverage_quantile, "headline": HEADLINE_RULE, "part": PART_RULE},
-        "config": config,
-        "radius_student": rs.tolist(), "radius_teacher": rt.tolist(),
-        "attack_student": a_s.tolist(), "attack_teacher": a_t.tolist(),
     }
 
 
@@ -313,9 +337,6 @@ def write_compare_outputs(out: Path, summary: dict[str, Any]) -> None:
     for part, file in (("certified", "certified_accuracy.png"), ("empirical", "attack_accuracy.png")):
         plot_part(summary, part, names, out / file)
     plot_radius_pairs(summary, names, out / "radius_scatter.png")
-
-
-RADIUS_COLUMNS = ("radius_student", "radius_teacher", "attack_student", "attack_teacher")
 
 
 def _model_names(summary: dict[str, Any]) -> tuple[str, str]:

@@ -215,7 +215,7 @@ def write_bounds_outputs(out: Path, summary: dict[str, Any], records: list[Recor
                  "eps * gradient_gap": [e * g for g in column["gradient_gap"]],
                  **{n: column[n] for n in ("gamma_student", "gamma_teacher", "gamma_student_certified",
                                            "gamma_teacher_certified") if n in column}}
-        plot_terms(terms, out / f"terms_{eps_tag(e)}.png", title)
+        plot_terms(terms, out / f"terms_{eps_tag(e)}.png", title.replace("transfer bound,", "transfer-bound terms,"))
 
 
 def run_bounds(student_path: Path, teacher_path: Path, job: BoundsJob, dataset: str | None = None,
