@@ -121,7 +121,7 @@ def test_attack_radii_bound_certified_radii_from_above(digits_test, digits_trio)
     certified = engine.certified_radius(x, y, "inf", "crown", tol=1e-3, generator=gen())
     attack = attack_radius(digits_trio.teacher, x, y, make_attack(digits_trio.teacher, generator=gen()), tol=1e-3)
     assert bool((certified.radius.double() <= attack.radius + 1e-6).all())
-    assert float(attack.radius.median()) > 2 * float(certified.radius.double().median())  # CROWN is loose here
+    assert float(attack.radius.median()) > 1.5 * float(certified.radius.double().median())  # CROWN is loose here
 
 
 def test_apgd_radii_are_not_larger_than_pgd_radii_on_most_points(digits_test, digits_trio):
