@@ -95,3 +95,16 @@ def test_readme_benchmark_is_certify_on_the_named_dataset(workflow) -> None:
 def test_docstring_examples_run(module: str) -> None:
     result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_bounds_exports_its_public_names_lazily() -> None:
+    """``from bounds import X`` works for every name of ``bounds.__all__``; ``import bounds`` loads neither
+    scipy nor auto_LiRPA nor certkd."""
+    import subprocess
+    import sys
+
+    code = ("import sys, bounds; heavy = [m for m in ('scipy', 'auto_LiRPA', 'certkd') if m in sys.modules]; "
+            "assert not heavy, heavy; assert sorted(bounds.__all__) == sorted(bounds._WHERE); "
+            "[getattr(bounds, n) for n in bounds.__all__]; from bounds import BoundEngine, transfer_bound")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
