@@ -85,7 +85,7 @@ def read_cells(path: Path) -> list[dict[str, Any]]:
 
 def _cell_rows(study: Study, label: str, path: Path, weight: float | None, method: str, norm: str,
                summary: dict[str, Any], seconds: float) -> list[dict[str, Any]]:
-    radius = next((r for r in summary["radius"] if r["method"] == method), {})
+    radius: dict[str, Any] = next((r for r in summary["radius"] if r["method"] == method), {})
     return [{"study": study.name, "model": label, "checkpoint": str(path),
              "iga_weight": "" if weight is None else weight, "method": method, "kind": cell["kind"],
              "target": cell["target"], "norm": norm, "eps": cell["eps"], "n": cell["n"],
@@ -170,7 +170,8 @@ def write_figures(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     for norm in sorted({r["norm"] for r in rows}):
         for model in sorted({r["model"] for r in rows}):
             sel = [r for r in rows if r["norm"] == norm and r["model"] == model]
-            solid, dashed = {}, {}
+            solid: dict[str, Any] = {}
+            dashed: dict[str, Any] = {}
             for method in dict.fromkeys(r["method"] for r in sel):
                 cells = sorted((r for r in sel if r["method"] == method), key=lambda r: r["eps"])
                 target = solid if cells[0]["kind"] == "certified" else dashed

@@ -35,8 +35,8 @@ from certkd.runs import Points, RecordLog, seed_stream
 from certkd.train import ObjectiveParams as TrainParams
 from certkd.train import TrainConfig, train
 
-TEACHER = ("cnn4", {})
-STUDENT = ("mlp", {"hidden": [64]})
+TEACHER: tuple[str, dict[str, Any]] = ("cnn4", {})
+STUDENT: tuple[str, dict[str, Any]] = ("mlp", {"hidden": [64]})
 
 
 @dataclass
@@ -76,7 +76,8 @@ class ModelRun:
 
 def train_trio(out: Path, settings: DemoSettings, progress: bool = False) -> dict[str, Path]:
     """Train (or resume) the teacher and its KD and KDIGA students; returns their checkpoint paths."""
-    common = {"val_size": 200, "val_attack_steps": 10, "progress": progress, "seed": settings.seed, "resume": True}
+    common: dict[str, Any] = {"val_size": 200, "val_attack_steps": 10, "progress": progress, "seed": settings.seed,
+                              "resume": True}
     teacher = train(TrainConfig(
         method="pgd-at", arch=TEACHER[0], arch_kwargs=TEACHER[1], out=out / "teacher.pt",
         epochs=settings.teacher_epochs, batch_size=128, lr=0.1,

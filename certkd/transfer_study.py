@@ -206,7 +206,7 @@ def write_bounds_outputs(out: Path, summary: dict[str, Any], records: list[Recor
         if "bound_certified" in column:
             series["certified"] = column["bound_certified"]
         plot_bound_vs_measured(series, column["robust_student"], out / f"bound_vs_measured_eps{e_i}.png")
-        terms = {"output_gap": column["output_gap"],
+        terms: dict[str, list[float]] = {"output_gap": column["output_gap"],
                  "eps * gradient_gap": [e * g for g in column["gradient_gap"]],
                  **{n: column[n] for n in ("gamma_student", "gamma_teacher", "gamma_student_certified",
                                            "gamma_teacher_certified") if n in column}}

@@ -87,7 +87,7 @@ def test_example_study_runs_through_certkd_ablate(tmp_path: Path, digits_trio) -
     rows = read_cells(tmp_path / "demo_out" / "ablation" / "cells.csv")
     assert len(rows) == 2 * 2 * 5 * 3  # models x norms x methods x eps
     cell = {(r["model"], r["norm"], r["method"], r["eps"]): r for r in rows}
-    for (model, norm, method, e), r in cell.items():
+    for (model, norm, _method, e), r in cell.items():
         if r["kind"] == "certified" and r["target"] == "model":
             assert r["certified_accuracy"] <= cell[(model, norm, "pgd", e)]["certified_accuracy"]
 

@@ -55,7 +55,7 @@ def summarize(config: dict[str, Any], records: Iterable[Record]) -> dict[str, An
     if job.radius:
         for m in (m for m in job.methods if m != PGD):
             method = get_method(m)
-            first = {}
+            first: dict[int, Record] = {}
             for r in recs:
                 if r["method"] == m:
                     first.setdefault(int(r["index"]), r)

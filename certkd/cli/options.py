@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -57,7 +57,7 @@ def eps_callback(default: str | None) -> Callable[[click.Context, click.Paramete
     return callback
 
 
-def _apply(command: F, options: list[Callable[[F], F]]) -> F:
+def _apply(command: F, options: Sequence[Callable[[F], F]]) -> F:
     for option in reversed(options):
         command = option(command)
     return command
