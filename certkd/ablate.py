@@ -45,7 +45,22 @@ COLUMNS = ["study", "model", "checkpoint", "iga_weight", "method", "kind", "targ
 
 
 def study_models(study: Study, out: Path, progress: bool = False) -> list[tuple[str, Path, float | None]]:
-    """``(label, checkpoint, iga_weight)`` for the study's checkpoints and its KDIGA sweep (trained here)."""
+    """``(label, checkpoint, iga_weight)`` for the study's checkpoints and its KDIGA sweep (trained here).
+
+    Parameters
+    ----------
+    study : Study
+        The parsed study.
+    out : Path
+        The study's folder (students go to ``out/students``; training resumes).
+    progress : bool
+        Progress bars.
+
+    Returns
+    -------
+    list of (str, Path, float or None)
+        One entry per model of the grid.
+    """
     models: list[tuple[str, Path, float | None]] = [(p.stem, p, None) for p in study.checkpoints]
     sweep = study.kdiga
     if sweep is not None:
@@ -71,7 +86,13 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def read_cells(path: Path) -> list[dict[str, Any]]:
-    """The rows of ``cells.csv`` (numbers as floats); empty when it does not exist."""
+    """The rows of ``cells.csv`` (numbers as floats); empty when it does not exist.
+
+    Example
+    -------
+    >>> read_cells(Path("no/such/cells.csv"))
+    []
+    """
     if not path.exists():
         return []
     with open(path, newline="") as fh:

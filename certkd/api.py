@@ -64,7 +64,20 @@ class CertifyResult:
         return self.data["clean_accuracy"]["accuracy"]
 
     def accuracy(self, method: str, eps: float) -> float | None:
-        """Certified (or, for an estimate method, estimated) accuracy of ``method`` at ``eps``."""
+        """Certified (or, for an estimate method, estimated) accuracy of ``method`` at ``eps``.
+
+        Parameters
+        ----------
+        method : str
+            A method of the run (``pgd`` included).
+        eps : float
+            One of the run's radii.
+
+        Returns
+        -------
+        float or None
+            None when the cell holds no point.
+        """
         for row in self.data["results"]:
             if row["method"] == method and row["eps"] == float(eps):
                 return row["accuracy"]
@@ -81,7 +94,18 @@ class CertifyResult:
         return json.dumps({"summary": self.data, "records": self.records})
 
     def to_frame(self, per_example: bool = False) -> pd.DataFrame:
-        """A pandas DataFrame: one row per (method, eps), or per record with ``per_example``."""
+        """A pandas DataFrame: one row per (method, eps), or per record with ``per_example``.
+
+        Parameters
+        ----------
+        per_example : bool
+            One row per ``(index, method, eps)`` record instead.
+
+        Returns
+        -------
+        pandas.DataFrame
+            Columns ``method, kind, target, eps, robust, n, accuracy`` (or the record fields).
+        """
         return _frame(self.records if per_example else self.data["results"])
 
 
@@ -108,7 +132,18 @@ class CompareResult:
         return json.dumps({"summary": self.data, "records": self.records})
 
     def to_frame(self, per_example: bool = False) -> pd.DataFrame:
-        """A pandas DataFrame: the accuracy table per eps, or the per-example radii with ``per_example``."""
+        """A pandas DataFrame: the accuracy table per eps, or the per-example radii with ``per_example``.
+
+        Parameters
+        ----------
+        per_example : bool
+            One row per point (``radius_student``, ``radius_teacher``, ``correct_*``) instead.
+
+        Returns
+        -------
+        pandas.DataFrame
+            Columns ``eps, accuracy_student, accuracy_teacher, difference, ci_low, ci_high``.
+        """
         return _frame(self.records if per_example else self.data["table"])
 
 
@@ -140,6 +175,20 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Modul
 
 def load_dataset(name: str, split: str = "test", data_dir: str | Path | None = None) -> Any:
     """Dataset ``name`` (``certkd datasets`` lists them), read through ``batch(indices)``.
+
+    Parameters
+    ----------
+    name : str
+        A registered dataset.
+    split : str
+        ``train`` or ``test``.
+    data_dir : str or Path, optional
+        Where its files live.
+
+    Returns
+    -------
+    Dataset
+        Inputs in ``[0, 1]``; ``len``, ``batch(indices)`` and ``info``.
 
     Example
     -------

@@ -83,7 +83,13 @@ class CompareJob:
 
 
 def record_key(record: Record) -> tuple[int]:
-    """The done-key of a compare record: ``(index,)``."""
+    """The done-key of a compare record: ``(index,)``.
+
+    Example
+    -------
+    >>> record_key({"index": 4, "radius_student": 0.1})
+    (4,)
+    """
     return (int(record["index"]),)
 
 
@@ -97,6 +103,26 @@ def compare_points(student: Context, teacher: Context, data: Points, indices: Se
 
     Each model's batch uses ``seed_stream(seed, batch, method)``, the stream of ``certkd
     certify --radius`` with the same seed and batch size: the radii are those two certify runs give.
+
+    Parameters
+    ----------
+    student, teacher : Context
+        Each model's certify context (``prepare_methods``), built once per run.
+    data : Points
+        Read through ``data.batch(indices)`` only.
+    indices : sequence of int
+        The evaluated points.
+    job : CompareJob
+        Method, batch size, seed, shard.
+    log : RecordLog
+        Receives one record per point.
+    progress : bool
+        Progress bar.
+
+    Returns
+    -------
+    list of dict
+        ``index, label, radius_student, radius_teacher, correct_student, correct_teacher``.
     """
     method = get_method(job.method)
     work = [(b, idx) for b, idx in batches(indices, job.batch_size, job.shard) if log.missing((i,) for i in idx)]
@@ -116,7 +142,28 @@ def compare_points(student: Context, teacher: Context, data: Points, indices: Se
 
 
 def summarize_compare(config: dict[str, Any], records: list[Record]) -> dict[str, Any]:
-    """The verdict of ``bounds.paired.paired_comparison`` on the records, with its table and rule."""
+    """The verdict of ``bounds.paired.paired_comparison`` on the records, with its table and rule (theory.md §6).
+
+    Parameters
+    ----------
+    config : dict
+        The run's configuration (``CompareJob.to_config()`` and where the points came from).
+    records : list of dict
+        One per point.
+
+    Returns
+    -------
+    dict
+        ``question, verdict, reason, kind, n, at_least_fraction, wilcoxon,
+        median_radius_difference, table, rule, config, radius_student, radius_teacher``.
+
+    Example
+    -------
+    >>> rows = [{"index": i, "radius_student": 0.1, "radius_teacher": 0.1, "correct_student": True,
+    ...          "correct_teacher": True} for i in range(5)]
+    >>> summarize_compare({"method": "crown", "n_boot": 50}, rows)["verdict"]
+    'yes'
+    """
     from bounds.paired import QUESTION, paired_comparison
 
     job = _job_of(config)
@@ -162,7 +209,18 @@ def _job_of(config: dict[str, Any]) -> CompareJob:
 
 
 def format_compare(summary: dict[str, Any]) -> str:
-    """The text ``certkd compare`` prints: the verdict, its reason, the statistics and the table."""
+    """The text ``certkd compare`` prints: the verdict, its reason, the statistics and the table.
+
+    Parameters
+    ----------
+    summary : dict
+        From :func:`summarize_compare`.
+
+    Returns
+    -------
+    str
+        Its first line is the question and the verdict.
+    """
     w = summary["wilcoxon"]
     lines = [f"{summary['question']}: {summary['verdict'].upper()} ({summary['kind']}: "
              f"{summary['config']['method']} radii, {summary['n']} points)",
@@ -178,7 +236,15 @@ def format_compare(summary: dict[str, Any]) -> str:
 
 
 def write_compare_outputs(out: Path, summary: dict[str, Any]) -> None:
-    """``compare.json`` (without the radius columns, which live in the records) and the two figures."""
+    """``compare.json`` (without the radius columns, which live in the records) and the two figures.
+
+    Parameters
+    ----------
+    out : Path
+        The output directory.
+    summary : dict
+        From :func:`summarize_compare`.
+    """
     from certkd.io import atomic_write_json
     from certkd.plots import plot_certified_accuracy, plot_radius_scatter
 
@@ -195,7 +261,23 @@ def write_compare_outputs(out: Path, summary: dict[str, Any]) -> None:
 
 def merge_compare(parts: Sequence[tuple[str, Record | None, list[Record]]], out: Path,
                   per_example: Path | None = None) -> dict[str, Any]:
-    """Merge compare shards into the verdict of the whole run, written into ``out`` (a directory)."""
+    """Merge compare shards into the verdict of the whole run, written into ``out`` (a directory).
+
+    Parameters
+    ----------
+    parts : sequence of (str, dict or None, list of dict)
+        Each shard's file name, header and records.
+    out : Path
+        Receives ``per_example.jsonl`` (unless ``per_example`` names another file),
+        ``compare.json`` and the figures.
+    per_example : Path, optional
+        Where to write the merged records.
+
+    Returns
+    -------
+    dict
+        The summary, equal to that of one unsharded run.
+    """
     def expected(config: Any) -> set[Any]:
         job = _job_of(config)
         return {(i,) for _, idx in batches(range(int(config["num_examples"])), job.batch_size, job.shard)

@@ -96,8 +96,28 @@ def certify_trained(name: str, path: Path, data: Points, count: int, settings: D
                     records_path: Path, overwrite: bool = False, progress: bool = False) -> ModelRun:
     """CROWN certified accuracy on the eps grid and per-example radii of one trained model.
 
-    Records go to ``records_path`` (resumed when its configuration, checkpoint hash
-    included, is unchanged; a different configuration is refused unless ``overwrite``).
+    Parameters
+    ----------
+    name : str
+        ``teacher``, ``kd`` or ``kdiga``.
+    path : Path
+        Its checkpoint.
+    data : Points
+        The digits test split.
+    count : int
+        Certify the first ``count`` points.
+    settings : DemoSettings
+        Method, norm, eps grid, seed.
+    records_path : Path
+        The record log: resumed when its configuration (checkpoint hash included) is
+        unchanged; a different configuration is refused unless ``overwrite``.
+    overwrite, progress : bool
+        Recompute a log of another configuration; progress bars.
+
+    Returns
+    -------
+    ModelRun
+        The summary, per-example radii and clean correctness.
     """
     ckpt = load_checkpoint(path)
     model = ckpt.build_model("cpu")
