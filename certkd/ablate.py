@@ -45,7 +45,22 @@ COLUMNS = ["study", "model", "checkpoint", "iga_weight", "method", "kind", "targ
 
 
 def study_models(study: Study, out: Path, progress: bool = False) -> list[tuple[str, Path, float | None]]:
-    """``(label, checkpoint, iga_weight)`` for the study's checkpoints and its KDIGA sweep (trained here)."""
+    """``(label, checkpoint, iga_weight)`` for the study's checkpoints and its KDIGA sweep (trained here).
+
+    Parameters
+    ----------
+    study : Study
+        The parsed study.
+    out : Path
+        The study's folder (students go to ``out/students``; training resumes).
+    progress : bool
+        Progress bars.
+
+    Returns
+    -------
+    list of (str, Path, float or None)
+        One entry per model of the grid.
+    """
     models: list[tuple[str, Path, float | None]] = [(p.stem, p, None) for p in study.checkpoints]
     sweep = study.kdiga
     if sweep is not None:
@@ -71,7 +86,13 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def read_cells(path: Path) -> list[dict[str, Any]]:
-    """The rows of ``cells.csv`` (numbers as floats); empty when it does not exist."""
+    """The rows of ``cells.csv`` (numbers as floats); empty when it does not exist.
+
+    Example
+    -------
+    >>> read_cells(Path("no/such/cells.csv"))
+    []
+    """
     if not path.exists():
         return []
     with open(path, newline="") as fh:
@@ -85,7 +106,7 @@ def read_cells(path: Path) -> list[dict[str, Any]]:
 
 def _cell_rows(study: Study, label: str, path: Path, weight: float | None, method: str, norm: str,
                summary: dict[str, Any], seconds: float) -> list[dict[str, Any]]:
-    radius = next((r for r in summary["radius"] if r["method"] == method), {})
+    radius: dict[str, Any] = next((r for r in summary["radius"] if r["method"] == method), {})
     return [{"study": study.name, "model": label, "checkpoint": str(path),
              "iga_weight": "" if weight is None else weight, "method": method, "kind": cell["kind"],
              "target": cell["target"], "norm": norm, "eps": cell["eps"], "n": cell["n"],
@@ -172,7 +193,7 @@ def write_figures(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     for norm in sorted({r["norm"] for r in rows}):
         for model in sorted({r["model"] for r in rows}):
             sel = [r for r in rows if r["norm"] == norm and r["model"] == model]
-            curves = []
+            curves: list[Curve] = []
             for method in dict.fromkeys(r["method"] for r in sel):
                 cells = sorted((r for r in sel if r["method"] == method), key=lambda r: r["eps"])
                 kind, target = cells[0]["kind"], cells[0]["target"]

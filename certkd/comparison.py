@@ -103,7 +103,13 @@ class CompareJob:
 
 
 def record_key(record: Record) -> tuple[int]:
-    """The done-key of a compare record: ``(index,)``."""
+    """The done-key of a compare record: ``(index,)``.
+
+    Example
+    -------
+    >>> record_key({"index": 4, "radius_student": 0.1})
+    (4,)
+    """
     return (int(record["index"]),)
 
 
@@ -160,7 +166,30 @@ def compare_points(student: Context, teacher: Context, data: Points, indices: Se
     Each model's certified radii use ``seed_stream(seed, batch, method)``, the stream of
     ``certkd certify --radius`` with the same seed and batch size (the radii those two
     certify runs give), unless ``reused`` holds them; the attack radii use the stream
-    ``seed_stream(seed, batch, "attack:" + attack)``. Returns the new records.
+    ``seed_stream(seed, batch, "attack:" + attack)``.
+
+    Parameters
+    ----------
+    student, teacher : Context
+        Each model's certify context (``prepare_methods``), built once per run.
+    data : Points
+        Read through ``data.batch(indices)`` only.
+    indices : sequence of int
+        The evaluated points.
+    job : CompareJob
+        Method, attack, batch size, seed, shard.
+    log : RecordLog
+        Receives one record per point.
+    progress : bool
+        Progress bar.
+    reused : (dict or None, dict or None)
+        The student's and the teacher's certified radii read by :func:`reuse_records`.
+
+    Returns
+    -------
+    list of dict
+        ``index, label, radius_student, radius_teacher, correct_student, correct_teacher,
+        attack_student, attack_teacher`` (``None`` for an infinite radius).
     """
     from certkd.certification.apgd import attack_radii
 
@@ -220,7 +249,27 @@ def _part_json(part: Any, kind: str, radii: str) -> dict[str, Any]:
 
 
 def summarize_compare(config: dict[str, Any], records: list[Record]) -> dict[str, Any]:
-    """Both parts (``bounds.paired.paired_comparison``) and the headline (``bounds.paired.headline``)."""
+    """Both parts (``bounds.paired.paired_comparison``) and the headline (``bounds.paired.headline``).
+
+    Parameters
+    ----------
+    config : dict
+        The run's configuration (``CompareJob.to_config()`` and where the points came from).
+    records : list of dict
+        One per point (:func:`compare_points`).
+
+    Returns
+    -------
+    dict
+        :func:`judge`'s verdict, ``config`` and the four radius columns.
+
+    Example
+    -------
+    >>> rows = [{"index": i, "radius_student": 0.1, "radius_teacher": 0.1, "correct_student": True,
+    ...          "correct_teacher": True, "attack_student": 0.3, "attack_teacher": 0.3} for i in range(5)]
+    >>> summarize_compare({"method": "crown", "n_boot": 50}, rows)["verdict"]
+    'yes'
+    """
     job = _job_of(config)
     records = sorted({int(r["index"]): r for r in records}.values(), key=lambda r: r["index"])
 
@@ -297,7 +346,18 @@ def _fmt(value: float | None, spec: str = ".4g") -> str:
 
 
 def format_compare(summary: dict[str, Any]) -> str:
-    """The text ``certkd compare`` prints: the headline, both parts with their reasons, rho, the table."""
+    """The text ``certkd compare`` prints: the headline, both parts with their reasons, rho, the table.
+
+    Parameters
+    ----------
+    summary : dict
+        From :func:`summarize_compare`.
+
+    Returns
+    -------
+    str
+        Its first line is the question and the headline verdict.
+    """
     cfg, cert, emp = summary["config"], summary["certified"], summary["empirical"]
     cover = summary["coverage"]
     label = summary["certified_label"] or f"covers eps <= {_fmt(cover['certified'])}"
@@ -328,7 +388,15 @@ def format_compare(summary: dict[str, Any]) -> str:
 
 
 def write_compare_outputs(out: Path, summary: dict[str, Any]) -> None:
-    """``compare.json`` (without the radius columns, which live in the records) and the figures."""
+    """``compare.json`` (without the radius columns, which live in the records) and the three figures.
+
+    Parameters
+    ----------
+    out : Path
+        The output directory.
+    summary : dict
+        From :func:`summarize_compare`.
+    """
     from certkd.io import atomic_write_json
     from certkd.plots import plot_part, plot_radius_pairs
 
@@ -348,7 +416,23 @@ def _model_names(summary: dict[str, Any]) -> tuple[str, str]:
 
 def merge_compare(parts: Sequence[tuple[str, Record | None, list[Record]]], out: Path,
                   per_example: Path | None = None) -> dict[str, Any]:
-    """Merge compare shards into the verdict of the whole run, written into ``out`` (a directory)."""
+    """Merge compare shards into the verdict of the whole run, written into ``out`` (a directory).
+
+    Parameters
+    ----------
+    parts : sequence of (str, dict or None, list of dict)
+        Each shard's file name, header and records.
+    out : Path
+        Receives ``per_example.jsonl`` (unless ``per_example`` names another file),
+        ``compare.json`` and the figures.
+    per_example : Path, optional
+        Where to write the merged records.
+
+    Returns
+    -------
+    dict
+        The summary, equal to that of one unsharded run.
+    """
     def expected(config: Any) -> set[Any]:
         job = _job_of(config)
         return {(i,) for _, idx in batches(range(int(config["num_examples"])), job.batch_size, job.shard)

@@ -41,8 +41,8 @@ ATTACK = "apgd"  # the attack of the empirical part (certify method apgd: attack
 #: the training settings the report states for each model
 TRAINING_KEYS = ("method", "arch", "arch_kwargs", "epochs", "batch_size", "lr", "optimizer", "schedule", "seed",
                  "eps", "norm", "attack_steps", "alpha", "tau", "iga_weight", "iga_norm", "iga_on")
-TEACHER = ("cnn4", {})
-STUDENT = ("mlp", {"hidden": [64]})
+TEACHER: tuple[str, dict[str, Any]] = ("cnn4", {})
+STUDENT: tuple[str, dict[str, Any]] = ("mlp", {"hidden": [64]})
 
 
 @dataclass
@@ -84,7 +84,8 @@ class ModelRun:
 
 def train_trio(out: Path, settings: DemoSettings, progress: bool = False) -> dict[str, Path]:
     """Train (or resume) the teacher and its KD and KDIGA students; returns their checkpoint paths."""
-    common = {"val_size": 200, "val_attack_steps": 10, "progress": progress, "seed": settings.seed, "resume": True}
+    common: dict[str, Any] = {"val_size": 200, "val_attack_steps": 10, "progress": progress, "seed": settings.seed,
+                              "resume": True}
     teacher = train(TrainConfig(
         method="pgd-at", arch=TEACHER[0], arch_kwargs=TEACHER[1], out=out / "teacher.pt",
         epochs=settings.teacher_epochs, batch_size=128, lr=0.1,
@@ -103,8 +104,28 @@ def certify_trained(name: str, path: Path, data: Points, count: int, settings: D
                     records_path: Path, overwrite: bool = False, progress: bool = False) -> ModelRun:
     """CROWN certified accuracy and APGD accuracy on the eps grid, per-example radii of both, of one model.
 
-    Records go to ``records_path`` (resumed when its configuration, checkpoint hash
-    included, is unchanged; a different configuration is refused unless ``overwrite``).
+    Parameters
+    ----------
+    name : str
+        ``teacher``, ``kd`` or ``kdiga``.
+    path : Path
+        Its checkpoint.
+    data : Points
+        The digits test split.
+    count : int
+        Certify the first ``count`` points.
+    settings : DemoSettings
+        Method, norm, eps grid, seed.
+    records_path : Path
+        The record log: resumed when its configuration (checkpoint hash included) is
+        unchanged; a different configuration is refused unless ``overwrite``.
+    overwrite, progress : bool
+        Recompute a log of another configuration; progress bars.
+
+    Returns
+    -------
+    ModelRun
+        The summary, per-example radii and clean correctness.
     """
     ckpt = load_checkpoint(path)
     model = ckpt.build_model("cpu")

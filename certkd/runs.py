@@ -55,7 +55,7 @@ class Points(Protocol):
 
     def __len__(self) -> int: ...
 
-    def batch(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 @dataclass
@@ -87,12 +87,38 @@ class TensorPoints:
 # --------------------------------------------------------------------------- configuration and seeds
 
 def canonical_json(obj: Any) -> str:
-    """The JSON text that :func:`config_sha256` hashes (sorted keys, no spaces)."""
+    """The JSON text that :func:`config_sha256` hashes.
+
+    Parameters
+    ----------
+    obj : object
+        JSON-able.
+
+    Returns
+    -------
+    str
+        Sorted keys, no spaces.
+
+    Example
+    -------
+    >>> canonical_json({"b": [1, 2], "a": None})
+    '{"a":null,"b":[1,2]}'
+    """
     return json.dumps(obj, sort_keys=True, separators=(",", ":"))
 
 
 def config_sha256(config: Mapping[str, Any]) -> str:
     """SHA-256 of the canonical JSON of ``config``: equal configurations, equal hashes.
+
+    Parameters
+    ----------
+    config : mapping
+        A run's configuration (JSON-able).
+
+    Returns
+    -------
+    str
+        64 hex digits.
 
     Example
     -------
@@ -135,6 +161,18 @@ def seed_stream(seed: int, *keys: object, device: str | torch.device = "cpu") ->
 def config_differences(a: Mapping[str, Any], b: Mapping[str, Any], ignore: Sequence[str] = ()) -> list[str]:
     """Names of the entries that differ; nested mappings by dotted names (``params.sigma``).
 
+    Parameters
+    ----------
+    a, b : mapping
+        Two configurations.
+    ignore : sequence of str
+        Top-level keys not compared (``shard`` when merging).
+
+    Returns
+    -------
+    list of str
+        Sorted names.
+
     Example
     -------
     >>> config_differences({"seed": 0, "params": {"n": 1}}, {"seed": 1, "params": {"n": 2}})
@@ -153,14 +191,46 @@ def config_differences(a: Mapping[str, Any], b: Mapping[str, Any], ignore: Seque
 # --------------------------------------------------------------------------- the record log
 
 def header(command: str, config: Mapping[str, Any]) -> Record:
-    """The first line of a record log: which command, its configuration and the configuration's hash."""
+    """The first line of a record log: which command, its configuration and the configuration's hash.
+
+    Parameters
+    ----------
+    command : str
+        ``certify``, ``bounds``, ``compare``.
+    config : mapping
+        What decides the run's records.
+
+    Returns
+    -------
+    dict
+        ``{"certkd_run": 1, "command", "config", "config_sha256"}``.
+
+    Example
+    -------
+    >>> sorted(header("certify", {"seed": 0}))
+    ['certkd_run', 'command', 'config', 'config_sha256']
+    """
     return {HEADER_KEY: FORMAT, "command": command, "config": dict(config), "config_sha256": config_sha256(config)}
 
 
 def read_log(path: str | Path) -> tuple[Record | None, list[Record]]:
-    """``(header, records)`` of a record log; ``(None, [])`` when missing or empty (a torn last line is ignored).
+    """``(header, records)`` of a record log (a torn last line, from an interrupted append, is ignored).
 
-    Raises ``CertkdError`` when the file is not a certkd record log.
+    Parameters
+    ----------
+    path : str or Path
+        The JSONL file.
+
+    Returns
+    -------
+    (dict or None, list of dict)
+        ``(None, [])`` when the file is missing or empty. ``CertkdError`` when it is not
+        a certkd record log.
+
+    Example
+    -------
+    >>> read_log("no/such/file.jsonl")
+    (None, [])
     """
     rows = read_jsonl(path)
     if not rows:
@@ -173,7 +243,25 @@ def read_log(path: str | Path) -> tuple[Record | None, list[Record]]:
 
 
 def write_log(path: str | Path, command: str, config: Mapping[str, Any], records: Iterable[Record]) -> None:
-    """Write a whole record log atomically (a merged run)."""
+    """Write a whole record log atomically (a merged run): header, then the records.
+
+    Parameters
+    ----------
+    path : str or Path
+        The file (replaced at once; a crash leaves the old one).
+    command, config
+        The run.
+    records : iterable of dict
+        Its records.
+
+    Example
+    -------
+    >>> import tempfile
+    >>> p = Path(tempfile.mkdtemp()) / "m.jsonl"
+    >>> write_log(p, "certify", {"seed": 0}, [{"index": 0}])
+    >>> read_log(p)[1]
+    [{'index': 0}]
+    """
     def write(fh: Any) -> None:
         for row in [header(command, config), *records]:
             fh.write(json.dumps(row) + "\n")
@@ -306,6 +394,13 @@ def execute(work: Sequence[W], compute: Callable[[W], list[Record]], log: Record
     -------
     list of dict
         The records appended now.
+
+    Example
+    -------
+    >>> log = RecordLog.memory(key=lambda r: (r["index"],))
+    >>> _ = execute([[0, 1]], lambda idx: [{"index": i} for i in idx], log)
+    >>> execute([[0, 1]], lambda idx: [{"index": i} for i in idx], log)  # done keys are not appended again
+    []
     """
     from certkd.progress import Progress
 
@@ -325,6 +420,20 @@ def batches(indices: Sequence[int], batch_size: int, shard: Shard | None = None)
     Batches are cut from the whole index list first, so a shard's batches are exactly those of a
     single run and per-batch random streams coincide (shards + merge = one run).
 
+    Parameters
+    ----------
+    indices : sequence of int
+        The evaluated points, in order.
+    batch_size : int
+        Points per batch.
+    shard : (k, n), optional
+        Keep only shard ``k`` of ``n``.
+
+    Returns
+    -------
+    list of (int, list of int)
+        Batch number and its indices.
+
     Example
     -------
     >>> batches(range(5), 2, (1, 2))
@@ -339,6 +448,16 @@ def batches(indices: Sequence[int], batch_size: int, shard: Shard | None = None)
 
 def parse_shard(value: str | None) -> Shard | str | None:
     """``"k/n"`` (0 <= k < n) -> ``(k, n)``; ``"auto"`` stays ``"auto"``; None stays None.
+
+    Parameters
+    ----------
+    value : str or None
+        What ``--shard`` got.
+
+    Returns
+    -------
+    (int, int), "auto" or None
+        ``CertkdError`` for anything else.
 
     Example
     -------
@@ -366,6 +485,16 @@ def shard_from_env(env: Mapping[str, str] | None = None) -> tuple[Shard, str]:
     Slurm: ``SLURM_ARRAY_TASK_ID`` counted from ``SLURM_ARRAY_TASK_MIN`` in steps of
     ``SLURM_ARRAY_TASK_STEP``, out of ``SLURM_ARRAY_TASK_COUNT``.
 
+    Parameters
+    ----------
+    env : mapping, optional
+        The environment (default ``os.environ``).
+
+    Returns
+    -------
+    ((int, int), str)
+        The shard and ``"torchrun"`` or ``"slurm"``; ``CertkdError`` when neither launcher is there.
+
     Example
     -------
     >>> shard_from_env({"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_COUNT": "4"})
@@ -391,7 +520,23 @@ def shard_from_env(env: Mapping[str, str] | None = None) -> tuple[Shard, str]:
 
 
 def resolve_shard(spec: Shard | str | None) -> tuple[Shard | None, str | None]:
-    """``(shard, launcher)``: ``auto`` from the environment, an explicit ``(k, n)`` as given."""
+    """``(shard, launcher)``: ``auto`` from the environment, an explicit ``(k, n)`` as given.
+
+    Parameters
+    ----------
+    spec : (k, n), "auto" or None
+        What the user asked for.
+
+    Returns
+    -------
+    ((int, int) or None, str or None)
+        The launcher is None unless ``auto``.
+
+    Example
+    -------
+    >>> resolve_shard((1, 3)), resolve_shard(None)
+    (((1, 3), None), (None, None))
+    """
     if spec == "auto":
         return shard_from_env()
     if isinstance(spec, str):
@@ -400,7 +545,25 @@ def resolve_shard(spec: Shard | str | None) -> tuple[Shard | None, str | None]:
 
 
 def shard_path(path: Path | None, shard: Shard | None) -> Path | None:
-    """``r.jsonl`` -> ``r.shard0of4.jsonl``: the file of one shard of an automatically sharded run."""
+    """The file of one shard of an automatically sharded run.
+
+    Parameters
+    ----------
+    path : Path or None
+        The run's file (or directory).
+    shard : (k, n) or None
+        The shard.
+
+    Returns
+    -------
+    Path or None
+        ``path`` itself without a shard.
+
+    Example
+    -------
+    >>> shard_path(Path("out/r.jsonl"), (0, 4)).as_posix()
+    'out/r.shard0of4.jsonl'
+    """
     if path is None or shard is None:
         return path
     return path.with_name(f"{path.stem}.shard{shard[0]}of{shard[1]}{path.suffix}")
@@ -411,6 +574,16 @@ def gather_to_rank0(obj: Any) -> list[Any] | None:
 
     The process group is created here from torchrun's environment when none exists, and
     destroyed afterwards.
+
+    Parameters
+    ----------
+    obj : object
+        Picklable (a shard's ``(name, header, records)``).
+
+    Returns
+    -------
+    list or None
+        Every rank's object on rank 0; None elsewhere.
     """
     import torch.distributed as dist
 
@@ -437,9 +610,29 @@ def merge_logs(parts: Sequence[Part], expected: Callable[[Mapping[str, Any]], se
     """Combine the logs ``(name, header, records)`` of the shards of one run.
 
     Checks: one command and one configuration (up to ``shard``), every shard ``k/n``
-    exactly once, disjoint indices, each shard complete (``expected(config)`` are the
-    keys a shard must hold). Returns ``(command, configuration of the whole run with
-    shard None, records)``.
+    exactly once, disjoint indices, each shard complete.
+
+    Parameters
+    ----------
+    parts : sequence of (str, dict or None, list of dict)
+        Each shard's name, header and records.
+    expected : callable
+        A shard's configuration -> the keys it must hold.
+    key : callable
+        Record -> done-key.
+    resume_hint : str
+        The command that finishes an incomplete shard (for the message).
+
+    Returns
+    -------
+    (str, dict, list of dict)
+        The command, the configuration of the whole run (``shard`` None) and all records.
+
+    Example
+    -------
+    >>> part = lambda k: (f"s{k}", {"command": "x", "config": {"shard": [k, 2]}}, [{"index": k}])
+    >>> merge_logs([part(1), part(0)], lambda c: {(c["shard"][0],)}, lambda r: (r["index"],), "")[1]
+    {'shard': None}
     """
     if not parts:
         raise CertkdError("nothing to merge: give the record files of the shards")

@@ -36,10 +36,9 @@ from typing import Any
 
 import yaml
 
-from certkd.certification import METHODS, CertifyOptions, parse_eps_list
+from certkd.certification import METHODS, NORMS, CertifyOptions, parse_eps_list
 from certkd.errors import CertkdError
 
-NORMS = ("inf", "2")
 #: TrainConfig fields a sweep sets itself (not study keys)
 _SWEEP_SET = {"method", "arch", "arch_kwargs", "teacher", "out", "seed", "resume", "progress", "params"}
 

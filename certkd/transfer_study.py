@@ -49,12 +49,24 @@ class BoundsJob:
 
 
 def json_float(value: float) -> float | None:
-    """JSON has no infinity: a non-finite number is written as null."""
+    """JSON has no infinity: a non-finite number is written as null.
+
+    Example
+    -------
+    >>> json_float(float("inf")), json_float(2.0)
+    (None, 2.0)
+    """
     return float(value) if math.isfinite(value) else None
 
 
 def record_key(record: Record) -> tuple[int, float]:
-    """The done-key of a bounds record: ``(index, eps)``."""
+    """The done-key of a bounds record: ``(index, eps)``.
+
+    Example
+    -------
+    >>> record_key({"index": 2, "eps": 0.05, "bound": 1.0})
+    (2, 0.05)
+    """
     return int(record["index"]), float(record["eps"])
 
 
@@ -82,7 +94,30 @@ class TransferTools:
 
 def batch_records(student: nn.Module, teacher: nn.Module, x: torch.Tensor, y: torch.Tensor, idx: Sequence[int],
                   eps: float, job: BoundsJob, tools: TransferTools, generator: torch.Generator) -> list[Record]:
-    """Every term of the transfer bound (theory.md §3) for one batch at one eps, one record per example."""
+    """Every term of the transfer bound (theory.md §3) for one batch at one eps, one record per example.
+
+    Parameters
+    ----------
+    student, teacher : nn.Module
+        The two models.
+    x, y : torch.Tensor
+        The batch.
+    idx : sequence of int
+        Its indices in the split.
+    eps : float
+        The radius.
+    job : BoundsJob
+        Norm, certified gammas, PGD steps.
+    tools : TransferTools
+        Bounders and engines (built once per run).
+    generator : torch.Generator
+        The (batch, eps) random stream.
+
+    Returns
+    -------
+    list of dict
+        ``index, eps, label``, every term of ``TERMS`` (and ``CERTIFIED_TERMS``), ``holds`` flags.
+    """
     from bounds.transfer import transfer_bound, transfer_certificate
 
     tb = transfer_bound(student, teacher, x, y, eps, job.norm, certified=job.certified_gamma, method=job.method,
@@ -110,7 +145,32 @@ def batch_records(student: nn.Module, teacher: nn.Module, x: torch.Tensor, y: to
 def bounds_points(student: nn.Module, teacher: nn.Module, data: Points, indices: Sequence[int], job: BoundsJob,
                   tools: TransferTools, log: RecordLog, device: str | torch.device = "cpu",
                   progress: bool = False) -> list[Record]:
-    """Run the missing (batch, eps) work into ``log``; returns the records appended now."""
+    """Run the missing (batch, eps) work into ``log``; returns the records appended now.
+
+    Parameters
+    ----------
+    student, teacher : nn.Module
+        The two models.
+    data : Points
+        Read through ``data.batch(indices)`` only.
+    indices : sequence of int
+        The evaluated points.
+    job : BoundsJob
+        eps, batch size, seed, ...
+    tools : TransferTools
+        From :meth:`TransferTools.build`.
+    log : RecordLog
+        Records already there are not computed again.
+    device : str or torch.device
+        Where the models run.
+    progress : bool
+        Progress bar.
+
+    Returns
+    -------
+    list of dict
+        The records appended now.
+    """
     work = [(b, idx, e_i, e) for b, idx in batches(indices, job.batch_size) for e_i, e in enumerate(job.eps)
             if log.missing((i, float(e)) for i in idx)]
 
@@ -124,7 +184,14 @@ def bounds_points(student: nn.Module, teacher: nn.Module, data: Points, indices:
 
 
 def stats(values: Sequence[float | None]) -> dict[str, Any]:
-    """Mean and quantiles of the finite values, and how many were not finite (unbounded)."""
+    """Mean and quantiles of the finite values, and how many were not finite (unbounded).
+
+    Example
+    -------
+    >>> s = stats([1.0, 2.0, 3.0, None])
+    >>> s["n"], s["non_finite"], s["mean"], s["q50"]
+    (4, 1, 2.0, 2.0)
+    """
     finite = torch.tensor([v for v in values if v is not None], dtype=torch.float64)
     out: dict[str, Any] = {"n": len(values), "non_finite": len(values) - len(finite)}
     if len(finite):
@@ -143,7 +210,21 @@ def _certificate_counts(rows: list[Record]) -> dict[str, int]:
 
 
 def summarize_bounds(config: dict[str, Any], records: list[Record]) -> dict[str, Any]:
-    """Per eps: each term's mean and quantiles, how often each bound holds and its slack, certificate counts."""
+    """Per eps: each term's mean and quantiles, how often each bound holds and its slack, certificate counts.
+
+    Parameters
+    ----------
+    config : dict
+        The run's configuration (``eps`` in order).
+    records : list of dict
+        From :func:`bounds_points`.
+
+    Returns
+    -------
+    dict
+        ``config``, ``per_eps`` (``terms`` with their kinds, ``bound_vs_measured``,
+        ``certificate_counts``) and ``legend``.
+    """
     per_eps = []
     for e in config["eps"]:
         rows = sorted((r for r in records if float(r["eps"]) == float(e)), key=lambda r: r["index"])
@@ -211,7 +292,7 @@ def write_bounds_outputs(out: Path, summary: dict[str, Any], records: list[Recor
         title = (f"transfer bound, {names} (theory.md §3)\nL-{cfg['norm']} eps {e:.4g}, n = {len(rows)}; "
                  f"gammas: PGD (estimate){', ' + cfg['method'].upper() + ' (certified)' if cfg['certified_gamma'] else ''}")
         plot_bound_vs_measured(series, column["robust_student"], out / f"bound_vs_measured_{eps_tag(e)}.png", title)
-        terms = {"output_gap": column["output_gap"],
+        terms: dict[str, list[float]] = {"output_gap": column["output_gap"],
                  "eps * gradient_gap": [e * g for g in column["gradient_gap"]],
                  **{n: column[n] for n in ("gamma_student", "gamma_teacher", "gamma_student_certified",
                                            "gamma_teacher_certified") if n in column}}

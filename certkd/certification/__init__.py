@@ -13,6 +13,7 @@ from certkd.certification.methods import (
     LEGEND,
     METHODS,
     MODEL,
+    NORMS,
     PGD,
     SMOOTHED,
     CertifyOptions,
@@ -49,7 +50,8 @@ from certkd.certification.run import (
 )
 from certkd.certification.summary import eps_label, format_summary, summarize
 
-__all__ = ["BOUND_METHODS_BY_COST", "CERTIFIED", "COMMAND", "ESTIMATE", "LEGEND", "METHODS", "MODEL", "PGD", "SMOOTHED", "CertifyJob",
+__all__ = ["BOUND_METHODS_BY_COST", "CERTIFIED", "COMMAND", "ESTIMATE", "LEGEND", "METHODS", "MODEL", "NORMS", "PGD",
+           "SMOOTHED", "CertifyJob",
            "CertifyOptions", "Context", "Method", "MethodOutput", "canonical_order", "certify_checkpoint",
            "certify_methods", "certify_points", "check_device", "check_fits", "check_norm", "eps_label",
            "evaluate_batch", "expected_keys", "format_summary", "get_method", "load_points", "merge_shards",

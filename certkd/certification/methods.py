@@ -38,6 +38,8 @@ ESTIMATE = "estimate"
 MODEL = "model"
 SMOOTHED = "smoothed classifier"
 PGD = "pgd"
+#: the threat models certify supports (theory.md §1)
+NORMS = ("inf", "2")
 
 #: one line per kind, for ``--help`` texts and printed tables
 LEGEND = (
@@ -234,7 +236,14 @@ def certify_methods() -> list[str]:
 
 
 def get_method(name: str) -> Method:
-    """The registered method ``name``; an unknown name raises ``CertkdError`` listing the available ones."""
+    """The registered method ``name``; an unknown name raises ``CertkdError`` listing the available ones.
+
+    Example
+    -------
+    >>> m = get_method("smoothing")
+    >>> m.kind, m.target
+    ('certified', 'smoothed classifier')
+    """
     if name not in METHODS:
         raise CertkdError(f"unknown method {name!r}; available: {', '.join(certify_methods())}")
     return METHODS.get(name)
@@ -394,7 +403,7 @@ def check_norm(norm: str | float) -> str:
     '2'
     """
     name = norm_name(parse_norm(norm))
-    if name not in ("inf", "2"):
+    if name not in NORMS:
         raise CertkdError(f"norm {norm!r} is not supported by certify: use inf or 2")
     return name
 

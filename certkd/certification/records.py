@@ -38,6 +38,16 @@ RecordKey = tuple[int, str, float]
 def parse_eps_list(values: Sequence[str | float] | str) -> list[float]:
     """``("2/255", "0.1,0.3")`` -> ``[2/255, 0.1, 0.3]``; every value finite and >= 0, else ``CertkdError``.
 
+    Parameters
+    ----------
+    values : str, or sequence of str or float
+        Comma lists, fractions allowed.
+
+    Returns
+    -------
+    list of float
+        In the given order.
+
     Example
     -------
     >>> parse_eps_list(["1/4", "0.1,0.3"])
@@ -116,7 +126,13 @@ class CertifyJob:
 
 
 def record_key(record: Record) -> RecordKey:
-    """The done-key of a certify record: ``(index, method, eps)``."""
+    """The done-key of a certify record: ``(index, method, eps)``.
+
+    Example
+    -------
+    >>> record_key({"index": 3, "method": "crown", "eps": 0.1, "robust": True})
+    (3, 'crown', 0.1)
+    """
     return int(record["index"]), str(record["method"]), float(record["eps"])
 
 
@@ -129,7 +145,31 @@ def _value(t: torch.Tensor | None, i: int, j: int | None = None) -> Any:
 
 def method_records(method: Method, norm: str, idx: Sequence[int], y: torch.Tensor, pred: torch.Tensor,
                    eps: Sequence[float], out: MethodOutput, with_radius: bool) -> Iterator[Record]:
-    """The records of one (batch, method): one per (example, eps)."""
+    """The records of one (batch, method): one per (example, eps).
+
+    Parameters
+    ----------
+    method : Method
+        The registered method.
+    norm : str
+        The run's norm.
+    idx : sequence of int
+        The batch's indices in the split.
+    y, pred : torch.Tensor
+        Labels and clean predictions, (B,).
+    eps : sequence of float
+        The radii.
+    out : MethodOutput
+        What the method said.
+    with_radius : bool
+        Add ``radius`` and ``radius_upper``.
+
+    Returns
+    -------
+    iterator of dict
+        ``index, label, pred, method, kind, target, norm, eps, robust, certified, margin_lb,
+        margin_ub`` (+ radii, + the method's extra fields).
+    """
     for i, index in enumerate(idx):
         base = {"index": int(index), "label": int(y[i]), "pred": int(pred[i]), "method": method.name,
                 "kind": method.kind, "target": method.target, "norm": norm}
@@ -144,13 +184,27 @@ def method_records(method: Method, norm: str, idx: Sequence[int], y: torch.Tenso
 
 
 def expected_keys(num_examples: int, job: CertifyJob) -> set[RecordKey]:
-    """Every ``(index, method, eps)`` the job's shard of the first ``num_examples`` points must produce."""
+    """Every ``(index, method, eps)`` the job's shard of the first ``num_examples`` points must produce.
+
+    Example
+    -------
+    >>> sorted(expected_keys(3, CertifyJob(methods=["crown"], eps=[0.1], batch_size=2, shard=(1, 2))))
+    [(2, 'crown', 0.1), (2, 'pgd', 0.1)]
+    """
     mine = [i for _, idx in batches(range(num_examples), job.batch_size, job.shard) for i in idx]
     return {(int(i), m, float(e)) for i in mine for m in job.all_methods() for e in job.eps}
 
 
 def canonical_order(records: Iterable[Record], job: CertifyJob) -> list[Record]:
-    """Records sorted by (index, method as in the job, eps as in the job); duplicates keep the first."""
+    """Records sorted by (index, method as in the job, eps as in the job); duplicates keep the first.
+
+    Example
+    -------
+    >>> job = CertifyJob(methods=["crown"], eps=[0.2, 0.1])
+    >>> recs = [{"index": 0, "method": m, "eps": e} for m in ("crown", "pgd") for e in (0.1, 0.2)]
+    >>> [(r["method"], r["eps"]) for r in canonical_order(recs, job)]
+    [('pgd', 0.2), ('pgd', 0.1), ('crown', 0.2), ('crown', 0.1)]
+    """
     method_rank = {m: r for r, m in enumerate(job.all_methods())}
     eps_rank = {float(e): r for r, e in enumerate(job.eps)}
     unique: dict[RecordKey, Record] = {}
@@ -164,6 +218,11 @@ def read_per_example(path: str | Path) -> tuple[dict[str, Any] | None, list[Reco
     """``(config, records)`` of a certify record file; ``(None, [])`` when missing or empty.
 
     ``CertkdError`` when it is not a record file of ``certkd certify``.
+
+    Example
+    -------
+    >>> read_per_example("no/such/file.jsonl")
+    (None, [])
     """
     head, records = read_log(path)
     if head is None:

@@ -30,7 +30,29 @@ def summarize(config: dict[str, Any], records: Iterable[Record]) -> dict[str, An
     """Accuracies per (method, eps), radius statistics and a soundness cross-check, from records.
 
     Every figure carries its ``kind``. ``soundness`` counts certified-for-the-model
-    records that the run's own PGD broke at the same eps: it must be 0.
+    records that the run's own PGD broke at the same eps: it must be 0 (theory.md §2).
+
+    Parameters
+    ----------
+    config : dict
+        The run's configuration (a ``CertifyJob.to_config()``, plus where the points came from).
+    records : iterable of dict
+        Its records (any order; duplicates keep the first).
+
+    Returns
+    -------
+    dict
+        ``config``, ``num_examples``, ``clean_accuracy``, ``results`` (per method and eps),
+        ``radius`` (quantiles per method), ``soundness``, ``legend``.
+
+    Example
+    -------
+    >>> from certkd.certification.records import CertifyJob
+    >>> job = CertifyJob(methods=["crown"], eps=[0.1])
+    >>> rec = {"index": 0, "label": 1, "pred": 1, "method": "crown", "eps": 0.1, "robust": True,
+    ...        "certified": True, "target": "model"}
+    >>> summarize({"num_examples": 1, **job.to_config()}, [rec])["results"][1]["accuracy"]
+    1.0
     """
     job = CertifyJob.from_config(config)
     recs = canonical_order(records, job)
@@ -55,7 +77,7 @@ def summarize(config: dict[str, Any], records: Iterable[Record]) -> dict[str, An
     if job.radius:
         for m in (m for m in job.methods if m != PGD):
             method = get_method(m)
-            first = {}
+            first: dict[int, Record] = {}
             for r in recs:
                 if r["method"] == m:
                     first.setdefault(int(r["index"]), r)
@@ -85,7 +107,23 @@ def summarize(config: dict[str, Any], records: Iterable[Record]) -> dict[str, An
 
 
 def eps_label(eps: float) -> str:
-    """``%g`` when that is exact (0.1), else ``k/255`` for multiples of 1/255 (2/255), else ``%g``."""
+    """``%g`` when that is exact (0.1), else ``k/255`` for multiples of 1/255 (2/255), else ``%g``.
+
+    Parameters
+    ----------
+    eps : float
+        A radius.
+
+    Returns
+    -------
+    str
+        Its label in tables.
+
+    Example
+    -------
+    >>> eps_label(0.1), eps_label(2 / 255)
+    ('0.1', '2/255')
+    """
     short = f"{eps:.6g}"
     k = eps * 255
     if float(short) != eps and eps > 0 and abs(k - round(k)) < 1e-9 * max(1.0, k):
@@ -102,7 +140,19 @@ def _cell(value: float | None, width: int, digits: int) -> str:
 
 
 def format_summary(summary: dict[str, Any]) -> str:
-    """The plain-text table ``certkd certify`` prints; every figure with its kind."""
+    """The plain-text table ``certkd certify`` prints; every figure with its kind.
+
+    Parameters
+    ----------
+    summary : dict
+        From :func:`summarize`.
+
+    Returns
+    -------
+    str
+        Clean accuracy, PGD and method accuracies per eps, radius quantiles, the soundness
+        check and the legend.
+    """
     cfg = summary["config"]
     job = CertifyJob.from_config(cfg)
     ball = "L-inf" if job.norm == "inf" else "L2"

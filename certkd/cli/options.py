@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
+from certkd.certification.methods import NORMS
 from certkd.errors import CertkdError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -57,13 +58,13 @@ def eps_callback(default: str | None) -> Callable[[click.Context, click.Paramete
     return callback
 
 
-def _apply(command: F, options: list[Callable[[F], F]]) -> F:
+def _apply(command: F, options: Sequence[Callable[[F], F]]) -> F:
     for option in reversed(options):
         command = option(command)
     return command
 
 
-norm_option = click.option("--norm", type=click.Choice(["inf", "2"]), default="inf", show_default=True,
+norm_option = click.option("--norm", type=click.Choice(list(NORMS)), default="inf", show_default=True,
                            help="Threat model: L-inf or L2 ball, intersected with [0, 1]^d.")
 seed_option = click.option("--seed", type=int, default=0, show_default=True, help="Seed: fixes every run on CPU.")
 device_option = click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu, cuda, cuda:1.")

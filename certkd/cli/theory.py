@@ -11,6 +11,8 @@ from typing import Any
 
 import click
 
+from bounds.linearity import GAMMA_METHODS
+from certkd.certification.methods import certify_methods
 from certkd.cli import main
 from certkd.cli.options import (
     OUTPUT_DIR,
@@ -39,7 +41,7 @@ _resume_option = click.option("--resume", is_flag=True, help="Continue an interr
 @click.option("--certified-gamma", is_flag=True,
               help="Also bound the gammas and the teacher's robust loss by bound propagation (certified), giving "
                    "a certified transfer bound, and the margin-form transfer certificate (needs auto_LiRPA).")
-@click.option("--method", type=click.Choice(["crown", "crown-ibp"]), default="crown", show_default=True,
+@click.option("--method", type=click.Choice(list(GAMMA_METHODS)), default="crown", show_default=True,
               help="Bound propagation method of --certified-gamma (also the margin bounds of the certificate).")
 @click.option("--steps", type=click.IntRange(min=1), default=40, show_default=True,
               help="PGD steps for the gamma estimates and the robust losses.")
@@ -78,7 +80,7 @@ def bounds_command(student: Path, teacher: Path, eps: list[float], norm: str, nu
 @main.command("compare")
 @click.argument("student", type=click.Path(path_type=Path))
 @click.argument("teacher", type=click.Path(path_type=Path))
-@click.option("--method", default="crown", show_default=True,
+@click.option("--method", type=click.Choice(certify_methods()), default="crown", show_default=True,
               help="Radius method of 'certkd certify' (the same for both models), e.g. crown, ibp, lipschitz, "
                    "smoothing, clever (an estimate: the verdict is then an estimate too).")
 @click.option("--attack", type=click.Choice(["apgd", "pgd"]), default="apgd", show_default=True,

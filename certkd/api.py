@@ -1,0 +1,374 @@
+"""The Python API, RobustBench style: load a model, certify it, compare a student with its teacher.
+
+Each function runs the same code as its command (``certkd certify``, ``certkd compare``)
+and returns a typed result with ``.summary()`` (the printed table), ``.to_json()`` and
+``.to_frame()`` (pandas).
+
+Example
+-------
+>>> import certkd
+>>> from certkd.models import create_model
+>>> data = certkd.load_dataset("digits", "test")
+>>> net = create_model("mlp", 10, data.info.input_shape, data.info.mean, data.info.std, hidden=[8])
+>>> res = certkd.certify(net, data, methods=["lipschitz"], eps=[0.01], num_examples=4, pgd_steps=0)
+>>> res.to_frame()[["method", "kind", "eps", "n"]].values.tolist()
+[['lipschitz', 'certified', 0.01, 4]]
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from certkd.errors import CertkdError
+from certkd.runs import Points, Record, RecordLog, TensorPoints
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+ModelLike = nn.Module | str | Path
+DataLike = Points | tuple[torch.Tensor, torch.Tensor] | str
+
+
+def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    import pandas as pd
+
+    return pd.DataFrame(rows)
+
+
+@dataclass
+class CertifyResult:
+    """What :func:`certify` found: the summary of ``certkd certify`` and the per-example records.
+
+    Attributes
+    ----------
+    data : dict
+        The summary (``clean_accuracy``, ``results`` per method and eps, ``radius``,
+        ``soundness``, ``config``), exactly what ``certkd certify --out`` writes.
+    records : list of dict
+        One record per ``(index, method, eps)``.
+    """
+
+    data: dict[str, Any]
+    records: list[Record]
+
+    @property
+    def clean_accuracy(self) -> float | None:
+        """Clean accuracy on the evaluated points (exact)."""
+        return self.data["clean_accuracy"]["accuracy"]
+
+    def accuracy(self, method: str, eps: float) -> float | None:
+        """Certified (or, for an estimate method, estimated) accuracy of ``method`` at ``eps``.
+
+        Parameters
+        ----------
+        method : str
+            A method of the run (``pgd`` included).
+        eps : float
+            One of the run's radii.
+
+        Returns
+        -------
+        float or None
+            None when the cell holds no point.
+        """
+        for row in self.data["results"]:
+            if row["method"] == method and row["eps"] == float(eps):
+                return row["accuracy"]
+        raise CertkdError(f"no result for method {method!r} at eps {eps:g}")
+
+    def summary(self) -> str:
+        """The plain-text table ``certkd certify`` prints (every figure with its kind)."""
+        from certkd.certification import format_summary
+
+        return format_summary(self.data)
+
+    def to_json(self) -> str:
+        """The summary and the records as one JSON text."""
+        return json.dumps({"summary": self.data, "records": self.records})
+
+    def to_frame(self, per_example: bool = False) -> pd.DataFrame:
+        """A pandas DataFrame: one row per (method, eps), or per record with ``per_example``.
+
+        Parameters
+        ----------
+        per_example : bool
+            One row per ``(index, method, eps)`` record instead.
+
+        Returns
+        -------
+        pandas.DataFrame
+            Columns ``method, kind, target, eps, robust, n, accuracy`` (or the record fields).
+        """
+        return _frame(self.records if per_example else self.data["results"])
+
+
+@dataclass
+class CompareResult:
+    """What :func:`compare` found: the verdict of ``certkd compare``, its table and the per-example radii."""
+
+    data: dict[str, Any]
+    records: list[Record]
+
+    @property
+    def verdict(self) -> str:
+        """``yes``, ``no`` or ``inconclusive``."""
+        return str(self.data["verdict"])
+
+    def summary(self) -> str:
+        """The text ``certkd compare`` prints."""
+        from certkd.comparison import format_compare
+
+        return format_compare(self.data)
+
+    def to_json(self) -> str:
+        """The verdict, its statistics and the records as one JSON text."""
+        return json.dumps({"summary": self.data, "records": self.records})
+
+    def to_frame(self, per_example: bool = False) -> pd.DataFrame:
+        """A pandas DataFrame: the accuracy table per eps, or the per-example radii with ``per_example``.
+
+        Parameters
+        ----------
+        per_example : bool
+            One row per point (``radius_student``, ``radius_teacher``, ``correct_*``) instead.
+
+        Returns
+        -------
+        pandas.DataFrame
+            Columns ``eps, accuracy_student, accuracy_teacher, difference, ci_low, ci_high``.
+        """
+        return _frame(self.records if per_example else self.data["table"])
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """The model of a certkd checkpoint, in eval mode (weights loaded with ``weights_only=True``).
+
+    Parameters
+    ----------
+    path : str or Path
+        A file written by ``certkd train`` (or ``certkd convert``).
+    device : str or torch.device
+        Where to put it.
+
+    Returns
+    -------
+    nn.Module
+        Normalization included: it takes inputs in ``[0, 1]``.
+
+    Example
+    -------
+    >>> load_model("missing.pt")
+    Traceback (most recent call last):
+    certkd.errors.CheckpointError: ...
+    """
+    from certkd.checkpoint import load_model as load
+
+    return load(path, device=device)
+
+
+def load_dataset(name: str, split: str = "test", data_dir: str | Path | None = None) -> Any:
+    """Dataset ``name`` (``certkd datasets`` lists them), read through ``batch(indices)``.
+
+    Parameters
+    ----------
+    name : str
+        A registered dataset.
+    split : str
+        ``train`` or ``test``.
+    data_dir : str or Path, optional
+        Where its files live.
+
+    Returns
+    -------
+    Dataset
+        Inputs in ``[0, 1]``; ``len``, ``batch(indices)`` and ``info``.
+
+    Example
+    -------
+    >>> load_dataset("digits").info.num_classes
+    10
+    """
+    from certkd.data import load_dataset as load
+
+    return load(name, split, data_dir)
+
+
+def _model(model: ModelLike, device: str | torch.device) -> nn.Module:
+    return load_model(model, device) if isinstance(model, (str, Path)) else model.to(device).eval()
+
+
+def _points(data: DataLike) -> Points:
+    if isinstance(data, str):
+        return load_dataset(data)  # type: ignore[no-any-return]
+    if isinstance(data, tuple):
+        return TensorPoints(*data)
+    return data
+
+
+def _input_shape(model: nn.Module, data: Points) -> tuple[int, ...]:
+    if len(data) == 0:
+        raise CertkdError("the data holds no examples")
+    x, _ = data.batch([0])
+    return tuple(int(s) for s in x.shape[1:])
+
+
+def certify(model: ModelLike, data: DataLike, methods: Sequence[str] = ("crown",), eps: Sequence[float] = (2 / 255,),
+            norm: str = "inf", radius: bool = False, num_examples: int | None = None, batch_size: int = 32,
+            seed: int = 0, device: str | torch.device = "cpu", progress: bool = False,
+            **options: Any) -> CertifyResult:
+    """Certify ``model`` on the first points of ``data``: ``certkd certify`` from Python.
+
+    Parameters
+    ----------
+    model : nn.Module, str or Path
+        A classifier taking inputs in ``[0, 1]`` (any architecture), or a checkpoint path.
+    data : Dataset, (x, y) or str
+        A ``certkd.data`` dataset (or anything with ``len`` and ``batch(indices)``),
+        tensors ``(x, y)``, or a dataset name.
+    methods : sequence of str
+        Certify methods (``certkd.certification.certify_methods()``); PGD runs alongside
+        unless ``pgd_steps=0``.
+    eps : sequence of float
+        Radii.
+    norm : str
+        ``inf`` or ``2``.
+    radius : bool
+        Also per-example radii.
+    num_examples : int, optional
+        Use the first ``num_examples`` points (default: all).
+    batch_size, seed, device, progress
+        As for the command.
+    **options
+        Fields of ``CertifyOptions`` (``pgd_steps``, ``sigma``, ``radius_tol``, ...).
+
+    Returns
+    -------
+    CertifyResult
+        The same summary and records as ``certkd certify`` on those points with the same options.
+
+    Example
+    -------
+    >>> from certkd.models import create_model
+    >>> net = create_model("mlp", 10, (1, 8, 8), (0.5,), (0.5,), hidden=[8])
+    >>> x, y = torch.rand(6, 1, 8, 8), torch.arange(6)
+    >>> certify(net, (x, y), ["lipschitz"], [0.0], norm="2", pgd_steps=0).data["num_examples"]
+    6
+    """
+    from certkd.certification import (
+        CertifyJob,
+        CertifyOptions,
+        canonical_order,
+        certify_points,
+        prepare_methods,
+        record_key,
+        summarize,
+    )
+
+    job = CertifyJob(methods=list(methods), eps=[float(e) for e in eps], norm=norm, radius=radius,
+                     batch_size=batch_size, seed=seed, params=CertifyOptions.from_dict(options))
+    job.check()
+    net, points = _model(model, device), _points(data)
+    count = len(points) if num_examples is None else min(num_examples, len(points))
+    ctx = prepare_methods(net, _input_shape(net, points), job.all_methods(), job.norm, job.params, device)
+    log = RecordLog.memory(record_key)
+    certify_points(ctx, points, range(count), job, log, progress)
+    config = {"num_examples": count, **job.to_config()}
+    return CertifyResult(summarize(config, log.records), canonical_order(log.records, job))
+
+
+def compare(student: ModelLike, teacher: ModelLike, data: DataLike, method: str = "crown", norm: str = "inf",
+            eps: Sequence[float] | None = None, num_examples: int | None = None, batch_size: int = 32, seed: int = 0,
+            margin: float = 0.02, alpha: float = 0.05, fraction_threshold: float = 0.9, n_boot: int = 2000,
+            device: str | torch.device = "cpu", progress: bool = False, **options: Any) -> CompareResult:
+    """Does ``student`` certify at least as robustly as ``teacher``? ``certkd compare`` from Python.
+
+    Parameters
+    ----------
+    student, teacher : nn.Module, str or Path
+        The two classifiers (or checkpoint paths), taking the same inputs.
+    data : Dataset, (x, y) or str
+        The points, as for :func:`certify`.
+    method : str
+        The radius method (the same for both models).
+    norm, eps, num_examples, batch_size, seed
+        As for the command (``eps`` None: 11 points up to the largest radius).
+    margin, alpha, fraction_threshold, n_boot
+        The verdict rule of ``bounds.paired.paired_comparison``.
+    device, progress
+        Where the models run; a progress bar.
+    **options
+        Fields of ``CertifyOptions`` (``radius_tol``, ``sigma``, ...).
+
+    Returns
+    -------
+    CompareResult
+        The verdict, its table and statistics, and the per-example radii.
+
+    Example
+    -------
+    >>> from certkd.models import create_model
+    >>> net = create_model("mlp", 10, (1, 8, 8), (0.5,), (0.5,), hidden=[8])
+    >>> x, y = torch.rand(6, 1, 8, 8), torch.arange(6)
+    >>> res = compare(net, net, (x, y), "lipschitz", norm="2", n_boot=50)
+    >>> bool(res.to_frame()["difference"].eq(0).all()), res.verdict
+    (True, 'yes')
+    """
+    from certkd.certification import prepare_methods
+    from certkd.comparison import CompareJob, compare_points, record_key, summarize_compare
+
+    job = CompareJob(method=method, norm=norm, params=dict(options), batch_size=batch_size, seed=seed,
+                     eps=None if eps is None else [float(e) for e in eps], margin=margin, alpha=alpha,
+                     fraction_threshold=fraction_threshold, n_boot=n_boot)
+    job.check()
+    points = _points(data)
+    models = [_model(m, device) for m in (student, teacher)]
+    shape = _input_shape(models[0], points)
+    contexts = [prepare_methods(m, shape, [method], job.norm, job.options(), device) for m in models]
+    count = len(points) if num_examples is None else min(num_examples, len(points))
+    log = RecordLog.memory(record_key)
+    compare_points(contexts[0], contexts[1], points, range(count), job, log, progress)
+    config = {"num_examples": count, **job.to_config()}
+    records = sorted(log.records, key=lambda r: int(r["index"]))
+    return CompareResult(summarize_compare(config, records), records)
+
+
+def benchmark(model: ModelLike, dataset: str = "digits", split: str = "test", methods: Sequence[str] = ("crown",),
+              eps: Sequence[float] = (2 / 255,), norm: str = "inf", num_examples: int | None = 100,
+              data_dir: str | Path | None = None, **kwargs: Any) -> CertifyResult:
+    """RobustBench-style benchmark: certify ``model`` on the first ``num_examples`` points of a named dataset.
+
+    Parameters
+    ----------
+    model : nn.Module, str or Path
+        The classifier or a checkpoint path.
+    dataset, split, data_dir
+        Which data (``certkd datasets``).
+    methods, eps, norm, num_examples
+        As for :func:`certify` (default: CROWN at 2/255 on 100 points).
+    **kwargs
+        Further arguments of :func:`certify` (``radius``, ``batch_size``, ``seed``, options).
+
+    Returns
+    -------
+    CertifyResult
+        Clean, PGD and certified accuracy per eps.
+
+    Example
+    -------
+    >>> from certkd.models import create_model
+    >>> net = create_model("mlp", 10, (1, 8, 8), (0.3,), (0.4,), hidden=[8])
+    >>> benchmark(net, "digits", methods=["lipschitz"], eps=[0.01], num_examples=3).data["num_examples"]
+    3
+    """
+    data = load_dataset(dataset, split, data_dir)
+    return certify(model, data, methods, eps, norm=norm, num_examples=num_examples, **kwargs)
+
+
+__all__ = ["CertifyResult", "CompareResult", "benchmark", "certify", "compare", "load_dataset", "load_model"]
