@@ -111,7 +111,7 @@ class CertifyResult:
 
 @dataclass
 class CompareResult:
-    """What :func:`compare` found: the verdict of ``certkd compare``, its table and the per-example radii."""
+    """What :func:`compare` found: the headline of ``certkd compare``, both parts' tables, the per-example radii."""
 
     data: dict[str, Any]
     records: list[Record]
@@ -131,20 +131,22 @@ class CompareResult:
         """The verdict, its statistics and the records as one JSON text."""
         return json.dumps({"summary": self.data, "records": self.records})
 
-    def to_frame(self, per_example: bool = False) -> pd.DataFrame:
-        """A pandas DataFrame: the accuracy table per eps, or the per-example radii with ``per_example``.
+    def to_frame(self, per_example: bool = False, part: str = "certified") -> pd.DataFrame:
+        """A pandas DataFrame: one part's accuracy table per eps, or the per-example radii with ``per_example``.
 
         Parameters
         ----------
         per_example : bool
-            One row per point (``radius_student``, ``radius_teacher``, ``correct_*``) instead.
+            One row per point (``radius_*``, ``attack_*``, ``correct_*``) instead.
+        part : str
+            ``certified`` (certified accuracy) or ``empirical`` (attack accuracy, an estimate).
 
         Returns
         -------
         pandas.DataFrame
             Columns ``eps, accuracy_student, accuracy_teacher, difference, ci_low, ci_high``.
         """
-        return _frame(self.records if per_example else self.data["table"])
+        return _frame(self.records if per_example else self.data[part]["table"])
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
@@ -286,7 +288,8 @@ def certify(model: ModelLike, data: DataLike, methods: Sequence[str] = ("crown",
 def compare(student: ModelLike, teacher: ModelLike, data: DataLike, method: str = "crown", norm: str = "inf",
             eps: Sequence[float] | None = None, num_examples: int | None = None, batch_size: int = 32, seed: int = 0,
             margin: float = 0.02, alpha: float = 0.05, fraction_threshold: float = 0.9, n_boot: int = 2000,
-            device: str | torch.device = "cpu", progress: bool = False, **options: Any) -> CompareResult:
+            attack: str = "apgd", rho_threshold: float = 0.25, device: str | torch.device = "cpu",
+            progress: bool = False, **options: Any) -> CompareResult:
     """Does ``student`` certify at least as robustly as ``teacher``? ``certkd compare`` from Python.
 
     Parameters
@@ -298,9 +301,12 @@ def compare(student: ModelLike, teacher: ModelLike, data: DataLike, method: str 
     method : str
         The radius method (the same for both models).
     norm, eps, num_examples, batch_size, seed
-        As for the command (``eps`` None: 11 points up to the largest radius).
+        As for the command (``eps`` None: 11 points up to the 90th percentile of the teacher's attack radii).
     margin, alpha, fraction_threshold, n_boot
-        The verdict rule of ``bounds.paired.paired_comparison``.
+        The rule of each part (``bounds.paired.paired_comparison``).
+    attack, rho_threshold
+        The attack of the empirical part (``apgd`` or ``pgd``); below ``rho_threshold`` the
+        certified part is labelled with the eps range it covers (``bounds.paired.headline``).
     device, progress
         Where the models run; a progress bar.
     **options
@@ -309,7 +315,7 @@ def compare(student: ModelLike, teacher: ModelLike, data: DataLike, method: str 
     Returns
     -------
     CompareResult
-        The verdict, its table and statistics, and the per-example radii.
+        The headline (theory.md §6), both parts with tables and statistics, and the per-example radii.
 
     Example
     -------
@@ -325,7 +331,8 @@ def compare(student: ModelLike, teacher: ModelLike, data: DataLike, method: str 
 
     job = CompareJob(method=method, norm=norm, params=dict(options), batch_size=batch_size, seed=seed,
                      eps=None if eps is None else [float(e) for e in eps], margin=margin, alpha=alpha,
-                     fraction_threshold=fraction_threshold, n_boot=n_boot)
+                     fraction_threshold=fraction_threshold, n_boot=n_boot, attack=attack,
+                     rho_threshold=rho_threshold)
     job.check()
     points = _points(data)
     models = [_model(m, device) for m in (student, teacher)]

@@ -77,7 +77,7 @@ def test_readme_compare_equals_the_cli(workflow) -> None:
     cli = json.loads((root / "cmp" / "compare.json").read_text())
     comparison = workflow["comparison"]
     assert isinstance(comparison, certkd.CompareResult) and comparison.verdict == cli["verdict"]
-    for key in ("reason", "table", "wilcoxon", "at_least_fraction", "median_radius_difference", "kind", "rule"):
+    for key in ("reason", "certified", "empirical", "rho", "coverage", "certified_label", "rule"):
         assert comparison.data[key] == cli[key], key
     rows = sorted(read_jsonl(root / "cmp" / "per_example.jsonl")[1:], key=lambda r: r["index"])
     assert comparison.to_frame(per_example=True).to_dict("records") == rows
