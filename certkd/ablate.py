@@ -176,7 +176,28 @@ def run_study(study: Study, out: Path | None = None, overwrite: bool = False, pr
 
 
 def format_cells(rows: list[dict[str, Any]], path: Path) -> str:
-    """The text ``certkd ablate`` prints: one line per cell."""
+    """The text ``certkd ablate`` prints: one line per cell.
+
+    Parameters
+    ----------
+    rows : list of dict
+        From :func:`read_cells`.
+    path : Path
+        The ``cells.csv`` they came from.
+
+    Returns
+    -------
+    str
+        A title line, then model, norm, method, kind, eps, accuracy and mean radius per cell.
+
+    Example
+    -------
+    >>> row = {"model": "t", "norm": "inf", "method": "crown", "kind": "certified", "eps": 0.01,
+    ...        "certified_accuracy": 0.5, "mean_radius": 0.02}
+    >>> print(format_cells([row], Path("cells.csv")))  # doctest: +NORMALIZE_WHITESPACE
+    certkd ablate: 1 cells in cells.csv
+                   t  Linf       crown (certified) eps 0.01     accuracy  50.0%  mean radius 0.02
+    """
     lines = [f"certkd ablate: {len(rows)} cells in {path}"]
     lines += [f"  {r['model']:>14s}  L{r['norm']:<3s} {r['method']:>11s} ({r['kind']:9s}) eps {r['eps']:<8.4g}"
               f" accuracy {100 * r['certified_accuracy']:5.1f}%  mean radius {r['mean_radius']:.4g}" for r in rows]
@@ -184,7 +205,20 @@ def format_cells(rows: list[dict[str, Any]], path: Path) -> str:
 
 
 def write_figures(rows: list[dict[str, Any]], out: Path) -> list[Path]:
-    """Accuracy against eps per (model, norm), one line per method; certified solid, estimates dashed."""
+    """Accuracy against eps per (model, norm), one line per method; certified solid, estimates dashed.
+
+    Parameters
+    ----------
+    rows : list of dict
+        The study's cells.
+    out : Path
+        The study's folder (figures go to ``out/figures``).
+
+    Returns
+    -------
+    list of Path
+        The PNG files.
+    """
     from certkd.report import plot_accuracy_curves
 
     paths = []

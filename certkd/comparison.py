@@ -28,8 +28,7 @@ from certkd.runs import (
     Shard,
     batches,
     execute,
-    gather_to_rank0,
-    header,
+    gather_shards,
     merge_logs,
     resolve_shard,
     seed_stream,
@@ -356,7 +355,7 @@ def run_compare(student_path: Path, teacher_path: Path, job: CompareJob, shard: 
         compare_points(contexts[0], contexts[1], data, range(count), job, log, progress)
     records = log.records
     if launcher == TORCHRUN:
-        parts = gather_to_rank0((f"rank {job.shard[0] if job.shard else 0}", header(COMMAND, config), records))
+        parts = gather_shards(COMMAND, config, records, job.shard)
         if parts is None:
             return None
         assert out is not None

@@ -36,8 +36,7 @@ from certkd.runs import (
     Shard,
     batches,
     execute,
-    gather_to_rank0,
-    header,
+    gather_shards,
     resolve_shard,
     seed_stream,
     shard_path,
@@ -273,7 +272,7 @@ def certify_checkpoint(checkpoint: Path, job: CertifyJob, shard: Shard | str | N
         certify_points(ctx, data, range(count), job, log, progress)
     records = log.records
     if launcher == TORCHRUN:
-        parts = gather_to_rank0((f"rank {job.shard[0] if job.shard else 0}", header(COMMAND, config), records))
+        parts = gather_shards(COMMAND, config, records, job.shard)
         if parts is None:
             return None
         config, records = merge_shards(parts)
