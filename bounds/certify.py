@@ -126,7 +126,7 @@ def _per_example_conv_class(lirpa):
     return BoundConvPerExampleEps
 
 
-def bounded_module(module: nn.Module, example_inputs, version: str | None = None):
+def bounded_module(module: nn.Module, example_inputs, version: str | None = None, conv_mode: str = "patches"):
     """auto_LiRPA's ``BoundedModule`` of ``module`` with the options certkd needs (per-example eps, 0.3 fixes).
 
     Callers must pass a verification view (or a module built from one), run
@@ -136,7 +136,8 @@ def bounded_module(module: nn.Module, example_inputs, version: str | None = None
     lirpa = import_auto_lirpa()
     device = example_inputs[0].device if isinstance(example_inputs, tuple) else example_inputs.device
     with lirpa_call("build its graph of this model", version or auto_lirpa_version()):
-        return lirpa.BoundedModule(module, example_inputs, bound_opts=dict(BOUND_OPTS), device=str(device),
+        return lirpa.BoundedModule(module, example_inputs, bound_opts={**BOUND_OPTS, "conv_mode": conv_mode},
+                                   device=str(device),
                                    custom_ops={"onnx::Conv": _per_example_conv_class(lirpa)})
 
 
@@ -189,6 +190,7 @@ class BoundEngine:
             raise BoundsError("margins need a model with at least 2 outputs")
         view, bounded = graph_of(view, self.input_shape, self.version)
         batch_independent(bounded)
+        check_graph_supported(bounded, "ibp", math.inf, self.version)  # the most permissive: attributes first
         self.view, self.bounded = view, bounded
         self.graph_check = GraphCheck(bounded, view, self.version)
         self.graph_check.check_unit_box(self.input_shape, self.device, torch.float32)

@@ -165,6 +165,7 @@ class _Folder:
             new = self.module.graph.call_module(name, (node.args[0],))
         node.replace_all_uses_with(new)
         self.module.graph.erase_node(node)
+        self.dependent.add(new)
         self.changed = True
 
     def run(self, affine_layer: Callable[[torch.Tensor, torch.Tensor], nn.Module]) -> None:
