@@ -148,17 +148,16 @@ class ShiftFirst(nn.Module):
         return self.fc(torch.relu(self.conv((x - 0.5) * 2.0)).flatten(1))
 
 
-def test_l2_non_linear_first_layer_refused():
+def test_l2_non_linear_first_layer_folded_and_sound():
+    """``(x - 0.5) * 2`` first: raw auto_LiRPA loses the L2 ball; certkd folds it into a 1x1 conv and is sound."""
     model, x = ShiftFirst().eval(), inputs((1, 8, 8))
     y = labels_of(model, x)
     attack = per_margin_attack(model, x, y, 0.5, "2")
     raw = raw_lower(model, x, y, 0.5, "2", "CROWN", {"conv_mode": "matrix"})  # patches mode fails outright
     require_hazard(count_violations(raw, attack), "L2-first-layer")
     engine = BoundEngine(model, (1, 8, 8))
-    engine.margin_bounds(x, y, 0.05, "inf", "ibp")  # fine under L-inf
     for method in ("ibp", "crown-ibp", "crown"):
-        with pytest.raises(UnsupportedModelError, match="not Linear or Conv"):
-            engine.margin_bounds(x, y, 0.5, "2", method)
+        assert count_violations(engine.margin_bounds(x, y, 0.5, "2", method).lower, attack) == 0
 
 
 # --------------------------------------------------------------------------- hazard 3
@@ -288,7 +287,7 @@ def test_alpha_crown_refused_where_untested(trained):
     """alpha-CROWN is allowed only for the operators the suite checks it on; a residual addition is refused."""
     engine = BoundEngine(trained["resnet_small"], (1, 8, 8))
     x = torch.rand(2, 1, 8, 8)
-    with pytest.raises(UnsupportedModelError, match="addition with alpha-crown.*use --method crown"):
+    with pytest.raises(UnsupportedModelError, match="addition with alpha-crown.*use the crown method"):
         engine.margin_bounds(x, torch.tensor([0, 1]), 0.01, "inf", "alpha-crown")
 
 
