@@ -285,11 +285,30 @@ def identity_first(view: nn.Module, input_shape: Sequence[int]) -> nn.Module:
 
 # --------------------------------------------------------------------------- the allow-list
 
+def _pooling_problem(m: nn.Module) -> str | None:
+    """The pooling attribute auto_LiRPA 0.3 drops (it bounds a different function), named, or None."""
+    if isinstance(m, nn.MaxPool2d):
+        if m.ceil_mode:
+            return "max-pooling with ceil_mode=True"
+        if m.dilation not in (1, (1, 1)):
+            return f"max-pooling with dilation={m.dilation}"
+    if isinstance(m, nn.AvgPool2d):
+        if m.ceil_mode:
+            return "average pooling with ceil_mode=True"
+        if m.divisor_override is not None:
+            return f"average pooling with divisor_override={m.divisor_override}"
+        if not m.count_include_pad and m.padding not in (0, (0, 0)):
+            return "average pooling with count_include_pad=False and padding"
+    return None
+
+
 def _refused_modules(view: nn.Module) -> list[str]:
     found: list[str] = []
     for m in view.modules():
-        for cls, label in _REFUSED_MODULES.items():
-            if isinstance(m, cls) and label not in found:
+        labels = [label for cls, label in _REFUSED_MODULES.items() if isinstance(m, cls)]
+        problem = _pooling_problem(m)
+        for label in labels + ([problem] if problem else []):
+            if label not in found:
                 found.append(label)
     return found
 

@@ -313,12 +313,26 @@ def test_user_written_normalization_folded(style):
         check_supported(view, "crown", norm, (3, 8, 8))
 
 
+class FunctionalPool(nn.Module):
+    """A pooling call no module check sees: the graph's attribute allow-list names it."""
+
+    def __init__(self, ceil_mode: bool = False):
+        super().__init__()
+        self.ceil_mode = ceil_mode
+
+    def forward(self, x):
+        if self.ceil_mode:
+            return F.max_pool2d(x, 2, 2, ceil_mode=True)
+        return F.max_pool2d(x, 2, 2, dilation=2)
+
+
 POOL_REFUSALS = {
-    "MaxPool2d dilation": (nn.MaxPool2d(2, dilation=2), "dilations"),
-    "MaxPool2d ceil_mode": (nn.MaxPool2d(2, ceil_mode=True), "ceil_mode"),
-    "AvgPool2d ceil_mode": (nn.AvgPool2d(2, ceil_mode=True), "ceil_mode"),
-    "AvgPool2d count_include_pad": (nn.AvgPool2d(3, 2, padding=1, count_include_pad=False), "pads"),
-    "AvgPool2d divisor_override": (nn.AvgPool2d(2, divisor_override=3), ""),
+    "MaxPool2d dilation": (nn.MaxPool2d(2, dilation=2), "dilation=2"),
+    "MaxPool2d ceil_mode": (nn.MaxPool2d(2, ceil_mode=True), "ceil_mode=True"),
+    "AvgPool2d ceil_mode": (nn.AvgPool2d(2, ceil_mode=True), "ceil_mode=True"),
+    "AvgPool2d count_include_pad": (nn.AvgPool2d(3, 2, padding=1, count_include_pad=False), "count_include_pad"),
+    "AvgPool2d divisor_override": (nn.AvgPool2d(2, divisor_override=3), "divisor_override=3"),
+    "F.max_pool2d dilation": (FunctionalPool(), "dilations=[2,2]"),
 }
 
 
@@ -342,7 +356,7 @@ def test_graph_check_catches_what_the_allow_list_lets_through(monkeypatch):
     monkeypatch.setitem(graph.ALLOW_LISTS, "0.3",
                         dataclasses.replace(graph.ALLOW_03, operators={**graph.ALLOW_03.operators,
                                                                        "BoundMaxPool": loose}))
-    model = nn.Sequential(nn.Conv2d(1, 3, 2), nn.MaxPool2d(2, ceil_mode=True), nn.AdaptiveAvgPool2d(1),
+    model = nn.Sequential(nn.Conv2d(1, 3, 2), FunctionalPool(ceil_mode=True), nn.AdaptiveAvgPool2d(1),
                           nn.Flatten(), nn.Linear(3, 2)).eval()
     with pytest.raises(UnsupportedModelError) as info:
         BoundEngine(model, (1, 8, 8))  # 7x7 feature maps: ceil_mode gives 4x4, auto_LiRPA 0.3 3x3
