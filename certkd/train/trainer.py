@@ -16,7 +16,7 @@ exactly: on CPU it ends with the same weights as an uninterrupted run.
 
 Training stops with one line (``TrainingDiverged``) when the loss is not finite, or when the
 student collapses (``TrainingCollapsed``): its validation clean accuracy falls below twice chance
-(or never reaches it in a quarter of the epochs), or its mean input-gradient norm stays near 0
+(or never reaches it in half of the epochs), or its mean input-gradient norm stays near 0
 for two epochs. The line names
 the weight to lower; ``ckpt.pt`` stays at the last good epoch (an epoch with either problem is
 not written, unless the run has only one epoch).
@@ -590,14 +590,14 @@ class Trainer:
 
         Below the floor means a validation clean accuracy under ``collapse_floor / K`` (2x chance by
         default). It stops training at once when the student was above the floor before (it fell),
-        and otherwise once a quarter of the epochs (at least 2) have passed without reaching it (a
-        slow start, e.g. a cyclic schedule, gets that long). A mean input-gradient norm below ``1e-3``
+        and otherwise once half of the epochs (at least 2) have passed without reaching it (a slow
+        start, e.g. adversarial training under a cyclic schedule, gets that long). A mean input-gradient norm below ``1e-3``
         of a reference (the teacher's norm, else the student's largest so far) stops it when it lasts
         two epochs. An epoch with a problem writes no checkpoint, unless the run has only one epoch.
         """
         floor = self.cfg.collapse_floor / self.info.num_classes
         if row["clean_acc"] < floor:
-            patience = max(2, self.cfg.epochs // 4)
+            patience = max(2, math.ceil(self.cfg.epochs / 2))
             fell = self.above_floor
             return (f"validation clean accuracy {row['clean_acc']:.3f} is below {self.cfg.collapse_floor:g}x chance "
                     f"({floor:.3f}){'' if fell else f' after {epoch + 1} epoch(s)'}"), fell or epoch + 1 >= patience
