@@ -120,6 +120,11 @@ def test_resume_ends_with_the_same_weights(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         InterruptedTrainer(split).run()
     assert load_checkpoint(split.out).metrics["epoch"] == 2
+    # a state written by an older version, without a setting added since (at its default) and its counters
+    state_path = tmp_path / "split.resume.pt"
+    state = torch.load(state_path, weights_only=True)
+    del state["config"]["collapse_floor"], state["above_floor"], state["flat_epochs"], state["top_grad_norm"]
+    torch.save(state, state_path)
     resumed = load_checkpoint(train(replace(split, resume=True)))
     assert resumed.metrics["epoch"] == 3
     for name, tensor in full.state_dict.items():

@@ -30,7 +30,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -477,8 +477,9 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.start_epoch, self.best = int(state["epoch"]), float(state["best"])
-        self.flat_epochs, self.top_grad_norm = int(state["flat_epochs"]), float(state["top_grad_norm"])
-        self.above_floor = bool(state["above_floor"])
+        # states written before the collapse check lack its counters
+        self.flat_epochs, self.top_grad_norm = int(state.get("flat_epochs", 0)), float(state.get("top_grad_norm", 0))
+        self.above_floor = bool(state.get("above_floor", True))
         if d.main:
             _keep_metrics_until(self.paths["metrics"], self.start_epoch)
             _say(f"resume: continuing after epoch {self.start_epoch} of {cfg.epochs}")
@@ -491,7 +492,10 @@ class Trainer:
         if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
             raise CheckpointError(f"{path}: not a certkd resume state; delete it to start over")
         old = state["config"]
-        diff = [k for k in self.record if k not in _RESUME_FREE and old.get(k) != self.record[k]]
+        defaults = {f.name: f.default for cls in (TrainConfig, ObjectiveParams) for f in fields(cls)}
+        # a setting the interrupted run's version did not have yet is no difference at its default
+        diff = [k for k in self.record if k not in _RESUME_FREE and old.get(k) != self.record[k]
+                and not (k not in old and defaults.get(k, MISSING) == self.record[k])]
         if diff:
             raise CertkdError(f"--resume with different settings than the interrupted run ({', '.join(diff)}); "
                               "use the same command or a new --out")
