@@ -50,7 +50,7 @@ from certkd.checkpoint import (
     save_checkpoint,
     torch_load_weights_only,
 )
-from certkd.data import Dataset, DatasetInfo, load_dataset
+from certkd.data import BatchSource, DatasetInfo, load_dataset
 from certkd.errors import CertkdError, CheckpointError
 from certkd.io import JsonlAppender, atomic_write, read_jsonl
 from certkd.models import create_model
@@ -422,7 +422,7 @@ class Trainer:
         cfg, d = self.cfg, self.dist
         full = load_dataset(cfg.dataset, "train", cfg.data_dir)
         self.info = full.info
-        self.data: Dataset = full
+        self.data: BatchSource = full
         self.train_idx, val_idx = validation_split(len(full), cfg.val_size)
         self.x_val, self.y_val = full.batch(val_idx)
         self.val_eps = cfg.val_eps if cfg.val_eps is not None else self.params.eps
