@@ -479,3 +479,28 @@ def test_cli_rewritten_model_certifies(cli_checkpoints, tmp_path):
                                        "crown", "--eps", "0.01", "--out", str(tmp_path / "s.json")])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "s.json").exists()
+
+
+def test_float32_rounding_allowance(trained, digits_test):
+    """The sweep's mlp: float32 CROWN bounds a few ulps above the exact (float64 MILP) per-margin minimum;
+    ``bounds.certify.ROUNDING`` puts certkd's below it (what test_soundness_sweep used to flag)."""
+    from test_certify_sound import affine_layers, exact_min_margin
+
+    model, x = trained["mlp"], digits_test.x[:8]
+    y = labels_of(model, x)
+    eps = SWEEP_EPS["inf"] * (0.5 + torch.rand(8, generator=torch.Generator().manual_seed(0)))
+    engine = BoundEngine(model, (1, 8, 8))
+    ours = engine.margin_bounds(x, y, eps, "inf", "crown").lower
+    raw = torch.cat([raw_lower(engine.view, x[i:i + 1], y[i:i + 1], float(eps[i]), "inf", "CROWN")
+                     for i in range(8)])
+    layers = affine_layers(model)
+    exact = torch.zeros(8, 9, dtype=torch.float64)
+    for i in range(8):
+        others = [j for j in range(10) if j != int(y[i])]
+        w, b = layers[-1]
+        for k, j in enumerate(others):  # the margin f_y - f_j alone: a two-output last layer
+            pair = layers[:-1] + [(w[[int(y[i]), j]], b[[int(y[i]), j]])]
+            exact[i, k] = exact_min_margin(pair, x[i].flatten().double().numpy(), 0, float(eps[i]))
+    above = raw.double() - exact
+    assert float(above.max()) < 1e-4  # the raw excess is rounding, not a wrong relaxation
+    assert bool((ours.double() <= exact).all())
