@@ -159,7 +159,7 @@ def run_study(study: Study, out: Path | None = None, overwrite: bool = False, pr
                           "split": study.split, "num_examples": n, **job.to_config()}
                 ctx = prepare_methods(model, ckpt.input_shape, job.all_methods(), norm, job.params, study.device)
                 if method in BOUND_METHODS_BY_COST:  # bound batches sized to a third of the available memory
-                    plan_bound_memory([ctx.bound_engine()], data, n, method, max(study.eps), norm, study.batch_size)
+                    plan_bound_memory([ctx.bound_engine()], data, n, method, None, norm, study.batch_size)
                 t0 = time.perf_counter()
                 with RecordLog.open(out / "records" / f"{label}_L{norm}_{method}.jsonl", COMMAND, config,
                                     record_key, resume=True, overwrite=overwrite) as log:

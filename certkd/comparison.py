@@ -349,9 +349,8 @@ def run_compare(student_path: Path, teacher_path: Path, job: CompareJob, shard: 
     if launcher == TORCHRUN:
         path = shard_path(path, job.shard)
     with RecordLog.open(path, COMMAND, config, record_key, resume=resume, overwrite=overwrite) as log:
-        plans = plan_bound_memory([c.bound_engine() for c in contexts], data, count, job.method,
-                                  max(job.eps) if job.eps else None, job.norm, job.batch_size, max_memory,
-                                  notify) if job.method in BOUND_METHODS_BY_COST else []
+        plans = plan_bound_memory([c.bound_engine() for c in contexts], data, count, job.method, None, job.norm,
+                                  job.batch_size, max_memory, notify) if job.method in BOUND_METHODS_BY_COST else []
         compare_points(contexts[0], contexts[1], data, range(count), job, log, progress)
     records = log.records
     if launcher == TORCHRUN:
