@@ -33,7 +33,7 @@ from certkd.data import load_dataset
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
-CI_NETWORKS = 25
+CI_NETWORKS = 50
 POINTS = 10
 METHODS = ("ibp", "crown-ibp", "crown", "alpha-crown")
 EPS = {"inf": (0.01, 0.04), "2": (0.1, 0.4)}
@@ -66,6 +66,7 @@ class Block(nn.Module):
         self.bn = nn.BatchNorm2d(cout) if bn else None
         self.act, self.join = act, join
         self.side = nn.Conv2d(cin, cout, 1, stride=conv.get("stride", 1)) if join != "none" else None
+        self.join_fits: bool | None = None  # set by the first (eager) call: later calls trace with torch.fx
 
     def forward(self, x):
         h = self.conv(x)
@@ -76,9 +77,13 @@ class Block(nn.Module):
             h = F.hardtanh(h, -0.5, 1.5)
         else:
             h = h.clamp(min=-0.25, max=2.0)
-        if self.join == "add" and self.side is not None and self.side(x).shape == h.shape:
+        if self.side is None:
+            return h
+        if self.join_fits is None:
+            self.join_fits = self.side(x).shape == h.shape
+        if self.join_fits and self.join == "add":
             return h + self.side(x)
-        if self.join == "cat" and self.side is not None and self.side(x).shape == h.shape:
+        if self.join_fits:
             return torch.cat([h, torch.relu(self.side(x))], dim=1)
         return h
 
