@@ -21,16 +21,24 @@ import torch.nn.functional as F
 from torch import nn
 
 from bounds.attack import margins, min_margin, pgd
-from bounds.errors import BoundsError, UnsupportedModelError
+from bounds.errors import BoundsError
+from bounds.graph import GraphCheck, check_graph_supported, lirpa_call, node_kind
 from bounds.lirpa import auto_lirpa_version, import_auto_lirpa
 from bounds.norms import batch_norm, check_eps, dual_norm, norm_name, parse_norm
-from bounds.view import ESTIMATE_HINT, check_graph_supported, check_modules, verification_view
+from bounds.view import check_modules, graph_of, verification_view
 
 BOUND_METHODS = ("ibp", "crown-ibp", "crown", "alpha-crown")
 BOUND_NORMS = (math.inf, 2.0)
 _LIRPA_METHODS = {"ibp": "IBP", "crown-ibp": "CROWN-IBP", "crown": "CROWN", "alpha-crown": "alpha-CROWN"}
 # auto_LiRPA 0.3 needs this for alpha-CROWN (a shape error when > 90 % of a layer's neurons are unstable)
 BOUND_OPTS = {"sparse_features_alpha": False}
+# float32 rounding allowance subtracted from every margin lower bound, relative to max(1, max_j |f_j(x)|):
+# auto_LiRPA's float32 CROWN bounds were measured up to 4.3e-7 (relative) above the exact float64 minimum
+# (tests/test_hazards.py::test_float32_rounding_allowance); 4e-6 is about 30 float32 ulps.
+ROUNDING = 4e-6
+# nodes whose relaxation depends on the values of their input bounds, not only on signs: with them, every
+# intermediate bound is computed in full (no batch-shared sparsity, see BoundEngine)
+_VALUE_DEPENDENT_RELAXATIONS = frozenset({"BoundMaxPool"})
 
 
 @dataclass
@@ -118,16 +126,37 @@ def _per_example_conv_class(lirpa):
     return BoundConvPerExampleEps
 
 
-def bounded_module(module: nn.Module, example_inputs):
+def bounded_module(module: nn.Module, example_inputs, version: str | None = None, conv_mode: str = "patches"):
     """auto_LiRPA's ``BoundedModule`` of ``module`` with the options certkd needs (per-example eps, 0.3 fixes).
 
-    Callers must pass a verification view (or a module built from one) and run
-    ``bounds.view.check_graph_supported`` on the result before computing any bound.
+    Callers must pass a verification view (or a module built from one), run
+    ``bounds.graph.check_graph_supported`` on the result and a ``bounds.graph.GraphCheck``
+    before computing any bound. auto_LiRPA's prints are dropped and its errors become one sentence.
     """
     lirpa = import_auto_lirpa()
     device = example_inputs[0].device if isinstance(example_inputs, tuple) else example_inputs.device
-    return lirpa.BoundedModule(module, example_inputs, bound_opts=dict(BOUND_OPTS), device=str(device),
-                               custom_ops={"onnx::Conv": _per_example_conv_class(lirpa)})
+    with lirpa_call("build its graph of this model", version or auto_lirpa_version()):
+        return lirpa.BoundedModule(module, example_inputs, bound_opts={**BOUND_OPTS, "conv_mode": conv_mode},
+                                   device=str(device),
+                                   custom_ops={"onnx::Conv": _per_example_conv_class(lirpa)})
+
+
+def batch_independent(bounded) -> bool:
+    """Make each example's bound independent of its batch neighbours; True if an option had to change.
+
+    auto_LiRPA 0.3 computes CROWN bounds only for the pre-ReLU neurons IBP finds unstable in
+    *some* example of the batch (``get_unstable_locations`` merges the batch); the others keep
+    their IBP bounds. Both are sound bounds of the same neuron, and a ReLU's relaxation only
+    depends on their signs, so ReLU networks get the same bound at any batch. A max-pooling
+    relaxation uses the bound values themselves (which input has the largest lower bound,
+    the concrete upper bound), so there the batch changed the (sound) bound. With such nodes,
+    sparse intermediate bounds are switched off: every neuron gets its CROWN bound.
+    """
+    kinds = {node_kind(n) for n in bounded._modules.values()}
+    if kinds & _VALUE_DEPENDENT_RELAXATIONS:
+        bounded.bound_opts["sparse_intermediate_bounds"] = False
+        return True
+    return False
 
 
 def margin_spec(y: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -151,15 +180,20 @@ class BoundEngine:
         self.device = torch.device(device)
         self.input_shape = tuple(int(s) for s in input_shape)
         self.batch_size = int(batch_size)
-        self.view = verification_view(model, self.input_shape).to(self.device)
         self.version = auto_lirpa_version()
-        check_modules(self.view, self.version)
+        view = verification_view(model, self.input_shape).to(self.device)
+        check_modules(view, self.version)
         example = torch.zeros((1, *self.input_shape), device=self.device)
         with torch.no_grad():
-            self.num_classes = int(self.view(example).shape[1])
+            self.num_classes = int(view(example).shape[1])
         if self.num_classes < 2:
             raise BoundsError("margins need a model with at least 2 outputs")
-        self.bounded = bounded_module(self.view, example)
+        view, bounded = graph_of(view, self.input_shape, self.version)
+        batch_independent(bounded)
+        check_graph_supported(bounded, "ibp", math.inf, self.version)  # the most permissive: attributes first
+        self.view, self.bounded = view, bounded
+        self.graph_check = GraphCheck(bounded, view, self.version)
+        self.graph_check.check_unit_box(self.input_shape, self.device, torch.float32)
         self._lirpa = import_auto_lirpa()
         self._checked: set[tuple[str, float]] = set()
 
@@ -196,26 +230,27 @@ class BoundEngine:
         return self._lirpa.PerturbationLpNorm(norm=p, eps=float(eps[0]) if same else eps.view(-1, 1))
 
     def _lower(self, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, p: float, method: str) -> torch.Tensor:
-        """One auto_LiRPA call: lower bounds (B, K-1) of the margins (no chunking, no checks).
+        """One auto_LiRPA call: lower bounds (B, K-1) of the margins (no chunking).
 
-        alpha-CROWN needs autograd and leaves ``.grad`` on the parameters (cleared here); an
-        error inside auto_LiRPA becomes one ``UnsupportedModelError`` sentence.
+        The graph check runs first (the batch and points of its balls); alpha-CROWN needs
+        autograd and leaves ``.grad`` on the parameters (cleared here); an error inside
+        auto_LiRPA becomes one ``UnsupportedModelError`` sentence. ``ROUNDING`` times the
+        logits' scale is subtracted (float32 rounding).
         """
+        self.graph_check.check(x, eps, p)
         bounded_x = self._lirpa.BoundedTensor(x, self._perturbation(x, eps, p))
         spec = margin_spec(y, self.num_classes)
         try:
-            with torch.set_grad_enabled(method == "alpha-crown"):
+            with torch.set_grad_enabled(method == "alpha-crown"), \
+                    lirpa_call(f"bound this model with {method} under L{norm_name(p)}", self.version):
                 lower, _ = self.bounded.compute_bounds(x=(bounded_x,), C=spec, method=_LIRPA_METHODS[method],
                                                        bound_upper=False)
-        except (AssertionError, RuntimeError, NotImplementedError, IndexError, KeyError, ValueError) as exc:
-            raise UnsupportedModelError(
-                f"auto_LiRPA {self.version} failed to bound this model with {method} under L{norm_name(p)} "
-                f"({type(exc).__name__}{': ' + str(exc).splitlines()[0][:120] if str(exc) else ''}); "
-                f"{ESTIMATE_HINT} (or a smaller --batch-size if memory ran out).") from exc
         finally:
             for param in self.bounded.parameters():
                 param.grad = None
-        return lower.detach()
+        with torch.no_grad():
+            scale = self.view(x).abs().amax(dim=1).clamp_min(1.0)
+        return lower.detach() - ROUNDING * scale.unsqueeze(1)
 
     def margin_bounds(self, x: torch.Tensor, y: torch.Tensor, eps, norm: str | float = "inf",
                       method: str = "crown") -> MarginBounds:

@@ -33,6 +33,7 @@ from torch import nn
 from bounds.attack import margins, pgd_maximize
 from bounds.errors import BoundsError
 from bounds.gradients import InputGradients, loss_gradient, margin_gradients, other_classes
+from bounds.graph import GraphCheck, lirpa_call
 from bounds.norms import check_eps, parse_norm
 
 CE = "ce"
@@ -191,16 +192,16 @@ class LinearityBounder:
         if method not in GAMMA_METHODS:
             raise BoundsError(f"certified linearity supports {', '.join(GAMMA_METHODS)}, not {method!r}")
         from bounds.certify import check_bound_norm
-        from bounds.lirpa import import_auto_lirpa
+        from bounds.lirpa import auto_lirpa_version, import_auto_lirpa
         from bounds.view import check_supported, verification_view
 
         self.lirpa = import_auto_lirpa()
+        self.version = auto_lirpa_version()
         self.input_shape = tuple(int(s) for s in input_shape)
         self.method = method
         self.norm = check_bound_norm(norm)
         self.device = torch.device(device)
-        view = verification_view(model, self.input_shape)
-        check_supported(view, method, norm, self.input_shape)
+        view = check_supported(verification_view(model, self.input_shape), method, norm, self.input_shape)
         self.view = copy.deepcopy(view).to(self.device, torch.float64).eval()
         self._bounded_modules: dict[tuple[str, int], object] = {}
         self.batch_size: int | None = None  # examples per bound pass (None: the whole batch; bounds.memory plans it)
@@ -208,7 +209,7 @@ class LinearityBounder:
     def _bounded(self, target: str, inputs: tuple[torch.Tensor, ...]):
         key = (target, inputs[0].shape[0])
         if key not in self._bounded_modules:
-            with _default_dtype(torch.float64):
+            with _default_dtype(torch.float64), lirpa_call("build its graph of this model", self.version):
                 self._bounded_modules[key] = self.lirpa.BoundedModule(_SlopedScalar(self.view, target), inputs,
                                                               device=self.device)
         return self._bounded_modules[key]
@@ -257,8 +258,12 @@ class LinearityBounder:
                                                 x_U=(x64 + eps).clamp(0.0, 1.0))
         else:  # the full L-p ball, a superset of its intersection with the box: still sound
             ptb = self.lirpa.PerturbationLpNorm(norm=self.norm, eps=float(eps))
+        repeat = lambda points: tuple(t.repeat(len(points) // b, *([1] * (t.dim() - 1))) for t in inputs[1:])  # noqa: E731
+        GraphCheck(module, _SlopedScalar(self.view, target), self.version, repeat).check(
+            x64, torch.full((b,), float(eps), dtype=dt, device=self.device), self.norm)
         bounded_x = self.lirpa.BoundedTensor(x64, ptb)
-        with torch.no_grad(), _default_dtype(torch.float64):
+        with torch.no_grad(), _default_dtype(torch.float64), lirpa_call(f"bound this model with {self.method}",
+                                                                        self.version):
             lower, upper = module.compute_bounds(x=(bounded_x, *inputs[1:]), method=_LIRPA_METHOD[self.method])
             center = _SlopedScalar(self.view, target)(*inputs)
         lower = torch.where(torch.isfinite(lower), lower, torch.full_like(lower, -math.inf))

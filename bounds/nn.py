@@ -37,3 +37,34 @@ class Normalize(nn.Module):
 
     def extra_repr(self) -> str:
         return f"channels={self.mean.numel()}"
+
+
+class ClampReLU(nn.Module):
+    """``clamp(x, low, high)`` written with ReLUs: ``low + relu(x - low) - relu(x - high)`` (exact).
+
+    The verification view replaces ``nn.Hardtanh``, ``nn.ReLU6`` and inline ``clamp``/``clip``
+    calls by this module: auto_LiRPA 0.3 has no ``Clip`` operator, and ReLU is bounded
+    soundly by every method. A missing end (``None``) drops its term:
+    ``clamp(x, min=low) = low + relu(x - low)`` and ``clamp(x, max=high) = x - relu(x - high)``.
+
+    Examples
+    --------
+    >>> ClampReLU(-1.0, 1.0)(torch.tensor([-3.0, 0.5, 2.0]))
+    tensor([-1.0000,  0.5000,  1.0000])
+    """
+
+    def __init__(self, low: float | None, high: float | None):
+        super().__init__()
+        if low is None and high is None:
+            raise ValueError("ClampReLU: give at least one of low and high")
+        if low is not None and high is not None and low > high:
+            raise ValueError("ClampReLU: low must not exceed high")
+        self.low = None if low is None else float(low)
+        self.high = None if high is None else float(high)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x if self.low is None else torch.relu(x - self.low) + self.low
+        return out if self.high is None else out - torch.relu(x - self.high)
+
+    def extra_repr(self) -> str:
+        return f"low={self.low}, high={self.high}"

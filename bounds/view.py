@@ -1,18 +1,22 @@
-"""The verification view: the model exactly as auto_LiRPA may see it (auto_lirpa_notes.md, issue 8).
+"""The verification view: the model exactly as auto_LiRPA may see it (auto_lirpa_notes.md, issues 8 and 16).
 
-auto_LiRPA 0.3 gives false certificates through grouped/depthwise convolutions under
-CROWN, loses the L2 ball when the first layer is not Linear/Conv, and bounds softmax
-unsoundly. ``verification_view`` rewrites a model into an exactly equivalent one that
-avoids the first two hazards; ``check_supported`` refuses everything outside an
-allow-list of operators the installed auto_LiRPA bounds soundly (the third).
+auto_LiRPA 0.3 gives false certificates through grouped/depthwise and dilated
+convolutions and unequal padding under CROWN, loses the L2 ball when the first layer is
+not Linear/Conv, drops pooling attributes and bounds softmax unsoundly.
+``verification_view`` rewrites a model into an exactly equivalent one that avoids what
+can be avoided; ``check_supported`` and ``bounds.graph`` refuse the rest.
 
 Rewrites (each exact, the whole view checked against the model before any bound):
 - ``Normalize`` -> a dense 1x1 convolution (groups = 1) with diagonal weights ``1/std``
   and bias ``-mean/std`` (a diagonal ``Linear`` for (B, D) inputs);
 - eval-mode BatchNorm -> folded into the Conv/Linear right before it in a Sequential,
   otherwise the same exact dense diagonal affine layer;
-- grouped/depthwise convolutions -> ordinary convolutions with block-diagonal weights;
-- dropout -> identity.
+- grouped, dilated or unequally padded (``"same"``, ``(0, 2)``) convolutions -> ordinary
+  convolutions with one padding on every side (``canonical_conv``);
+- ``nn.Hardtanh``/``nn.ReLU6`` -> ``ClampReLU`` (``a + relu(x - a) - relu(x - b)``);
+- dropout -> identity;
+- inside ``forward`` (``bounds.fold``): constant arithmetic on the input (user-written
+  normalization) -> the dense 1x1 form, inline clamps -> ``ClampReLU``.
 Submodules are replaced in a deep copy, so any ``nn.Module`` (custom forwards,
 residual blocks) works; the model itself is never modified.
 """
@@ -21,18 +25,18 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from bounds.errors import BoundsError, UnsupportedModelError
-from bounds.nn import Normalize
-from bounds.norms import norm_name, parse_norm
+from bounds.fold import fold_forward
+from bounds.graph import ESTIMATE_HINT, check_graph_supported, input_readers, node_kind, refuse
+from bounds.nn import ClampReLU, Normalize
 
 VIEW_ATOL = 1e-5  # max |view(x) - model(x)|, relative to max(1, max |model(x)|)
-ESTIMATE_HINT = ("use --method clever|smoothing for this model (an estimate, and randomized smoothing; "
-                 "--method lipschitz covers plain and residual ReLU networks only)")
 
 _DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 _BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -91,24 +95,78 @@ def _fold_affine_into(layer: nn.Module, scale: torch.Tensor, shift: torch.Tensor
         layer.bias.data = new_bias
 
 
-def _dense_conv(conv: nn.Conv2d) -> nn.Conv2d:
-    """A grouped/depthwise convolution as an ordinary one with block-diagonal weights (same function)."""
-    if conv.padding_mode != "zeros":
-        raise UnsupportedModelError(f"a grouped convolution with padding_mode={conv.padding_mode!r} has no "
-                                    f"verification view; {ESTIMATE_HINT}.")
-    g = conv.groups
-    cin, cout = conv.in_channels, conv.out_channels
-    per_in, per_out = cin // g, cout // g
-    dense = nn.Conv2d(cin, cout, conv.kernel_size, conv.stride, conv.padding, conv.dilation, groups=1,
-                      bias=conv.bias is not None).to(conv.weight.device)
-    weight = torch.zeros_like(dense.weight)
+def _conv_pads(conv: nn.Conv2d) -> list[tuple[int, int]]:
+    """Per spatial dimension, the (before, after) zero padding of ``conv`` (string padding resolved as torch does)."""
+    if conv.padding == "valid":
+        return [(0, 0), (0, 0)]
+    if conv.padding == "same":  # total d (k - 1), the smaller half before (torch's rule)
+        totals = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size, strict=True)]
+        return [(t // 2, t - t // 2) for t in totals]
+    return [(int(p), int(p)) for p in conv.padding]
+
+
+def needs_canonical_conv(conv: nn.Conv2d) -> bool:
+    """True for convolutions auto_LiRPA 0.3 mishandles: grouped, dilated, or padded unequally (issue 16)."""
+    pads = {p for pair in _conv_pads(conv) for p in pair}
+    return conv.groups != 1 or tuple(conv.dilation) != (1, 1) or len(pads) > 1 or isinstance(conv.padding, str)
+
+
+def _dense_weight(conv: nn.Conv2d) -> torch.Tensor:
+    """The (out, in, kh, kw) weight of ``conv`` with groups = 1: block-diagonal over the groups."""
+    g, w = conv.groups, conv.weight.detach()
+    per_in, per_out = conv.in_channels // g, conv.out_channels // g
+    dense = torch.zeros(conv.out_channels, conv.in_channels, *w.shape[2:], dtype=w.dtype, device=w.device)
     for k in range(g):
-        weight[k * per_out:(k + 1) * per_out, k * per_in:(k + 1) * per_in] = \
-            conv.weight.data[k * per_out:(k + 1) * per_out]
-    dense.weight.data = weight
-    if conv.bias is not None:
-        dense.bias.data = conv.bias.data.clone()
+        dense[k * per_out:(k + 1) * per_out, k * per_in:(k + 1) * per_in] = w[k * per_out:(k + 1) * per_out]
     return dense
+
+
+class ExpandedConv2d(nn.Conv2d):
+    """A convolution ``canonical_conv`` rewrote from a dilated or unequally padded one (same function).
+
+    auto_LiRPA 0.3's patches mode still gave CROWN bounds above PGD margins on trained dilated
+    models after the rewrite (84 of 144 margins, L-inf 0.02; its full patches path crashes on
+    them), while its matrix mode was sound on the same graphs: ``needs_matrix_mode`` sends
+    views with such a layer to matrix mode (tests/test_hazards.py).
+    """
+
+
+def needs_matrix_mode(view: nn.Module) -> bool:
+    """True when the view holds an ``ExpandedConv2d`` (its graph is bounded in auto_LiRPA's matrix mode)."""
+    return any(isinstance(m, ExpandedConv2d) for m in view.modules())
+
+
+def canonical_conv(conv: nn.Conv2d) -> nn.Conv2d:
+    """The same convolution with groups = 1, dilation 1 and one zero padding ``P`` on every side (exact).
+
+    - groups: block-diagonal dense weights;
+    - dilation ``d``: the kernel with ``d - 1`` zeros between its taps, size ``d (k - 1) + 1``;
+    - padding ``(before, after)`` per dimension (``"same"``/``"valid"``, tuples, unequal H and W):
+      ``P = max`` of all four, and the kernel gets ``P - before`` zero rows in front and
+      ``P - after`` behind, so output ``o`` still reads input rows ``o s - before + t``
+      (``t`` the original taps) and the output size ``(N + before + after - K) // s + 1``
+      is unchanged.
+    Only ``padding_mode="zeros"`` has this form; other modes are refused.
+    """
+    if conv.padding_mode != "zeros":
+        raise UnsupportedModelError(f"auto_LiRPA cannot bound a convolution with padding_mode="
+                                    f"{conv.padding_mode!r} soundly; {ESTIMATE_HINT}.")
+    dense = _dense_weight(conv)
+    (dh, dw), (kh, kw) = conv.dilation, conv.kernel_size
+    dilated = torch.zeros(*dense.shape[:2], dh * (kh - 1) + 1, dw * (kw - 1) + 1, dtype=dense.dtype,
+                          device=dense.device)
+    dilated[:, :, ::dh, ::dw] = dense
+    pads = _conv_pads(conv)
+    big = max(p for pair in pads for p in pair)
+    weight = F.pad(dilated, (big - pads[1][0], big - pads[1][1], big - pads[0][0], big - pads[0][1]))
+    expanded = tuple(conv.dilation) != (1, 1) or len({p for pair in pads for p in pair}) > 1
+    cls = ExpandedConv2d if expanded else nn.Conv2d
+    out = cls(conv.in_channels, conv.out_channels, tuple(weight.shape[2:]), conv.stride, big,
+              bias=conv.bias is not None).to(device=dense.device, dtype=dense.dtype)
+    out.weight.data = weight
+    if conv.bias is not None:
+        out.bias.data = conv.bias.detach().clone()
+    return out
 
 
 def _record_input_dims(model: nn.Module, example: torch.Tensor) -> dict[int, int]:
@@ -146,8 +204,10 @@ def _rewrite(module: nn.Module, dims: dict[int, int]) -> None:
                 module._modules[name] = nn.Identity()
             else:
                 module._modules[name] = _diagonal_affine(scale, shift, dims.get(id(child), 4))
-        elif isinstance(child, nn.Conv2d) and child.groups > 1:
-            module._modules[name] = _dense_conv(child)
+        elif isinstance(child, nn.Conv2d) and needs_canonical_conv(child):
+            module._modules[name] = canonical_conv(child)
+        elif isinstance(child, (nn.Hardtanh, nn.ReLU6)):
+            module._modules[name] = ClampReLU(child.min_val, child.max_val)
         elif isinstance(child, _DROPOUT):
             module._modules[name] = nn.Identity()
         else:
@@ -203,97 +263,54 @@ def verification_view(model: nn.Module, input_shape: Sequence[int]) -> nn.Module
     # a bare Normalize/BatchNorm model is its own root: wrap it so it can be replaced
     root = nn.Sequential(view)
     _rewrite(root, dims)
-    view = root[0]
+    example = _example_inputs(input_shape, _device_of(root), 2)
+    view = fold_forward(root[0], example, lambda scale, shift: _diagonal_affine(scale, shift, example.dim()))
     check_view(view, model, input_shape)
     return view
 
 
+def identity_first(view: nn.Module, input_shape: Sequence[int]) -> nn.Module:
+    """``view`` behind an identity 1x1 convolution (Linear for (B, D) inputs): the same function.
+
+    auto_LiRPA 0.3 applies an L2 ball only in a Linear or Conv reading the input; a model whose
+    first operation is anything else (ReLU, flatten, a clamp, a residual add of the input) gets
+    this layer in front (issue 16).
+    """
+    channels = int(input_shape[0])
+    device = _device_of(view)
+    layer = _diagonal_affine(torch.ones(channels, device=device), torch.zeros(channels, device=device),
+                             len(input_shape) + 1)
+    return nn.Sequential(layer, view).eval()
+
+
 # --------------------------------------------------------------------------- the allow-list
+
+def _pooling_problem(m: nn.Module) -> str | None:
+    """The pooling attribute auto_LiRPA 0.3 drops (it bounds a different function), named, or None."""
+    if isinstance(m, nn.MaxPool2d):
+        if m.ceil_mode:
+            return "max-pooling with ceil_mode=True"
+        if m.dilation not in (1, (1, 1)):
+            return f"max-pooling with dilation={m.dilation}"
+    if isinstance(m, nn.AvgPool2d):
+        if m.ceil_mode:
+            return "average pooling with ceil_mode=True"
+        if m.divisor_override is not None:
+            return f"average pooling with divisor_override={m.divisor_override}"
+        if not m.count_include_pad and m.padding not in (0, (0, 0)):
+            return "average pooling with count_include_pad=False and padding"
+    return None
+
 
 def _refused_modules(view: nn.Module) -> list[str]:
     found: list[str] = []
     for m in view.modules():
-        for cls, label in _REFUSED_MODULES.items():
-            if isinstance(m, cls) and label not in found:
+        labels = [label for cls, label in _REFUSED_MODULES.items() if isinstance(m, cls)]
+        problem = _pooling_problem(m)
+        for label in labels + ([problem] if problem else []):
+            if label not in found:
                 found.append(label)
     return found
-
-
-def _join(names: Iterable[str]) -> str:
-    names = list(names)
-    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
-
-
-def refuse(operators: Sequence[str], version: str | None, hint: str = ESTIMATE_HINT) -> UnsupportedModelError:
-    """The one-sentence refusal naming the operator(s) and pointing to the estimate/smoothing methods."""
-    return UnsupportedModelError(f"auto_LiRPA {version or ''} cannot bound {_join(operators)} soundly; "
-                                 f"{hint}.".replace("  ", " "))
-
-
-_ALL_METHODS = frozenset({"ibp", "crown-ibp", "crown", "alpha-crown"})
-_NO_ALPHA = frozenset({"ibp", "crown-ibp", "crown"})
-_ANY_NORM = frozenset({math.inf, 2.0})
-# auto_LiRPA 0.3 graph nodes bounded soundly, with the methods and norms the hazard suite
-# (tests/test_hazards.py, tests/test_certify_sound.py) checks them under. Grows only with tests.
-_ALLOWED_NODES_03: dict[str, tuple[frozenset, frozenset]] = {
-    **{kind: (_ALL_METHODS, _ANY_NORM) for kind in (
-        "BoundInput", "BoundParams", "BoundBuffers", "BoundConstant", "BoundPrimConstant", "BoundShape",
-        "BoundLinear", "BoundConv", "BoundRelu", "BoundFlatten", "BoundReshape")},
-    **{kind: (_NO_ALPHA, _ANY_NORM) for kind in (
-        "BoundAdd", "BoundSub", "BoundMul", "BoundNeg", "BoundUnsqueeze", "BoundSqueeze",
-        "BoundGlobalAveragePool", "BoundReduceMean", "BoundAveragePool", "BoundMaxPool")},
-}  # nodes whose values do not depend on the input (shapes, constants) are never bounded: not checked
-# friendly names for refused auto_LiRPA nodes
-_NODE_LABELS = {
-    "BoundSoftmax": "softmax", "BoundExp": "exp", "BoundLog": "log", "BoundMatMul": "a matrix product (MatMul)",
-    "BoundDiv": "division", "BoundPow": "power", "BoundSqrt": "sqrt", "BoundReduceMax": "max-reduction",
-    "BoundBatchNormalization": "BatchNorm", "BoundAdd": "addition", "BoundSub": "subtraction",
-    "BoundMul": "multiplication", "BoundMaxPool": "max-pooling", "BoundAveragePool": "average pooling",
-    "BoundGlobalAveragePool": "global average pooling", "BoundReduceMean": "mean",
-}
-
-
-def _kind(node) -> str:
-    """auto_LiRPA's operator class name (certkd's subclasses name the class they extend)."""
-    return getattr(node, "lirpa_kind", type(node).__name__)
-
-
-def _label(kind: str) -> str:
-    return _NODE_LABELS.get(kind, kind.removeprefix("Bound"))
-
-
-def _perturbed_names(bounded) -> set[str]:
-    """Names of the nodes whose values depend on the input (edges out of a Shape node carry no values)."""
-    frontier = [n for n in bounded._modules.values() if _kind(n) == "BoundInput"]
-    seen = {n.name for n in frontier}
-    while frontier:
-        node = frontier.pop()
-        if _kind(node) == "BoundShape":
-            continue
-        for name in getattr(node, "output_name", []):
-            if name not in seen:
-                seen.add(name)
-                frontier.append(bounded[name])
-    return seen
-
-
-def _node_problem(node, method: str, norm: float) -> str | None:
-    """Why a node of the bounded graph is outside the allow-list for ``method`` and ``norm``, or None."""
-    kind = _kind(node)
-    if kind not in _ALLOWED_NODES_03:
-        return _label(kind)
-    methods, norms = _ALLOWED_NODES_03[kind]
-    if method not in methods:
-        return f"{_label(kind)} with {method}"
-    if norm not in norms:
-        return f"{_label(kind)} under L{norm_name(norm)}"
-    if kind == "BoundConv" and getattr(node, "groups", 1) != 1:
-        return "a grouped convolution"
-    if kind == "BoundMul" and not node.is_constant_op:
-        return "a product of two perturbed tensors"
-    if kind == "BoundMaxPool" and (list(node.kernel_size) != list(node.stride) or any(node.padding)):
-        return "max-pooling with a stride other than its kernel size or with padding"
-    return None
 
 
 def check_modules(view: nn.Module, version: str | None) -> None:
@@ -303,51 +320,38 @@ def check_modules(view: nn.Module, version: str | None) -> None:
         raise refuse(refused, version)
 
 
-def check_graph_supported(bounded, method: str, norm: str | float, version: str | None) -> None:
-    """Refuse a built ``BoundedModule`` whose graph leaves the allow-list for ``method`` and ``norm``.
+def graph_of(view: nn.Module, input_shape: Sequence[int], version: str | None = None) -> tuple[nn.Module, object]:
+    """auto_LiRPA's ``BoundedModule`` of ``view``, with ``identity_first`` where a non-Linear/Conv reads the input.
 
-    Besides the per-operator allow-list: under L2 every node reading the perturbed input
-    must be a Linear or Conv (auto_LiRPA 0.3 applies the ball only there; hazard 2).
+    Returns the (possibly prefixed) view and its graph; the graph still needs the allow-list and
+    the graph check (``bounds.graph``) before any bound.
     """
-    p = parse_norm(norm)
-    problems: list[str] = []
-    perturbed = _perturbed_names(bounded)
-    nodes = [n for n in bounded._modules.values() if n.name in perturbed]
-    kinds = {_kind(n) for n in nodes}
-    if "BoundSoftmax" in kinds or {"BoundExp", "BoundDiv"} <= kinds:  # a softmax, as traced at opset 12
-        problems.append("softmax")
-    for node in nodes:
-        problem = _node_problem(node, method, p)
-        if problem is not None and problem not in problems:
-            problems.append(problem)
-    if not math.isinf(p):
-        input_names = {n.name for n in nodes if _kind(n) == "BoundInput"}
-        for node in nodes:
-            reads_input = any(getattr(i, "name", None) in input_names for i in getattr(node, "inputs", []))
-            if reads_input and _kind(node) not in ("BoundLinear", "BoundConv"):
-                problems.append(f"a first layer that is not Linear or Conv ({_label(_kind(node))}) under "
-                                f"L{norm_name(p)}")
-                break
-    if problems:
-        only_alpha = method == "alpha-crown" and all(" with alpha-crown" in q for q in problems)
-        raise refuse(problems, version, "use --method crown" if only_alpha else ESTIMATE_HINT)
+    from bounds.certify import bounded_module
+
+    example = torch.zeros((1, *input_shape), device=_device_of(view))
+    mode = "matrix" if needs_matrix_mode(view) else "patches"
+    bounded = bounded_module(view, example, version, mode)
+    if any(node_kind(n) not in ("BoundLinear", "BoundConv") for n in input_readers(bounded)):
+        view = identity_first(view, input_shape)
+        bounded = bounded_module(view, example, version, mode)
+    return view, bounded
 
 
 def check_supported(view: nn.Module, method: str, norm: str | float, input_shape: Sequence[int],
-                    bounded=None) -> None:
+                    bounded: object | None = None) -> nn.Module:
     """Raise ``UnsupportedModelError`` (one sentence) unless the installed auto_LiRPA bounds ``view`` soundly.
 
     Checks the module types first (attention, softmax, LayerNorm, GELU, ... are refused by
-    name), then the operators of auto_LiRPA's graph of the view (``bounded``, built here if
-    not given) against the allow-list for ``method`` and ``norm``. Called by every path that
-    bounds a model with auto_LiRPA; there is no switch to skip it.
+    name), then the operators and attributes of auto_LiRPA's graph of the view (``bounded``,
+    built here by ``graph_of`` if not given) against the allow-list for ``method`` and
+    ``norm``. Called by every path that bounds a model with auto_LiRPA; there is no switch to
+    skip it. Returns the view the graph was built from (``graph_of`` may prefix an identity).
     """
-    from bounds.lirpa import auto_lirpa_version, import_auto_lirpa
+    from bounds.lirpa import auto_lirpa_version
 
     version = auto_lirpa_version()
     check_modules(view, version)
     if bounded is None:
-        lirpa = import_auto_lirpa()
-        example = _example_inputs(input_shape, _device_of(view), 1)
-        bounded = lirpa.BoundedModule(view, example, device=str(example.device))
+        view, bounded = graph_of(view, input_shape, version)
     check_graph_supported(bounded, method, norm, version)
+    return view

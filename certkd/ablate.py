@@ -159,7 +159,7 @@ def run_study(study: Study, out: Path | None = None, overwrite: bool = False, pr
                           "split": study.split, "num_examples": n, **job.to_config()}
                 ctx = prepare_methods(model, ckpt.input_shape, job.all_methods(), norm, job.params, study.device)
                 if method in BOUND_METHODS_BY_COST:  # bound batches sized to a third of the available memory
-                    plan_bound_memory([ctx.bound_engine()], data, n, method, max(study.eps), norm, study.batch_size)
+                    plan_bound_memory([ctx.bound_engine()], data, n, method, None, norm, study.batch_size)
                 t0 = time.perf_counter()
                 with RecordLog.open(out / "records" / f"{label}_L{norm}_{method}.jsonl", COMMAND, config,
                                     record_key, resume=True, overwrite=overwrite) as log:
@@ -176,7 +176,28 @@ def run_study(study: Study, out: Path | None = None, overwrite: bool = False, pr
 
 
 def format_cells(rows: list[dict[str, Any]], path: Path) -> str:
-    """The text ``certkd ablate`` prints: one line per cell."""
+    """The text ``certkd ablate`` prints: one line per cell.
+
+    Parameters
+    ----------
+    rows : list of dict
+        From :func:`read_cells`.
+    path : Path
+        The ``cells.csv`` they came from.
+
+    Returns
+    -------
+    str
+        A title line, then model, norm, method, kind, eps, accuracy and mean radius per cell.
+
+    Example
+    -------
+    >>> row = {"model": "t", "norm": "inf", "method": "crown", "kind": "certified", "eps": 0.01,
+    ...        "certified_accuracy": 0.5, "mean_radius": 0.02}
+    >>> print(format_cells([row], Path("cells.csv")))  # doctest: +NORMALIZE_WHITESPACE
+    certkd ablate: 1 cells in cells.csv
+                   t  Linf       crown (certified) eps 0.01     accuracy  50.0%  mean radius 0.02
+    """
     lines = [f"certkd ablate: {len(rows)} cells in {path}"]
     lines += [f"  {r['model']:>14s}  L{r['norm']:<3s} {r['method']:>11s} ({r['kind']:9s}) eps {r['eps']:<8.4g}"
               f" accuracy {100 * r['certified_accuracy']:5.1f}%  mean radius {r['mean_radius']:.4g}" for r in rows]
@@ -185,7 +206,20 @@ def format_cells(rows: list[dict[str, Any]], path: Path) -> str:
 
 def write_figures(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     """Accuracy against eps per (model, norm), one line per method (certified solid, estimates dashed, each
-    labelled by its own method); with a KDIGA sweep, accuracy against ``iga_weight`` per norm."""
+    labelled by its own method); with a KDIGA sweep, accuracy against ``iga_weight`` per norm.
+
+    Parameters
+    ----------
+    rows : list of dict
+        The study's cells.
+    out : Path
+        The study's folder (figures go to ``out/figures``).
+
+    Returns
+    -------
+    list of Path
+        The PNG files.
+    """
     from certkd.plots import eps_axis_label
     from certkd.report import Curve, plot_accuracy_curves, plot_iga_sweep
 

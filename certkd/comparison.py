@@ -36,8 +36,7 @@ from certkd.runs import (
     Shard,
     batches,
     execute,
-    gather_to_rank0,
-    header,
+    gather_shards,
     merge_logs,
     resolve_shard,
     seed_stream,
@@ -516,13 +515,13 @@ def run_compare(student_path: Path, teacher_path: Path, job: CompareJob, shard: 
         computed = [(who, c) for who, c, given in zip(("student", "teacher"), contexts, reused, strict=True)
                     if given is None]  # the models whose certified radii are computed here, not reused
         plans = dict(zip((who for who, _ in computed), plan_bound_memory(
-            [c.bound_engine() for _, c in computed], data, count, job.method, max(job.eps) if job.eps else None,
-            job.norm, job.batch_size, max_memory, notify), strict=True)) \
+            [c.bound_engine() for _, c in computed], data, count, job.method, None, job.norm,
+            job.batch_size, max_memory, notify), strict=True)) \
             if job.method in BOUND_METHODS_BY_COST and computed else {}
         compare_points(contexts[0], contexts[1], data, range(count), job, log, progress, reused)
     records = log.records
     if launcher == TORCHRUN:
-        parts = gather_to_rank0((f"rank {job.shard[0] if job.shard else 0}", header(COMMAND, config), records))
+        parts = gather_shards(COMMAND, config, records, job.shard)
         if parts is None:
             return None
         assert out is not None

@@ -83,7 +83,22 @@ class ModelRun:
 
 
 def train_trio(out: Path, settings: DemoSettings, progress: bool = False) -> dict[str, Path]:
-    """Train (or resume) the teacher and its KD and KDIGA students; returns their checkpoint paths."""
+    """Train (or resume) the teacher and its KD and KDIGA students (theory.md §4).
+
+    Parameters
+    ----------
+    out : Path
+        Folder of the three checkpoints (training resumes there).
+    settings : DemoSettings
+        Radii, epochs, iga weight, seed.
+    progress : bool
+        Progress bars.
+
+    Returns
+    -------
+    dict of str to Path
+        ``teacher``, ``kd`` and ``kdiga`` checkpoints.
+    """
     common: dict[str, Any] = {"val_size": 200, "val_attack_steps": 10, "progress": progress, "seed": settings.seed,
                               "resume": True}
     teacher = train(TrainConfig(
@@ -153,7 +168,22 @@ def certify_trained(name: str, path: Path, data: Points, count: int, settings: D
 
 def transfer_terms(student: Path, teacher: Path, x: torch.Tensor, y: torch.Tensor, settings: DemoSettings
                    ) -> dict[str, Any]:
-    """Mean transfer-bound terms (theory.md §3) with PGD gammas (estimates) on a subset."""
+    """Mean transfer-bound terms (theory.md §3) with PGD gammas (estimates) on a subset.
+
+    Parameters
+    ----------
+    student, teacher : Path
+        Checkpoints.
+    x, y : torch.Tensor
+        The points.
+    settings : DemoSettings
+        ``transfer_eps``, norm, seed (the stream is ``seed_stream(seed, "transfer", student name)``).
+
+    Returns
+    -------
+    dict
+        Means and per-example values of each term, the mean gradient gap, how often the bound holds.
+    """
     tb = transfer_bound(load_model(student), load_model(teacher), x, y, settings.transfer_eps, settings.norm,
                         generator=seed_stream(settings.seed, "transfer", student.stem))
     check = tb.check()
@@ -230,7 +260,20 @@ def _rho_text(rho: float | None) -> str:
 
 
 def format_demo(results: dict[str, Any], out: Path) -> str:
-    """The text ``certkd demo`` prints: verdicts, transfer terms, clean accuracies."""
+    """The text ``certkd demo`` prints: verdicts, transfer terms, clean accuracies.
+
+    Parameters
+    ----------
+    results : dict
+        From :func:`run_demo`.
+    out : Path
+        The demo's folder.
+
+    Returns
+    -------
+    str
+        One line per comparison and per transfer study, then the clean accuracies as JSON.
+    """
     lines = [f"certkd demo: results in {out}/report.md and {out}/results.json"]
     for name, c in results["comparisons"].items():
         label = f"; certified part {c['certified_label']}" if c["certified_label"] else ""

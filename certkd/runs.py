@@ -600,6 +600,25 @@ def gather_to_rank0(obj: Any) -> list[Any] | None:
             dist.destroy_process_group()
 
 
+def gather_shards(command: str, config: Mapping[str, Any], records: list[Record],
+                  shard: Shard | None) -> list[tuple[str, Record, list[Record]]] | None:
+    """torchrun: every rank's ``(name, header, records)`` on rank 0, ready for :func:`merge_logs`.
+
+    Parameters
+    ----------
+    command, config, records
+        This rank's run (its ``config`` holds its shard).
+    shard : (rank, world size) or None
+        This rank's shard.
+
+    Returns
+    -------
+    list or None
+        The parts in rank order on rank 0; None on the other ranks.
+    """
+    return gather_to_rank0((f"rank {shard[0] if shard else 0}", header(command, config), records))
+
+
 # --------------------------------------------------------------------------- merge
 
 Part = tuple[str, Record | None, list[Record]]

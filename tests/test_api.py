@@ -92,7 +92,8 @@ def test_readme_benchmark_is_certify_on_the_named_dataset(workflow) -> None:
 
 @pytest.mark.parametrize("module", ["certkd.runs", "certkd.api", "certkd.study", "certkd.certification.methods",
                                     "certkd.certification.records", "certkd.certification.run",
-                                    "certkd.certification.summary", "certkd.comparison", "certkd.transfer_study"])
+                                    "certkd.certification.summary", "certkd.comparison", "certkd.transfer_study",
+                                    "certkd.ablate"])
 def test_docstring_examples_run(module: str) -> None:
     result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0

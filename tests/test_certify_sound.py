@@ -254,3 +254,35 @@ def test_bad_inputs_raise_one_line(teacher_engine, digits):
         with pytest.raises(BoundsError) as info:
             case()
         assert "\n" not in str(info.value)
+
+
+# --------------------------------------------------------------------------- max-pooling and batch composition
+
+def lenet_small() -> nn.Module:
+    """The advertorch MNIST LeNet5 layout (3x3 convs, two MaxPool2d(2), fc) at 8x8 and small widths."""
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                         nn.MaxPool2d(2), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                         nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+
+
+def test_maxpool_bound_independent_of_batch_and_sound(digits):
+    """Raw auto_LiRPA 0.3: a point's CROWN bound changes with its batch neighbours (IBP-kept stable neurons feed
+    MaxPool's relaxation, see ``bounds.certify.batch_independent``); certkd's is the same at batch 1, 4 and 8."""
+    from test_hazards import count_violations, per_margin_attack, raw_lower
+
+    train = load_dataset("digits", "train")
+    torch.manual_seed(0)
+    model = train_natural(lenet_small(), train.x[:300], train.y[:300], epochs=60)
+    x = digits.x[:8]
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    eps = 0.03
+    raw8 = raw_lower(model, x, y, eps, "inf", "CROWN")
+    raw1 = torch.cat([raw_lower(model, x[i:i + 1], y[i:i + 1], eps, "inf", "CROWN") for i in range(8)])
+    assert float((raw8 - raw1).abs().max()) > 1e-2  # the dependence is real on this stack
+    engine = BoundEngine(model, digits.info.input_shape)
+    at8 = engine.margin_bounds(x, y, eps, "inf", "crown").lower
+    at1 = torch.cat([engine.margin_bounds(x[i:i + 1], y[i:i + 1], eps, "inf", "crown").lower for i in range(8)])
+    at4 = torch.cat([engine.margin_bounds(x[i:i + 4], y[i:i + 4], eps, "inf", "crown").lower for i in (0, 4)])
+    assert float((at8 - at1).abs().max()) <= 1e-4 and float((at4 - at1).abs().max()) <= 1e-4
+    assert count_violations(at8, per_margin_attack(model, x, y, eps, "inf")) == 0

@@ -148,17 +148,16 @@ class ShiftFirst(nn.Module):
         return self.fc(torch.relu(self.conv((x - 0.5) * 2.0)).flatten(1))
 
 
-def test_l2_non_linear_first_layer_refused():
+def test_l2_non_linear_first_layer_folded_and_sound():
+    """``(x - 0.5) * 2`` first: raw auto_LiRPA loses the L2 ball; certkd folds it into a 1x1 conv and is sound."""
     model, x = ShiftFirst().eval(), inputs((1, 8, 8))
     y = labels_of(model, x)
     attack = per_margin_attack(model, x, y, 0.5, "2")
     raw = raw_lower(model, x, y, 0.5, "2", "CROWN", {"conv_mode": "matrix"})  # patches mode fails outright
     require_hazard(count_violations(raw, attack), "L2-first-layer")
     engine = BoundEngine(model, (1, 8, 8))
-    engine.margin_bounds(x, y, 0.05, "inf", "ibp")  # fine under L-inf
     for method in ("ibp", "crown-ibp", "crown"):
-        with pytest.raises(UnsupportedModelError, match="not Linear or Conv"):
-            engine.margin_bounds(x, y, 0.5, "2", method)
+        assert count_violations(engine.margin_bounds(x, y, 0.5, "2", method).lower, attack) == 0
 
 
 # --------------------------------------------------------------------------- hazard 3
@@ -288,7 +287,7 @@ def test_alpha_crown_refused_where_untested(trained):
     """alpha-CROWN is allowed only for the operators the suite checks it on; a residual addition is refused."""
     engine = BoundEngine(trained["resnet_small"], (1, 8, 8))
     x = torch.rand(2, 1, 8, 8)
-    with pytest.raises(UnsupportedModelError, match="addition with alpha-crown.*use --method crown"):
+    with pytest.raises(UnsupportedModelError, match="addition with alpha-crown.*use the crown method"):
         engine.margin_bounds(x, torch.tensor([0, 1]), 0.01, "inf", "alpha-crown")
 
 
@@ -303,3 +302,205 @@ def test_deeper_mobilenet_sound_on_cifar_shapes(norm, eps):
     attack = per_margin_attack(model, x, y, eps, norm)
     lower = BoundEngine(model, (3, 16, 16)).margin_bounds(x, y, eps, norm, "crown").lower
     assert count_violations(lower, attack) == 0
+
+
+# --------------------------------------------------------------------------- issue 16: the four families
+
+@pytest.fixture(scope="module")
+def digits_train():
+    return load_dataset("digits", "train")
+
+
+def briefly_trained(model: nn.Module, train, steps: int = 40, seed: int = 0) -> nn.Module:
+    """40 full-batch Adam steps on 300 digits (fixed seed): ordinary weights, not a crafted counterexample."""
+    torch.manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-2)
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(train.x[:300]), train.y[:300]).backward()
+        opt.step()
+    return model.eval()
+
+
+def pooled_gap(pool: nn.Module) -> nn.Module:
+    """Conv 2x2 (7x7 maps), the pooling under test, a global-average-pool head: shapes fit whatever 0.3 drops."""
+    return nn.Sequential(nn.Conv2d(1, 8, 2), nn.ReLU(), pool, nn.Conv2d(8, 12, 1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(12, 10))
+
+
+POOLING_FAMILY = {
+    "maxpool_dilation": lambda: nn.MaxPool2d(2, dilation=2),
+    "maxpool_ceil_mode": lambda: nn.MaxPool2d(2, ceil_mode=True),
+    "avgpool_ceil_mode": lambda: nn.AvgPool2d(2, ceil_mode=True),
+    "avgpool_divisor_override": lambda: nn.AvgPool2d(2, divisor_override=3),
+    "avgpool_count_include_pad": lambda: nn.AvgPool2d(3, 2, padding=1, count_include_pad=False),
+}
+
+
+@pytest.mark.parametrize("name", list(POOLING_FAMILY))
+def test_hazard_pooling_options_dropped(name, digits_train, digits_test, capsys):
+    """0.3 bounds a different function: at eps = 0 its IBP/CROWN lower bounds exceed the exact margins."""
+    torch.manual_seed(0)
+    model = briefly_trained(pooled_gap(POOLING_FAMILY[name]()), digits_train)
+    x = digits_test.x[:64]
+    y = digits_test.y[:64]
+    with torch.no_grad():
+        exact = margins(model(x), y)
+    raw = sum(count_violations(raw_lower(model, x, y, 0.0, "inf", m), exact) for m in ("IBP", "CROWN"))
+    require_hazard(raw, f"{name} pooling")
+    capsys.readouterr()
+    with pytest.raises(UnsupportedModelError) as info:
+        BoundEngine(model, (1, 8, 8)).margin_bounds(x, y, 0.0, "inf", "crown")
+    message = str(info.value)
+    assert "\n" not in message and "the lipschitz, smoothing or clever methods" in message
+    assert capsys.readouterr().out == ""  # nothing of auto_LiRPA's chatter
+
+
+def conv_family(kind: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    first = nn.Conv2d(1, 8, 3, padding=2, dilation=2) if kind == "dilated" else nn.Conv2d(1, 8, 3, padding=(0, 2))
+    features = 8 * 4 * 4 if kind == "dilated" else 8 * 3 * 5
+    return nn.Sequential(first, nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(features, 10))
+
+
+@pytest.mark.parametrize("kind,norm,eps", [("dilated", "inf", 0.02), ("dilated", "2", 0.2), ("unequal", "2", 0.2)])
+def test_hazard_dilated_and_unequally_padded_convolutions(kind, norm, eps, digits_train, digits_test):
+    """Raw CROWN exceeds PGD margins (84 of 144 for dilated, L-inf); certkd's rewritten view never does."""
+    model = briefly_trained(conv_family(kind), digits_train)
+    x = digits_test.x[:16]
+    y = labels_of(model, x)
+    attack = per_margin_attack(model, x, y, eps, norm)
+    require_hazard(count_violations(raw_lower(model, x, y, eps, norm, "CROWN"), attack), f"{kind} convolution")
+    engine = BoundEngine(model, (1, 8, 8))
+    for method in ("ibp", "crown-ibp", "crown"):
+        assert count_violations(engine.margin_bounds(x, y, eps, norm, method).lower, attack) == 0, method
+
+
+class ClampNet(nn.Module):
+    def __init__(self, style: str):
+        super().__init__()
+        self.style = style
+        self.conv = nn.Conv2d(1, 8, 3, padding=1)
+        self.act = nn.Hardtanh(-0.5, 1.0)
+        self.fc = nn.Linear(8 * 8 * 8, 10)
+
+    def forward(self, x):
+        h = self.conv(x)
+        h = self.act(h) if self.style == "hardtanh" else h.clamp(-0.5, 1.0)
+        return self.fc(h.flatten(1))
+
+
+CRASHES = {
+    "hardtanh": lambda: ClampNet("hardtanh"),
+    "clamp": lambda: ClampNet("clamp"),
+    "same_even_kernel": lambda: nn.Sequential(nn.Conv2d(1, 8, 4, padding="same"), nn.ReLU(), nn.Flatten(),
+                                              nn.Linear(512, 10)),
+    "avgpool_ceil_flatten": lambda: nn.Sequential(nn.Conv2d(1, 8, 2), nn.ReLU(), nn.AvgPool2d(2, ceil_mode=True),
+                                                  nn.Flatten(), nn.Linear(8 * 4 * 4, 10)),
+}
+
+
+@pytest.mark.parametrize("name", list(CRASHES))
+def test_crash_cases_rewritten_or_refused_in_one_sentence(name, digits_train, digits_test, capsys):
+    """Raw auto_LiRPA raises a foreign exception; certkd bounds soundly (rewritten) or refuses in one sentence."""
+    torch.manual_seed(0)
+    model = briefly_trained(CRASHES[name](), digits_train)
+    x = digits_test.x[:8]
+    y = labels_of(model, x)
+    with pytest.raises(Exception) as raw:  # noqa: B017 - any foreign exception is the hazard
+        raw_lower(model, x, y, 0.02, "inf", "CROWN")
+    assert not isinstance(raw.value, UnsupportedModelError)
+    capsys.readouterr()
+    if name == "avgpool_ceil_flatten":
+        with pytest.raises(UnsupportedModelError) as info:
+            BoundEngine(model, (1, 8, 8))
+        assert "\n" not in str(info.value) and "ceil_mode" in str(info.value)
+    else:
+        engine = BoundEngine(model, (1, 8, 8))
+        for norm, eps in (("inf", 0.02), ("2", 0.2)):
+            attack = per_margin_attack(model, x, y, eps, norm, steps=30, restarts=1)
+            assert count_violations(engine.margin_bounds(x, y, eps, norm, "crown").lower, attack) == 0
+    assert capsys.readouterr().out == ""
+
+
+# --------------------------------------------------------------------------- the same cases through the CLI
+
+def _register_cli_models() -> dict[str, str]:
+    """Registry builders for the refusal and rewrite cases (in this process only), name -> case."""
+    from certkd.models import MODELS
+    from certkd.models._registry import register_model
+
+    builders: dict[str, str] = {}
+    for case, make in {**{f"pool_{k}": (lambda f=f: pooled_gap(f())) for k, f in POOLING_FAMILY.items()},
+                       **{f"crash_{k}": v for k, v in CRASHES.items()}}.items():
+        name = f"hazard16_{case}"
+        if name not in MODELS.names():
+            def build(num_classes, input_shape, _make=make):
+                return _make()
+            build.__name__ = name
+            register_model(build)
+        builders[name] = case
+    return builders
+
+
+@pytest.fixture(scope="module")
+def cli_checkpoints(tmp_path_factory, digits_train, digits_test):
+    from certkd.checkpoint import make_checkpoint, save_checkpoint
+    from certkd.models import create_model
+
+    out = tmp_path_factory.mktemp("hazard16")
+    paths = {}
+    for name, case in _register_cli_models().items():
+        model = briefly_trained(create_model(name, 10, (1, 8, 8)), digits_train, steps=10)
+        paths[case] = save_checkpoint(make_checkpoint(model, name, {}, digits_test.info), out / f"{case}.pt")
+    return paths
+
+
+@pytest.mark.parametrize("case", [f"pool_{k}" for k in POOLING_FAMILY] + ["crash_avgpool_ceil_flatten"])
+def test_cli_refusals_one_line_exit_2(case, cli_checkpoints, tmp_path):
+    from click.testing import CliRunner
+
+    from certkd.cli import main
+
+    result = CliRunner().invoke(main, ["certify", str(cli_checkpoints[case]), "-n", "4", "--method", "crown",
+                                       "--eps", "0.01", "--out", str(tmp_path / "s.json")])
+    assert result.exit_code == 2, result.output
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.output
+    assert not (tmp_path / "s.json").exists()
+
+
+def test_cli_rewritten_model_certifies(cli_checkpoints, tmp_path):
+    from click.testing import CliRunner
+
+    from certkd.cli import main
+
+    result = CliRunner().invoke(main, ["certify", str(cli_checkpoints["crash_hardtanh"]), "-n", "4", "--method",
+                                       "crown", "--eps", "0.01", "--out", str(tmp_path / "s.json")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "s.json").exists()
+
+
+def test_float32_rounding_allowance(trained, digits_test):
+    """The sweep's mlp: float32 CROWN bounds a few ulps above the exact (float64 MILP) per-margin minimum;
+    ``bounds.certify.ROUNDING`` puts certkd's below it (what test_soundness_sweep used to flag)."""
+    from test_certify_sound import affine_layers, exact_min_margin
+
+    model, x = trained["mlp"], digits_test.x[:8]
+    y = labels_of(model, x)
+    eps = SWEEP_EPS["inf"] * (0.5 + torch.rand(8, generator=torch.Generator().manual_seed(0)))
+    engine = BoundEngine(model, (1, 8, 8))
+    ours = engine.margin_bounds(x, y, eps, "inf", "crown").lower
+    raw = torch.cat([raw_lower(engine.view, x[i:i + 1], y[i:i + 1], float(eps[i]), "inf", "CROWN")
+                     for i in range(8)])
+    layers = affine_layers(model)
+    exact = torch.zeros(8, 9, dtype=torch.float64)
+    for i in range(8):
+        others = [j for j in range(10) if j != int(y[i])]
+        w, b = layers[-1]
+        for k, j in enumerate(others):  # the margin f_y - f_j alone: a two-output last layer
+            pair = layers[:-1] + [(w[[int(y[i]), j]], b[[int(y[i]), j]])]
+            exact[i, k] = exact_min_margin(pair, x[i].flatten().double().numpy(), 0, float(eps[i]))
+    above = raw.double() - exact
+    assert float(above.max()) < 1e-4  # the raw excess is rounding, not a wrong relaxation
+    assert bool((ours.double() <= exact).all())

@@ -41,15 +41,19 @@ def write_image_tree(root: Path) -> None:
             PIL.fromarray(pixels).save(folder / f"img_{i:03d}{suffix}")
 
 
-def run_certkd(args: list[str], cwd: Path) -> tuple[str, str, int, int]:
-    """stdout, stderr, exit code and the peak resident set (bytes) of this one child (``os.wait4``)."""
+def start_certkd(args: list[str], cwd: Path, name: str) -> subprocess.Popen:
+    """A fresh ``python -m certkd`` process, its output in ``cwd/name.{stdout,stderr}``."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    out_path, err_path = cwd / f"{args[1]}.stdout", cwd / f"{args[1]}.stderr"
-    with open(out_path, "w") as out, open(err_path, "w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "certkd", *args], cwd=cwd, env=env, stdout=out, stderr=err)
-        _, status, usage = os.wait4(proc.pid, 0)
+    with open(cwd / f"{name}.stdout", "w") as out, open(cwd / f"{name}.stderr", "w") as err:
+        return subprocess.Popen([sys.executable, "-m", "certkd", *args], cwd=cwd, env=env, stdout=out, stderr=err)
+
+
+def finish_certkd(proc: subprocess.Popen, cwd: Path, name: str) -> tuple[str, str, int, int]:
+    """stdout, stderr, exit code and the peak resident set (bytes) of this one child (``os.wait4``)."""
+    _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
-    return out_path.read_text(), err_path.read_text(), proc.returncode, usage.ru_maxrss * 1024
+    return ((cwd / f"{name}.stdout").read_text(), (cwd / f"{name}.stderr").read_text(), proc.returncode,
+            usage.ru_maxrss * 1024)
 
 
 def small_checkpoint(path: Path, arch: str, dataset: str, **kwargs) -> Path:
@@ -85,12 +89,14 @@ def test_certify_an_image_folder_and_10000_mnist_points_in_fresh_processes(tmp_p
     write_mnist_split(tmp_path / "mnist", "test", 10_000, gz=True)
     small_checkpoint(tmp_path / "inet.pt", "cnn4", "imagenet", width=2, linear=8)
     small_checkpoint(tmp_path / "mnist.pt", "lenet5", "mnist", conv=[4, 8], linear=[16])
-    inet = run_certkd(["certify", "inet.pt", "--data-dir", "imagenet", "--method", "ibp", "--pgd-steps", "0",
-                       "--batch-size", "25", "--no-progress", "--out", "inet.json"], tmp_path)
-    mnist = run_certkd(["certify", "mnist.pt", "--data-dir", "mnist", "--method", "ibp", "--pgd-steps", "0",
-                        "--batch-size", "1000", "--no-progress", "--out", "mnist.json"], tmp_path)
-    crown = run_certkd(["certify", "mnist.pt", "--data-dir", "mnist", "--method", "crown", "-n", "24",
-                        "--out", "crown.json"], tmp_path)
+    runs = {"inet": ["certify", "inet.pt", "--data-dir", "imagenet", "--method", "ibp", "--pgd-steps", "0",
+                     "--batch-size", "25", "--no-progress", "--out", "inet.json"],
+            "mnist": ["certify", "mnist.pt", "--data-dir", "mnist", "--method", "ibp", "--pgd-steps", "0",
+                      "--batch-size", "1000", "--no-progress", "--out", "mnist.json"],
+            "crown": ["certify", "mnist.pt", "--data-dir", "mnist", "--method", "crown", "-n", "24",
+                      "--out", "crown.json"]}
+    procs = {name: start_certkd(args, tmp_path, name) for name, args in runs.items()}
+    inet, mnist, crown = (finish_certkd(procs[name], tmp_path, name) for name in runs)
     for _, err, code, _ in (inet, mnist, crown):
         assert code == 0, err
     assert json.loads((tmp_path / "inet.json").read_text())["num_examples"] == 300

@@ -141,7 +141,7 @@ def test_view_check_refuses_inexact_rewrite():
 def assert_one_sentence(message: str, *names: str) -> None:
     assert "\n" not in message and message.endswith(".")
     assert ". " not in message.replace("nn.", "nn_")  # one sentence
-    assert "--method clever|smoothing" in message
+    assert "the lipschitz, smoothing or clever methods" in message and "--" not in message
     for name in names:
         assert name in message
 
@@ -182,15 +182,182 @@ def test_graph_allow_list():
     with pytest.raises(UnsupportedModelError) as info:
         check_supported(verification_view(FunctionalSoftmax().eval(), DIGITS), "crown", "inf", DIGITS)
     assert_one_sentence(str(info.value), "softmax")
-    shift_first = verification_view(ShiftFirst().eval(), DIGITS)
-    check_supported(shift_first, "crown", "inf", DIGITS)
-    for method in ("ibp", "crown"):
-        with pytest.raises(UnsupportedModelError) as info:
-            check_supported(shift_first, method, "2", DIGITS)
-        assert_one_sentence(str(info.value), "not Linear or Conv", "L2")
+    shift_first = verification_view(ShiftFirst().eval(), DIGITS)  # (x - 0.5) * 2 folded into a 1x1 conv
+    assert isinstance(list(shift_first.modules())[1], nn.Conv2d)
+    for norm in ("inf", "2"):
+        check_supported(shift_first, "crown", norm, DIGITS)
     pool = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.MaxPool2d(3, stride=1), nn.Flatten(), nn.Linear(72, 2))
     with pytest.raises(UnsupportedModelError, match="max-pooling"):
         check_supported(verification_view(pool.eval(), DIGITS), "crown", "inf", DIGITS)
     pool[1] = nn.MaxPool2d(2)
     pool[3] = nn.Linear(32, 2)
     check_supported(verification_view(pool.eval(), DIGITS), "crown", "inf", DIGITS)
+
+
+class ReluFirst(nn.Module):
+    """A ReLU reads the input: auto_LiRPA 0.3 would drop the L2 ball; the engine puts an identity conv first."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3)
+        self.fc = nn.Linear(2 * 6 * 6, 3)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(torch.relu(x - 0.25) + x)).flatten(1))
+
+
+def test_l2_first_layer_rule_and_identity_first():
+    from bounds.certify import bounded_module
+    from bounds.graph import check_graph_supported
+
+    view = verification_view(ReluFirst().eval(), DIGITS)
+    raw_graph = bounded_module(view, torch.zeros(1, *DIGITS))
+    with pytest.raises(UnsupportedModelError) as info:
+        check_graph_supported(raw_graph, "crown", "2", "0.3")
+    assert_one_sentence(str(info.value), "not Linear or Conv", "L2")
+    checked = check_supported(view, "crown", "2", DIGITS)  # graph_of puts an identity 1x1 conv first
+    assert isinstance(checked, nn.Sequential) and isinstance(checked[0], nn.Conv2d)
+    error, scale = max_error(view, checked, DIGITS)
+    assert error <= VIEW_ATOL * scale
+
+
+# --------------------------------------------------------------------------- issue 16: exact rewrites
+
+CONV_CASES = [dict(dilation=2, padding=2), dict(dilation=(2, 3), padding=1), dict(padding=(0, 2)),
+              dict(padding=(2, 1), stride=2), dict(padding="same", kernel_size=4), dict(padding="same", dilation=2),
+              dict(padding="valid", groups=2), dict(groups=4, dilation=2, padding=(1, 3))]
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=[str(c) for c in CONV_CASES])
+def test_canonical_conv_is_exact_and_plain(case):
+    from bounds.view import canonical_conv
+
+    torch.manual_seed(0)
+    kwargs = {"kernel_size": 3, **case}
+    conv = nn.Conv2d(4, 8, **kwargs).eval()
+    out = canonical_conv(conv)
+    x = torch.randn(3, 4, 9, 10)
+    with torch.no_grad():
+        assert torch.allclose(conv(x), out(x), atol=1e-5)
+    assert out.groups == 1 and tuple(out.dilation) == (1, 1) and len(set(out.padding)) == 1
+
+
+def test_padding_mode_refused_naming_the_attribute():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, padding_mode="reflect", dilation=2), nn.Flatten(),
+                          nn.Linear(2 * 6 * 6, 2)).eval()
+    with pytest.raises(UnsupportedModelError) as info:
+        verification_view(model, DIGITS)
+    assert_one_sentence(str(info.value), "padding_mode='reflect'")
+
+
+class InlineClamps(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+        self.act = nn.Hardtanh(-0.5, 0.8)
+        self.six = nn.ReLU6()
+        self.fc = nn.Linear(4 * 8 * 8, 3)
+
+    def forward(self, x):
+        h = self.act(self.conv1(x)).clamp(-0.3, 0.6)
+        h = torch.clamp(self.six(self.conv2(h) * 4), min=0.1) + F.hardtanh(h, -0.2, 0.2) + F.relu6(h).clip(max=0.5)
+        return self.fc(h.flatten(1))
+
+
+def test_hardtanh_and_clamp_rewritten_with_relus():
+    model = InlineClamps().eval()
+    view = verification_view(model, DIGITS)
+    assert not any(isinstance(m, (nn.Hardtanh, nn.ReLU6)) for m in view.modules())
+    assert "clamp" not in view.code and "clip" not in view.code and "hardtanh" not in view.code  # an fx module
+    x = torch.rand(4, *DIGITS) * 2 - 0.5  # wide enough to reach every clamp end
+    with torch.no_grad():
+        assert torch.allclose(model(x), view(x), atol=1e-5)
+    for norm in ("inf", "2"):
+        check_supported(view, "crown", norm, DIGITS)
+
+
+class BufferNormalize(nn.Module):
+    def __init__(self, style: str):
+        super().__init__()
+        self.style = style
+        self.register_buffer("mean", torch.tensor([0.4, 0.5, 0.3]).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor([0.2, 0.25, 0.3]).view(3, 1, 1))
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4 * 6 * 6, 3)
+
+    def forward(self, x):
+        if self.style == "buffers":
+            x = (x - self.mean) / self.std
+        elif self.style == "torch":
+            x = torch.div(torch.sub(x, self.mean), self.std)
+        elif self.style == "reciprocal":
+            x = (x - self.mean) * (1.0 / self.std)
+        elif self.style == "constants":
+            x = (x - torch.tensor([0.4, 0.5, 0.3]).view(3, 1, 1)) / torch.tensor([0.2, 0.25, 0.3]).view(3, 1, 1)
+        elif self.style == "scalars":
+            x = 2.0 * (0.5 - x) / 0.3 + 1.0
+        return self.fc(torch.relu(self.conv(x)).flatten(1))
+
+
+@pytest.mark.parametrize("style", ["buffers", "torch", "reciprocal", "constants", "scalars"])
+def test_user_written_normalization_folded(style):
+    model = BufferNormalize(style).eval()
+    view = verification_view(model, (3, 8, 8))
+    placeholder = next(n for n in view.graph.nodes if n.op == "placeholder")
+    readers = [view.get_submodule(n.target) for n in placeholder.users]
+    assert [(type(m), m.kernel_size, m.groups) for m in readers] == [(nn.Conv2d, (1, 1), 1)]  # the dense 1x1 form
+    assert "sub" not in view.code and "div" not in view.code and "truediv" not in view.code
+    error, scale = max_error(model, view, (3, 8, 8))
+    assert error <= VIEW_ATOL * scale
+    for norm in ("inf", "2"):
+        check_supported(view, "crown", norm, (3, 8, 8))
+
+
+class FunctionalPool(nn.Module):
+    """A pooling call no module check sees: the graph's attribute allow-list names it."""
+
+    def __init__(self, ceil_mode: bool = False):
+        super().__init__()
+        self.ceil_mode = ceil_mode
+
+    def forward(self, x):
+        if self.ceil_mode:
+            return F.max_pool2d(x, 2, 2, ceil_mode=True)
+        return F.max_pool2d(x, 2, 2, dilation=2)
+
+
+POOL_REFUSALS = {
+    "MaxPool2d dilation": (nn.MaxPool2d(2, dilation=2), "dilation=2"),
+    "MaxPool2d ceil_mode": (nn.MaxPool2d(2, ceil_mode=True), "ceil_mode=True"),
+    "AvgPool2d ceil_mode": (nn.AvgPool2d(2, ceil_mode=True), "ceil_mode=True"),
+    "AvgPool2d count_include_pad": (nn.AvgPool2d(3, 2, padding=1, count_include_pad=False), "count_include_pad"),
+    "AvgPool2d divisor_override": (nn.AvgPool2d(2, divisor_override=3), "divisor_override=3"),
+    "F.max_pool2d dilation": (FunctionalPool(), "dilations=[2,2]"),
+}
+
+
+@pytest.mark.parametrize("name", list(POOL_REFUSALS))
+def test_pooling_attributes_refused(name):
+    pool, attribute = POOL_REFUSALS[name]
+    model = nn.Sequential(nn.Conv2d(1, 3, 2), pool, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 2)).eval()
+    with pytest.raises(UnsupportedModelError) as info:
+        BoundEngine(model, (1, 7, 7)).margin_bounds(torch.rand(2, 1, 7, 7), torch.tensor([0, 1]), 0.01, "inf", "ibp")
+    assert_one_sentence(str(info.value), attribute)
+
+
+def test_graph_check_catches_what_the_allow_list_lets_through(monkeypatch):
+    """With the allow-list told to accept ceil_mode, the graph check still refuses, naming the node."""
+    import dataclasses
+
+    from bounds import graph
+
+    rule = graph.ALLOW_03.operators["BoundMaxPool"]
+    loose = dataclasses.replace(rule, attributes={**rule.attributes, "ceil_mode": graph._any})
+    monkeypatch.setitem(graph.ALLOW_LISTS, "0.3",
+                        dataclasses.replace(graph.ALLOW_03, operators={**graph.ALLOW_03.operators,
+                                                                       "BoundMaxPool": loose}))
+    model = nn.Sequential(nn.Conv2d(1, 3, 2), FunctionalPool(ceil_mode=True), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(3, 2)).eval()
+    with pytest.raises(UnsupportedModelError) as info:
+        BoundEngine(model, (1, 8, 8))  # 7x7 feature maps: ceil_mode gives 4x4, auto_LiRPA 0.3 3x3
+    assert_one_sentence(str(info.value), "computes a different function", "max-pooling, MaxPool")

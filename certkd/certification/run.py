@@ -36,8 +36,7 @@ from certkd.runs import (
     Shard,
     batches,
     execute,
-    gather_to_rank0,
-    header,
+    gather_shards,
     resolve_shard,
     seed_stream,
     shard_path,
@@ -75,8 +74,16 @@ def check_fits(input_shape: Sequence[int], num_classes: int, data: Points, data_
 
 BOUND_METHODS_BY_COST = ("alpha-crown", "crown", "crown-ibp", "ibp")
 """Bound methods, the most memory-hungry first: the probe pass uses the costliest a run asks for."""
-NOMINAL_EPS = 1 / 255
-"""The probe's eps where a run has no eps grid (the memory of a CROWN pass hardly depends on eps)."""
+def worst_case_eps(norm: str, input_shape: Sequence[int]) -> float:
+    """A radius whose ball covers the whole input box: every ReLU unstable, the most memory a pass takes.
+
+    A pass's memory grows with the number of unstable neurons (auto_LiRPA skips stable ones),
+    so runs that search radii (``--radius``, ``compare``) are probed here.
+    """
+    d = 1
+    for s in input_shape:
+        d *= int(s)
+    return 1.0 if norm == "inf" else float(d) ** 0.5
 
 
 def plan_bound_memory(tools: Sequence[Any], data: Points, count: int, method: str, eps: float | None, norm: str,
@@ -88,7 +95,7 @@ def plan_bound_memory(tools: Sequence[Any], data: Points, count: int, method: st
     ----------
     tools : BoundEngines (``bounds.certify``) or, with ``target``, LinearityBounders (certified gamma)
     data, count : the run's points; the probe reads the first ``bounds.memory.PROBE_POINTS``
-    method, eps, norm : what the run bounds (``eps`` None: ``NOMINAL_EPS``)
+    method, eps, norm : what the run bounds (``eps`` None: a radius search, probed at ``worst_case_eps``)
     cap : the run's batch size (a pass never takes more points)
     max_memory : bytes one pass may add (None: a third of the available memory)
     notify : receives one line per plan (``bound batch 9 (measured 350 MB per point ...)``)
@@ -103,7 +110,7 @@ def plan_bound_memory(tools: Sequence[Any], data: Points, count: int, method: st
     if count == 0 or not tools:
         return []
     x, y = data.batch(list(range(min(PROBE_POINTS, count))))
-    e = NOMINAL_EPS if eps is None else float(eps)
+    e = worst_case_eps(norm, tuple(x.shape[1:])) if eps is None else float(eps)
     plans = []
     for tool in tools:
         x_t, y_t = x.to(tool.device), y.to(tool.device)
@@ -268,12 +275,13 @@ def certify_checkpoint(checkpoint: Path, job: CertifyJob, shard: Shard | str | N
     log_path = shard_path(per_example, job.shard) if launcher == TORCHRUN else per_example
     with RecordLog.open(log_path, COMMAND, config, record_key, resume=resume, overwrite=overwrite) as log:
         costly = [m for m in BOUND_METHODS_BY_COST if m in job.methods]
-        plans = plan_bound_memory([ctx.bound_engine()], data, count, costly[0], max(job.eps), job.norm,
-                                  job.batch_size, max_memory, notify) if costly else []
+        probe_eps = None if job.radius else max(job.eps)  # radius searches: probed at the worst case
+        plans = plan_bound_memory([ctx.bound_engine()], data, count, costly[0], probe_eps, job.norm, job.batch_size,
+                                  max_memory, notify) if costly else []
         certify_points(ctx, data, range(count), job, log, progress)
     records = log.records
     if launcher == TORCHRUN:
-        parts = gather_to_rank0((f"rank {job.shard[0] if job.shard else 0}", header(COMMAND, config), records))
+        parts = gather_shards(COMMAND, config, records, job.shard)
         if parts is None:
             return None
         config, records = merge_shards(parts)

@@ -16,7 +16,7 @@ exactly: on CPU it ends with the same weights as an uninterrupted run.
 
 Training stops with one line (``TrainingDiverged``) when the loss is not finite, or when the
 student collapses (``TrainingCollapsed``): its validation clean accuracy falls below twice chance
-(or never reaches it in a quarter of the epochs), or its mean input-gradient norm stays near 0
+(or never reaches it in half of the epochs), or its mean input-gradient norm stays near 0
 for two epochs. The line names
 the weight to lower; ``ckpt.pt`` stays at the last good epoch (an epoch with either problem is
 not written, unless the run has only one epoch).
@@ -30,7 +30,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +50,7 @@ from certkd.checkpoint import (
     save_checkpoint,
     torch_load_weights_only,
 )
-from certkd.data import Dataset, DatasetInfo, load_dataset
+from certkd.data import BatchSource, DatasetInfo, load_dataset
 from certkd.errors import CertkdError, CheckpointError
 from certkd.io import JsonlAppender, atomic_write, read_jsonl
 from certkd.models import create_model
@@ -422,7 +422,7 @@ class Trainer:
         cfg, d = self.cfg, self.dist
         full = load_dataset(cfg.dataset, "train", cfg.data_dir)
         self.info = full.info
-        self.data: Dataset = full
+        self.data: BatchSource = full
         self.train_idx, val_idx = validation_split(len(full), cfg.val_size)
         self.x_val, self.y_val = full.batch(val_idx)
         self.val_eps = cfg.val_eps if cfg.val_eps is not None else self.params.eps
@@ -477,8 +477,9 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.start_epoch, self.best = int(state["epoch"]), float(state["best"])
-        self.flat_epochs, self.top_grad_norm = int(state["flat_epochs"]), float(state["top_grad_norm"])
-        self.above_floor = bool(state["above_floor"])
+        # states written before the collapse check lack its counters
+        self.flat_epochs, self.top_grad_norm = int(state.get("flat_epochs", 0)), float(state.get("top_grad_norm", 0))
+        self.above_floor = bool(state.get("above_floor", True))
         if d.main:
             _keep_metrics_until(self.paths["metrics"], self.start_epoch)
             _say(f"resume: continuing after epoch {self.start_epoch} of {cfg.epochs}")
@@ -491,7 +492,10 @@ class Trainer:
         if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
             raise CheckpointError(f"{path}: not a certkd resume state; delete it to start over")
         old = state["config"]
-        diff = [k for k in self.record if k not in _RESUME_FREE and old.get(k) != self.record[k]]
+        defaults = {f.name: f.default for cls in (TrainConfig, ObjectiveParams) for f in fields(cls)}
+        # a setting the interrupted run's version did not have yet is no difference at its default
+        diff = [k for k in self.record if k not in _RESUME_FREE and old.get(k) != self.record[k]
+                and not (k not in old and defaults.get(k, MISSING) == self.record[k])]
         if diff:
             raise CertkdError(f"--resume with different settings than the interrupted run ({', '.join(diff)}); "
                               "use the same command or a new --out")
@@ -590,14 +594,14 @@ class Trainer:
 
         Below the floor means a validation clean accuracy under ``collapse_floor / K`` (2x chance by
         default). It stops training at once when the student was above the floor before (it fell),
-        and otherwise once a quarter of the epochs (at least 2) have passed without reaching it (a
-        slow start, e.g. a cyclic schedule, gets that long). A mean input-gradient norm below ``1e-3``
+        and otherwise once half of the epochs (at least 2) have passed without reaching it (a slow
+        start, e.g. adversarial training under a cyclic schedule, gets that long). A mean input-gradient norm below ``1e-3``
         of a reference (the teacher's norm, else the student's largest so far) stops it when it lasts
         two epochs. An epoch with a problem writes no checkpoint, unless the run has only one epoch.
         """
         floor = self.cfg.collapse_floor / self.info.num_classes
         if row["clean_acc"] < floor:
-            patience = max(2, self.cfg.epochs // 4)
+            patience = max(2, math.ceil(self.cfg.epochs / 2))
             fell = self.above_floor
             return (f"validation clean accuracy {row['clean_acc']:.3f} is below {self.cfg.collapse_floor:g}x chance "
                     f"({floor:.3f}){'' if fell else f' after {epoch + 1} epoch(s)'}"), fell or epoch + 1 >= patience
