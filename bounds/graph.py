@@ -25,6 +25,7 @@ import math
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -64,7 +65,7 @@ def _not_batch_axis(value: object) -> bool:
     return _plain(value) != 0
 
 
-def _plain(value: object) -> object:
+def _plain(value: object) -> Any:
     if torch.is_tensor(value):
         return value.tolist()
     return list(value) if isinstance(value, (tuple, list)) else value
@@ -285,7 +286,7 @@ def lirpa_call(what: str, version: str | None) -> Iterator[None]:
 
 def _pads4(value: object, default: int = 0) -> list[int]:
     pads = _plain(value) if value is not None else [default] * 4
-    return [int(p) for p in pads]  # type: ignore[union-attr]
+    return [int(p) for p in pads]
 
 
 def _onnx_reference(node: object, inputs: list[torch.Tensor]) -> torch.Tensor | None:
@@ -294,7 +295,8 @@ def _onnx_reference(node: object, inputs: list[torch.Tensor]) -> torch.Tensor | 
     Used only to name the first diverging node: the operators whose attributes auto_LiRPA 0.3
     is known to drop (padding, dilation, ceil_mode, count_include_pad).
     """
-    kind, attr = node_kind(node), getattr(node, "attr", {}) or {}
+    kind, attr = node_kind(node), dict(getattr(node, "attr", {}) or {})
+    attr = {k: _plain(v) for k, v in attr.items()}
     if kind == "BoundConv":
         top, left, bottom, right = _pads4(attr.get("pads"))
         x = F.pad(inputs[0], (left, right, top, bottom))
@@ -327,9 +329,10 @@ def first_diverging_node(bounded: object) -> str:
     operator's definition on the values auto_LiRPA computed last, or the output node when none is found."""
     nodes = list(bounded._modules.values())  # type: ignore[attr-defined]
     for node in nodes:
-        values = [getattr(i, "forward_value", None) for i in getattr(node, "inputs", [])]
+        raw = [getattr(i, "forward_value", None) for i in getattr(node, "inputs", [])]
         out = getattr(node, "forward_value", None)
-        if out is None or any(not torch.is_tensor(v) for v in values):
+        values = [v for v in raw if torch.is_tensor(v)]
+        if out is None or len(values) != len(raw):
             continue
         with torch.no_grad():
             try:
