@@ -181,8 +181,9 @@ def import_auto_lirpa() -> types.ModuleType:
     root = logging.getLogger()
     root_handlers, root_level = list(root.handlers), root.level
     try:
-        with warnings.catch_warnings():  # restores the filters auto_LiRPA sets to 'once'
-            warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.script in auto_LiRPA 0.3
+        # restores the filters auto_LiRPA sets to 'once'; record=True keeps its import-time warnings
+        # (torch.jit.script deprecated) off stderr even after it resets the filters
+        with warnings.catch_warnings(record=True):
             module = importlib.import_module("auto_LiRPA")
     except Exception as exc:  # any import failure becomes one sentence for the user
         raise AutoLirpaMissing(
