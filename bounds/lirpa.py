@@ -60,6 +60,8 @@ def is_legacy(version: str | None) -> bool:
 
 
 def _module_exists(name: str) -> bool:
+    if name in sys.modules:  # also a shim of an earlier, failed import attempt (no __spec__)
+        return sys.modules[name] is not None
     try:
         return importlib.util.find_spec(name) is not None
     except ModuleNotFoundError:
