@@ -193,12 +193,43 @@ def probe(lirpa: Any) -> frozenset[str]:
 
 
 def family_of(capabilities: frozenset[str]) -> str:
-    """``"0.7"`` when every capability a ViT needs is there, else the conservative ``"0.3"`` table."""
+    """The capability table for a set of capabilities.
+
+    Parameters
+    ----------
+    capabilities : frozenset of str
+        What ``probe`` found.
+
+    Returns
+    -------
+    str
+        ``"0.7"`` when every capability a ViT needs (``VIT_CAPABILITIES``) is there, else the
+        conservative ``"0.3"``.
+
+    Examples
+    --------
+    >>> family_of(VIT_CAPABILITIES), family_of(frozenset({"gelu"}))
+    ('0.7', '0.3')
+    """
     return "0.7" if VIT_CAPABILITIES <= capabilities else "0.3"
 
 
 def make_backend(lirpa: Any, version: str | None, shims: Mapping[str, bool] | None = None) -> Backend:
-    """The ``Backend`` of an imported auto_LiRPA module (``probe`` -> ``family_of`` -> its table)."""
+    """The ``Backend`` of an imported auto_LiRPA module (``probe`` -> ``family_of`` -> its table).
+
+    Parameters
+    ----------
+    lirpa : module
+        The imported ``auto_LiRPA`` package.
+    version : str or None
+        Its version (package metadata), reported, never used to choose the table.
+    shims : mapping of str to bool, optional
+        The runtime patches ``bounds.lirpa`` applied (name -> applied).
+
+    Returns
+    -------
+    Backend
+    """
     caps = probe(lirpa)
     family = family_of(caps)
     allow, refused, rewrites, tested = _table(family)
@@ -211,7 +242,18 @@ _CURRENT: Backend | None = None
 
 
 def current_backend() -> Backend:
-    """The installed backend (imports auto_LiRPA once; raises ``AutoLirpaMissing`` when it cannot)."""
+    """The installed backend, built once per process.
+
+    Returns
+    -------
+    Backend
+        ``make_backend`` of the auto_LiRPA ``bounds.lirpa.import_auto_lirpa`` imports (with its shims).
+
+    Raises
+    ------
+    AutoLirpaMissing
+        When auto_LiRPA is not installed or does not import (one sentence).
+    """
     global _CURRENT
     if _CURRENT is None:
         from bounds.lirpa import APPLIED_SHIMS, auto_lirpa_version, import_auto_lirpa
