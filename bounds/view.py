@@ -345,6 +345,8 @@ def graph_of(view: nn.Module, input_shape: Sequence[int], version: str | None = 
     example = torch.zeros((1, *input_shape), device=_device_of(view))
     mode = "matrix" if needs_matrix_mode(view) else "patches"
     bounded = bounded_module(view, example, version, mode)
+    if mode == "matrix" and any(node_kind(n) == "BoundMaxPool" for n in bounded._modules.values()):
+        raise refuse(["max-pooling after a dilated or unequally padded convolution"], version)
     if any(node_kind(n) not in ("BoundLinear", "BoundConv") for n in input_readers(bounded)):
         view = identity_first(view, input_shape)
         bounded = bounded_module(view, example, version, mode)
