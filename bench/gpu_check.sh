@@ -48,4 +48,14 @@ case "$BACKEND" in
     *) echo "gpu_check: --backend must be 0.7, 0.3 or installed, got '$BACKEND'" >&2; exit 2 ;;
 esac
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+MISSING=$("$PY" - <<'PYEOF'
+import importlib.util
+needed = ("torch", "numpy", "scipy", "click", "tqdm", "yaml", "packaging", "appdirs", "auto_LiRPA")
+print(" ".join(name for name in needed if importlib.util.find_spec(name) is None))
+PYEOF
+)
+if [ -n "$MISSING" ]; then
+    echo "gpu_check: $PY lacks $MISSING (certkd's dependencies must be installed on this machine first)" >&2
+    exit 2
+fi
 exec "$PY" bench/gpu_check.py ${ARGS[@]+"${ARGS[@]}"}

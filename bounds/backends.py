@@ -3,11 +3,12 @@
 The installed auto_LiRPA is probed for what it can do (``probe``): a GELU relaxation
 registered for ``custom::Gelu``, a LayerNorm operator, the log-sum-exp softmax relaxation
 (the softmax hazard of 0.3 is gone there) and products of two perturbed tensors. The
-capabilities select one **capability table** (``BACKENDS``): what that backend may bound,
-per auto_LiRPA operator, under which methods and norms. Every entry names the CI tests
-that prove its hazard absent (or the rewrite exact) against that backend (``Entry.evidence``);
-an entry grows only with such a test, and CI runs the bound-propagation tests once per
-backend (``.ci/run``).
+capabilities select one **capability table**: the ``bounds.graph.AllowList`` of that backend
+(``ALLOW_03``, ``ALLOW_07``: what it may bound, per auto_LiRPA operator and attribute, under
+which methods and norms) and the modules refused by name. Every operator names the CI tests
+that prove its hazard absent (or the rewrite exact) against that backend (``EVIDENCE``); an
+entry grows only with such a test, and CI runs the bound-propagation tests once per backend
+(``.ci/run``).
 
 - ``"0.3"``: PyPI's auto_LiRPA 0.3 (needs the shims of ``bounds.lirpa``); CNNs, MLPs,
   ResNets; no transformer operator (softmax is unsound there, GELU/LayerNorm are missing),
@@ -33,15 +34,14 @@ import importlib
 import math
 import types
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+import torch
 from torch import nn
 
-INF, L2 = math.inf, 2.0
-ANY_NORM = frozenset({INF, L2})
-ALL_METHODS = frozenset({"ibp", "crown-ibp", "crown", "alpha-crown"})
-NO_ALPHA = frozenset({"ibp", "crown-ibp", "crown"})
+from bounds.graph import ALLOW_03, ALLOW_LISTS, ESTIMATE_HINT, PERTURBED_PRODUCT, AllowList, OperatorRule
+
 IBP_CROWN = frozenset({"ibp", "crown"})
 INSTALL_07 = "pip install --no-deps git+https://github.com/Verified-Intelligence/auto_LiRPA graphviz appdirs"
 
@@ -50,45 +50,54 @@ _SWEEP = "tests/test_hazards.py::test_soundness_sweep"
 _WITNESS = "tests/test_backends.py::test_every_entry_is_sound_on_its_witness"
 _VIT = "tests/test_vit_lirpa.py::test_vit_crown_below_pgd"
 
-
-@dataclass(frozen=True)
-class Entry:
-    """What one auto_LiRPA operator may be bounded with: ``methods`` x ``norms``, and the tests proving it."""
-
-    methods: frozenset[str]
-    norms: frozenset[float]
-    evidence: tuple[str, ...]
-
-    def allows(self, method: str, norm: float) -> bool:
-        return method in self.methods and norm in self.norms
+def _equals(expected: object) -> Any:
+    return lambda value: _plain(value) == expected
 
 
-def _entries(kinds: tuple[str, ...], methods: frozenset[str], *evidence: str) -> dict[str, Entry]:
-    return {kind: Entry(methods, ANY_NORM, (_WITNESS, *evidence)) for kind in kinds}
+def _not_batch_axis(value: object) -> bool:
+    return _plain(value) != 0
 
 
-# a pseudo-operator: a BoundMul whose two inputs are both perturbed (LayerNorm's d * 1/std); the
-# allow-list looks it up for such a node in addition to "BoundMul"
-PERTURBED_PRODUCT = "BoundMul:perturbed"
-# nodes whose values do not depend on the input (shapes, constants) are never bounded and not listed
-_STRUCTURAL = ("BoundInput", "BoundParams", "BoundBuffers", "BoundConstant", "BoundPrimConstant", "BoundShape")
-_CNN_ALL = ("BoundLinear", "BoundConv", "BoundRelu", "BoundFlatten", "BoundReshape")
-_CNN_NO_ALPHA = ("BoundAdd", "BoundSub", "BoundMul", "BoundNeg", "BoundUnsqueeze", "BoundSqueeze",
-                 "BoundGlobalAveragePool", "BoundReduceMean", "BoundAveragePool", "BoundMaxPool")
-# a ViT after bounds.vit_rewrite, as auto_LiRPA 0.7.x traces it (LayerNorm decomposed into
-# mean / sub / sqr / sqrt / reciprocal / mul; attention into MatMul / Softmax; the class token
-# as Concat and Gather)
-_VIT_NODES = ("BoundGelu", "BoundSoftmax", "BoundMatMul", "BoundTranspose", "BoundConcat", "BoundGather",
-              "BoundSqr", "BoundSqrt", "BoundReciprocal", PERTURBED_PRODUCT)
+def _keeps_batch_first(value: object) -> bool:
+    perm = _plain(value)
+    return isinstance(perm, list) and len(perm) > 0 and perm[0] == 0
 
-TABLE_03: Mapping[str, Entry] = types.MappingProxyType({
-    **_entries(_STRUCTURAL + _CNN_ALL, ALL_METHODS, _SWEEP),
-    **_entries(_CNN_NO_ALPHA, NO_ALPHA, _SWEEP),
+
+def _plain(value: object) -> object:
+    if torch.is_tensor(value):
+        return value.tolist()
+    return list(value) if isinstance(value, (tuple, list)) else value
+
+
+def _vit_rule(label: str, **attributes: Any) -> OperatorRule:
+    return OperatorRule(label, IBP_CROWN, frozenset({math.inf, 2.0}), attributes)
+
+
+# auto_LiRPA 0.7.x: 0.3's operators (0.7.x exports at torch's default opset, where Reshape
+# carries allowzero and ReduceMean/Squeeze/Unsqueeze take their axes as inputs), plus the
+# operators of a ViT after bounds.vit_rewrite, as 0.7.x traces it: LayerNorm as mean / sub /
+# sqr / sqrt / reciprocal / mul, attention as MatMul / Softmax / Transpose, the class token as
+# Concat and Gather. The transformer operators are proven with IBP and CROWN only.
+ALLOW_07 = AllowList("0.7", {
+    **ALLOW_03.operators,
+    "BoundReshape": replace(ALLOW_03.operators["BoundReshape"], attributes={"allowzero": _equals(0)}),
+    "BoundGelu": _vit_rule("GELU"),
+    "BoundSoftmax": _vit_rule("softmax", axis=_not_batch_axis),
+    "BoundMatMul": _vit_rule("a matrix product (MatMul)"),
+    "BoundTranspose": _vit_rule("transpose", perm=_keeps_batch_first),
+    "BoundGather": _vit_rule("indexing (Gather)", axis=_not_batch_axis),
+    "BoundSqr": _vit_rule("square"),
+    "BoundSqrt": _vit_rule("sqrt"),
+    "BoundReciprocal": _vit_rule("reciprocal"),
+    PERTURBED_PRODUCT: _vit_rule("a product of two perturbed tensors"),
 })
-TABLE_07: Mapping[str, Entry] = types.MappingProxyType({
-    **TABLE_03,
-    **_entries(_VIT_NODES, IBP_CROWN, _VIT),
-})
+ALLOW_LISTS["0.7"] = ALLOW_07
+_VIT_KINDS = frozenset(ALLOW_07.operators) - frozenset(ALLOW_03.operators)
+# what proves each operator (kind -> tests): every operator has a witness, 0.3's also the sweep
+EVIDENCE: Mapping[str, tuple[str, ...]] = types.MappingProxyType({
+    kind: (_WITNESS, _VIT if kind in _VIT_KINDS else _SWEEP) for kind in ALLOW_07.operators})
+_UNBOUNDED = frozenset({"BoundInput", "BoundParams", "BoundBuffers", "BoundConstant", "BoundPrimConstant",
+                        "BoundShape"})
 
 # module types refused by name before any graph is built: the label the refusal gives them
 _REFUSED_03: Mapping[type, str] = types.MappingProxyType({
@@ -101,13 +110,10 @@ _REFUSED_03: Mapping[type, str] = types.MappingProxyType({
     nn.ConvTranspose2d: "ConvTranspose2d", nn.Upsample: "Upsample",
 })
 # rewritten by bounds.vit_rewrite (attention, GELU) or bounded as traced (softmax, LayerNorm)
-_BOUNDED_BY_07 = (nn.MultiheadAttention, nn.Softmax, nn.LayerNorm, nn.GELU)
+_TRANSFORMER = (nn.MultiheadAttention, nn.Softmax, nn.LayerNorm, nn.GELU)
 _REFUSED_07: Mapping[type, str] = types.MappingProxyType(
-    {cls: label for cls, label in _REFUSED_03.items() if cls not in _BOUNDED_BY_07})
-# the refusal of a transformer module under a backend without the capabilities
-_TRANSFORMER = frozenset(_BOUNDED_BY_07)
-VIT_HINT = (f"install auto_LiRPA 0.7.x, which bounds them with CROWN (`{INSTALL_07}`), or use "
-            "--method clever|smoothing (an estimate, and randomized smoothing)")
+    {cls: label for cls, label in _REFUSED_03.items() if cls not in _TRANSFORMER})
+VIT_HINT = f"install auto_LiRPA 0.7.x from git (README: auto_LiRPA 0.7.x), which bounds them with CROWN, or {ESTIMATE_HINT}"
 
 # the capabilities that select each table (``probe``)
 VIT_CAPABILITIES = frozenset({"gelu", "layernorm", "softmax_lse", "mul_perturbed"})
@@ -125,7 +131,7 @@ class Backend:
     family: str
     version: str | None
     capabilities: frozenset[str]
-    nodes: Mapping[str, Entry]
+    allow: AllowList
     refused_modules: Mapping[type, str]
     rewrites: tuple[str, ...]
     tested: tuple[str, ...]
@@ -139,21 +145,26 @@ class Backend:
 
     def allows(self, kind: str, method: str, norm: float) -> bool:
         """True when operator ``kind`` (e.g. ``"BoundSoftmax"``) may be bounded with ``method`` under ``norm``."""
-        entry = self.nodes.get(kind)
-        return entry is not None and entry.allows(method, norm)
+        rule = self.allow.operators.get(kind)
+        return rule is not None and method in rule.methods and norm in rule.norms
 
     def module_hint(self, labels: list[str]) -> str | None:
-        """The second half of a module refusal: 0.7.x for transformer modules under 0.3, else None."""
+        """The second half of a module refusal: 0.7.x for transformer modules where it is not installed, else None."""
         transformer = {_REFUSED_03[c] for c in _TRANSFORMER}
-        if not self.bounds_vits and any(label in transformer for label in labels):
+        if not VIT_CAPABILITIES <= self.capabilities and any(label in transformer for label in labels):
             return VIT_HINT
         return None
 
+    def baseline(self) -> Backend:
+        """This backend restricted to the 0.3 table (for composites proven only there, e.g. local linearity)."""
+        allow, refused, rewrites, _ = _table("0.3")
+        return replace(self, allow=allow, refused_modules=refused, rewrites=rewrites)
 
-def _table(family: str) -> tuple[Mapping[str, Entry], Mapping[type, str], tuple[str, ...], tuple[str, ...]]:
+
+def _table(family: str) -> tuple[AllowList, Mapping[type, str], tuple[str, ...], tuple[str, ...]]:
     if family == "0.7":
-        return TABLE_07, _REFUSED_07, ("vit",), ("0.7.1",)
-    return TABLE_03, _REFUSED_03, (), ("0.3",)
+        return ALLOW_LISTS["0.7"], _REFUSED_07, ("vit",), ("0.7.1",)
+    return ALLOW_LISTS["0.3"], _REFUSED_03, (), ("0.3",)
 
 
 def probe(lirpa: Any) -> frozenset[str]:
@@ -182,16 +193,47 @@ def probe(lirpa: Any) -> frozenset[str]:
 
 
 def family_of(capabilities: frozenset[str]) -> str:
-    """``"0.7"`` when every capability a ViT needs is there, else the conservative ``"0.3"`` table."""
+    """The capability table for a set of capabilities.
+
+    Parameters
+    ----------
+    capabilities : frozenset of str
+        What ``probe`` found.
+
+    Returns
+    -------
+    str
+        ``"0.7"`` when every capability a ViT needs (``VIT_CAPABILITIES``) is there, else the
+        conservative ``"0.3"``.
+
+    Examples
+    --------
+    >>> family_of(VIT_CAPABILITIES), family_of(frozenset({"gelu"}))
+    ('0.7', '0.3')
+    """
     return "0.7" if VIT_CAPABILITIES <= capabilities else "0.3"
 
 
 def make_backend(lirpa: Any, version: str | None, shims: Mapping[str, bool] | None = None) -> Backend:
-    """The ``Backend`` of an imported auto_LiRPA module (``probe`` -> ``family_of`` -> its table)."""
+    """The ``Backend`` of an imported auto_LiRPA module (``probe`` -> ``family_of`` -> its table).
+
+    Parameters
+    ----------
+    lirpa : module
+        The imported ``auto_LiRPA`` package.
+    version : str or None
+        Its version (package metadata), reported, never used to choose the table.
+    shims : mapping of str to bool, optional
+        The runtime patches ``bounds.lirpa`` applied (name -> applied).
+
+    Returns
+    -------
+    Backend
+    """
     caps = probe(lirpa)
     family = family_of(caps)
-    nodes, refused, rewrites, tested = _table(family)
-    return Backend(family=family, version=version, capabilities=caps, nodes=nodes, refused_modules=refused,
+    allow, refused, rewrites, tested = _table(family)
+    return Backend(family=family, version=version, capabilities=caps, allow=allow, refused_modules=refused,
                    rewrites=rewrites, tested=tested, shims=dict(shims or {}),
                    location=getattr(lirpa, "__file__", None))
 
@@ -200,7 +242,18 @@ _CURRENT: Backend | None = None
 
 
 def current_backend() -> Backend:
-    """The installed backend (imports auto_LiRPA once; raises ``AutoLirpaMissing`` when it cannot)."""
+    """The installed backend, built once per process.
+
+    Returns
+    -------
+    Backend
+        ``make_backend`` of the auto_LiRPA ``bounds.lirpa.import_auto_lirpa`` imports (with its shims).
+
+    Raises
+    ------
+    AutoLirpaMissing
+        When auto_LiRPA is not installed or does not import (one sentence).
+    """
     global _CURRENT
     if _CURRENT is None:
         from bounds.lirpa import APPLIED_SHIMS, auto_lirpa_version, import_auto_lirpa
@@ -215,13 +268,15 @@ def _norm_label(norm: float) -> str:
 
 
 def capability_rows(backend: Backend) -> list[dict[str, Any]]:
-    """One row per operator the backend may bound: operator, methods, norms, evidence (sorted by operator)."""
+    """One row per operator the backend may bound: operator, label, methods, norms, evidence (sorted)."""
     order = ("ibp", "crown-ibp", "crown", "alpha-crown")
     return [{"operator": "Mul (2 perturbed)" if kind == PERTURBED_PRODUCT else kind.removeprefix("Bound"),
-             "methods": [m for m in order if m in entry.methods],
-             "norms": [_norm_label(p) for p in sorted(entry.norms, reverse=True)],
-             "evidence": list(entry.evidence)}
-            for kind, entry in sorted(backend.nodes.items()) if kind not in _STRUCTURAL]
+             "label": rule.label,
+             "methods": [m for m in order if m in rule.methods],
+             "norms": [_norm_label(p) for p in sorted(rule.norms, reverse=True)],
+             "attributes": sorted(rule.attributes),
+             "evidence": list(EVIDENCE.get(kind, ()))}
+            for kind, rule in sorted(backend.allow.operators.items()) if kind not in _UNBOUNDED]
 
 
 def describe(backend: Backend | None = None) -> dict[str, Any]:
@@ -246,13 +301,15 @@ def describe(backend: Backend | None = None) -> dict[str, Any]:
         "shims_applied": sorted(name for name, applied in backend.shims.items() if applied),
         "rewrites": _rewrite_lines(backend),
         "bounds_vits": backend.bounds_vits,
+        "vit_install": None if backend.bounds_vits else INSTALL_07,
         "may_bound": capability_rows(backend),
         "refused_modules": sorted(set(backend.refused_modules.values())),
     }
 
 
 def _rewrite_lines(backend: Backend) -> list[str]:
-    lines = ["Normalize and BatchNorm -> dense affine layers", "grouped convolutions -> block-diagonal dense ones"]
+    lines = ["Normalize and BatchNorm -> dense affine layers (also constant arithmetic on the input)",
+             "grouped, dilated, unequally padded convolutions -> ordinary ones; Hardtanh/clamp -> ReLUs"]
     if backend.bounds_vits:
         lines += ["nn.GELU -> custom::Gelu (the same function, auto_LiRPA's GELU relaxation)",
                   "nn.MultiheadAttention -> linear projections, MatMul, softmax (the same function)"]

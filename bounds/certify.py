@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bounds.attack import margins, min_margin, pgd
-from bounds.errors import BoundsError
+from bounds.errors import BoundsError, UnsupportedModelError
 from bounds.graph import GraphCheck, check_graph_supported, lirpa_call, node_kind
 from bounds.lirpa import auto_lirpa_version, import_auto_lirpa
 from bounds.norms import batch_norm, check_eps, dual_norm, norm_name, parse_norm
@@ -295,6 +295,20 @@ class BoundEngine:
             lower = torch.where(broken, lower, mid)
         return upper
 
+    def _search_bound(self, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, p: float,
+                      method: str) -> torch.Tensor:
+        """``min_j`` margin lower bounds for the radius search; -inf where the relaxation fails at this eps.
+
+        auto_LiRPA 0.7.x's reciprocal asserts a positive input, which LayerNorm's loose bounds
+        break at large L2 radii: such an eps is not certified (sound), and the search goes lower.
+        """
+        try:
+            return self.margin_bounds(x, y, eps, p, method).min_lower
+        except UnsupportedModelError as exc:
+            if not isinstance(exc.__cause__, AssertionError):
+                raise
+            return torch.full((len(x),), -math.inf, device=x.device)
+
     def certified_radius(self, x: torch.Tensor, y: torch.Tensor, norm: str | float = "inf",
                          method: str = "crown", eps_max: float | None = None, tol: float = 1e-3,
                          attack_steps: int = 10, attack_restarts: int = 1, attack_rounds: int = 3,
@@ -341,7 +355,7 @@ class BoundEngine:
             if len(active) == 0:
                 break
             eps = search.next_eps(active)
-            g = self.margin_bounds(xs[active], ys[active], eps, p, method).min_lower
+            g = self._search_bound(xs[active], ys[active], eps, p, method)
             search.update(active, eps, g)
             result.passes += 1
             result.pass_eps.append(eps.detach().cpu())
@@ -461,7 +475,8 @@ class _RootSearch:
     def update(self, active: torch.Tensor, eps: torch.Tensor, g: torch.Tensor) -> None:
         certified = g > 0
         for k, i in enumerate(active.tolist()):
-            self.history[i].append((float(eps[k]), float(g[k])))
+            if math.isfinite(float(g[k])):  # a failed bound (-inf) says nothing about the curve's shape
+                self.history[i].append((float(eps[k]), float(g[k])))
             if bool(certified[k]):
                 self.lo[i] = eps[k]
             else:

@@ -12,6 +12,7 @@ is NOT a certificate: sampling can miss the largest gradients.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -57,7 +58,7 @@ class CleverResult:
     kind: str = "estimate"
 
 
-def nelder_mead(objective, start: torch.Tensor, max_calls: int, tol: float = 1e-4) -> torch.Tensor:
+def nelder_mead(objective: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], start: torch.Tensor, max_calls: int, tol: float = 1e-4) -> torch.Tensor:
     """``scipy.optimize.fmin`` (Nelder-Mead, ``xtol = ftol = tol``, ``maxfun = max_calls``) on P
     independent problems at once. ``objective(points (R, D), rows (R,))`` returns the (R,) values of
     problems ``rows`` at those points; ``start`` (P, D). Each iteration evaluates the reflection and

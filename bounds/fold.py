@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -51,9 +52,9 @@ class _Recorder(fx.Interpreter):
 
     def __init__(self, module: fx.GraphModule):
         super().__init__(module)
-        self.values: dict[fx.Node, object] = {}
+        self.values: dict[fx.Node, Any] = {}
 
-    def run_node(self, n: fx.Node) -> object:
+    def run_node(self, n: fx.Node) -> Any:
         value = super().run_node(n)
         self.values[n] = value
         return value
@@ -124,7 +125,7 @@ class _Folder:
         value = self.values.get(node)
         if kind is None or node.kwargs or not torch.is_tensor(value) or value.shape != self.values[self.placeholder].shape:
             return None
-        args = list(node.args)
+        args: list[Any] = list(node.args)
         if kind == "neg":
             return _compose(kind, self.affine[args[0]], None, True) if args[0] in self.affine else None
         if len(args) != 2:
@@ -146,7 +147,9 @@ class _Folder:
         spec = _CLAMPS.get(_target(node))  # type: ignore[call-overload]
         if spec is None:
             return
-        low_name, high_name, low, high = spec
+        low_name, high_name = spec[0], spec[1]
+        low: Any = spec[2]
+        high: Any = spec[3]
         args = list(node.args[1:])
         kwargs = dict(node.kwargs)
         kwargs.pop("inplace", None)

@@ -25,6 +25,7 @@ import math
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -64,7 +65,7 @@ def _not_batch_axis(value: object) -> bool:
     return _plain(value) != 0
 
 
-def _plain(value: object) -> object:
+def _plain(value: object) -> Any:
     if torch.is_tensor(value):
         return value.tolist()
     return list(value) if isinstance(value, (tuple, list)) else value
@@ -123,7 +124,9 @@ ALLOW_03 = AllowList("0.3", {
     "BoundMaxPool": _rule("max-pooling", NO_ALPHA, kernel_shape=_any, strides=_any, pads=_all_zero,
                           dilations=_equals([1, 1]), ceil_mode=_equals(0)),
 })
-# backend name -> allow-list; bounds.backends (issue 12) adds its own entries
+# a BoundMul whose two inputs are both perturbed is looked up under this key as well
+PERTURBED_PRODUCT = "BoundMul:perturbed"
+# backend family -> allow-list; bounds.backends (issue 12) adds "0.7" and chooses by capability
 ALLOW_LISTS: dict[str, AllowList] = {"0.3": ALLOW_03}
 _UNBOUNDED_KINDS = frozenset({"BoundInput", "BoundParams", "BoundBuffers", "BoundConstant", "BoundPrimConstant",
                               "BoundShape"})
@@ -135,17 +138,11 @@ _NODE_LABELS = {
 }
 
 
-def backend_name(version: str | None) -> str:
-    """The allow-list key of an auto_LiRPA version: ``"0.3"`` for 0.3.x (and, until issue 12, anything else)."""
-    if version is not None:
-        for name in sorted(ALLOW_LISTS, key=len, reverse=True):
-            if version == name or version.startswith(name + "."):
-                return name
-    return "0.3"
+def allow_list() -> AllowList:
+    """The installed backend's allow-list, chosen by what it can do, not by its version (``bounds.backends``)."""
+    from bounds.backends import current_backend
 
-
-def allow_list(version: str | None) -> AllowList:
-    return ALLOW_LISTS[backend_name(version)]
+    return ALLOW_LISTS[current_backend().family]
 
 
 def node_kind(node: object) -> str:
@@ -199,7 +196,9 @@ def node_problem(node: object, method: str, norm: float, allowed: AllowList, per
             return f"{rule.label} with {name}={_format(attributes[name])}"
     inputs = [getattr(i, "name", None) for i in getattr(node, "inputs", [])]
     if kind == "BoundMul" and sum(name in perturbed for name in inputs) > 1:
-        return "a product of two perturbed tensors"
+        product = allowed.operators.get(PERTURBED_PRODUCT)
+        if product is None or method not in product.methods or norm not in product.norms:
+            return "a product of two perturbed tensors"
     if kind == "BoundMaxPool" and _plain(attributes.get("kernel_shape")) != _plain(attributes.get("strides")):
         return "max-pooling with a stride other than its kernel size"
     return None
@@ -223,7 +222,8 @@ def input_readers(bounded: object) -> list[object]:
     return [n for n in nodes if any(getattr(i, "name", None) in names for i in getattr(n, "inputs", []))]
 
 
-def check_graph_supported(bounded: object, method: str, norm: str | float, version: str | None) -> None:
+def check_graph_supported(bounded: object, method: str, norm: str | float, version: str | None,
+                          allowed: AllowList | None = None) -> None:
     """Refuse a built ``BoundedModule`` whose graph leaves the allow-list for ``method`` and ``norm``.
 
     Besides the per-operator, per-attribute allow-list: under L2 every node reading the
@@ -231,14 +231,17 @@ def check_graph_supported(bounded: object, method: str, norm: str | float, versi
     the verification view puts an identity layer first where needed).
     """
     p = parse_norm(norm)
-    allowed = allow_list(version)
+    allowed = allowed or allow_list()
     perturbed = perturbed_names(bounded)
     nodes = [n for n in bounded._modules.values()  # type: ignore[attr-defined]
              if n.name in perturbed and node_kind(n) not in _UNBOUNDED_KINDS]
     kinds = {node_kind(n) for n in nodes}
     problems: list[str] = []
-    if "BoundSoftmax" in kinds or {"BoundExp", "BoundDiv"} <= kinds:  # a softmax, as traced at opset 12
+    if ("BoundSoftmax" in kinds and "BoundSoftmax" not in allowed.operators) or {"BoundExp", "BoundDiv"} <= kinds:
         problems.append("softmax")
+    if "BoundMaxPool" in kinds and getattr(bounded, "bound_opts", {}).get("conv_mode") == "matrix":
+        # the slow fuzzing run: CROWN bounds above PGD margins (15 configurations of 450 networks)
+        problems.append("max-pooling in its matrix mode (used after a dilated or unequally padded convolution)")
     for node in nodes:
         problem = node_problem(node, method, p, allowed, perturbed)
         if problem is not None and problem not in problems:
@@ -285,7 +288,7 @@ def lirpa_call(what: str, version: str | None) -> Iterator[None]:
 
 def _pads4(value: object, default: int = 0) -> list[int]:
     pads = _plain(value) if value is not None else [default] * 4
-    return [int(p) for p in pads]  # type: ignore[union-attr]
+    return [int(p) for p in pads]
 
 
 def _onnx_reference(node: object, inputs: list[torch.Tensor]) -> torch.Tensor | None:
@@ -294,7 +297,8 @@ def _onnx_reference(node: object, inputs: list[torch.Tensor]) -> torch.Tensor | 
     Used only to name the first diverging node: the operators whose attributes auto_LiRPA 0.3
     is known to drop (padding, dilation, ceil_mode, count_include_pad).
     """
-    kind, attr = node_kind(node), getattr(node, "attr", {}) or {}
+    kind, attr = node_kind(node), dict(getattr(node, "attr", {}) or {})
+    attr = {k: _plain(v) for k, v in attr.items()}
     if kind == "BoundConv":
         top, left, bottom, right = _pads4(attr.get("pads"))
         x = F.pad(inputs[0], (left, right, top, bottom))
@@ -327,9 +331,10 @@ def first_diverging_node(bounded: object) -> str:
     operator's definition on the values auto_LiRPA computed last, or the output node when none is found."""
     nodes = list(bounded._modules.values())  # type: ignore[attr-defined]
     for node in nodes:
-        values = [getattr(i, "forward_value", None) for i in getattr(node, "inputs", [])]
+        raw = [getattr(i, "forward_value", None) for i in getattr(node, "inputs", [])]
         out = getattr(node, "forward_value", None)
-        if out is None or any(not torch.is_tensor(v) for v in values):
+        values = [v for v in raw if torch.is_tensor(v)]
+        if out is None or len(values) != len(raw):
             continue
         with torch.no_grad():
             try:

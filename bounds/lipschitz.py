@@ -79,18 +79,21 @@ class _Tracer(fx.Tracer):
 def spectral_norm(matrix: torch.Tensor) -> torch.Tensor:
     """Largest singular value of (a batch of) matrices, via the Gram matrix of the smaller side."""
     gram = matrix.mH @ matrix if matrix.shape[-1] <= matrix.shape[-2] else matrix @ matrix.mH
-    return torch.linalg.eigvalsh(gram)[..., -1].clamp_min(0.0).sqrt()
+    top: torch.Tensor = torch.linalg.eigvalsh(gram)[..., -1]
+    return top.clamp_min(0.0).sqrt()
 
 
-def _pads(padding, kernel: tuple[int, int], dilation: tuple[int, int]) -> tuple[tuple[int, int], ...]:
+def _pads(padding: str | int | tuple[int, ...], kernel: tuple[int, int], dilation: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
     """(before, after) padding of each spatial axis for int, tuple, 'valid' or 'same' padding."""
     if padding == "valid":
         return ((0, 0), (0, 0))
     if padding == "same":
         totals = [d * (k - 1) for k, d in zip(kernel, dilation, strict=True)]
         return tuple((t // 2, t - t // 2) for t in totals)
-    padding = (padding, padding) if isinstance(padding, int) else tuple(padding)
-    return tuple((p, p) for p in padding)
+    if isinstance(padding, str):
+        raise UnsupportedModelError(f"convolutions with padding={padding!r} are not supported")
+    per_axis = (padding, padding) if isinstance(padding, int) else padding
+    return tuple((p, p) for p in per_axis)
 
 
 def _axis_phases(n: int, k: int, stride: int, dilation: int, pad: tuple[int, int], circular: bool) -> torch.Tensor:
@@ -118,8 +121,8 @@ def _axis_phases(n: int, k: int, stride: int, dilation: int, pad: tuple[int, int
     return phases
 
 
-def conv_operator_norm(weight: torch.Tensor, input_hw: tuple[int, int], stride=1, padding=0, dilation=1,
-                       groups: int = 1, padding_mode: str = "zeros",
+def conv_operator_norm(weight: torch.Tensor, input_hw: tuple[int, int], stride: int | tuple[int, ...] = 1,
+                       padding: str | int | tuple[int, ...] = 0, dilation: int | tuple[int, ...] = 1, groups: int = 1, padding_mode: str = "zeros",
                        exact_max_entries: int = EXACT_MAX_ENTRIES) -> float:
     """Proven upper bound on the L2 operator norm of ``conv2d(., weight)`` on ``input_hw`` inputs.
 
@@ -176,7 +179,7 @@ def _scalar_factor(node: fx.Node) -> float | None:
     return None
 
 
-def _bn_scale(bn: nn.Module) -> torch.Tensor:
+def _bn_scale(bn: nn.modules.batchnorm._BatchNorm) -> torch.Tensor:
     """The diagonal ``gamma / sqrt(var + eps)`` of an eval-mode BatchNorm."""
     if bn.running_var is None:
         raise UnsupportedModelError("BatchNorm without running statistics has no fixed affine map")
@@ -184,25 +187,28 @@ def _bn_scale(bn: nn.Module) -> torch.Tensor:
     return scale * bn.weight.detach().double() if bn.weight is not None else scale
 
 
-def _linear_norm(module: nn.Module, in_shape: torch.Size, scale: torch.Tensor | None) -> float:
+def _linear_norm(module: nn.Linear | nn.Conv2d | nn.AvgPool2d | nn.AdaptiveAvgPool2d, in_shape: torch.Size, scale: torch.Tensor | None) -> float:
     """Operator norm of a Linear / Conv2d / average pooling module, with an output scale folded in."""
     if isinstance(module, nn.Linear):
         w = module.weight.detach().double()
         w = w if scale is None else scale.to(w.device).view(-1, 1) * w
         return float(spectral_norm(w)) * (1 + SLACK)
-    hw = tuple(in_shape[-2:])
+    hw = (int(in_shape[-2]), int(in_shape[-1]))
     if isinstance(module, nn.Conv2d):
         w = module.weight.detach().double()
         w = w if scale is None else scale.view(-1, 1, 1, 1).to(w.device) * w
         return conv_operator_norm(w, hw, module.stride, module.padding, module.dilation, module.groups,
                                   module.padding_mode)
     if isinstance(module, nn.AdaptiveAvgPool2d):
-        out = module.output_size if isinstance(module.output_size, tuple) else (module.output_size,) * 2
-        out = tuple(n if o is None else o for n, o in zip(hw, out, strict=True))
+        size = module.output_size
+        requested = size if isinstance(size, tuple) else (size, size)
+        out = tuple(n if o is None else o for n, o in zip(hw, requested, strict=True))
         if any(n % o for n, o in zip(hw, out, strict=True)):
             raise UnsupportedModelError(f"AdaptiveAvgPool2d from {hw} to {out} is not a uniform pooling")
-        kernel = stride = tuple(n // o for n, o in zip(hw, out, strict=True))
-        padding, divisor = 0, None
+        kernel: tuple[int, ...] = tuple(n // o for n, o in zip(hw, out, strict=True))
+        stride: int | tuple[int, ...] = kernel
+        padding: int | tuple[int, ...] = 0
+        divisor: int | None = None
     else:  # nn.AvgPool2d
         if module.ceil_mode or (not module.count_include_pad and module.padding != 0):
             raise UnsupportedModelError("AvgPool2d with ceil_mode or count_include_pad=False is not supported")
@@ -240,9 +246,10 @@ def lipschitz_bound(model: nn.Module, input_shape: tuple[int, ...]) -> Lipschitz
     folded: dict[fx.Node, torch.Tensor] = {}
     for node in graph_module.graph.nodes:
         producer = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
-        if (isinstance(module_of(node), nn.modules.batchnorm._BatchNorm) and producer is not None
+        bn = module_of(node)
+        if (isinstance(bn, nn.modules.batchnorm._BatchNorm) and producer is not None
                 and isinstance(module_of(producer), (nn.Linear, nn.Conv2d)) and len(producer.users) == 1):
-            folded[producer] = _bn_scale(module_of(node))
+            folded[producer] = _bn_scale(bn)
     folded_bn = {next(iter(n.users)) for n in folded}
 
     bound: dict[fx.Node, float] = {}
@@ -263,7 +270,7 @@ def lipschitz_bound(model: nn.Module, input_shape: tuple[int, ...]) -> Lipschitz
         elif isinstance(module, nn.Sigmoid):
             bound[node] = first * 0.25
         elif isinstance(module, Normalize):
-            bound[node] = first * float((1.0 / module.std.double()).max())
+            bound[node] = first * float((1.0 / module.get_buffer("std").double()).max())
         elif isinstance(module, nn.modules.batchnorm._BatchNorm):
             bound[node] = first * float(_bn_scale(module).abs().max())
         elif isinstance(module, (nn.Linear, nn.Conv2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)):
@@ -274,8 +281,8 @@ def lipschitz_bound(model: nn.Module, input_shape: tuple[int, ...]) -> Lipschitz
             bound[node] = first
         elif node.op == "call_method" and node.target in _SHAPE_METHODS:
             bound[node] = first
-        elif node.op == "call_function" and _scalar_factor(node) is not None:
-            bound[node] = first * _scalar_factor(node)
+        elif node.op == "call_function" and (factor := _scalar_factor(node)) is not None:
+            bound[node] = first * factor
         else:
             what = type(module).__name__ if module is not None else getattr(node.target, "__name__", str(node.target))
             raise UnsupportedModelError(f"no certified Lipschitz rule for {what} (node {node.name}); "
@@ -286,9 +293,10 @@ def lipschitz_bound(model: nn.Module, input_shape: tuple[int, ...]) -> Lipschitz
     logits_bound = bound[output]
     num_classes = output.meta["tensor_meta"].shape[-1]
     head = module_of(output)
-    if isinstance(head, nn.Linear) and output not in folded:
+    head_input = output.args[0] if output.args else None
+    if isinstance(head, nn.Linear) and output not in folded and isinstance(head_input, fx.Node):
         w = head.weight.detach().double()
-        pair = torch.cdist(w, w, compute_mode="donot_use_mm_for_euclid_dist") * bound[output.args[0]] * (1 + SLACK)
+        pair = torch.cdist(w, w, compute_mode="donot_use_mm_for_euclid_dist") * bound[head_input] * (1 + SLACK)
     else:
         pair = torch.full((num_classes, num_classes), math.sqrt(2.0) * logits_bound, dtype=torch.float64)
         pair.fill_diagonal_(0.0)

@@ -60,6 +60,8 @@ def is_legacy(version: str | None) -> bool:
 
 
 def _module_exists(name: str) -> bool:
+    if name in sys.modules:  # also a shim of an earlier, failed import attempt (no __spec__)
+        return sys.modules[name] is not None
     try:
         return importlib.util.find_spec(name) is not None
     except ModuleNotFoundError:
@@ -181,12 +183,10 @@ def import_auto_lirpa() -> types.ModuleType:
     root = logging.getLogger()
     root_handlers, root_level = list(root.handlers), root.level
     try:
-        # restores the filters auto_LiRPA sets to 'once' (which would override an 'ignore'), so record instead
-        with warnings.catch_warnings(record=True) as caught:
+        # restores the filters auto_LiRPA sets to 'once'; record=True keeps its import-time warnings
+        # (torch.jit.script deprecated) off stderr even after it resets the filters
+        with warnings.catch_warnings(record=True):
             module = importlib.import_module("auto_LiRPA")
-        for w in caught:  # torch.jit.script in auto_LiRPA 0.3 is deprecated: nothing a user can act on
-            if not issubclass(w.category, DeprecationWarning):
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     except Exception as exc:  # any import failure becomes one sentence for the user
         raise AutoLirpaMissing(
             f"auto_LiRPA {version} does not import with torch {torch.__version__} "

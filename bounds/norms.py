@@ -42,7 +42,8 @@ def batch_norm(t: torch.Tensor, p: float) -> torch.Tensor:
     flat = t.flatten(1)
     if math.isinf(p):
         return flat.abs().amax(dim=1)
-    return flat.norm(p=p, dim=1)
+    norms: torch.Tensor = flat.norm(p=p, dim=1)
+    return norms
 
 
 def _expand(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -73,8 +74,8 @@ def steepest_step(grad: torch.Tensor, p: float) -> torch.Tensor:
 
 
 def random_in_ball(shape: torch.Size | tuple[int, ...], p: float, eps: torch.Tensor | float,
-                   generator: torch.Generator | None = None, device=None,
-                   dtype=torch.float32) -> torch.Tensor:
+                   generator: torch.Generator | None = None,
+                   device: str | torch.device | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Uniform samples in the L-p ball of radius eps (per example; first dim is the batch).
 
     L-inf: uniform in the cube. L2 and L1: exact uniform sampling of the ball

@@ -55,10 +55,10 @@ def noise_counts(model: torch.nn.Module, x: torch.Tensor, sigma: float, n: int, 
     points; the noise is drawn on the generator's device (by default a
     generator on x's device, seed 0), so a generator state reproduces the counts.
     """
-    if sigma <= 0 or n < 1 or batch_size < 1:
-        raise BoundsError("smoothing needs sigma > 0, n >= 1 and batch_size >= 1")
+    if sigma <= 0 or n < 1 or batch_size < 1 or len(x) < 1:
+        raise BoundsError("smoothing needs sigma > 0, n >= 1, batch_size >= 1 and at least one example")
     generator = generator if generator is not None else torch.Generator(device=x.device).manual_seed(0)
-    counts = None
+    counts: torch.Tensor | None = None
     with torch.no_grad():
         for start in range(0, len(x) * n, batch_size):
             example = torch.arange(start, min(start + batch_size, len(x) * n), device=x.device) // n
@@ -68,6 +68,7 @@ def noise_counts(model: torch.nn.Module, x: torch.Tensor, sigma: float, n: int, 
             if counts is None:
                 counts = torch.zeros(len(x), logits.shape[1], dtype=torch.long, device=x.device)
             counts.index_put_((example, logits.argmax(dim=1)), torch.ones_like(example), accumulate=True)
+    assert counts is not None  # x is not empty: the loop ran at least once
     return counts
 
 

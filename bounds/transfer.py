@@ -21,6 +21,7 @@ gammas is a certified lower bound of the student's margins: a *transfer certific
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,9 @@ from bounds.attack import pgd_maximize
 from bounds.gradients import InputGradients
 from bounds.linearity import CE, MARGIN, LinearityBounder, gamma_estimate, scalar_gradients
 from bounds.norms import batch_norm, check_eps, dual_norm, parse_norm
+
+if TYPE_CHECKING:  # annotations only: bounds.certify (and auto_LiRPA) load when an engine is built
+    from bounds.certify import BoundEngine
 
 
 @dataclass
@@ -170,7 +174,7 @@ def transfer_bound(student: nn.Module, teacher: nn.Module, x: torch.Tensor, y: t
 
 def transfer_certificate(student: nn.Module, teacher: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
                          norm: str | float = "inf", method: str = "crown", gamma_method: str = "crown",
-                         engines: tuple[object, object] | None = None,
+                         engines: tuple[BoundEngine, BoundEngine] | None = None,
                          bounders: tuple[LinearityBounder, LinearityBounder] | None = None) -> TransferCertificate:
     """Certify the student through the teacher's certificate (margin form, theory.md §3).
 

@@ -25,31 +25,22 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bounds.errors import BoundsError, UnsupportedModelError
+from bounds.errors import AutoLirpaMissing, BoundsError, UnsupportedModelError
 from bounds.fold import fold_forward
 from bounds.graph import ESTIMATE_HINT, check_graph_supported, input_readers, node_kind, refuse
 from bounds.nn import ClampReLU, Normalize
+from bounds.vit_rewrite import rewrite_transformer
 
 VIEW_ATOL = 1e-5  # max |view(x) - model(x)|, relative to max(1, max |model(x)|)
 
 _DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 _BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d)
-# modules auto_LiRPA 0.3 cannot bound soundly, with the name the refusal gives them
-_REFUSED_MODULES: dict[type, str] = {
-    nn.MultiheadAttention: "attention (nn.MultiheadAttention)",
-    nn.Softmax: "softmax", nn.LogSoftmax: "log-softmax", nn.Softmin: "softmin",
-    nn.LayerNorm: "LayerNorm", nn.GroupNorm: "GroupNorm",
-    nn.InstanceNorm1d: "InstanceNorm", nn.InstanceNorm2d: "InstanceNorm",
-    nn.GELU: "GELU", nn.SiLU: "SiLU", nn.Mish: "Mish", nn.ELU: "ELU", nn.Hardswish: "Hardswish",
-    nn.BatchNorm3d: "BatchNorm3d", nn.Conv1d: "Conv1d", nn.Conv3d: "Conv3d",
-    nn.ConvTranspose2d: "ConvTranspose2d", nn.Upsample: "Upsample",
-}
 
 
 # --------------------------------------------------------------------------- the view
@@ -246,9 +237,11 @@ def check_view(view: nn.Module, model: nn.Module, input_shape: Sequence[int]) ->
     return error
 
 
-def verification_view(model: nn.Module, input_shape: Sequence[int]) -> nn.Module:
+def verification_view(model: nn.Module, input_shape: Sequence[int], transformers: bool | None = None) -> nn.Module:
     """An eval-mode deep copy of ``model`` rewritten for auto_LiRPA (module docstring), checked equal to it.
 
+    ``transformers`` (default: whether the installed backend bounds ViTs, ``bounds.backends``)
+    also writes GELU and attention in the operators auto_LiRPA 0.7.x relaxes (``bounds.vit_rewrite``).
     ``input_shape`` is one example's shape, e.g. (C, H, W). Raises ``UnsupportedModelError``
     for a module with no exact view and ``BoundsError`` if the view differs from the model
     by more than ``VIEW_ATOL`` (relative to the logits' scale) on inputs in [0, 1]^d.
@@ -263,10 +256,19 @@ def verification_view(model: nn.Module, input_shape: Sequence[int]) -> nn.Module
     # a bare Normalize/BatchNorm model is its own root: wrap it so it can be replaced
     root = nn.Sequential(view)
     _rewrite(root, dims)
+    if _bounds_vits() if transformers is None else transformers:
+        rewrite_transformer(root)
     example = _example_inputs(input_shape, _device_of(root), 2)
     view = fold_forward(root[0], example, lambda scale, shift: _diagonal_affine(scale, shift, example.dim()))
     check_view(view, model, input_shape)
     return view
+
+
+def _bounds_vits() -> bool:
+    try:
+        return _backend().bounds_vits
+    except AutoLirpaMissing:
+        return False
 
 
 def identity_first(view: nn.Module, input_shape: Sequence[int]) -> nn.Module:
@@ -302,10 +304,18 @@ def _pooling_problem(m: nn.Module) -> str | None:
     return None
 
 
-def _refused_modules(view: nn.Module) -> list[str]:
+def _backend(baseline: bool = False):
+    """The installed backend (``bounds.backends``); with ``baseline``, restricted to the 0.3 table."""
+    from bounds.backends import current_backend
+
+    backend = current_backend()
+    return backend.baseline() if baseline else backend
+
+
+def _refused_modules(view: nn.Module, refused: Mapping[type, str]) -> list[str]:
     found: list[str] = []
     for m in view.modules():
-        labels = [label for cls, label in _REFUSED_MODULES.items() if isinstance(m, cls)]
+        labels = [label for cls, label in refused.items() if isinstance(m, cls)]
         problem = _pooling_problem(m)
         for label in labels + ([problem] if problem else []):
             if label not in found:
@@ -313,11 +323,15 @@ def _refused_modules(view: nn.Module) -> list[str]:
     return found
 
 
-def check_modules(view: nn.Module, version: str | None) -> None:
-    """Refuse, by name, modules auto_LiRPA cannot bound soundly (before any graph is built)."""
-    refused = _refused_modules(view)
+def check_modules(view: nn.Module, version: str | None, baseline: bool = False) -> None:
+    """Refuse, by name, modules the installed backend cannot bound soundly (before any graph is built).
+
+    Under 0.3 a transformer's refusal names auto_LiRPA 0.7.x as the way (``bounds.backends``).
+    """
+    backend = _backend(baseline)
+    refused = _refused_modules(view, backend.refused_modules)
     if refused:
-        raise refuse(refused, version)
+        raise refuse(refused, version, backend.module_hint(refused) or ESTIMATE_HINT)
 
 
 def graph_of(view: nn.Module, input_shape: Sequence[int], version: str | None = None) -> tuple[nn.Module, object]:
@@ -331,6 +345,8 @@ def graph_of(view: nn.Module, input_shape: Sequence[int], version: str | None = 
     example = torch.zeros((1, *input_shape), device=_device_of(view))
     mode = "matrix" if needs_matrix_mode(view) else "patches"
     bounded = bounded_module(view, example, version, mode)
+    if mode == "matrix" and any(node_kind(n) == "BoundMaxPool" for n in bounded._modules.values()):
+        raise refuse(["max-pooling after a dilated or unequally padded convolution"], version)
     if any(node_kind(n) not in ("BoundLinear", "BoundConv") for n in input_readers(bounded)):
         view = identity_first(view, input_shape)
         bounded = bounded_module(view, example, version, mode)
@@ -338,7 +354,7 @@ def graph_of(view: nn.Module, input_shape: Sequence[int], version: str | None = 
 
 
 def check_supported(view: nn.Module, method: str, norm: str | float, input_shape: Sequence[int],
-                    bounded: object | None = None) -> nn.Module:
+                    bounded: object | None = None, baseline: bool = False) -> nn.Module:
     """Raise ``UnsupportedModelError`` (one sentence) unless the installed auto_LiRPA bounds ``view`` soundly.
 
     Checks the module types first (attention, softmax, LayerNorm, GELU, ... are refused by
@@ -346,12 +362,13 @@ def check_supported(view: nn.Module, method: str, norm: str | float, input_shape
     built here by ``graph_of`` if not given) against the allow-list for ``method`` and
     ``norm``. Called by every path that bounds a model with auto_LiRPA; there is no switch to
     skip it. Returns the view the graph was built from (``graph_of`` may prefix an identity).
+    ``baseline`` checks against the 0.3 table whatever is installed (composites proven only there).
     """
     from bounds.lirpa import auto_lirpa_version
 
     version = auto_lirpa_version()
-    check_modules(view, version)
+    check_modules(view, version, baseline)
     if bounded is None:
         view, bounded = graph_of(view, input_shape, version)
-    check_graph_supported(bounded, method, norm, version)
+    check_graph_supported(bounded, method, norm, version, _backend(baseline).allow)
     return view

@@ -128,7 +128,17 @@ class ExplicitAttention(nn.Module):
 def rewrite_transformer(module: nn.Module) -> None:
     """Replace, in place and recursively, every exact GELU and every ``nn.MultiheadAttention`` (module docstring).
 
-    ``nn.GELU(approximate="tanh")`` is left alone (the allow-list refuses it by name).
+    ``nn.GELU(approximate="tanh")`` is left alone (its ``Tanh`` node is outside every allow-list).
+
+    Parameters
+    ----------
+    module : nn.Module
+        Modified in place (``bounds.view`` passes its deep copy, never the user's model).
+
+    Raises
+    ------
+    UnsupportedModelError
+        For attention with ``bias_k``/``bias_v`` or ``add_zero_attn`` (no exact view yet).
     """
     for name, child in list(module._modules.items()):
         if isinstance(child, nn.GELU) and child.approximate == "none":

@@ -20,21 +20,20 @@ from torch import nn
 
 from bounds.attack import margins, pgd_maximize
 from bounds.backends import (
+    ALLOW_07,
+    EVIDENCE,
     PERTURBED_PRODUCT,
-    TABLE_03,
-    TABLE_07,
     VIT_CAPABILITIES,
-    Entry,
     current_backend,
     describe,
     family_of,
     probe,
 )
 from bounds.certify import bounded_module, margin_spec
+from bounds.graph import ALLOW_03, ALLOW_LISTS, check_graph_supported
 from bounds.lirpa import auto_lirpa_version, import_auto_lirpa
 from bounds.nn import Normalize
 from bounds.view import verification_view
-from bounds.vit_rewrite import rewrite_transformer
 from certkd.models import create_model
 
 SHAPE = (1, 8, 8)
@@ -87,7 +86,7 @@ def test_installed_backend_is_detected():
     assert backend.version == version
     expected = "0.3" if version.startswith("0.3") else "0.7"
     assert backend.family == expected
-    assert backend.nodes is (TABLE_03 if expected == "0.3" else TABLE_07)
+    assert backend.allow is ALLOW_LISTS[expected] and ALLOW_LISTS["0.7"] is ALLOW_07
     assert backend.bounds_vits == (expected == "0.7")
     shims = describe(backend)["shims_applied"]
     assert bool(shims) == (expected == "0.3")  # 0.3 needs the import shims on torch 2.13, 0.7.x none
@@ -95,9 +94,10 @@ def test_installed_backend_is_detected():
 
 
 def test_0_7_table_only_adds_to_0_3():
-    for kind, entry in TABLE_03.items():
-        assert TABLE_07[kind] == entry
-    assert {"BoundGelu", "BoundSoftmax", "BoundMatMul", PERTURBED_PRODUCT} <= set(TABLE_07) - set(TABLE_03)
+    for kind, rule in ALLOW_03.operators.items():
+        assert ALLOW_07.operators[kind].methods == rule.methods and ALLOW_07.operators[kind].norms == rule.norms
+    assert {"BoundGelu", "BoundSoftmax", "BoundMatMul", PERTURBED_PRODUCT} <= set(ALLOW_07.operators) - set(
+        ALLOW_03.operators)
 
 
 def _test_names(path: Path) -> set[str]:
@@ -105,11 +105,11 @@ def _test_names(path: Path) -> set[str]:
     return {node.name for node in tree.body if isinstance(node, ast.FunctionDef) and node.name.startswith("test_")}
 
 
-@pytest.mark.parametrize("table", [TABLE_03, TABLE_07], ids=["0.3", "0.7"])
-def test_every_entry_names_existing_tests(table):
-    for kind, entry in table.items():
-        assert isinstance(entry, Entry) and entry.methods and entry.norms and entry.evidence, kind
-        for ref in entry.evidence:
+@pytest.mark.parametrize("allowed", [ALLOW_03, ALLOW_07], ids=["0.3", "0.7"])
+def test_every_entry_names_existing_tests(allowed):
+    for kind, rule in allowed.operators.items():
+        assert rule.methods and rule.norms and EVIDENCE.get(kind), kind
+        for ref in EVIDENCE[kind]:
             file, name = ref.split("::")
             assert name in _test_names(REPO / file), f"{kind}: {ref} does not exist"
 
@@ -117,13 +117,13 @@ def test_every_entry_names_existing_tests(table):
 # --------------------------------------------------------------------------- witnesses
 
 class Ops(nn.Module):
-    """Pooling, means, Sub, Mul and Neg by constants, Unsqueeze/Squeeze and a residual Add."""
+    """Pooling, means, Sub, Mul and Neg by constants, Unsqueeze/Squeeze, a residual Add and a Concat."""
 
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(1, 4, 3, padding=1)
         self.pool, self.avg, self.gap = nn.MaxPool2d(2), nn.AvgPool2d(2), nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(4, 10)
+        self.fc = nn.Linear(8, 10)
         self.register_buffer("scale", torch.tensor([1.5, -0.5, 2.0, 1.0]))
 
     def forward(self, x):
@@ -131,7 +131,7 @@ class Ops(nn.Module):
         m = self.avg(self.pool(h)).mean(dim=(2, 3))
         g = self.gap(h).flatten(1)
         u = (-(m * self.scale - g)).unsqueeze(1).squeeze(1)
-        return self.fc(torch.relu(u) + m)
+        return self.fc(torch.cat([torch.relu(u) + m, g], dim=1))
 
 
 class ReshapeCNN(nn.Module):
@@ -211,22 +211,21 @@ def test_every_entry_is_sound_on_its_witness():
     violations: list[str] = []
     x = torch.rand((8, *SHAPE), generator=torch.Generator().manual_seed(1))
     for name, model in witnesses(backend.bounds_vits).items():
-        view = verification_view(model, SHAPE)
-        if backend.bounds_vits:
-            rewrite_transformer(view)
+        view = verification_view(model, SHAPE)  # GELU and attention rewritten where the backend bounds them
         with torch.no_grad():
             y = model(x).argmax(1)
             assert float((view(x) - model(x)).abs().max()) <= 1e-5
         bounded = bounded_module(view, torch.zeros(1, *SHAPE))
         kinds = perturbed_kinds(bounded)
-        outside = kinds - set(backend.nodes)
+        outside = kinds - set(backend.allow.operators)
         assert not outside, f"witness {name} uses operators outside the table: {outside}"
-        entries = [backend.nodes[k] for k in kinds]
-        methods = frozenset.intersection(*(e.methods for e in entries))
-        norms = frozenset.intersection(*(e.norms for e in entries))
+        rules = [backend.allow.operators[k] for k in kinds]
+        methods = frozenset.intersection(*(r.methods for r in rules))
+        norms = frozenset.intersection(*(r.norms for r in rules))
         for norm in sorted(norms):
             attack = per_margin_attack(model, x, y, EPS[norm], norm)
             for method in sorted(methods):
+                check_graph_supported(bounded, method, norm, backend.version)  # attributes too
                 lower = raw_view_lower(lirpa, bounded, x, y, EPS[norm], norm, method)
                 slack = 1e-5 * attack.abs().clamp_min(1.0)
                 bad = int((lower > attack + slack).sum())
@@ -234,8 +233,8 @@ def test_every_entry_is_sound_on_its_witness():
                     violations.append(f"{name} {method} L{norm:g}: {bad} of {lower.numel()}")
                 covered |= {(k, method, norm) for k in kinds}
     assert violations == []
-    missing = [f"{kind} {m} L{p:g}" for kind, entry in backend.nodes.items() if kind not in _STRUCTURAL
-               for m in entry.methods for p in entry.norms if (kind, m, p) not in covered]
+    missing = [f"{kind} {m} L{p:g}" for kind, rule in backend.allow.operators.items() if kind not in _STRUCTURAL
+               for m in rule.methods for p in rule.norms if (kind, m, p) not in covered]
     assert missing == [], f"table entries no witness proves: {missing}"
 
 
@@ -266,4 +265,4 @@ def test_doctor_json_matches_describe(capsys):
         main(["doctor", "--json"])
     info = json.loads(capsys.readouterr().out)
     assert info == json.loads(json.dumps(describe()))
-    assert len(info["may_bound"]) == len([k for k in current_backend().nodes if k not in _STRUCTURAL])
+    assert len(info["may_bound"]) == len([k for k in current_backend().allow.operators if k not in _STRUCTURAL])

@@ -63,9 +63,7 @@ def points(vit, digits):
 
 
 def rewritten(model: nn.Module, shape) -> nn.Module:
-    view = verification_view(model, shape)
-    rewrite_transformer(view)
-    return view
+    return verification_view(model, shape, transformers=True)
 
 
 # --------------------------------------------------------------------------- the rewrite (pure torch)
@@ -157,3 +155,81 @@ def test_vit_crown_below_pgd(vit, points, norm, eps):
     certified = float((lower.amin(dim=1) > 0).float().mean())
     assert certified >= 0.5  # the bounds are not vacuous: the comparison has teeth
 
+
+
+# --------------------------------------------------------------------------- certkd's path (view + allow-list)
+
+def test_vit_refused_under_0_3_names_0_7(vit, points):
+    if current_backend().bounds_vits:
+        pytest.skip("the installed auto_LiRPA bounds ViTs (the refusal is 0.3's)")
+    from bounds.certify import BoundEngine
+    from bounds.errors import UnsupportedModelError
+
+    x, y = points
+    with pytest.raises(UnsupportedModelError, match=r"0\.7\.x") as info:
+        BoundEngine(vit, (1, 8, 8)).margin_bounds(x[:2], y[:2], 0.01, "inf", "crown")
+    message = str(info.value)
+    assert "\n" not in message and message.count(". ") == 0 and "from git (README" in message
+
+
+@pytest.mark.parametrize("norm", ["inf", "2"])
+def test_vit_certified_radius_survives_pgd(vit, points, norm):
+    """certkd's CROWN radii of a ViT: positive, below the attack's upper end, and unbroken by PGD-50 x 3 there."""
+    needs_vit_backend()
+    from bounds.attack import pgd
+    from bounds.certify import BoundEngine
+
+    x, y = points[0][:12], points[1][:12]
+    engine = BoundEngine(vit, (1, 8, 8))
+    res = engine.certified_radius(x, y, norm, "crown", eps_max=0.2 if norm == "inf" else 1.0, tol=1e-3,
+                                  generator=torch.Generator().manual_seed(0))
+    assert bool((res.radius > 0).all()) and bool((res.radius <= res.upper).all())
+    attack = pgd(vit, x, y, res.radius, norm, steps=50, restarts=3, generator=torch.Generator().manual_seed(3))
+    assert bool((attack.margin > 0).all())
+    assert bool(engine.margin_bounds(x, y, res.radius, norm, "crown").certified.all())
+
+
+def test_vit_refuses_the_methods_the_table_leaves_out(vit, points):
+    needs_vit_backend()
+    from bounds.certify import BoundEngine
+    from bounds.errors import UnsupportedModelError
+
+    x, y = points[0][:2], points[1][:2]
+    engine = BoundEngine(vit, (1, 8, 8))
+    assert engine.margin_bounds(x, y, 0.002, "inf", "ibp").lower.shape == (2, 9)
+    for method in ("crown-ibp", "alpha-crown"):
+        with pytest.raises(UnsupportedModelError, match=method):
+            engine.margin_bounds(x, y, 0.002, "inf", method)
+
+
+def test_cli_certify_vit_crown_radius(vit, tmp_path, capsys):
+    """``certkd certify vit.pt --method crown --radius`` under 0.7.x: certified radii, each sound."""
+    needs_vit_backend()
+    from certkd.checkpoint import make_checkpoint, save_checkpoint
+    from certkd.cli import main
+    from certkd.data import dataset_info
+
+    path = tmp_path / "vit.pt"
+    save_checkpoint(make_checkpoint(vit, "vit", dict(VIT), dataset_info("digits")), path)
+    out, per_example = tmp_path / "summary.json", tmp_path / "records.jsonl"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["certify", str(path), "--method", "crown", "--radius", "-n", "8", "--eps", "0.005",
+              "--out", str(out), "--per-example", str(per_example), "--pgd-steps", "10"])
+    assert exit_info.value.code == 0, capsys.readouterr().err
+    import json
+
+    from bounds.attack import pgd
+
+    summary = json.loads(out.read_text())
+    assert summary["soundness"]["contradictions"] == 0
+    crown = next(r for r in summary["results"] if r["method"] == "crown")
+    assert crown["kind"] == "certified" and crown["accuracy"] >= 0.5
+    records = [json.loads(line) for line in per_example.read_text().splitlines()[1:]]
+    radii = {int(r["index"]): float(r["radius"]) for r in records if r["method"] == "crown" and r.get("radius")}
+    assert len(radii) >= 4
+    test = load_dataset("digits", "test")
+    index = torch.tensor(sorted(radii))
+    radius = torch.tensor([radii[i] for i in sorted(radii)])
+    attack = pgd(vit, test.x[index], test.y[index], radius, "inf", steps=50, restarts=3,
+                 generator=torch.Generator().manual_seed(5))
+    assert bool((attack.margin > 0).all())

@@ -41,7 +41,8 @@ def format_doctor(info: dict[str, Any]) -> list[str]:
         f"{'table':<13}capability set {info['family']}, tested with auto_LiRPA {tested}{note}",
         f"{'capabilities':<13}{', '.join(info['capabilities']) or 'none beyond the basic operators'}",
         f"{'shims':<13}{', '.join(info['shims_applied']) or 'none needed'}",
-        f"{'ViTs':<13}{'bounded (GELU and attention rewritten)' if info['bounds_vits'] else 'refused'}",
+        f"{'ViTs':<13}" + ("bounded (GELU and attention rewritten)" if info["bounds_vits"]
+                           else f"refused; to bound them: {info['vit_install']}"),
         f"{'rewrites':<13}{info['rewrites'][0]}",
         *(f"{'':<13}{line}" for line in info["rewrites"][1:]),
         f"{'refused':<13}{', '.join(info['refused_modules'])} (modules, by name)",
