@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from bounds.errors import BoundsError
+from bounds.errors import BoundsError, UnsupportedModelError
 
 if TYPE_CHECKING:
     from bounds.certify import BoundEngine
@@ -271,6 +271,11 @@ def plan_batch(probe: Callable[[int], object], probe_size: int, cap: int, budget
 PROBE_POINTS = 2
 """Points in the probe pass (the first points of the run; their bounds are discarded)."""
 
+PROBE_RETRIES = 4
+"""Smaller radii (each a quarter of the last) a probe tries where the relaxation fails at the asked one:
+the radius search treats such an eps as not certified and searches below it, so the passes it runs are
+probed there."""
+
 
 def plan_engine(engine: BoundEngine, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str | float,
                 method: str, cap: int, budget_bytes: int | None = None) -> MemoryPlan:
@@ -287,7 +292,15 @@ def plan_engine(engine: BoundEngine, x: torch.Tensor, y: torch.Tensor, eps: floa
     True
     """
     def probe(n: int) -> object:
-        return engine.margin_bounds(x[:n], y[:n], eps, norm, method)
+        probe_eps = eps
+        for _ in range(PROBE_RETRIES):
+            try:
+                return engine.margin_bounds(x[:n], y[:n], probe_eps, norm, method)
+            except UnsupportedModelError as exc:
+                if not isinstance(exc.__cause__, AssertionError):  # a refusal, not a failed relaxation
+                    raise
+                probe_eps /= 4  # e.g. 0.7.x's reciprocal under LayerNorm at a box-covering radius
+        return engine.margin_bounds(x[:n], y[:n], probe_eps, norm, method)
 
     plan = plan_batch(probe, min(PROBE_POINTS, len(x)), cap, budget_bytes, engine.device)
     engine.batch_size = plan.batch_size

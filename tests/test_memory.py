@@ -110,3 +110,33 @@ def test_max_memory_sets_the_recorded_bound_batch_and_bad_sizes_are_one_line(tmp
     assert "bound batch 1 (measured" in result.output and "certify: " not in result.output
     bad = runner.invoke(main, ["certify", str(ckpt), "--max-memory", "lots"])
     assert bad.exit_code == 2 and len(bad.output.strip().splitlines()) == 1 and "--max-memory" in bad.output
+
+
+class _FailsAboveEngine:
+    """A stand-in engine whose relaxation fails (auto_LiRPA assertion) above ``limit``; refuses on ``refuse``."""
+
+    def __init__(self, limit: float, refuse: bool = False) -> None:
+        self.limit, self.refuse, self.device, self.batch_size, self.asked = limit, refuse, "cpu", None, []
+
+    def margin_bounds(self, x, y, eps, norm, method):
+        from bounds.errors import UnsupportedModelError
+
+        self.asked.append(eps)
+        if self.refuse:
+            raise UnsupportedModelError("cannot bound this operator")
+        if eps > self.limit:
+            raise UnsupportedModelError("relaxation failed") from AssertionError("reciprocal of a negative")
+        return torch.zeros(len(x))
+
+
+def test_probe_steps_below_a_failing_relaxation_but_not_below_a_refusal():
+    """A box-covering probe radius where the relaxation fails is probed lower; a refusal stays a refusal."""
+    from bounds.errors import UnsupportedModelError
+    from bounds.memory import plan_engine
+
+    x, y = torch.rand(2, 1, 4, 4), torch.tensor([0, 1])
+    engine = _FailsAboveEngine(limit=0.1)
+    plan = plan_engine(engine, x, y, 1.0, "inf", "crown", cap=8)
+    assert engine.asked == [1.0, 0.25, 0.0625] and engine.batch_size == plan.batch_size >= 1
+    with pytest.raises(UnsupportedModelError, match="cannot bound"):
+        plan_engine(_FailsAboveEngine(limit=0.1, refuse=True), x, y, 1.0, "inf", "crown", cap=8)
