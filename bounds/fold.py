@@ -194,6 +194,19 @@ class _Folder:
         self.module.recompile()
 
 
+class _Tracer(fx.Tracer):
+    """fx's tracer with every convolution kept as one module, subclasses included.
+
+    fx inlines a module whose class is not in ``torch.nn`` into its functional calls; the
+    view's ``ExpandedConv2d`` (``bounds.view``) would then vanish from the traced view, and
+    with it the decision to bound the graph in matrix mode (issue 16: CROWN bounds above PGD
+    margins on dilated convolutions behind a functional clamp).
+    """
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, nn.Conv2d) or super().is_leaf_module(m, module_qualified_name)
+
+
 def fold_forward(view: nn.Module, example: torch.Tensor,
                  affine_layer: Callable[[torch.Tensor, torch.Tensor], nn.Module]) -> nn.Module:
     """``view`` with inline normalization and clamps rewritten (module docstring), or ``view`` itself.
@@ -202,7 +215,7 @@ def fold_forward(view: nn.Module, example: torch.Tensor,
     Returns ``view`` unchanged when fx cannot trace it or there is nothing to rewrite.
     """
     try:
-        traced = fx.symbolic_trace(view)
+        traced = fx.GraphModule(view, _Tracer().trace(view), type(view).__name__)
         folder = _Folder(traced, example)
         folder.run(affine_layer)
     except Exception:  # fx raises many kinds on untraceable code: keep the view, the graph check guards it

@@ -23,12 +23,13 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_certify_sound import exact_min_margin
-from test_hazards import count_violations, labels_of, per_margin_attack
+from test_hazards import count_violations, labels_of, per_margin_attack, raw_lower, require_hazard
 from torch import nn
 
 from bounds.certify import BoundEngine
 from bounds.errors import UnsupportedModelError
 from bounds.nn import Normalize
+from bounds.view import needs_matrix_mode, verification_view
 from certkd.data import load_dataset
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -275,6 +276,44 @@ def report(stats: Stats, capsys) -> None:
               f"refusals: {dict(stats.refusals)}")
         for line in stats.violations[:20]:
             print("  VIOLATION", line)
+
+
+# the slow run's 15 CROWN violations (issue 16): a dilated convolution behind a functional F.hardtanh.
+# fx inlined the view's ExpandedConv2d while folding the clamp, so the view lost its matrix-mode marker
+# and auto_LiRPA bounded the dilated kernel in its (unsound) patches mode.
+DILATED_BEHIND_CLAMP = {"kind": "cnn", "norm": "module", "head": "mean", "groups": True, "seed": 2352,
+                        "blocks": [({"out": 4, "kernel_size": 2, "stride": 1, "dilation": 2, "padding": 1}, True,
+                                    "hardtanh", "none"),
+                                   ({"out": 4, "kernel_size": 2, "stride": 1, "dilation": 1, "padding": 1}, True,
+                                    "hardtanh", "none")]}
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return {"train": load_dataset("digits", "train"), "test": load_dataset("digits", "test")}
+
+
+def test_fold_keeps_the_matrix_mode_marker(digits):
+    """fx folding the functional clamps keeps ExpandedConv2d, so the dilated view is still bounded in matrix mode."""
+    spec = {**DILATED_BEHIND_CLAMP, "pool": "none"}
+    assert needs_matrix_mode(verification_view(train_briefly(build(spec), digits["train"]), (1, 8, 8)))
+    stats = Stats()
+    check_network(spec, digits, stats)
+    assert stats.violations == [] and stats.checked > 0
+
+
+def test_dilated_convolution_and_max_pooling_behind_functional_clamp(digits):
+    """The slow run's network: patches mode on certkd's view exceeds PGD (30 of 90 margins); certkd refuses it."""
+    spec = {**DILATED_BEHIND_CLAMP, "pool": "max2"}
+    model = train_briefly(build(spec), digits["train"])
+    view = verification_view(model, (1, 8, 8))
+    x = digits["test"].x[:POINTS]
+    y = labels_of(model, x)
+    attack = per_margin_attack(model, x, y, 0.01, "inf")
+    patches = raw_lower(view, x, y, 0.01, "inf", "CROWN", {"conv_mode": "patches"})
+    require_hazard(count_violations(patches, attack), "dilated convolution with max-pooling in patches mode")
+    with pytest.raises(UnsupportedModelError, match="max-pooling after a dilated"):
+        BoundEngine(model, (1, 8, 8))
 
 
 def test_fuzz_soundness(capsys):
