@@ -64,6 +64,16 @@ def _probe_writable(folder: Path, what: str) -> None:
     os.unlink(tmp)
 
 
+def _check_parent(path: Path, option: str) -> None:
+    """The folder ``path`` goes into exists, is a folder and is writable (no folder is created)."""
+    parent = path.parent
+    if not parent.exists():
+        raise CertkdError(f"{option} {path}: the folder {parent} does not exist")
+    if not parent.is_dir():
+        raise CertkdError(f"{option} {path}: {parent} is not a folder")
+    _probe_writable(parent, f"{option} {path}")
+
+
 def check_output_file(path: str | Path, option: str = "--out") -> Path:
     """Check that a result file can be written at ``path`` (its folder exists and is writable).
 
@@ -80,12 +90,7 @@ def check_output_file(path: str | Path, option: str = "--out") -> Path:
     path = Path(path)
     if path.is_dir():
         raise CertkdError(f"{option} {path} is a directory; give a file name")
-    parent = path.parent
-    if not parent.exists():
-        raise CertkdError(f"{option} {path}: the folder {parent} does not exist")
-    if not parent.is_dir():
-        raise CertkdError(f"{option} {path}: {parent} is not a folder")
-    _probe_writable(parent, f"{option} {path}")
+    _check_parent(path, option)
     return path
 
 
@@ -108,12 +113,7 @@ def check_output_dir(path: str | Path, option: str = "--out") -> Path:
             raise CertkdError(f"{option} {path} is a file; give a folder")
         _probe_writable(path, f"{option} {path}")
         return path
-    parent = path.parent
-    if not parent.exists():
-        raise CertkdError(f"{option} {path}: the folder {parent} does not exist")
-    if not parent.is_dir():
-        raise CertkdError(f"{option} {path}: {parent} is not a folder")
-    _probe_writable(parent, f"{option} {path}")
+    _check_parent(path, option)
     return path
 
 
