@@ -13,7 +13,9 @@ CROWN is the default method; alpha-CROWN is opt-in (about 400x slower on a CPU).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -96,7 +98,7 @@ def check_bound_norm(norm: str | float) -> float:
     return p
 
 
-def _per_example_conv_class(lirpa):
+def _per_example_conv_class(lirpa: Any) -> type:
     """auto_LiRPA's convolution with per-example L2 radii in IBP (0.3 multiplies a (C,) norm by eps).
 
     Only the case this class adds is new: an L2 ball of radius ``eps_i`` (a tensor) around
@@ -106,10 +108,12 @@ def _per_example_conv_class(lirpa):
     """
     from auto_LiRPA.operators.base import Interval
 
-    class BoundConvPerExampleEps(lirpa.operators.BoundConv):
+    base: Any = lirpa.operators.BoundConv  # untyped third-party class
+
+    class BoundConvPerExampleEps(base):  # type: ignore[misc]  # auto_LiRPA is untyped
         lirpa_kind = "BoundConv"
 
-        def interval_propagate(self, *v, C=None):
+        def interval_propagate(self, *v: Any, C: Any = None) -> Any:
             ptb = getattr(v[0], "ptb", None) if isinstance(v[0], Interval) else None
             eps = getattr(ptb, "eps", None)
             if ptb is None or math.isinf(ptb.norm) or not torch.is_tensor(eps) or eps.numel() == 1:
@@ -126,7 +130,8 @@ def _per_example_conv_class(lirpa):
     return BoundConvPerExampleEps
 
 
-def bounded_module(module: nn.Module, example_inputs, version: str | None = None, conv_mode: str = "patches"):
+def bounded_module(module: nn.Module, example_inputs: torch.Tensor | tuple[torch.Tensor, ...],
+                   version: str | None = None, conv_mode: str = "patches") -> Any:
     """auto_LiRPA's ``BoundedModule`` of ``module`` with the options certkd needs (per-example eps, 0.3 fixes).
 
     Callers must pass a verification view (or a module built from one), run
@@ -141,7 +146,7 @@ def bounded_module(module: nn.Module, example_inputs, version: str | None = None
                                    custom_ops={"onnx::Conv": _per_example_conv_class(lirpa)})
 
 
-def batch_independent(bounded) -> bool:
+def batch_independent(bounded: Any) -> bool:
     """Make each example's bound independent of its batch neighbours; True if an option had to change.
 
     auto_LiRPA 0.3 computes CROWN bounds only for the pre-ReLU neurons IBP finds unstable in
@@ -175,7 +180,7 @@ class BoundEngine:
     with it: about 0.6 GB per example for LeNet on MNIST; auto_lirpa_notes.md).
     """
 
-    def __init__(self, model: nn.Module, input_shape, device: str | torch.device = "cpu",
+    def __init__(self, model: nn.Module, input_shape: Sequence[int], device: str | torch.device = "cpu",
                  batch_size: int = 64):
         self.device = torch.device(device)
         self.input_shape = tuple(int(s) for s in input_shape)
@@ -205,7 +210,8 @@ class BoundEngine:
             self._checked.add(key)
         return key
 
-    def _inputs(self, x: torch.Tensor, y: torch.Tensor, eps) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _inputs(self, x: torch.Tensor, y: torch.Tensor, eps: float | torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x = torch.as_tensor(x, dtype=torch.float32).to(self.device)
         y = torch.as_tensor(y).long().to(self.device)
         if tuple(x.shape[1:]) != self.input_shape:
@@ -221,7 +227,7 @@ class BoundEngine:
             raise BoundsError(f"eps must be a number or one value per example, got shape {tuple(eps_t.shape)}")
         return x, y, eps_t
 
-    def _perturbation(self, x: torch.Tensor, eps: torch.Tensor, p: float):
+    def _perturbation(self, x: torch.Tensor, eps: torch.Tensor, p: float) -> Any:
         if math.isinf(p):
             e = eps.view(-1, *([1] * (x.dim() - 1)))
             return self._lirpa.PerturbationLpNorm(norm=math.inf, eps=float(eps.max()),
@@ -250,9 +256,10 @@ class BoundEngine:
                 param.grad = None
         with torch.no_grad():
             scale = self.view(x).abs().amax(dim=1).clamp_min(1.0)
-        return lower.detach() - ROUNDING * scale.unsqueeze(1)
+        result: torch.Tensor = lower.detach() - ROUNDING * scale.unsqueeze(1)
+        return result
 
-    def margin_bounds(self, x: torch.Tensor, y: torch.Tensor, eps, norm: str | float = "inf",
+    def margin_bounds(self, x: torch.Tensor, y: torch.Tensor, eps: float | torch.Tensor, norm: str | float = "inf",
                       method: str = "crown") -> MarginBounds:
         """Lower bounds of ``f_y - f_j`` over ``B_p(x, eps)`` for every ``j != y`` (theory.md §2.1).
 
@@ -378,7 +385,7 @@ def _power_model_root(m0: float, s0: float, points: list[tuple[float, float]], p
     c = d1 / e1 ** power
 
     def model(e: float) -> float:
-        return m0 - s0 * e - c * e ** power
+        return float(m0 - s0 * e - c * e ** power)
 
     if model(lo) <= 0 or model(hi) > 0:
         return None
@@ -484,7 +491,8 @@ class _RootSearch:
             self.widths[i].append(float(self.hi[i] - self.lo[i]))
 
 
-def margin_bounds(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps, norm: str | float = "inf",
+def margin_bounds(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | torch.Tensor,
+                  norm: str | float = "inf",
                   method: str = "crown", device: str | torch.device = "cpu") -> MarginBounds:
     """One-off ``BoundEngine(model, x.shape[1:]).margin_bounds(...)``; build an engine to reuse it."""
     return BoundEngine(model, x.shape[1:], device=device).margin_bounds(x, y, eps, norm, method)
@@ -492,7 +500,7 @@ def margin_bounds(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps, norm:
 
 def certified_radius(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: str | float = "inf",
                      method: str = "crown", eps_max: float | None = None, tol: float = 1e-3,
-                     device: str | torch.device = "cpu", **search) -> RadiusResult:
+                     device: str | torch.device = "cpu", **search: Any) -> RadiusResult:
     """One-off ``BoundEngine(model, x.shape[1:]).certified_radius(...)``; build an engine to reuse it."""
     return BoundEngine(model, x.shape[1:], device=device).certified_radius(x, y, norm, method, eps_max, tol,
                                                                          **search)

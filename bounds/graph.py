@@ -62,7 +62,7 @@ def _all_zero(value: object) -> bool:
 
 
 def _not_batch_axis(value: object) -> bool:
-    return _plain(value) != 0
+    return bool(_plain(value) != 0)
 
 
 def _plain(value: object) -> Any:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +37,9 @@ from bounds.fold import fold_forward
 from bounds.graph import ESTIMATE_HINT, check_graph_supported, input_readers, node_kind, refuse
 from bounds.nn import ClampReLU, Normalize
 from bounds.vit_rewrite import rewrite_transformer
+
+if TYPE_CHECKING:
+    from bounds.backends import Backend
 
 VIEW_ATOL = 1e-5  # max |view(x) - model(x)|, relative to max(1, max |model(x)|)
 
@@ -74,7 +78,7 @@ def _batchnorm_affine(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor
     return scale.detach(), shift.detach()
 
 
-def _fold_affine_into(layer: nn.Module, scale: torch.Tensor, shift: torch.Tensor) -> None:
+def _fold_affine_into(layer: nn.Conv2d | nn.Linear, scale: torch.Tensor, shift: torch.Tensor) -> None:
     """Compose ``scale * layer(x) + shift`` into the layer's own weight and bias (exact)."""
     weight = layer.weight.data
     bias = layer.bias.data if layer.bias is not None else torch.zeros(weight.shape[0], device=weight.device)
@@ -152,10 +156,12 @@ def canonical_conv(conv: nn.Conv2d) -> nn.Conv2d:
     weight = F.pad(dilated, (big - pads[1][0], big - pads[1][1], big - pads[0][0], big - pads[0][1]))
     expanded = tuple(conv.dilation) != (1, 1) or len({p for pair in pads for p in pair}) > 1
     cls = ExpandedConv2d if expanded else nn.Conv2d
-    out = cls(conv.in_channels, conv.out_channels, tuple(weight.shape[2:]), conv.stride, big,
+    kernel = (int(weight.shape[2]), int(weight.shape[3]))
+    stride = (int(conv.stride[0]), int(conv.stride[1]))
+    out = cls(conv.in_channels, conv.out_channels, kernel, stride, big,
               bias=conv.bias is not None).to(device=dense.device, dtype=dense.dtype)
     out.weight.data = weight
-    if conv.bias is not None:
+    if conv.bias is not None and out.bias is not None:
         out.bias.data = conv.bias.detach().clone()
     return out
 
@@ -164,7 +170,7 @@ def _record_input_dims(model: nn.Module, example: torch.Tensor) -> dict[int, int
     """id(module) -> number of dimensions of its input, for the modules the view replaces."""
     dims: dict[int, int] = {}
 
-    def hook(module, inputs, _output):
+    def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], _output: object) -> None:
         dims[id(module)] = inputs[0].dim()
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (Normalize, *_BATCHNORM))]
@@ -304,7 +310,7 @@ def _pooling_problem(m: nn.Module) -> str | None:
     return None
 
 
-def _backend(baseline: bool = False):
+def _backend(baseline: bool = False) -> Backend:
     """The installed backend (``bounds.backends``); with ``baseline``, restricted to the 0.3 table."""
     from bounds.backends import current_backend
 
@@ -334,7 +340,7 @@ def check_modules(view: nn.Module, version: str | None, baseline: bool = False) 
         raise refuse(refused, version, backend.module_hint(refused) or ESTIMATE_HINT)
 
 
-def graph_of(view: nn.Module, input_shape: Sequence[int], version: str | None = None) -> tuple[nn.Module, object]:
+def graph_of(view: nn.Module, input_shape: Sequence[int], version: str | None = None) -> tuple[nn.Module, Any]:
     """auto_LiRPA's ``BoundedModule`` of ``view``, with ``identity_first`` where a non-Linear/Conv reads the input.
 
     Returns the (possibly prefixed) view and its graph; the graph still needs the allow-list and
