@@ -115,13 +115,13 @@ def pgd(
     """
     if loss not in ("margin", "ce"):
         raise ValueError(f"unknown attack loss {loss!r}: use margin or ce")
-    seen = {"margin": None}
+    seen: dict[str, torch.Tensor] = {}  # "margin": running minimum (objective runs first on x itself)
 
     def objective(z: torch.Tensor) -> torch.Tensor:
         logits = model(z)
         m = min_margin(logits, y)
         md = m.detach()
-        seen["margin"] = md if seen["margin"] is None else torch.minimum(seen["margin"], md)
+        seen["margin"] = torch.minimum(seen["margin"], md) if "margin" in seen else md
         if loss == "ce":
             return F.cross_entropy(logits, y, reduction="none")
         return -m

@@ -68,7 +68,8 @@ def _per_channel(value: object, shape: torch.Size) -> torch.Tensor | None:
         full = torch.broadcast_to(c, shape)
     except RuntimeError:
         return None
-    if torch.broadcast_shapes(c.shape, shape) != shape or c.dim() > len(shape):
+    joint = torch.broadcast_shapes(c.shape, shape)  # type: ignore[no-untyped-call]  # unannotated in torch
+    if joint != shape or c.dim() > len(shape):
         return None
     one = full[0]
     flat = one.reshape(one.shape[0], -1)
@@ -121,7 +122,7 @@ class _Folder:
         return None
 
     def _affine_of(self, node: fx.Node) -> Affine | None:
-        kind = _ARITHMETIC.get(_target(node))  # type: ignore[call-overload]
+        kind = _ARITHMETIC.get(_target(node))
         value = self.values.get(node)
         if kind is None or node.kwargs or not torch.is_tensor(value) or value.shape != self.values[self.placeholder].shape:
             return None
@@ -144,7 +145,7 @@ class _Folder:
         return name
 
     def _clamp(self, node: fx.Node) -> None:
-        spec = _CLAMPS.get(_target(node))  # type: ignore[call-overload]
+        spec = _CLAMPS.get(_target(node))
         if spec is None:
             return
         low_name, high_name = spec[0], spec[1]
@@ -163,7 +164,7 @@ class _Folder:
             return
         if low is None and high is None:
             return
-        name = self._new_module(ClampReLU(low, high))  # type: ignore[arg-type]
+        name = self._new_module(ClampReLU(low, high))
         with self.module.graph.inserting_after(node):
             new = self.module.graph.call_module(name, (node.args[0],))
         node.replace_all_uses_with(new)

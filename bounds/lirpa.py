@@ -23,7 +23,8 @@ import math
 import sys
 import types
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 
 import torch
 from packaging.version import InvalidVersion, Version
@@ -39,6 +40,18 @@ LEGACY_OPSET = 12  # the ONNX opset auto_LiRPA 0.3's graph parser asks for
 APPLIED_SHIMS: dict[str, bool] = {}
 
 _MODULE: types.ModuleType | None = None
+
+
+class _NamedMembers(Protocol):
+    """A class with torch's private ``_named_members`` (``nn.Module``, auto_LiRPA's ``BoundedModule``)."""
+
+    def _named_members(self, *args: Any, **kwargs: Any) -> Iterator[tuple[str, Any]]: ...
+
+
+class _OnnxGlobals(Protocol):
+    """The TorchScript ONNX exporter's global state (``GLOBALS``): the part auto_LiRPA 0.3 relies on."""
+
+    export_onnx_opset_version: int
 
 
 def auto_lirpa_version() -> str | None:
@@ -87,7 +100,8 @@ def needs_node_getitem(node_class: type = torch._C.Node) -> bool:
     return not hasattr(node_class, "__getitem__")
 
 
-def needs_named_members(bounded_module_class: type, module_class: type = torch.nn.Module) -> bool:
+def needs_named_members(bounded_module_class: type[_NamedMembers],
+                        module_class: type[_NamedMembers] = torch.nn.Module) -> bool:
     """Shim 4 is needed when torch passes ``remove_duplicate`` and auto_LiRPA does not accept it."""
     torch_params = inspect.signature(module_class._named_members).parameters
     lirpa_params = inspect.signature(bounded_module_class._named_members).parameters
@@ -102,14 +116,15 @@ def _patch_arraysetops() -> None:
     import numpy
 
     shim = types.ModuleType("numpy.lib.arraysetops")
-    shim.isin = numpy.isin
+    vars(shim)["isin"] = numpy.isin
     sys.modules["numpy.lib.arraysetops"] = shim
 
 
-def _onnx_globals() -> object:
+def _onnx_globals() -> _OnnxGlobals:
     for name in ("torch.onnx._internal.torchscript_exporter._globals", "torch.onnx._globals"):
         if _module_exists(name):
-            return importlib.import_module(name).GLOBALS
+            globals_: _OnnxGlobals = importlib.import_module(name).GLOBALS
+            return globals_
     raise AutoLirpaMissing(
         f"auto_LiRPA 0.3 cannot be used with torch {torch.__version__} (its ONNX opset state was not "
         f"found; the shims are tested with torch {', '.join(TESTED_TORCH)}): install a newer auto_LiRPA "
@@ -127,30 +142,33 @@ def _patch_set_opset_version() -> None:
     def _set_opset_version(opset_version: int) -> None:
         onnx_globals.export_onnx_opset_version = opset_version
 
-    symbolic_helper._set_opset_version = _set_opset_version
+    symbolic_helper._set_opset_version = _set_opset_version  # type: ignore[attr-defined]  # the shim adds it
 
 
 def _patch_node_getitem() -> None:
     # Fixes: TypeError: 'torch._C.Node' object is not subscriptable (parse_graph.py reads
     # attributes as node[k]); an attribute is read through its kind, e.g. node.i(k) for an int.
-    def _getitem(node: torch._C.Node, key: str):
+    def _getitem(node: torch._C.Node, key: str) -> object:
         return getattr(node, node.kindOf(key))(key)
 
-    torch._C.Node.__getitem__ = _getitem
+    torch._C.Node.__getitem__ = _getitem  # type: ignore[method-assign]  # the shim
 
 
-def _patch_named_members(bounded_module_class: type) -> None:
+def _patch_named_members(bounded_module_class: type[_NamedMembers]) -> None:
     # Fixes: TypeError: BoundedModule._named_members() got an unexpected keyword argument
     # 'remove_duplicate' (torch >= 2.0 parameters()/buffers() pass it; CROWN calls it on ResNets).
     original = bounded_module_class._named_members
 
-    def _named_members(self, get_members_fn, prefix="", recurse=True, remove_duplicate: bool = True):
+    def _named_members(self: _NamedMembers,
+                       get_members_fn: Callable[[torch.nn.Module], Iterator[tuple[str, Any]]],
+                       prefix: str = "", recurse: bool = True,
+                       remove_duplicate: bool = True) -> Iterator[tuple[str, Any]]:
         return original(self, get_members_fn, prefix, recurse)
 
-    bounded_module_class._named_members = _named_members
+    bounded_module_class._named_members = _named_members  # type: ignore[method-assign]  # the shim
 
 
-def _restore_root_logger(root_handlers: list, root_level: int) -> None:
+def _restore_root_logger(root_handlers: list[logging.Handler], root_level: int) -> None:
     """Undo auto_LiRPA's ``logging.basicConfig`` (a stdout handler on the root logger)."""
     root = logging.getLogger()
     for handler in list(root.handlers):
@@ -171,7 +189,7 @@ def import_auto_lirpa() -> types.ModuleType:
     if version is None:
         raise AutoLirpaMissing(f"auto_LiRPA is not installed: run `{INSTALL_HINT}`.")
     legacy = is_legacy(version)
-    before = {
+    before: dict[str, tuple[Callable[[], bool], Callable[[], None]]] = {
         "numpy_arraysetops": (needs_arraysetops, _patch_arraysetops),
         "onnx_set_opset_version": (needs_set_opset_version, _patch_set_opset_version),
         "node_getitem": (needs_node_getitem, _patch_node_getitem),

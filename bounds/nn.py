@@ -16,7 +16,10 @@ class Normalize(nn.Module):
     exactly equivalent dense affine layer before bound propagation.
     """
 
-    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
         mean_t = torch.as_tensor(mean, dtype=torch.float32).flatten()
         std_t = torch.as_tensor(std, dtype=torch.float32).flatten()

@@ -22,7 +22,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 
@@ -118,6 +118,17 @@ def _json_float(value: float) -> float | None:
 
 Reused = dict[int, tuple[float, bool]]
 """Radius and clean correctness per index, read from a ``certkd certify --per-example`` file."""
+
+
+class PairedRule(TypedDict):
+    """The decision rule's keyword arguments of ``bounds.paired.paired_comparison``."""
+
+    tol: float
+    margin: float
+    alpha: float
+    fraction_threshold: float
+    n_boot: int
+    seed: int
 
 
 def reuse_records(path: Path, checkpoint: Path, job: CompareJob, dataset: str, split: str, count: int) -> Reused:
@@ -314,8 +325,8 @@ def judge(radii: dict[str, torch.Tensor], correct_student: torch.Tensor, correct
     rs, rt, a_s, a_t = (radii[n] for n in RADIUS_COLUMNS)
     eps = job.eps if job.eps is not None else curve_grid(torch.cat([rs, rt]), a_t)
     tol = job.options().radius_tol
-    rule = {"tol": tol, "margin": job.margin, "alpha": job.alpha, "fraction_threshold": job.fraction_threshold,
-            "n_boot": job.n_boot, "seed": job.seed}
+    rule: PairedRule = {"tol": tol, "margin": job.margin, "alpha": job.alpha,
+                        "fraction_threshold": job.fraction_threshold, "n_boot": job.n_boot, "seed": job.seed}
     cert = paired_comparison(rs, rt, eps, correct_student, correct_teacher, part=CERTIFIED_PART, **rule)
     emp = paired_comparison(a_s, a_t, eps, correct_student, correct_teacher, part=EMPIRICAL_PART, **rule)
     head = headline(cert, emp, rho_threshold=job.rho_threshold)
@@ -500,8 +511,10 @@ def run_compare(student_path: Path, teacher_path: Path, job: CompareJob, shard: 
         out = shard_path(out, job.shard)
     student_ckpt, _, student, teacher = load_pair(student_path, teacher_path, device)
     data_name, data, count = load_points(student_ckpt, dataset, split, data_dir, num_examples)
-    reused = tuple(None if path is None else reuse_records(path, ckpt_path, job, data_name, split, count)
-                   for path, ckpt_path in ((student_records, student_path), (teacher_records, teacher_path)))
+    reused_s, reused_t = (None if path is None else reuse_records(path, ckpt_path, job, data_name, split, count)
+                          for path, ckpt_path in ((student_records, student_path),
+                                                  (teacher_records, teacher_path)))
+    reused = (reused_s, reused_t)
     job.student_records, job.teacher_records = (None if p is None else file_sha256(p)
                                                 for p in (student_records, teacher_records))
     contexts = [prepare_methods(m, student_ckpt.input_shape, [] if given is not None else [job.method], job.norm,

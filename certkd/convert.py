@@ -213,7 +213,7 @@ def check_rebuildable(arch: str) -> None:
 def _check_same_function(module: nn.Module, ckpt: Checkpoint, whole_model: bool, arch: str, seed: int) -> None:
     """The rebuilt model (or its body) must compute what ``module`` computes, on random inputs in [0, 1]."""
     rebuilt = ckpt.build_model()
-    target = rebuilt if whole_model else rebuilt[1]
+    target = rebuilt if whole_model else rebuilt.get_submodule("1")  # the body after Normalize
     gen = torch.Generator().manual_seed(seed)
     x = torch.rand((4, *ckpt.input_shape), generator=gen)
     was_training = module.training

@@ -173,7 +173,7 @@ def plot_bound_vs_measured(bounds: Mapping[str, Sequence[float]], measured: Sequ
     sns.set_theme(style="whitegrid")
     fig, ax = plt.subplots(figsize=(5.2, 5.2))
     m = np.asarray(measured, dtype=float)
-    drawn: list[float] = list(_finite(m))
+    drawn: list[float] = list(_finite(measured))
     for (label, values), color in zip(bounds.items(), sns.color_palette("deep"), strict=False):
         b = np.asarray(values, dtype=float)
         keep = np.isfinite(b) & np.isfinite(m)
@@ -181,7 +181,7 @@ def plot_bound_vs_measured(bounds: Mapping[str, Sequence[float]], measured: Sequ
         drawn += b[keep].tolist()
     lo, hi = data_limits(drawn)
     ax.plot([lo, hi], [lo, hi], color="black", lw=1, ls="--", label="bound = measured")
-    ax.set_xlim(*data_limits(_finite(m).tolist()))
+    ax.set_xlim(*data_limits(_finite(measured).tolist()))
     ax.set_ylim(lo, hi)
     ax.set_xlabel("student robust loss, PGD on CE (estimate)")
     ax.set_ylabel("transfer bound on the student's robust loss")

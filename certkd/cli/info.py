@@ -26,11 +26,12 @@ def info(checkpoint: str, as_json: bool) -> None:
     The checkpoint is fully validated (loaded with weights_only=True, checksum, finite
     weights, and the weights loaded strictly into the registry model).
     """
-    ckpt = load_checkpoint(checkpoint)
+    path = Path(checkpoint)
+    ckpt = load_checkpoint(path)
     model = ckpt.build_model()
     summary = ckpt.summary()
     summary["parameters"] = sum(p.numel() for p in model.parameters())
-    summary["file"] = {"path": str(ckpt.path), "bytes": ckpt.path.stat().st_size, "sha256": file_sha256(ckpt.path)}
+    summary["file"] = {"path": str(path), "bytes": path.stat().st_size, "sha256": file_sha256(path)}
     if as_json:
         click.echo(json.dumps(summary, indent=2, default=str))
         return

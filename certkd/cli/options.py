@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -155,7 +156,7 @@ class _OutputPath(click.Path):
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         from certkd.io import check_output_dir, check_output_file
 
-        path = Path(super().convert(value, param, ctx))
+        path = Path(os.fsdecode(super().convert(value, param, ctx)))
         option = param.opts[0] if param is not None and param.opts else "--out"
         check = check_output_file if self.kind == "file" else check_output_dir
         try:

@@ -57,7 +57,8 @@ def decode_image(path: Path, resize: int = RESIZE, crop: int = IMAGE_SIZE) -> to
     try:
         with image_module.open(path) as img:
             rgb = img.convert("RGB")
-            rgb = rgb.resize(resized_crop_size(*rgb.size, resize), image_module.BILINEAR)
+            width, height = rgb.size
+            rgb = rgb.resize(resized_crop_size(width, height, resize), image_module.BILINEAR)
     except (OSError, ValueError) as exc:
         raise DataError(f"{path}: cannot read this image ({' '.join(str(exc).split())})") from None
     w, h = rgb.size

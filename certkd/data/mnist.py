@@ -106,12 +106,12 @@ def load_idx_split(source: IdxSource, split: str, data_dir: str | Path | None) -
     if None in paths and download_requested():
         torchvision_download(source.torchvision_class, root, train=split == "train")
         paths = [find_idx_file(folders, stem) for stem in stems]
-    if None in paths:
+    images_path, labels_path = paths
+    if images_path is None or labels_path is None:
         raise DataError(
             f"{source.info.name} {split} data not found: expected {stems[0]}[.gz] and {stems[1]}[.gz] in {root} "
             f"or {root / source.subfolder / 'raw'}; download them from {source.url} (or install torchvision and "
             f"set {DOWNLOAD_ENV}=1)")
-    images_path, labels_path = paths
     images, labels = read_idx(images_path), read_idx(labels_path)
     if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
         raise DataError(f"{images_path}: expected uint8 images of shape (N, {IMAGE_SIZE}, {IMAGE_SIZE}), found "
