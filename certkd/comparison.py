@@ -511,9 +511,8 @@ def run_compare(student_path: Path, teacher_path: Path, job: CompareJob, shard: 
         out = shard_path(out, job.shard)
     student_ckpt, _, student, teacher = load_pair(student_path, teacher_path, device)
     data_name, data, count = load_points(student_ckpt, dataset, split, data_dir, num_examples)
-    reused_s, reused_t = (None if path is None else reuse_records(path, ckpt_path, job, data_name, split, count)
-                          for path, ckpt_path in ((student_records, student_path),
-                                                  (teacher_records, teacher_path)))
+    reused_s, reused_t = (None if path is None else reuse_records(path, ckpt, job, data_name, split, count)
+                          for path, ckpt in ((student_records, student_path), (teacher_records, teacher_path)))
     reused = (reused_s, reused_t)
     job.student_records, job.teacher_records = (None if p is None else file_sha256(p)
                                                 for p in (student_records, teacher_records))
