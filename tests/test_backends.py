@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_hazards import per_margin_attack
 from torch import nn
 
-from bounds.attack import margins, pgd_maximize
 from bounds.backends import (
     ALLOW_07,
     EVIDENCE,
@@ -174,19 +174,6 @@ def perturbed_kinds(bounded) -> set[str]:
     if any(type(n).__name__ == "BoundMul" and all(i.name in seen for i in n.inputs) for n in nodes):
         kinds.add(PERTURBED_PRODUCT)
     return kinds - _STRUCTURAL
-
-
-def per_margin_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: float) -> torch.Tensor:
-    """(B, K-1): the smallest value of each margin PGD finds in the ball (50 steps, 2 restarts)."""
-    k = 9
-    rows, labels = x.repeat_interleave(k, 0), y.repeat_interleave(k)
-    which = torch.arange(k).repeat(len(y))
-
-    def objective(z: torch.Tensor) -> torch.Tensor:
-        return -margins(model(z), labels)[torch.arange(len(labels)), which]
-
-    _, best = pgd_maximize(objective, rows, eps, norm, steps=50, restarts=2, generator=torch.Generator().manual_seed(0))
-    return (-best).view(len(y), k)
 
 
 def raw_view_lower(lirpa, bounded, x, y, eps: float, norm: float, method: str) -> torch.Tensor:

@@ -10,9 +10,9 @@ import math
 
 import pytest
 import torch
+from test_hazards import per_margin_attack
 from torch import nn
 
-from bounds.attack import margins, pgd_maximize
 from bounds.backends import current_backend
 from bounds.certify import bounded_module, margin_spec
 from bounds.lirpa import import_auto_lirpa
@@ -121,19 +121,6 @@ def test_vit_graph_equals_model(vit, points):
     bounded = bounded_module(rewritten(vit, (1, 8, 8)), torch.zeros(1, 1, 8, 8))
     with torch.no_grad():
         assert float((bounded(x) - vit(x)).abs().max()) <= 1e-5
-
-
-def per_margin_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
-    """(B, K-1): the smallest value of each margin a 50-step, 2-restart PGD finds in the ball."""
-    k = 9
-    rows, labels = x.repeat_interleave(k, 0), y.repeat_interleave(k)
-    which = torch.arange(k).repeat(len(y))
-
-    def objective(z: torch.Tensor) -> torch.Tensor:
-        return -margins(model(z), labels)[torch.arange(len(labels)), which]
-
-    _, best = pgd_maximize(objective, rows, eps, norm, steps=50, restarts=2, generator=torch.Generator().manual_seed(0))
-    return (-best).view(len(y), k)
 
 
 @pytest.mark.parametrize("norm,eps", CASES)
