@@ -23,10 +23,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from bounds.attack import margins, min_margin, pgd
-from bounds.errors import BoundsError, UnsupportedModelError
-from bounds.graph import GraphCheck, check_graph_supported, lirpa_call, node_kind
+from bounds.errors import BoundsError, ContradictionError, UnsupportedModelError
+from bounds.evidence import (
+    SAMPLES,
+    EvidencePoints,
+    ball_samples,
+    check_bound,
+    first_node_outside,
+    localize,
+    node_intervals,
+    rounding_allowance,
+    tightest_points,
+)
+from bounds.graph import ESTIMATE_HINT, GraphCheck, check_graph_supported, lirpa_call, node_kind
 from bounds.lirpa import auto_lirpa_version, import_auto_lirpa
 from bounds.norms import batch_norm, check_eps, dual_norm, norm_name, parse_norm
+from bounds.tracing import check_no_value_dependence
 from bounds.view import check_modules, graph_of, verification_view
 
 BOUND_METHODS = ("ibp", "crown-ibp", "crown", "alpha-crown")
@@ -34,10 +46,6 @@ BOUND_NORMS = (math.inf, 2.0)
 _LIRPA_METHODS = {"ibp": "IBP", "crown-ibp": "CROWN-IBP", "crown": "CROWN", "alpha-crown": "alpha-CROWN"}
 # auto_LiRPA 0.3 needs this for alpha-CROWN (a shape error when > 90 % of a layer's neurons are unstable)
 BOUND_OPTS = {"sparse_features_alpha": False}
-# float32 rounding allowance subtracted from every margin lower bound, relative to max(1, max_j |f_j(x)|):
-# auto_LiRPA's float32 CROWN bounds were measured up to 4.3e-7 (relative) above the exact float64 minimum
-# (tests/test_hazards.py::test_float32_rounding_allowance); 4e-6 is about 30 float32 ulps.
-ROUNDING = 4e-6
 # nodes whose relaxation depends on the values of their input bounds, not only on signs: with them, every
 # intermediate bound is computed in full (no batch-shared sparsity, see BoundEngine)
 _VALUE_DEPENDENT_RELAXATIONS = frozenset({"BoundMaxPool"})
@@ -140,6 +148,7 @@ def bounded_module(module: nn.Module, example_inputs: torch.Tensor | tuple[torch
     """
     lirpa = import_auto_lirpa()
     device = example_inputs[0].device if isinstance(example_inputs, tuple) else example_inputs.device
+    check_no_value_dependence(module, example_inputs, "bound propagation")
     with lirpa_call("build its graph of this model", version or auto_lirpa_version()):
         return lirpa.BoundedModule(module, example_inputs, bound_opts={**BOUND_OPTS, "conv_mode": conv_mode},
                                    device=str(device),
@@ -235,41 +244,76 @@ class BoundEngine:
         same = bool((eps == eps[0]).all())
         return self._lirpa.PerturbationLpNorm(norm=p, eps=float(eps[0]) if same else eps.view(-1, 1))
 
-    def _lower(self, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, p: float, method: str) -> torch.Tensor:
-        """One auto_LiRPA call: lower bounds (B, K-1) of the margins (no chunking).
+    def _lower(self, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, p: float, method: str,
+               witnesses: torch.Tensor | None = None) -> torch.Tensor:
+        """One auto_LiRPA call: lower bounds (B, K-1) of the margins (no chunking), checked against evidence.
 
         The graph check runs first (the batch and points of its balls); alpha-CROWN needs
         autograd and leaves ``.grad`` on the parameters (cleared here); an error inside
-        auto_LiRPA becomes one ``UnsupportedModelError`` sentence. ``ROUNDING`` times the
-        logits' scale is subtracted (float32 rounding).
+        auto_LiRPA becomes one ``UnsupportedModelError`` sentence. The float32 rounding
+        allowance is subtracted and the result passes the evidence gate (``bounds.evidence``):
+        ``witnesses`` (S, B, ...) are further points known to lie in the balls (attack points).
         """
-        self.graph_check.check(x, eps, p)
+        checked, outputs = self.graph_check.check(x, eps, p)
         bounded_x = self._lirpa.BoundedTensor(x, self._perturbation(x, eps, p))
         spec = margin_spec(y, self.num_classes)
+        linear = method != "ibp"  # every other method returns its linear bound on the input
+        final, source = self.bounded.final_name, self.bounded.input_name[0]
         try:
             with torch.set_grad_enabled(method == "alpha-crown"), \
                     lirpa_call(f"bound this model with {method} under L{norm_name(p)}", self.version):
-                lower, _ = self.bounded.compute_bounds(x=(bounded_x,), C=spec, method=_LIRPA_METHODS[method],
-                                                       bound_upper=False)
+                result = self.bounded.compute_bounds(x=(bounded_x,), C=spec, method=_LIRPA_METHODS[method],
+                                                     bound_upper=False, return_A=linear,
+                                                     needed_A_dict={final: [source]} if linear else None)
         finally:
             for param in self.bounded.parameters():
                 param.grad = None
+        lower: torch.Tensor = result[0].detach()
+        coef = bias = None
+        if linear:
+            a_dict = result[2][final][source]
+            coef, bias = a_dict["lA"], a_dict["lbias"]
+            if torch.is_tensor(coef) and torch.is_tensor(bias):
+                coef, bias = coef.detach(), bias.detach()
+            else:  # a bound with no linear form on the input: judged by its value only
+                coef = bias = None
+        intervals = node_intervals(self.bounded, len(x))
+        allowance = rounding_allowance(self.bounded, x, spec, self.version)
+        published: torch.Tensor = lower - allowance
+        fresh = [ball_samples(x, eps, p, SAMPLES, self.graph_check.generator)]
+        if coef is not None:
+            fresh.append(tightest_points(coef, x, eps, p))
+        if witnesses is not None:
+            fresh.append(witnesses.to(x))
+        points = torch.cat([checked, *fresh])
         with torch.no_grad():
-            scale = self.view(x).abs().amax(dim=1).clamp_min(1.0)
-        result: torch.Tensor = lower.detach() - ROUNDING * scale.unsqueeze(1)
-        return result
+            logits = torch.cat([outputs, self.view(torch.cat(fresh).flatten(0, 1)).view(-1, len(x), self.num_classes)])
+        evidence = EvidencePoints(points, torch.einsum("bkc,sbc->sbk", spec, logits))
+        broken = check_bound(published, evidence, coef, None if bias is None else bias - allowance)
+        node = first_node_outside(self.bounded, intervals, points, self.version)
+        if bool(broken.any()) or node is not None:
+            node = node or localize(self.bounded, bounded_x, _LIRPA_METHODS[method], points, self.version)
+            where = f"first outside its interval at {node}" if node is not None else "at the margins it bounds"
+            raise ContradictionError(
+                f"{method} is refused for this model: its bounds under L{norm_name(p)} are contradicted by the "
+                f"model's own values at points of the balls ({int(broken.sum())} of {len(x)} examples; {where}), "
+                f"so auto_LiRPA {self.version} relaxes an operator of this model wrongly; {ESTIMATE_HINT}.")
+        return published
 
     def margin_bounds(self, x: torch.Tensor, y: torch.Tensor, eps: float | torch.Tensor, norm: str | float = "inf",
-                      method: str = "crown") -> MarginBounds:
+                      method: str = "crown", witnesses: torch.Tensor | None = None) -> MarginBounds:
         """Lower bounds of ``f_y - f_j`` over ``B_p(x, eps)`` for every ``j != y`` (theory.md §2.1).
 
         ``eps`` is a number or a (B,) tensor (one radius per example). Processes ``x`` in
-        chunks of ``batch_size``.
+        chunks of ``batch_size``. Every bound passes the evidence gate (``bounds.evidence``)
+        or the call raises ``ContradictionError``; ``witnesses`` (S, B, ...) are further points
+        of the balls to check it on (an attack's points).
         """
         method, p = self.check(method, norm)
         x, y, eps_t = self._inputs(x, y, eps)
         parts = [self._lower(x[i:i + self.batch_size], y[i:i + self.batch_size], eps_t[i:i + self.batch_size],
-                             p, method) for i in range(0, x.shape[0], self.batch_size)]
+                             p, method, None if witnesses is None else witnesses[:, i:i + self.batch_size])
+                 for i in range(0, x.shape[0], self.batch_size)]
         lower = torch.cat(parts) if parts else torch.zeros(0, self.num_classes - 1, device=self.device)
         min_lower = lower.amin(dim=1)
         return MarginBounds(lower=lower, min_lower=min_lower, certified=min_lower > 0, eps=eps_t,
@@ -288,31 +332,37 @@ class BoundEngine:
 
     def attack_upper(self, x: torch.Tensor, y: torch.Tensor, p: float, eps_max: float, guess: torch.Tensor,
                      steps: int = 10, restarts: int = 1, rounds: int = 3,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
+                     generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """An eps at which PGD found an adversarial example (``eps_max`` if none was found): an **estimate**.
 
         ``rounds`` PGD runs bisect the attack radius in log scale between ``guess / 4`` and ``eps_max``.
+        Returns the upper ends (n,), and every round's points (rounds, n, ...) with the radius of the
+        ball each lies in (rounds, n): evidence for the bounds at larger radii (``bounds.evidence``).
         """
         upper = torch.full((len(x),), float(eps_max), device=x.device)
         lower = (guess / 4).clamp(min=float(eps_max) * 1e-6, max=float(eps_max))
+        points, radii = [], []
         for _ in range(rounds):
             mid = torch.sqrt(lower * upper)
-            broken = pgd(self.view, x, y, mid, p, steps=steps, restarts=restarts, generator=generator).margin <= 0
+            found = pgd(self.view, x, y, mid, p, steps=steps, restarts=restarts, generator=generator)
+            points.append(found.x_adv.detach())
+            radii.append(mid)
+            broken = found.margin <= 0
             upper = torch.where(broken, mid, upper)
             lower = torch.where(broken, lower, mid)
-        return upper
+        return upper, torch.stack(points), torch.stack(radii)
 
     def _search_bound(self, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, p: float,
-                      method: str) -> torch.Tensor:
+                      method: str, witnesses: torch.Tensor) -> torch.Tensor:
         """``min_j`` margin lower bounds for the radius search; -inf where the relaxation fails at this eps.
 
         auto_LiRPA 0.7.x's reciprocal asserts a positive input, which LayerNorm's loose bounds
         break at large L2 radii: such an eps is not certified (sound), and the search goes lower.
         """
         try:
-            return self.margin_bounds(x, y, eps, p, method).min_lower
+            return self.margin_bounds(x, y, eps, p, method, witnesses).min_lower
         except UnsupportedModelError as exc:
-            if not isinstance(exc.__cause__, AssertionError):
+            if isinstance(exc, ContradictionError) or not isinstance(exc.__cause__, AssertionError):
                 raise
             return torch.full((len(x),), -math.inf, device=x.device)
 
@@ -333,7 +383,8 @@ class BoundEngine:
         search stops when ``uncertified - radius <= tol``. The returned radius is an eps at
         which a pass of ``method`` certified the point, so ``margin_bounds`` at it certifies.
         Examples whose clean prediction is wrong get radius 0 and ``correct = False``.
-        The attack (``attack_*``) only supplies the bracket's upper end ``upper`` (an estimate).
+        The attack (``attack_*``) supplies the bracket's upper end ``upper`` (an estimate), and its points
+        are evidence every pass's bounds are checked on (``margin_bounds``'s ``witnesses``).
         """
         method, p = self.check(method, norm)
         if tol <= 0:
@@ -354,15 +405,17 @@ class BoundEngine:
             return result
         xs, ys = x[idx], y[idx]
         first_order = self.first_order_radius(xs, ys, p)
-        upper[idx] = self.attack_upper(xs, ys, p, eps_max, first_order, attack_steps, attack_restarts,
-                                       attack_rounds, generator)
+        upper[idx], attack_points, attack_radii = self.attack_upper(xs, ys, p, eps_max, first_order, attack_steps,
+                                                                    attack_restarts, attack_rounds, generator)
         search = _RootSearch(clean[idx], first_order, upper[idx], tol)
         for _ in range(max_passes):
             active = search.active()
             if len(active) == 0:
                 break
             eps = search.next_eps(active)
-            g = self._search_bound(xs[active], ys[active], eps, p, method)
+            inside = (attack_radii[:, active] <= eps).view(*attack_radii.shape[:1], -1, *([1] * (xs.dim() - 1)))
+            witnesses = torch.where(inside, attack_points[:, active], xs[active].unsqueeze(0))
+            g = self._search_bound(xs[active], ys[active], eps, p, method, witnesses)
             search.update(active, eps, g)
             result.passes += 1
             result.pass_eps.append(eps.detach().cpu())

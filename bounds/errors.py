@@ -11,3 +11,8 @@ class UnsupportedModelError(BoundsError):
 
 class AutoLirpaMissing(BoundsError):
     """auto_LiRPA is not installed (or cannot be made to import)."""
+
+
+class ContradictionError(UnsupportedModelError):
+    """A bound the model itself contradicts (at its clean point, a sampled or an attack point): the method is
+    refused for this model (``bounds.evidence``)."""

@@ -201,6 +201,10 @@ def node_problem(node: object, method: str, norm: float, allowed: AllowList, per
             return "a product of two perturbed tensors"
     if kind == "BoundMaxPool" and _plain(attributes.get("kernel_shape")) != _plain(attributes.get("strides")):
         return "max-pooling with a stride other than its kernel size"
+    if kind == "BoundAveragePool" and method != "ibp" \
+            and _plain(attributes.get("kernel_shape")) != _plain(attributes.get("strides")):
+        # auto_LiRPA's backward pass through average pooling holds only for windows that do not overlap or skip
+        return f"average pooling with a stride other than its kernel size under {method}"
     return None
 
 
@@ -342,12 +346,13 @@ def first_diverging_node(bounded: object) -> str:
             except (RuntimeError, ValueError, TypeError, KeyError):
                 expected = None
         if expected is not None and not _close(out, expected):
-            return _describe(node)
+            return describe_node(node)
     final = bounded[bounded.final_name]  # type: ignore[attr-defined,index]
-    return _describe(final)
+    return describe_node(final)
 
 
-def _describe(node: object) -> str:
+def describe_node(node: object) -> str:
+    """``node /11 (max-pooling, MaxPool)``: a node of auto_LiRPA's graph as refusals name it."""
     kind = node_kind(node)
     return f"node {node.name} ({node_label(kind, ALLOW_03)}, {kind.removeprefix('Bound')})"  # type: ignore[attr-defined]
 
@@ -396,7 +401,8 @@ class GraphCheck:
         self.generator = torch.Generator().manual_seed(seed)
         self.unit_box_checked = False
 
-    def _compare(self, points: torch.Tensor) -> None:
+    def _compare(self, points: torch.Tensor) -> torch.Tensor:
+        """The reference's outputs at ``points``, after checking the graph's agree with them."""
         inputs = (points, *(self.extra(points) if self.extra is not None else ()))
         with torch.no_grad():
             expected = self.reference(*inputs)
@@ -407,6 +413,8 @@ class GraphCheck:
             raise UnsupportedModelError(
                 f"auto_LiRPA {self.version or ''} computes a different function than this model (first at "
                 f"{where}), so its bounds would not hold; {ESTIMATE_HINT}.".replace("  ", " "))
+        result: torch.Tensor = expected
+        return result
 
     def check_unit_box(self, input_shape: Sequence[int], device: torch.device, dtype: torch.dtype) -> None:
         """Points of [0, 1]^d, once per graph (they do not depend on the batch)."""
@@ -414,9 +422,15 @@ class GraphCheck:
             self._compare(unit_box_points(input_shape, 3, self.generator).to(device, dtype))
             self.unit_box_checked = True
 
-    def check(self, x: torch.Tensor, eps: torch.Tensor, norm: float) -> None:
+    def check(self, x: torch.Tensor, eps: torch.Tensor, norm: float) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch ``x`` itself, one corner and one inner point of each example's ball (and, for a
-        one-input graph, once, points of the unit box)."""
+        one-input graph, once, points of the unit box).
+
+        Returns the checked points (3, B, ...) (``x`` first) and the reference's outputs there (3, B, ...),
+        evidence for ``bounds.evidence``.
+        """
         if self.extra is None:
             self.check_unit_box(x.shape[1:], x.device, x.dtype)
-        self._compare(torch.cat([x, box_points(x, eps, norm, self.generator)]))
+        points = torch.cat([x, box_points(x, eps, norm, self.generator)])
+        outputs = self._compare(points)
+        return points.view(3, *x.shape), outputs.view(3, len(x), *outputs.shape[1:])

@@ -37,10 +37,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from bounds.errors import BoundsError, UnsupportedModelError
+from bounds.errors import BoundsError, ContradictionError, UnsupportedModelError
 from bounds.gradients import other_classes
 from bounds.nn import Normalize
 from bounds.norms import parse_norm
+from bounds.tracing import NO_TRACE_HINT, check_no_value_dependence
 
 SLACK = 1e-5  # relative inflation covering floating-point rounding
 EXACT_MAX_ENTRIES = 2**20  # build a convolution's matrix explicitly up to this many entries
@@ -72,8 +73,27 @@ class LipschitzRadius:
 
 
 class _Tracer(fx.Tracer):
+    """Leaves: torch.nn's own layers and ``Normalize`` itself (a subclass that overrides ``forward`` is traced
+    into, so its own code is what the walk sees)."""
+
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, Normalize) or super().is_leaf_module(m, qualname)
+        return type(m).forward is Normalize.forward or super().is_leaf_module(m, qualname)
+
+
+def _hidden_code(model: nn.Module) -> str | None:
+    """What runs in ``model`` besides the code fx traces (hooks, parametrizations), named; or None."""
+    from torch.nn.modules import module as torch_module
+    from torch.nn.utils import parametrize
+
+    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+        return "a global forward hook (nn.modules.module.register_module_forward_hook)"
+    for name, m in model.named_modules():
+        where = f"{type(m).__name__} {name or '(the model)'}"
+        if m._forward_hooks or m._forward_pre_hooks:
+            return f"a forward hook on {where}"
+        if parametrize.is_parametrized(m):
+            return f"a parametrization of {where}"
+    return None
 
 
 def spectral_norm(matrix: torch.Tensor) -> torch.Tensor:
@@ -229,12 +249,17 @@ def lipschitz_bound(model: nn.Module, input_shape: tuple[int, ...]) -> Lipschitz
     """
     if any(m.training for m in model.modules() if isinstance(m, (nn.modules.batchnorm._BatchNorm, *_DROPOUT))):
         raise BoundsError("BatchNorm and Dropout must be in eval mode: call model.eval() first")
+    hidden = _hidden_code(model)
+    if hidden is not None:
+        raise UnsupportedModelError(f"the Lipschitz bound cannot see {hidden} (torch.fx does not trace it); "
+                                    f"{NO_TRACE_HINT}")
+    device = next((t.device for t in model.parameters()), torch.device("cpu"))
+    check_no_value_dependence(model, torch.zeros(1, *input_shape, device=device), "the Lipschitz bound")
     try:
         graph_module = fx.GraphModule(model, _Tracer().trace(model))
     except Exception as exc:
         raise UnsupportedModelError(f"the model cannot be traced by torch.fx ({type(exc).__name__}); "
                                     "use the clever or smoothing methods") from None
-    device = next((t.device for t in model.parameters()), torch.device("cpu"))
     with torch.no_grad():
         ShapeProp(graph_module).propagate(torch.zeros(1, *input_shape, device=device))
     modules = dict(graph_module.named_modules())
@@ -303,6 +328,33 @@ def lipschitz_bound(model: nn.Module, input_shape: tuple[int, ...]) -> Lipschitz
     return LipschitzBound(logits_bound, pair)
 
 
+GRADIENT_RTOL = 1e-4  # float32 rounding of a measured gradient norm
+
+
+def check_gradients(model: nn.Module, x: torch.Tensor, others: torch.Tensor, y: torch.Tensor,
+                    pair: torch.Tensor) -> None:
+    """Raise ``ContradictionError`` when a margin's L2 gradient norm at ``x`` exceeds its certified constant.
+
+    ``others`` (B, K-1) are the classes j of the margins ``m_j = f_y - f_j`` and ``pair`` (B, K-1) their
+    constants: a Lipschitz constant is at least every gradient norm, so a larger one measured here is
+    proof that the walk missed code that runs (a hook, an overridden ``forward``).
+    """
+    rows = x.detach().repeat_interleave(others.shape[1], dim=0).requires_grad_(True)
+    with torch.enable_grad():
+        logits = model(rows)
+        true = logits.gather(1, y.repeat_interleave(others.shape[1]).view(-1, 1)).squeeze(1)
+        margin = true - logits.gather(1, others.reshape(-1, 1)).squeeze(1)
+        (grad,) = torch.autograd.grad(margin.sum(), rows)
+    measured = grad.flatten(1).double().norm(dim=1).view_as(pair)
+    excess = measured > pair * (1 + GRADIENT_RTOL)
+    if bool(excess.any()):
+        ratio = float((measured / pair.clamp_min(1e-300)).max())
+        raise ContradictionError(
+            f"lipschitz is refused for this model: a margin's gradient norm at {int(excess.any(dim=1).sum())} of "
+            f"{len(x)} points is {ratio:.3g} times its certified Lipschitz constant, so the bound misses code "
+            f"that runs in this model; {NO_TRACE_HINT}.")
+
+
 def lipschitz_radius(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: str | float = "2",
                      bound: LipschitzBound | None = None) -> LipschitzRadius:
     """Radii certified by the global bound: ``min_j m_j(x) / L_{y,j}`` in L2 (theory.md §2.2).
@@ -311,7 +363,9 @@ def lipschitz_radius(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: s
     sign inside that L2 ball (``sqrt(2) * L`` per pair in the generic case).
     L-inf: ``||delta||_2 <= sqrt(d) ||delta||_inf`` divides by ``sqrt(d)``; L1:
     ``||delta||_2 <= ||delta||_1`` keeps it. Misclassified points get 0.
-    Pass a precomputed ``bound`` (``lipschitz_bound``) to reuse it across batches.
+    Pass a precomputed ``bound`` (``lipschitz_bound``) to reuse it across batches. The bound
+    must be at least every margin's gradient norm at ``x`` (``check_gradients``), or the
+    call raises ``ContradictionError``.
     """
     p = parse_norm(norm)
     bound = bound if bound is not None else lipschitz_bound(model, tuple(x.shape[1:]))
@@ -320,6 +374,7 @@ def lipschitz_radius(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: s
     others = other_classes(y, logits.shape[1])
     margins = logits.gather(1, y.view(-1, 1)) - logits.gather(1, others)
     pair = bound.margin.to(logits.device)[y.view(-1, 1), others]
+    check_gradients(model, x, others, y, pair)
     radius_2 = torch.where(margins > 0, margins / pair, torch.zeros_like(margins)).amin(dim=1)
     scale = math.sqrt(x[0].numel()) if math.isinf(p) else 1.0
     return LipschitzRadius((radius_2 / scale).to(x.dtype), bound.logits, bound.margin, p)

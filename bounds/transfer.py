@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bounds.attack import pgd_maximize
+from bounds.evidence import refuse_if_exceeded
 from bounds.gradients import InputGradients
 from bounds.linearity import CE, MARGIN, LinearityBounder, gamma_estimate, scalar_gradients
 from bounds.norms import batch_norm, check_eps, dual_norm, parse_norm
@@ -165,6 +166,10 @@ def transfer_bound(student: nn.Module, teacher: nn.Module, x: torch.Tensor, y: t
         cert_s = bound_s.gamma(student, x, y, eps, CE, grad_s).gamma[:, 0]
         cert_t = bound_t.gamma(teacher, x, y, eps, CE, grad_t).gamma[:, 0]
         upper_t = bound_t.bounds(x, y, eps, CE).upper[:, 0]
+        # the evidence gate: attacks found these values inside the balls, so certified bounds must cover them
+        refuse_if_exceeded(cert_s, gamma_s[:, 0], "the student's certified gamma")
+        refuse_if_exceeded(cert_t, gamma_t[:, 0], "the teacher's certified gamma")
+        refuse_if_exceeded(upper_t, robust_t, "the teacher's certified robust loss")
         result.gamma_student_certified = cert_s
         result.gamma_teacher_certified = cert_t
         result.robust_teacher_upper = upper_t
@@ -202,6 +207,8 @@ def transfer_certificate(student: nn.Module, teacher: nn.Module, x: torch.Tensor
     teacher_lower = engine_t.margin_bounds(x, y, eps, p, method).lower.to(gamma_t.dtype)
     direct = engine_s.margin_bounds(x, y, eps, p, method)
     student_lower = teacher_lower - margin_gap - gradient_term - gamma_s - gamma_t
+    # the evidence gate: a lower bound of the student's margins over the ball holds at its centre
+    refuse_if_exceeded(-student_lower, -grad_s.value.to(student_lower.dtype), "the transfer certificate")
     return TransferCertificate(
         eps=float(eps), norm=p, teacher_lower=teacher_lower, margin_gap=margin_gap, gradient_term=gradient_term,
         gamma_student=gamma_s, gamma_teacher=gamma_t, student_lower=student_lower,

@@ -183,6 +183,18 @@ def _record_input_dims(model: nn.Module, example: torch.Tensor) -> dict[int, int
     return dims
 
 
+_REWRITTEN = (Normalize, *_BATCHNORM, nn.Conv2d, nn.Linear, nn.Hardtanh, nn.ReLU6, *_DROPOUT)
+
+
+def _runs_own_code(module: nn.Module) -> bool:
+    """Whether ``module`` runs more than its layer class declares: a forward hook or pre-hook, or a subclass of a
+    layer the view rewrites that overrides ``forward``; such a module is never replaced or folded into."""
+    if module._forward_hooks or module._forward_pre_hooks:
+        return True
+    base = next((cls for cls in _REWRITTEN if isinstance(module, cls)), None)
+    return base is not None and type(module).forward is not base.forward
+
+
 def _rewrite(module: nn.Module, dims: dict[int, int]) -> None:
     """Replace, in place and recursively, every submodule the view rewrites (see the module docstring)."""
     names = list(module._modules)
@@ -191,12 +203,14 @@ def _rewrite(module: nn.Module, dims: dict[int, int]) -> None:
         if child is None:
             continue
         previous = module._modules[names[i - 1]] if i > 0 and isinstance(module, nn.Sequential) else None
-        if isinstance(child, Normalize):
+        if _runs_own_code(child):  # a hook or an overridden forward: kept as it is, its children rewritten
+            _rewrite(child, dims)
+        elif isinstance(child, Normalize):
             std = child.std.detach()
             module._modules[name] = _diagonal_affine(1.0 / std, -child.mean.detach() / std, dims.get(id(child), 4))
         elif isinstance(child, _BATCHNORM):
             scale, shift = _batchnorm_affine(child)
-            if isinstance(previous, (nn.Conv2d, nn.Linear)):
+            if isinstance(previous, (nn.Conv2d, nn.Linear)) and not _runs_own_code(previous):
                 _fold_affine_into(previous, scale, shift)
                 module._modules[name] = nn.Identity()
             else:

@@ -6,10 +6,12 @@ import sys
 
 import click
 
+from bounds.errors import ContradictionError
 from certkd import __version__
 from certkd.errors import USER_ERRORS
 
 EXIT_USAGE = 2
+EXIT_REFUSED = 3  # a method refused for a model after work started: evidence contradicted its bound
 #: commands that continue where they stopped when run again into the same folder
 RESUME_BY_RERUN = ("demo", "ablate")
 
@@ -30,6 +32,9 @@ class CertkdGroup(click.Group):
         except click.ClickException as exc:
             click.echo(f"certkd: error: {exc.format_message()}", err=True)
             sys.exit(EXIT_USAGE)
+        except ContradictionError as exc:
+            click.echo(f"certkd: refused: {_one_line(exc)}", err=True)
+            sys.exit(EXIT_REFUSED)
         except USER_ERRORS as exc:
             click.echo(f"certkd: error: {_one_line(exc)}", err=True)
             sys.exit(EXIT_USAGE)

@@ -1,0 +1,265 @@
+"""The evidence gate: no bound is returned that a point certkd can evaluate contradicts (theory.md §2.1).
+
+A sound lower bound ``lb_k`` of the margin ``m_k = f_y - f_{j_k}`` over a ball holds at
+*every* point of the ball, and a linear bound ``a_k . x + c_k`` (CROWN, CROWN-IBP,
+alpha-CROWN) lies below ``m_k`` on the whole ball. Whatever the relaxation of an operator,
+its author or its backend, these are checked on points certkd holds before a bound leaves
+``bounds``:
+
+- the clean point ``x`` (a lower bound above the model's own margin is proof of a wrong
+  relaxation, at any eps), points of the ball (corners, inside, the graph check's points),
+  the points attacks found (``witnesses``), and, for linear bounds, the point of the ball
+  where each row's linear function is smallest (where the bound is tightest);
+- the bound's own linear function at all of them: ``a_k . x_s + c_k <= m_k(x_s)``;
+- every intermediate interval auto_LiRPA computed: each node's value at the sampled
+  points lies inside it (``first_node_outside``). The first node that fails names the
+  operator in the refusal: a wrong relaxation is localized, past or future.
+
+A contradiction raises ``ContradictionError`` (a refusal of the method for this model); no
+partial result is returned.
+
+Floating point: the published bound is lowered by ``rounding_allowance``, a first-order
+running error bound of the float32 forward pass (Wilkinson): every accumulating node
+(dense layer, convolution, matrix product, mean, pooling) adds at most
+``gamma(n) |W| |h|`` (``gamma(n) = n u / (1 - n u)``, ``u = 2**-24``, ``n`` terms), every
+other arithmetic node a few ulps of its value, and each node's error reaches the margin
+through ``|d m_k / d node|``. The sum, evaluated at the clean point, is doubled
+(``ROUNDING_FACTOR``: the bound computation performs the same products on magnitudes of
+the same size once more); the gate then compares with no further tolerance.
+
+Example
+-------
+>>> u = UNIT_ROUNDOFF
+>>> round(gamma(100) / u)
+100
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from bounds.errors import ContradictionError, UnsupportedModelError
+from bounds.graph import allow_list, describe_node, lirpa_call, node_kind, node_label, perturbed_names
+
+UNIT_ROUNDOFF = 2.0 ** -24  # float32
+ROUNDING_FACTOR = 2.0
+SAMPLES = 6  # random points of each ball besides the clean point and the graph check's
+NODE_RTOL = 1e-4  # an intermediate value outside its interval by more than this (relative) is a contradiction
+# nodes that compute exactly (selection, copies, sign changes): no rounding of their own
+_EXACT = frozenset({"BoundInput", "BoundParams", "BoundBuffers", "BoundConstant", "BoundPrimConstant", "BoundShape",
+                    "BoundRelu", "BoundFlatten", "BoundReshape", "BoundConcat", "BoundSqueeze", "BoundUnsqueeze",
+                    "BoundTranspose", "BoundGather", "BoundMaxPool", "BoundNeg", "BoundPad", "BoundClip",
+                    "BoundIdentity", "BoundSlice", "BoundLeakyRelu", "BoundPRelu"})
+_SHAPE_ONLY = frozenset({"BoundFlatten", "BoundReshape", "BoundSqueeze", "BoundUnsqueeze", "BoundTranspose",
+                         "BoundConcat", "BoundGather", "BoundParams", "BoundBuffers", "BoundConstant", "BoundShape"})
+_ELEMENTWISE_ULPS = 4.0  # elementwise library functions (exp, erf, sqrt, division) are accurate to a few ulps
+
+
+__all__ = ["ContradictionError", "EvidencePoints", "ball_samples", "check_bound", "first_node_outside", "gamma",
+           "localize", "node_intervals", "refuse_if_exceeded", "rounding_allowance", "tightest_points"]
+
+
+def gamma(n: float) -> float:
+    """``n u / (1 - n u)``: the relative error bound of a float32 sum of ``n`` terms (Higham, Thm 3.1)."""
+    nu = n * UNIT_ROUNDOFF
+    return nu / (1.0 - nu) if nu < 1.0 else math.inf
+
+
+def ball_samples(x: torch.Tensor, eps: torch.Tensor, norm: float, count: int,
+                 generator: torch.Generator) -> torch.Tensor:
+    """``count`` points of each example's ball, half corners (L-inf, clipped to [0, 1]) or sphere points (L2),
+    half inside; shape (count, B, ...)."""
+    e = eps.view(-1, *([1] * (x.dim() - 1))).to(x)
+    shape = (count, *x.shape)
+    u = torch.rand(shape, generator=generator).to(x)
+    outer = (torch.arange(count) < (count + 1) // 2).view(-1, *([1] * x.dim())).to(x.device)
+    if math.isinf(norm):
+        low, high = (x - e).clamp(0.0, 1.0), (x + e).clamp(0.0, 1.0)
+        corner = torch.where(u < 0.5, low, high)
+        inside = low + (high - low) * torch.rand(shape, generator=generator).to(x)
+        return torch.where(outer, corner, inside)
+    direction = torch.randn(shape, generator=generator).to(x)
+    direction = direction / direction.flatten(2).norm(dim=2).clamp_min(1e-12).view(count, -1, *([1] * (x.dim() - 1)))
+    scale = torch.where(outer, torch.ones_like(u), u.flatten(2)[:, :, :1].view(count, -1, *([1] * (x.dim() - 1))))
+    result: torch.Tensor = x + e * scale * direction
+    return result
+
+
+def tightest_points(coef: torch.Tensor, x: torch.Tensor, eps: torch.Tensor, norm: float) -> torch.Tensor:
+    """Per margin row k, the point of the ball where ``coef_k . x'`` is smallest: shape (K-1, B, ...)."""
+    a = coef.transpose(0, 1)  # (K-1, B, ...)
+    e = eps.view(-1, *([1] * (x.dim() - 1))).to(x)
+    if math.isinf(norm):
+        low, high = (x - e).clamp(0.0, 1.0), (x + e).clamp(0.0, 1.0)
+        return torch.where(a > 0, low.unsqueeze(0), high.unsqueeze(0))
+    unit = a / a.flatten(2).norm(dim=2).clamp_min(1e-30).view(*a.shape[:2], *([1] * (x.dim() - 1)))
+    result: torch.Tensor = (x - e * unit).to(x)
+    return result
+
+
+def node_intervals(bounded: Any, batch: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The intervals auto_LiRPA holds for the perturbed intermediate nodes of the last bound pass."""
+    perturbed = perturbed_names(bounded)
+    final = bounded.final_name
+    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for node in bounded._modules.values():
+        if node.name not in perturbed or node.name == final or node_kind(node) == "BoundInput":
+            continue
+        lower, upper = getattr(node, "lower", None), getattr(node, "upper", None)
+        if torch.is_tensor(lower) and torch.is_tensor(upper) and lower.dim() > 0 and lower.shape[0] == batch \
+                and lower.shape == upper.shape:
+            out[node.name] = (lower.detach().clone(), upper.detach().clone())
+    return out
+
+
+def first_node_outside(bounded: Any, intervals: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+                       points: torch.Tensor, version: str | None) -> str | None:
+    """The first node (auto_LiRPA's order) whose value at some point lies outside its interval, described; or None.
+
+    ``points`` (S, B, ...) lie in the balls the intervals were computed for.
+    """
+    if not intervals:
+        return None
+    count, batch = points.shape[:2]
+    with torch.no_grad(), lirpa_call("evaluate its graph of this model", version):
+        bounded(points.reshape(count * batch, *points.shape[2:]))
+    for node in bounded._modules.values():
+        if node.name not in intervals:
+            continue
+        value = getattr(node, "forward_value", None)
+        lower, upper = intervals[node.name]
+        if not torch.is_tensor(value) or value.shape[0] != count * batch or value.shape[1:] != lower.shape[1:]:
+            continue
+        value = value.detach().view(count, *lower.shape)
+        slack = NODE_RTOL * (1.0 + value.abs())
+        if bool(((value < lower - slack) | (value > upper + slack)).any()):
+            return describe_node(node)
+    return None
+
+
+def localize(bounded: Any, bounded_x: Any, method: str, points: torch.Tensor, version: str | None) -> str | None:
+    """After a contradiction: bound each perturbed node on its own (``final_node_name``) in auto_LiRPA's order;
+    describe the first whose interval misses its value at one of ``points`` (S, B, ...), with the operators
+    between it and the last node whose interval held (one of them is relaxed wrongly); None when none misses.
+
+    Costs one bound pass per node, so it runs only to word a refusal.
+    """
+    perturbed = perturbed_names(bounded)
+    count, batch = points.shape[:2]
+    with torch.no_grad(), lirpa_call("evaluate its graph of this model", version):
+        bounded(points.reshape(count * batch, *points.shape[2:]))
+    values = {n.name: n.forward_value.detach().clone() for n in bounded._modules.values()
+              if n.name in perturbed and torch.is_tensor(getattr(n, "forward_value", None))}
+    suspects: list[str] = []
+    for node in bounded._modules.values():
+        if node.name not in values or node_kind(node) == "BoundInput":
+            continue
+        try:
+            with torch.no_grad(), lirpa_call(f"bound node {node.name}", version):
+                lower, upper = bounded.compute_bounds(x=(bounded_x,), method=method, final_node_name=node.name)
+            value = values[node.name].view(count, *lower.shape)
+        except (UnsupportedModelError, RuntimeError):  # a node auto_LiRPA cannot bound alone says nothing
+            if node_kind(node) not in _SHAPE_ONLY:
+                suspects.append(node_label(node_kind(node), allow_list()))
+            continue
+        slack = NODE_RTOL * (1.0 + value.abs())
+        if bool(((value < lower - slack) | (value > upper + slack)).any()):
+            after = f"; relaxed before it: {', '.join(dict.fromkeys(suspects))}" if suspects else ""
+            return f"{describe_node(node)}{after}"
+        suspects = []
+    return None
+
+
+def rounding_allowance(bounded: Any, x: torch.Tensor, spec: torch.Tensor, version: str | None) -> torch.Tensor:
+    """Float32 rounding allowance of every margin row at ``x`` (module docstring): shape (B, K-1)."""
+    batch, rows = spec.shape[:2]
+    points = x.repeat_interleave(rows, dim=0).detach().requires_grad_(True)
+    select = spec.reshape(batch * rows, -1)
+    with torch.enable_grad(), lirpa_call("evaluate its graph of this model", version):
+        logits = bounded(points)
+        margin = (select * logits).sum(dim=1)
+        nodes = [n for n in bounded._modules.values()
+                 if node_kind(n) not in _EXACT and torch.is_tensor(getattr(n, "forward_value", None))
+                 and n.forward_value.requires_grad]
+        grads = torch.autograd.grad(margin.sum(), [n.forward_value for n in nodes], allow_unused=True)
+        error = UNIT_ROUNDOFF * margin.detach().abs()
+        for node, grad in zip(nodes, grads, strict=True):
+            if grad is None:
+                continue
+            radius = _node_rounding(node)
+            if radius is not None:
+                error = error + (grad.abs() * radius).flatten(1).sum(dim=1)
+    result: torch.Tensor = ROUNDING_FACTOR * error.view(batch, rows).detach()
+    return result
+
+
+def _node_rounding(node: Any) -> torch.Tensor | None:
+    """Per element of the node's value at its last evaluation, a bound of the float32 rounding it adds."""
+    kind = node_kind(node)
+    value = node.forward_value.detach()
+    inputs = [getattr(i, "forward_value", None) for i in getattr(node, "inputs", [])]
+    if not all(torch.is_tensor(v) for v in inputs):
+        return None
+    magnitudes = [v.detach().abs() for v in inputs if v is not None]
+    with torch.no_grad():
+        if kind in ("BoundLinear", "BoundConv", "BoundMatMul"):
+            terms = magnitudes[1][0].numel() if kind == "BoundConv" else magnitudes[0].shape[-1]
+            scale, size = gamma(terms + 2), node.forward(*magnitudes)  # |W| |h| + |b|: the operator on magnitudes
+        elif kind in ("BoundAveragePool", "BoundGlobalAveragePool", "BoundReduceMean", "BoundReduceSum"):
+            terms = max(1, magnitudes[0][0].numel() // max(1, value[0].numel()))
+            scale, size = gamma(terms + 1), node.forward(*magnitudes)
+        elif kind in ("BoundAdd", "BoundSub"):
+            scale, size = UNIT_ROUNDOFF, (magnitudes[0] + magnitudes[1]).expand_as(value)
+        elif kind == "BoundSoftmax":
+            scale, size = gamma(value.shape[-1] + _ELEMENTWISE_ULPS), value
+        else:
+            scale, size = _ELEMENTWISE_ULPS * UNIT_ROUNDOFF, value
+        radius: torch.Tensor = size.abs() * scale
+    return radius
+
+
+COMPARE_RTOL = 1e-5  # float rounding when comparing two numbers computed along different paths
+
+
+def refuse_if_exceeded(bound: torch.Tensor, seen: torch.Tensor, what: str) -> None:
+    """Raise ``ContradictionError`` where a certified upper ``bound`` is below a value ``seen`` at a point of the
+    ball (an attack's or the clean point's), beyond float rounding; ``what`` names the bound in the refusal."""
+    seen = seen.to(bound.dtype)
+    broken = seen > bound + COMPARE_RTOL * (1.0 + seen.abs())
+    if bool(broken.any()):
+        raise ContradictionError(
+            f"{what} is refused for this model: it is exceeded by a value at a point of the ball at "
+            f"{int(broken.flatten(1).any(dim=1).sum()) if broken.dim() > 1 else int(broken.sum())} of "
+            f"{len(bound)} examples, so a relaxation it uses is wrong for this model")
+
+
+@dataclass
+class EvidencePoints:
+    """Points of each example's ball and the model's margins there: ``points`` (S, B, ...), ``margins`` (S, B, K-1)."""
+
+    points: torch.Tensor
+    margins: torch.Tensor
+
+
+def check_bound(lower: torch.Tensor, evidence: EvidencePoints, coef: torch.Tensor | None = None,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Which examples' published bounds a point contradicts: (B,) bool.
+
+    ``lower`` (B, K-1) is the published bound (rounding allowance already subtracted);
+    ``coef`` (B, K-1, ...) and ``bias`` (B, K-1) the linear bound ``coef_k . x' + bias_k``
+    lowered by the same allowance (``bias`` includes it).
+    """
+    broken = (lower.unsqueeze(0) > evidence.margins).flatten(2).any(dim=2).any(dim=0)
+    if coef is not None and bias is not None:
+        flat = evidence.points.flatten(2)  # (S, B, d)
+        a = coef.flatten(2)  # (B, K-1, d)
+        linear = torch.einsum("bkd,sbd->sbk", a, flat) + bias.unsqueeze(0)
+        # the dot product's own float32 rounding
+        slack = gamma(flat.shape[-1] + 1) * torch.einsum("bkd,sbd->sbk", a.abs(), flat.abs())
+        broken |= ((linear - slack) > evidence.margins).any(dim=2).any(dim=0)
+    return broken
