@@ -26,7 +26,8 @@ from typing import Any, TypedDict
 
 import torch
 
-from certkd.certification.methods import MODEL, CertifyOptions, Context, evaluate_batch, get_method
+from bounds.errors import ContradictionError
+from certkd.certification.methods import CERTIFIED, MODEL, CertifyOptions, Context, evaluate_batch, get_method
 from certkd.runs import (
     SLURM,
     TORCHRUN,
@@ -258,6 +259,21 @@ def _part_json(part: Any, kind: str, radii: str) -> dict[str, Any]:
     }
 
 
+ATTACK_DISTANCE_TOL = 1e-5  # float32 rounding of an adversarial example's distance (bounds.attack)
+
+
+def check_radii_against_attack(radii: dict[str, torch.Tensor], method: str) -> None:
+    """The evidence gate of a comparison: a certified radius at or beyond an attack radius (an eps at which the
+    attack found an adversarial example) is contradicted, and refuses ``method`` (``ContradictionError``)."""
+    for who in ("student", "teacher"):
+        certified, attack = radii[f"radius_{who}"], radii[f"attack_{who}"]
+        broken = torch.isfinite(attack) & (certified > attack + ATTACK_DISTANCE_TOL)
+        if bool(broken.any()):
+            raise ContradictionError(
+                f"{method} is refused for the {who}: {int(broken.sum())} of its certified radii exceed the radius "
+                f"at which the attack found an adversarial example, so its bounds do not hold for this model")
+
+
 def summarize_compare(config: dict[str, Any], records: list[Record]) -> dict[str, Any]:
     """Both parts (``bounds.paired.paired_comparison``) and the headline (``bounds.paired.headline``).
 
@@ -287,6 +303,8 @@ def summarize_compare(config: dict[str, Any], records: list[Record]) -> dict[str
         return torch.tensor([math.inf if r[name] is None else r[name] for r in records], dtype=torch.float64)
 
     radii = {n: column(n) for n in RADIUS_COLUMNS}
+    if job.kind() == CERTIFIED:
+        check_radii_against_attack(radii, job.method)
     correct = [torch.tensor([r[f"correct_{who}"] for r in records]) for who in ("student", "teacher")]
     return {**judge(radii, correct[0], correct[1], job), "config": config,
             **{n: t.tolist() for n, t in radii.items()}}
