@@ -30,6 +30,7 @@ from bounds.evidence import (
     ball_samples,
     check_bound,
     first_node_outside,
+    linear_form,
     localize,
     node_intervals,
     rounding_allowance,
@@ -274,7 +275,7 @@ class BoundEngine:
             a_dict = result[2][final][source]
             coef, bias = a_dict["lA"], a_dict["lbias"]
             if torch.is_tensor(coef) and torch.is_tensor(bias):
-                coef, bias = coef.detach(), bias.detach()
+                coef, bias = linear_form(coef.detach(), bias.detach(), lower, x, eps, p)
             else:  # a bound with no linear form on the input: judged by its value only
                 coef = bias = None
         intervals = node_intervals(self.bounded, len(x))

@@ -60,8 +60,8 @@ _SHAPE_ONLY = frozenset({"BoundFlatten", "BoundReshape", "BoundSqueeze", "BoundU
 _ELEMENTWISE_ULPS = 4.0  # elementwise library functions (exp, erf, sqrt, division) are accurate to a few ulps
 
 
-__all__ = ["ContradictionError", "EvidencePoints", "ball_samples", "check_bound", "first_node_outside", "gamma",
-           "localize", "node_intervals", "refuse_if_exceeded", "rounding_allowance", "tightest_points"]
+__all__ = ["ContradictionError", "EvidencePoints", "ball_samples", "check_bound", "concretize", "first_node_outside",
+           "gamma", "linear_form", "localize", "node_intervals", "refuse_if_exceeded", "rounding_allowance", "tightest_points"]
 
 
 def gamma(n: float) -> float:
@@ -100,6 +100,18 @@ def tightest_points(coef: torch.Tensor, x: torch.Tensor, eps: torch.Tensor, norm
     unit = a / a.flatten(2).norm(dim=2).clamp_min(1e-30).view(*a.shape[:2], *([1] * (x.dim() - 1)))
     result: torch.Tensor = (x - e * unit).to(x)
     return result
+
+
+def concretize(coef: torch.Tensor, bias: torch.Tensor, x: torch.Tensor, eps: torch.Tensor, norm: float) -> torch.Tensor:
+    """``min`` over the ball (L-inf: intersected with [0, 1]^d) of ``coef_k . x' + bias_k``: shape (B, K-1)."""
+    a = coef.flatten(2)
+    e = eps.view(-1, 1).to(x)
+    if math.isinf(norm):
+        low, high = (x.flatten(1) - e).clamp(0.0, 1.0), (x.flatten(1) + e).clamp(0.0, 1.0)
+        least: torch.Tensor = torch.minimum(a * low.unsqueeze(1), a * high.unsqueeze(1)).sum(dim=2) + bias
+        return least
+    centre: torch.Tensor = torch.einsum("bkd,bd->bk", a, x.flatten(1)) - e * a.norm(dim=2) + bias
+    return centre
 
 
 def node_intervals(bounded: Any, batch: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -238,6 +250,20 @@ def refuse_if_exceeded(bound: torch.Tensor, seen: torch.Tensor, what: str) -> No
             f"{len(bound)} examples, so a relaxation it uses is wrong for this model")
 
 
+LINEAR_FORM_RTOL = 1e-4
+
+
+def linear_form(coef: torch.Tensor, bias: torch.Tensor, lower: torch.Tensor, x: torch.Tensor, eps: torch.Tensor,
+                norm: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(coef, bias)`` with ``bias`` -inf on the rows whose concretization is not ``lower``.
+
+    auto_LiRPA 0.3 returns, for an input read by several nodes, the coefficients of one path
+    only: such a row's linear form is not the bound and says nothing about it.
+    """
+    same = (concretize(coef, bias, x, eps, norm) - lower).abs() <= LINEAR_FORM_RTOL * (1.0 + lower.abs())
+    return coef, torch.where(same, bias, torch.full_like(bias, -math.inf))
+
+
 @dataclass
 class EvidencePoints:
     """Points of each example's ball and the model's margins there: ``points`` (S, B, ...), ``margins`` (S, B, K-1)."""
@@ -252,7 +278,8 @@ def check_bound(lower: torch.Tensor, evidence: EvidencePoints, coef: torch.Tenso
 
     ``lower`` (B, K-1) is the published bound (rounding allowance already subtracted);
     ``coef`` (B, K-1, ...) and ``bias`` (B, K-1) the linear bound ``coef_k . x' + bias_k``
-    lowered by the same allowance (``bias`` includes it).
+    lowered by the same allowance (``bias`` includes it), for the rows whose linear form is
+    the one the bound was concretized from (others: ``bias`` -inf, see ``linear_form``).
     """
     broken = (lower.unsqueeze(0) > evidence.margins).flatten(2).any(dim=2).any(dim=0)
     if coef is not None and bias is not None:
