@@ -33,6 +33,7 @@ from bounds.evidence import (
     linear_form,
     localize,
     node_intervals,
+    project,
     rounding_allowance,
     tightest_points,
 )
@@ -285,7 +286,7 @@ class BoundEngine:
         if coef is not None:
             fresh.append(tightest_points(coef, x, eps, p))
         if witnesses is not None:
-            fresh.append(witnesses.to(x))
+            fresh.append(project(witnesses.to(x), x, eps, p))
         points = torch.cat([checked, *fresh])
         with torch.no_grad():
             logits = torch.cat([outputs, self.view(torch.cat(fresh).flatten(0, 1)).view(-1, len(x), self.num_classes)])

@@ -61,7 +61,7 @@ _ELEMENTWISE_ULPS = 4.0  # elementwise library functions (exp, erf, sqrt, divisi
 
 
 __all__ = ["ContradictionError", "EvidencePoints", "ball_samples", "check_bound", "concretize", "first_node_outside",
-           "gamma", "linear_form", "localize", "node_intervals", "refuse_if_exceeded", "rounding_allowance", "tightest_points"]
+           "gamma", "linear_form", "localize", "node_intervals", "project", "refuse_if_exceeded", "rounding_allowance", "tightest_points"]
 
 
 def gamma(n: float) -> float:
@@ -88,6 +88,18 @@ def ball_samples(x: torch.Tensor, eps: torch.Tensor, norm: float, count: int,
     scale = torch.where(outer, torch.ones_like(u), u.flatten(2)[:, :, :1].view(count, -1, *([1] * (x.dim() - 1))))
     result: torch.Tensor = x + e * scale * direction
     return result
+
+
+def project(points: torch.Tensor, x: torch.Tensor, eps: torch.Tensor, norm: float) -> torch.Tensor:
+    """``points`` (S, B, ...) moved into each example's ball (L-inf: and the box): an attack's float rounding."""
+    e = eps.view(-1, *([1] * (x.dim() - 1))).to(x)
+    if math.isinf(norm):
+        inside: torch.Tensor = torch.maximum(torch.minimum(points, (x + e).clamp(0.0, 1.0)), (x - e).clamp(0.0, 1.0))
+        return inside
+    delta = points - x
+    length = delta.flatten(2).norm(dim=2).view(*delta.shape[:2], *([1] * (x.dim() - 1)))
+    scaled: torch.Tensor = x + delta * torch.clamp(e / length.clamp_min(1e-30), max=1.0)
+    return scaled
 
 
 def tightest_points(coef: torch.Tensor, x: torch.Tensor, eps: torch.Tensor, norm: float) -> torch.Tensor:

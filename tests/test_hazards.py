@@ -483,7 +483,7 @@ def test_cli_rewritten_model_certifies(cli_checkpoints, tmp_path):
 
 def test_float32_rounding_allowance(trained, digits_test):
     """The sweep's mlp: float32 CROWN bounds a few ulps above the exact (float64 MILP) per-margin minimum;
-    ``bounds.certify.ROUNDING`` puts certkd's below it (what test_soundness_sweep used to flag)."""
+    the rounding allowance (``bounds.evidence.rounding_allowance``) puts certkd's below it (what test_soundness_sweep used to flag)."""
     from test_certify_sound import affine_layers, exact_min_margin
 
     model, x = trained["mlp"], digits_test.x[:8]
