@@ -170,8 +170,10 @@ def _check_counterexample(prep: Prepared, spec: Spec, case: int, clause: int, u:
     box = spec.cases[case]
     x = prep.imp.to_onnx_input(u.view(1, *prep.imp.input_shape)).double().flatten()
     x = torch.maximum(torch.minimum(x, box.upper), box.lower).float()
+    x = torch.where(x.double() < box.lower, torch.nextafter(x, torch.tensor(float("inf"))), x)
+    x = torch.where(x.double() > box.upper, torch.nextafter(x, torch.tensor(float("-inf"))), x)
     if bool((x.double() < box.lower).any() or (x.double() > box.upper).any()):
-        return None  # the box's float64 ends have no float32 inside them here
+        return None  # the box's float64 ends have no float32 between them here
     y = onnx_forward(prep.session, prep.imp.input_name, x.view(1, *prep.imp.onnx_shape)).double().flatten()
     cl = box.clauses[clause]
     values = cl.A @ y - cl.b

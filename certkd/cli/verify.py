@@ -66,3 +66,18 @@ def verify(model: Path | None, prop: Path | None, instances: Path | None, out: P
 
         atomic_write_text(out, verdict.counterexample or f"{verdict.result}\n")
         click.echo(f"wrote {out}")
+
+
+@main.command(name="import-results")
+@click.argument("results", type=click.Path(path_type=Path))
+@click.option("--queries", type=click.Path(path_type=Path), required=True,
+              help="The folder written by 'certkd certify --export-vnnlib' (its queries.json).")
+@click.option("--per-example", type=click.Path(path_type=Path), required=True,
+              help="The certify record file to write (method 'complete': unsat = certified).")
+def import_results(results: Path, queries: Path, per_example: Path) -> None:
+    """Read a VNN-COMP results.csv (alpha,beta-CROWN or any verifier) for exported queries as certify records."""
+    from certkd.queries import import_results as run_import
+
+    counts = run_import(results, queries, per_example)
+    shown = ", ".join(f"{n} {name}" for name, n in sorted(counts.items()))
+    click.echo(f"wrote {per_example}: {sum(counts.values())} records ({shown}); unsat counts as certified")
