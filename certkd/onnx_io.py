@@ -141,6 +141,12 @@ class _ChainBuilder:
                 with torch.no_grad():
                     last.bias.add_(torch.from_numpy(channel[:, 0].copy()))
                 return
+        if self.specs and self.specs[-1]["type"] == "affine":  # compose: (x s1 + b1) s + b
+            previous = self.modules[-1]
+            with torch.no_grad():
+                previous.scale.mul_(torch.from_numpy(s.copy()))
+                previous.shift.mul_(torch.from_numpy(s.copy())).add_(torch.from_numpy(b.copy()))
+            return
         layer = build_affine(self.shape, torch.from_numpy(s.copy()), torch.from_numpy(b.copy()))
         self.add({"type": "affine", "shape": list(self.shape)}, layer)
 
@@ -272,9 +278,17 @@ def _node_step(b: _ChainBuilder, node: Any, const: dict[str, np.ndarray], cur: s
         raise b.refuse(f"operator {op} (node {node.name or node.output[0]})")
 
 
-def _graph_chain(proto: Any, source: str, onnx: ModuleType) -> tuple[_ChainBuilder, str, tuple[int, ...]]:
+def _load(path: str | Path, onnx: ModuleType) -> tuple[Any, bytes]:
+    data = read_bytes(path)
+    try:
+        return onnx.load_model_from_string(data), data
+    except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and friends
+        raise CertkdError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from None
+
+
+def _declared_input(proto: Any, source: str, const: set[str]) -> tuple[Any, tuple[int, ...]]:
+    """The graph's one input and its shape without the batch axis."""
     graph = proto.graph
-    const = {init.name: onnx.numpy_helper.to_array(init) for init in graph.initializer}
     inputs = [i for i in graph.input if i.name not in const]
     if len(inputs) != 1 or len(graph.output) != 1:
         raise CertkdError(f"{source}: certkd reads ONNX models with one input and one output, this one has "
@@ -283,9 +297,22 @@ def _graph_chain(proto: Any, source: str, onnx: ModuleType) -> tuple[_ChainBuild
     shape = [int(d.dim_value) if d.HasField("dim_value") else 0 for d in dims]
     if len(shape) < 2 or shape[0] not in (0, 1) or any(s < 1 for s in shape[1:]):
         raise CertkdError(f"{source}: the input's declared shape {shape} is not (batch, ...) with fixed sizes")
-    example = tuple(shape[1:])
+    return inputs[0], tuple(shape[1:])
+
+
+def input_shape_of(path: str | Path) -> tuple[int, ...]:
+    """The ONNX model's declared input shape without the batch axis (a quick look, no conversion)."""
+    onnx, _ = require_onnx()
+    proto, _ = _load(path, onnx)
+    return _declared_input(proto, str(path), {init.name for init in proto.graph.initializer})[1]
+
+
+def _graph_chain(proto: Any, source: str, onnx: ModuleType) -> tuple[_ChainBuilder, str, tuple[int, ...]]:
+    graph = proto.graph
+    const = {init.name: onnx.numpy_helper.to_array(init) for init in graph.initializer}
+    first, example = _declared_input(proto, source, set(const))
     b = _ChainBuilder(source, onnx, example)
-    cur = inputs[0].name
+    cur = first.name
     for node in graph.node:
         if node.op_type == "Constant":
             const[node.output[0]] = onnx.numpy_helper.to_array(_attrs(node, onnx)["value"])
@@ -299,7 +326,7 @@ def _graph_chain(proto: Any, source: str, onnx: ModuleType) -> tuple[_ChainBuild
         cur = node.output[0]
     if cur != graph.output[0].name:
         raise b.refuse("the graph's output is not its last node's")
-    return b, inputs[0].name, example
+    return b, first.name, example
 
 
 def certkd_shape(onnx_shape: tuple[int, ...]) -> tuple[int, int, int]:
@@ -335,11 +362,7 @@ def read_onnx(path: str | Path, lower: torch.Tensor | None = None, upper: torch.
     torch.Size([1, 10])
     """
     onnx, ort = require_onnx()
-    data = read_bytes(path)
-    try:
-        proto = onnx.load_model_from_string(data)
-    except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and friends
-        raise CertkdError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from None
+    proto, data = _load(path, onnx)
     builder, input_name, onnx_shape = _graph_chain(proto, str(path), onnx)
     shape = certkd_shape(onnx_shape)
     specs, modules = list(builder.specs), list(builder.modules)

@@ -37,7 +37,15 @@ from bounds.errors import UnsupportedModelError
 from bounds.spec import box_attack, spec_bounds
 from certkd.errors import CertkdError
 from certkd.io import atomic_write_json, atomic_write_text
-from certkd.onnx_io import OnnxImport, onnx_forward, read_bytes, read_onnx, require_onnx, session_of
+from certkd.onnx_io import (
+    OnnxImport,
+    input_shape_of,
+    onnx_forward,
+    read_bytes,
+    read_onnx,
+    require_onnx,
+    session_of,
+)
 from certkd.runs import RecordLog
 from certkd.vnnlib import Spec, format_counterexample, read_vnnlib
 
@@ -139,6 +147,11 @@ def prepare(onnx_path: Path, specs: list[Spec]) -> Prepared:
     _, ort = require_onnx()
     start = time.perf_counter()
     size = specs[0].num_inputs
+    declared = math.prod(input_shape_of(onnx_path))
+    for spec in specs:
+        if spec.num_inputs != declared:
+            raise CertkdError(f"{onnx_path}: the model takes {declared} inputs, a query for it has "
+                              f"{spec.num_inputs} inputs")
     lo, hi = input_domain(specs, size)
     imp = read_onnx(onnx_path, lo.float(), hi.float())
     engine, refusal = None, None

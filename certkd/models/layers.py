@@ -33,7 +33,8 @@ class InputAffine(nn.Module):
         self.register_buffer("shift", torch.zeros(tuple(int(s) for s in shape)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.scale + self.shift
+        # the explicit batch axis on the constants: auto_LiRPA 0.3 mis-shapes CROWN's products without it
+        return x * self.scale.unsqueeze(0) + self.shift.unsqueeze(0)
 
     def extra_repr(self) -> str:
         return f"shape={tuple(self.scale.shape)}"
