@@ -64,7 +64,7 @@ def check_box(engine: BoundEngine, x_lower: torch.Tensor, x_upper: torch.Tensor)
 def clause_values(view: nn.Module, x: torch.Tensor, c: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """``C f(x) - d`` for a batch of points: (B, R)."""
     with torch.no_grad():
-        f = view(x).double()
+        f: torch.Tensor = view(x).double()
     return f @ c.t().to(f) - d.to(f)
 
 
@@ -173,7 +173,8 @@ def box_attack(view: nn.Module, x_lower: torch.Tensor, x_upper: torch.Tensor, c:
         return AttackResult(best_x, best)
 
     def worst(x: torch.Tensor) -> torch.Tensor:  # (num_clauses,) max over each clause's rows
-        vals = view(x).double() @ c64.t().to(x.device) - d64.to(x.device)  # (num_clauses, R)
+        f: torch.Tensor = view(x).double()
+        vals = f @ c64.t().to(x.device) - d64.to(x.device)  # (num_clauses, R)
         return vals.masked_fill(~mask, -math.inf).amax(dim=1)
 
     for start in starts:

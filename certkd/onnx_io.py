@@ -143,6 +143,7 @@ class _ChainBuilder:
                 return
         if self.specs and self.specs[-1]["type"] == "affine":  # compose: (x s1 + b1) s + b
             previous = self.modules[-1]
+            assert isinstance(previous.scale, torch.Tensor) and isinstance(previous.shift, torch.Tensor)
             with torch.no_grad():
                 previous.scale.mul_(torch.from_numpy(s.copy()))
                 previous.shift.mul_(torch.from_numpy(s.copy())).add_(torch.from_numpy(b.copy()))
@@ -247,6 +248,7 @@ def _node_step(b: _ChainBuilder, node: Any, const: dict[str, np.ndarray], cur: s
                          dilation=tuple(a.get("dilations", [1, 1])), groups=groups)
         with torch.no_grad():
             conv.weight.copy_(torch.from_numpy(w))
+            assert conv.bias is not None
             conv.bias.copy_(torch.from_numpy(consts[2].astype(np.float32)) if len(consts) > 2
                             and consts[2] is not None else torch.zeros(w.shape[0]))
         b.add({"type": "conv2d", "in_channels": conv.in_channels, "out_channels": conv.out_channels,
@@ -386,8 +388,7 @@ def read_onnx(path: str | Path, lower: torch.Tensor | None = None, upper: torch.
 
     num_classes = int(builder.shape[0])
     model = create_model("layer_chain", num_classes=num_classes, input_shape=shape, layers=specs)
-    body = nn.Sequential(*modules)
-    model[1].load_state_dict(body.state_dict())
+    model.get_submodule("1").load_state_dict(nn.Sequential(*modules).state_dict())
     model.eval()
     imp = OnnxImport(model=model, layers=specs, input_shape=shape, num_classes=num_classes, onnx_shape=onnx_shape,
                      input_name=input_name, sha256=file_sha256(path), lower=lo, upper=up, source=str(path))
@@ -465,13 +466,13 @@ def convert_onnx(path: str | Path, dataset: str | None = None, input_range: tupl
         if tuple(meta.input_shape) != imp.input_shape or int(meta.num_classes) != imp.num_classes:
             raise CertkdError(f"{path}: the model takes {imp.input_shape} with {imp.num_classes} outputs, dataset "
                               f"{dataset} has {tuple(meta.input_shape)} with {meta.num_classes} classes")
-    meta = SimpleNamespace(name=dataset or "onnx", input_shape=imp.input_shape, num_classes=imp.num_classes,
+    info = SimpleNamespace(name=dataset or "onnx", input_shape=imp.input_shape, num_classes=imp.num_classes,
                            mean=[0.0] * imp.input_shape[0], std=[1.0] * imp.input_shape[0])
     config = {"source": "certkd convert --onnx", "onnx_input_shape": list(imp.onnx_shape),
               "input_affine": None if imp.lower is None else {"lower": float(lo), "upper": float(hi)},
               "onnx_max_difference": imp.max_difference}
     prov = provenance(seed=seed, converted_from=str(path), onnx_sha256=imp.sha256)
-    return make_checkpoint(imp.model, "layer_chain", {"layers": imp.layers}, meta, config=config,
+    return make_checkpoint(imp.model, "layer_chain", {"layers": imp.layers}, info, config=config,
                            provenance_info=prov)
 
 
@@ -481,7 +482,8 @@ def export_onnx(model: nn.Module, input_shape: tuple[int, ...], path: str | Path
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model.eval(), (torch.zeros(1, *input_shape),), buf, dynamo=False, opset_version=OPSET,
+        torch.onnx.export(model.eval(), (torch.zeros(1, *input_shape),), buf,  # type: ignore[arg-type]
+                          dynamo=False, opset_version=OPSET,
                           input_names=["input"], output_names=["output"])
     atomic_write(path, lambda fh: fh.write(buf.getvalue()), mode="wb")
     return Path(path)

@@ -50,9 +50,12 @@ from certkd.runs import RecordLog
 from certkd.vnnlib import Spec, format_counterexample, read_vnnlib
 
 RESULTS = ("sat", "unsat", "unknown", "timeout", "error")
-# answers of other verifiers' results files, as certkd names them (VNN-COMP 2021 used holds/violated)
+# answers of other verifiers' results files, as certkd names them (VNN-COMP 2021 used holds/violated;
+# alpha,beta-CROWN's own summaries say safe/unsafe with the stage that decided)
 RESULT_ALIASES = {"holds": "unsat", "violated": "sat", "unsat": "unsat", "sat": "sat", "unknown": "unknown",
-                  "timeout": "timeout", "error": "error", "run_instance_timeout": "timeout"}
+                  "timeout": "timeout", "error": "error", "run_instance_timeout": "timeout",
+                  **{word: "unsat" for word in ("safe", "safe-incomplete", "safe-bab", "safe-mip")},
+                  **{word: "sat" for word in ("unsafe", "unsafe-pgd", "unsafe-bab", "unsafe-mip")}}
 COMMAND = "verify"
 
 __all__ = ["VerifyOptions", "Verdict", "verify_instance", "run_instances", "read_instances", "read_results",
@@ -291,7 +294,7 @@ def read_instances(path: str | Path) -> list[Instance]:
     path = Path(path)
     if not path.is_file():
         raise CertkdError(f"{path}: no such instances file")
-    out = []
+    out: list[Instance] = []
     for n, row in enumerate(csv.reader(io.StringIO(path.read_text())), start=1):
         cells = [c.strip() for c in row]
         if not any(cells):

@@ -309,7 +309,8 @@ def format_vnnlib(spec: Spec, comment: str = "") -> str:
     lines += [f"(declare-const X_{i} Real)" for i in range(spec.num_inputs)] + [""]
     lines += [f"(declare-const Y_{j} Real)" for j in range(spec.num_outputs)] + [""]
     for i in range(spec.num_inputs):
-        lines += [f"(assert (>= X_{i} {_num(case.lower[i])}))", f"(assert (<= X_{i} {_num(case.upper[i])}))"]
+        lines += [f"(assert (>= X_{i} {_num(float(case.lower[i]))}))",
+                  f"(assert (<= X_{i} {_num(float(case.upper[i]))}))"]
     clauses = ["(and " + " ".join(_row_text(r, float(b)) for r, b in zip(cl.A, cl.b, strict=True)) + ")"
                for cl in case.clauses]
     lines += ["", "(assert (or", *(f"    {c}" for c in clauses), "))", ""]
