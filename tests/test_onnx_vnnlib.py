@@ -25,21 +25,13 @@ from certkd.data import dataset_info, load_dataset
 from certkd.errors import CertkdError
 from certkd.models import create_model
 from certkd.onnx_io import convert_onnx, export_onnx, onnx_forward, read_onnx, session_of
+from certkd.planted import fit_classifier, planted_folder
 from certkd.queries import export_queries, import_results
 from certkd.runs import read_log
 from certkd.verify import VerifyOptions, read_results, run_instances, verify_instance
 from certkd.vnnlib import parse_vnnlib, read_vnnlib, robustness_spec, write_vnnlib
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int) -> nn.Module:
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(steps):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +41,7 @@ def digits_mlp(tmp_path_factory: pytest.TempPathFactory) -> Path:
     meta = dataset_info("digits")
     data = load_dataset("digits", "train", None)
     x, y = data.batch(list(range(len(data))))
-    model = _fit(create_model("mlp", num_classes=10, input_shape=meta.input_shape, hidden=[32]), x, y, 60)
+    model = fit_classifier(create_model("mlp", num_classes=10, input_shape=meta.input_shape, hidden=[32]), x, y, 60)
     path = tmp_path_factory.mktemp("onnx") / "mlp.ckpt.pt"
     save_checkpoint(make_checkpoint(model, "mlp", {"hidden": [32]}, meta), path)
     return path
@@ -213,30 +205,9 @@ def test_bad_queries_are_one_sentence(text: str, message: str) -> None:
 # --------------------------------------------------------------------------- benchmark folders
 
 def _planted_folder(folder: Path) -> tuple[list[str], list[str]]:
-    """A model fitted so that point p (class 0) has a class-1 neighbour q inside p's box, its queries, and
-    instances.csv; returns the planted (sat) and the clean query names."""
-    torch.manual_seed(3)
-    gen = torch.Generator().manual_seed(3)
-    x = torch.rand(300, 4, generator=gen)
-    y = (x[:, 0] + x[:, 1] > 1.0).long()
-    p = torch.tensor([0.2, 0.2, 0.5, 0.5])
-    q = p + torch.tensor([0.0, 0.0, 0.06, 0.0])
-    x = torch.cat([x, p.repeat(20, 1), q.repeat(20, 1)])
-    y = torch.cat([y, torch.zeros(20, dtype=torch.long), torch.ones(20, dtype=torch.long)])
-    net = _fit(nn.Sequential(nn.Linear(4, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 2)), x, y, 600)
-    with torch.no_grad():
-        assert net(p[None]).argmax().item() == 0 and net(q[None]).argmax().item() == 1  # really planted
-    export_onnx(net, (4,), folder / "planted.onnx")
-    rows, planted, clean = [], [], []
-    for name, point, label, eps in (("planted_a", p, 0, 0.07), ("planted_b", p, 0, 0.1),
-                                    ("clean_a", torch.tensor([0.1, 0.1, 0.5, 0.5]), 0, 0.002),
-                                    ("clean_b", torch.tensor([0.9, 0.9, 0.5, 0.5]), 1, 0.002)):
-        write_vnnlib(folder / f"{name}.vnnlib", robustness_spec(point, eps, label, 2))
-        rows.append(f"planted.onnx,{name}.vnnlib,30")
-        (planted if name.startswith("planted") else clean).append(f"{name}.vnnlib")
-    (folder / "instances.csv").write_text("\n".join(rows) + "\n")
-    (folder / "expected.csv").write_text("".join(f"planted,planted.onnx,{n},0,sat,0\n" for n in planted))
-    return planted, clean
+    """``certkd.planted.planted_folder`` (which checks by a forward pass that each plant is real)."""
+    bench = planted_folder(folder)
+    return bench.planted, bench.clean
 
 
 def test_benchmark_folder_planted_counterexamples_never_unsat(tmp_path: Path) -> None:
@@ -244,7 +215,7 @@ def test_benchmark_folder_planted_counterexamples_never_unsat(tmp_path: Path) ->
     bench.mkdir()
     planted, clean = _planted_folder(bench)
     out = tmp_path / "out"
-    summary = run_instances(bench / "instances.csv", out, VerifyOptions(), expected=bench / "expected.csv")
+    summary = run_instances(bench / "instances.csv", out, VerifyOptions(), expected=bench / "expected_results.csv")
     answers = {v: r for (_, v), r in read_results(out / "results.csv").items()}
     assert all(answers[n] in ("sat", "unknown") for n in planted)
     assert all(answers[n] == "unsat" for n in clean)
