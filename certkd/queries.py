@@ -7,7 +7,8 @@ robust at eps), ``instances.csv`` and ``queries.json`` (which point and eps each
 about). ``import_results`` (``certkd import-results``) reads a verifier's ``results.csv``
 for that folder and writes certify records (method ``complete``, kind ``certified``):
 ``unsat`` is certified, ``sat`` is not (a counterexample exists), anything else is not
-certified either.
+certified either. Each record's ``radius`` is the largest exported eps its point was
+answered ``unsat`` at (a certified radius on the exported grid: L-inf balls are nested).
 """
 
 from __future__ import annotations
@@ -101,15 +102,20 @@ def import_results(results: str | Path, queries_dir: str | Path, per_example: st
         raise CertkdError(f"{results}: no answer for {len(missing)} of the exported queries (first: {missing[0]})")
     records = []
     counts: dict[str, int] = {}
+    radius: dict[int, float] = {}  # the largest exported eps answered unsat (balls are nested: robust below it)
+    for q in info["queries"]:
+        if answers[q["vnnlib"]] == "unsat":
+            radius[q["index"]] = max(radius.get(q["index"], 0.0), q["eps"])
     for q in info["queries"]:
         result = answers[q["vnnlib"]]
         counts[result] = counts.get(result, 0) + 1
         records.append({"index": q["index"], "label": q["label"], "pred": q["pred"], "method": COMPLETE,
                         "kind": "certified", "target": "model", "norm": "inf", "eps": q["eps"],
                         "robust": result == "unsat", "certified": result == "unsat", "margin_lb": None,
-                        "margin_ub": None, "verifier_result": result})
+                        "margin_ub": None, "verifier_result": result, "radius": radius.get(q["index"], 0.0)})
     config = {"checkpoint_sha256": info["checkpoint_sha256"], "dataset": info["dataset"], "split": info["split"],
               "num_examples": info["num_examples"], "methods": [COMPLETE], "eps": info["eps"], "norm": "inf",
+              "radius": "grid",
               "source": f"import of {Path(results).name}"}
     path = Path(per_example)
     if path.exists() and read_log(path)[0] is not None:

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from bounds.certify import BOUND_METHODS, BoundEngine
-from bounds.errors import UnsupportedModelError
+from bounds.errors import BoundsError, UnsupportedModelError
 from bounds.spec import box_attack, spec_bounds
 from certkd.errors import CertkdError
 from certkd.io import atomic_write_json, atomic_write_text
@@ -90,8 +90,8 @@ class Verdict:
     detail: dict[str, Any] = field(default_factory=dict)
 
 
-class _Timeout(Exception):
-    pass
+class _Timeout(BaseException):
+    """Raised by the alarm; a BaseException so that libraries' ``except Exception`` do not swallow it."""
 
 
 @contextmanager
@@ -160,7 +160,7 @@ def prepare(onnx_path: Path, specs: list[Spec]) -> Prepared:
     engine, refusal = None, None
     try:
         engine = BoundEngine(imp.model, imp.input_shape)
-    except UnsupportedModelError as exc:
+    except BoundsError as exc:
         refusal = " ".join(str(exc).split())
     session = session_of(read_bytes(onnx_path), ort)
     return Prepared(imp, engine, refusal, session, time.perf_counter() - start)
@@ -224,7 +224,11 @@ def answer(prep: Prepared, spec: Spec, options: VerifyOptions, where: str = "") 
         if prep.engine is None:
             pending.append(f"bound propagation refused the model: {prep.refusal}")
             continue
-        bounds = spec_bounds(prep.engine, lo, up, c, d, rows, options.method, evidence=attack.points)
+        try:
+            bounds = spec_bounds(prep.engine, lo, up, c, d, rows, options.method, evidence=attack.points)
+        except UnsupportedModelError as exc:
+            pending.append(" ".join(str(exc).split()))
+            continue
         if bounds.contradiction is not None:
             pending.append(f"refused: {bounds.contradiction}")
         elif not bounds.unsat:
@@ -365,10 +369,16 @@ def run_instances(instances: str | Path, out_dir: str | Path, options: VerifyOpt
     options.check()
     rows = read_instances(instances)
     known = read_results(expected) if expected is not None else {}
-    specs = {}
-    for inst in rows:  # every query parses before any work starts
+    specs: dict[Path, Spec] = {}
+    sizes: dict[Path, int] = {}
+    for inst in rows:  # every query parses, and fits its model's input, before any work starts
         if inst.vnnlib_path not in specs:
             specs[inst.vnnlib_path] = read_vnnlib(inst.vnnlib_path)
+        if inst.onnx_path not in sizes:
+            sizes[inst.onnx_path] = math.prod(input_shape_of(inst.onnx_path))
+        if specs[inst.vnnlib_path].num_inputs != sizes[inst.onnx_path]:
+            raise CertkdError(f"{instances}: {inst.vnnlib} has {specs[inst.vnnlib_path].num_inputs} inputs, "
+                              f"{inst.onnx} takes {sizes[inst.onnx_path]}")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise CertkdError(f"{out} is not a directory")
@@ -404,6 +414,8 @@ def run_instances(instances: str | Path, out_dir: str | Path, options: VerifyOpt
                                           max(inst.timeout - prep_time, 1e-3), prep)
             except CertkdError as exc:
                 verdict = Verdict("error", " ".join(str(exc).split()))
+        if verdict.result == "timeout":
+            prepared.pop(inst.onnx_path, None)  # interrupted inside a library: the next row prepares afresh
         verdict.prepare_time = prep_time
         verdict.run_time = time.perf_counter() - start - prep_time
         cex = None

@@ -265,13 +265,17 @@ def test_cli_single_query_and_bad_input(tmp_path: Path) -> None:
         assert (tmp_path / "ce.txt").read_text().startswith("sat\n((X_0 ")
     write_vnnlib(tmp_path / "five.vnnlib", robustness_spec(torch.rand(5), 0.1, 0, 2))
     (tmp_path / "broken.vnnlib").write_text("(declare-const X_0 Real")
+    write_vnnlib(bench / "five.vnnlib", robustness_spec(torch.rand(5), 0.1, 0, 2))
+    (bench / "mismatch.csv").write_text("planted.onnx,clean_a.vnnlib,10\nplanted.onnx,five.vnnlib,10\n")
     for args, message in (([str(bench / "planted.onnx"), str(tmp_path / "five.vnnlib")], "5 inputs"),
                           ([str(bench / "planted.onnx"), str(tmp_path / "broken.vnnlib")], "unbalanced"),
                           ([str(tmp_path / "none.onnx"), str(bench / "clean_a.vnnlib")], "no such file"),
-                          (["--instances", str(tmp_path / "none.csv"), "--out", str(tmp_path / "o")], "no such")):
+                          (["--instances", str(tmp_path / "none.csv"), "--out", str(tmp_path / "o")], "no such"),
+                          (["--instances", str(bench / "mismatch.csv"), "--out", str(tmp_path / "o")], "takes 4")):
         bad = runner.invoke(main, ["verify", *args])
         assert bad.exit_code == 2, bad.output
         assert message in bad.output and len(bad.output.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()  # refused before any work or output
 
 
 # --------------------------------------------------------------------------- queries out, answers back
@@ -291,6 +295,7 @@ def test_export_queries_run_them_and_import_the_answers(digits_mlp: Path, tmp_pa
     crown = BoundEngine(ckpt.build_model(), ckpt.input_shape).margin_bounds(x, y, 0.03).certified
     assert {r["index"] for r in records if r["certified"]} == {i for i in range(6) if bool(crown[i])}
     assert counts.get("unsat", 0) == sum(r["certified"] for r in records)
+    assert all(r["radius"] == (0.03 if r["certified"] else 0.0) for r in records)
     assert json.loads((tmp_path / "q" / "queries.json").read_text())["eps"] == [0.03]
     assert math.isclose(records[0]["eps"], 0.03)
 
