@@ -9,7 +9,9 @@ records the ONNX file's sha256. Inputs ranging over ``[lo, hi]`` rather than ``[
 get an exact ``InputAffine`` first layer ``x = lo + (hi - lo) u`` (recorded in the
 checkpoint's config), so certkd's unit box is the model's input box.
 
-Needs the ``onnx`` extra (``pip install 'certkd[onnx]'``: onnx and onnxruntime).
+Needs the ``onnx`` extra (``pip install 'certkd[onnx]'``: onnx and onnxruntime). The reader
+is certkd's own (``onnx2torch`` imports torchvision's compiled operators at import time), and
+it emits a registry model, so a converted checkpoint rebuilds without any converter.
 """
 
 from __future__ import annotations

@@ -12,6 +12,9 @@ of one of its clauses; ``unsat`` means none does.
 Strict and non-strict comparisons are read alike (``a < b`` as ``a <= b``): proving
 ``unsat`` for the closed set also proves it for the open one; a counterexample is
 checked against the file's own comparisons.
+
+certkd parses the text itself: the ``vnnlib`` package on PyPI (1.0) reads the VNN-LIB 2.0
+syntax only, not the ``(declare-const X_0 Real)`` files the benchmarks ship.
 """
 
 from __future__ import annotations

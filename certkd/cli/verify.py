@@ -10,6 +10,7 @@ import click
 from bounds.certify import BOUND_METHODS
 from certkd.cli import main
 from certkd.errors import CertkdError
+from certkd.io import atomic_write_text, check_output_file
 
 
 @main.command()
@@ -59,11 +60,11 @@ def verify(model: Path | None, prop: Path | None, instances: Path | None, out: P
         raise CertkdError("give MODEL.onnx and PROP.vnnlib, or --instances instances.csv")
     if timeout is not None and not timeout > 0:
         raise CertkdError(f"--timeout must be positive, got {timeout}")
+    if out is not None:
+        check_output_file(out, "--out")
     verdict = verify_instance(model, prop, options, timeout)
     click.echo(f"{verdict.result}: {verdict.reason} ({verdict.prepare_time + verdict.run_time:.2f} s)")
     if out is not None:
-        from certkd.io import atomic_write_text
-
         atomic_write_text(out, verdict.counterexample or f"{verdict.result}\n")
         click.echo(f"wrote {out}")
 
