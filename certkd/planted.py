@@ -70,7 +70,9 @@ def planted_folder(folder: str | Path, seed: int = 3, timeout: float = 30.0, nam
         if net(p[None]).argmax().item() != 0 or net(q[None]).argmax().item() != 1:
             raise CertkdError(f"seed {seed}: the network did not fit the planted pair; try another seed")
     export_onnx(net, (4,), folder / f"{name}.onnx")
-    rows, planted, clean = [], [], []
+    rows: list[str] = []
+    planted: list[str] = []
+    clean: list[str] = []
     queries = ((f"{name}_a", p, 0, DELTA + 0.01), (f"{name}_b", p, 0, DELTA + 0.04),
                ("clean_a", torch.tensor([0.1, 0.1, 0.5, 0.5]), 0, 0.002),
                ("clean_b", torch.tensor([0.9, 0.9, 0.5, 0.5]), 1, 0.002))
