@@ -306,3 +306,26 @@ def test_verify_instance_timeout(tmp_path: Path) -> None:
     _planted_folder(bench)
     verdict = verify_instance(bench / "planted.onnx", bench / "clean_a.vnnlib", timeout=1e-3)
     assert verdict.result == "timeout"
+
+
+def test_verify_box_outside_the_unit_range(tmp_path: Path) -> None:
+    """Inputs in [-2, -1.5] (an ACAS Xu-like range): the affine first layer maps certkd's unit box onto them."""
+    _matmul_net(tmp_path / "mm.onnx", [1, 5])
+    session = session_of((tmp_path / "mm.onnx").read_bytes(), onnx_ort())
+    centre = torch.full((1, 5), -1.75)
+    y = onnx_forward(session, "X", centre).flatten()
+    top = int(y.argmax())
+    box = "".join(f"(declare-const X_{i} Real)\n" for i in range(5)) + "".join(
+        f"(declare-const Y_{j} Real)\n" for j in range(3))
+    r = 1e-4
+    box += "".join(f"(assert (>= X_{i} {-1.75 - r}))\n(assert (<= X_{i} {-1.75 + r}))\n" for i in range(5))
+    others = [j for j in range(3) if j != top]
+    (tmp_path / "robust.vnnlib").write_text(box + "(assert (or " + " ".join(
+        f"(and (>= Y_{j} Y_{top}))" for j in others) + "))\n")
+    # the output the centre already satisfies: a counterexample exists (the centre itself)
+    (tmp_path / "holds.vnnlib").write_text(box + f"(assert (<= Y_{others[0]} Y_{top}))\n")
+    assert verify_instance(tmp_path / "mm.onnx", tmp_path / "robust.vnnlib").result == "unsat"
+    verdict = verify_instance(tmp_path / "mm.onnx", tmp_path / "holds.vnnlib")
+    assert verdict.result == "sat" and verdict.counterexample is not None
+    xs = [float(line.split()[1].rstrip(")")) for line in verdict.counterexample.splitlines()[1:6]]
+    assert all(-1.7501 <= v <= -1.7499 for v in xs)
