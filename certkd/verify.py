@@ -46,7 +46,7 @@ from certkd.onnx_io import (
     require_onnx,
     session_of,
 )
-from certkd.runs import RecordLog
+from certkd.runs import RecordLog, execute
 from certkd.vnnlib import Spec, format_counterexample, read_vnnlib
 
 RESULTS = ("sat", "unsat", "unknown", "timeout", "error")
@@ -431,9 +431,7 @@ def run_instances(instances: str | Path, out_dir: str | Path, options: VerifyOpt
 
     with RecordLog.open(out / "records.jsonl", COMMAND, config, key=lambda r: (int(r["index"]),),
                         resume=resume, overwrite=overwrite) as log:
-        for inst in rows:
-            if log.missing([(inst.index,)]):
-                log.add(compute(inst))
+        execute([inst for inst in rows if log.missing([(inst.index,)])], compute, log, desc="verify")
         records = sorted(log.records, key=lambda r: int(r["index"]))
     lines = io.StringIO()
     writer = csv.writer(lines, lineterminator="\n")
