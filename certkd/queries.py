@@ -49,7 +49,7 @@ def export_queries(checkpoint: str | Path, out_dir: str | Path, eps: list[float]
 
     Returns
     -------
-    dict: the ``queries.json`` contents.
+    dict: the ``queries.json`` contents (``queries``, and the ``misclassified`` points without one).
 
     Example
     -------
@@ -69,9 +69,10 @@ def export_queries(checkpoint: str | Path, out_dir: str | Path, eps: list[float]
     x, y = data.batch(list(range(count)))
     with torch.no_grad():
         pred = model(x).argmax(dim=1)
-    rows, queries = [], []
+    rows, queries, skipped = [], [], []
     for i in range(count):
         if int(pred[i]) != int(y[i]):
+            skipped.append({"index": i, "label": int(y[i]), "pred": int(pred[i])})
             continue
         for e in eps:
             file = f"prop_{i}_eps_{e:.6g}.vnnlib"
@@ -82,7 +83,7 @@ def export_queries(checkpoint: str | Path, out_dir: str | Path, eps: list[float]
     atomic_write_text(out / "instances.csv", "\n".join(rows) + ("\n" if rows else ""))
     info = {"checkpoint": str(checkpoint), "checkpoint_sha256": file_sha256(checkpoint), "dataset": name,
             "split": split, "num_examples": count, "norm": "inf", "eps": [float(e) for e in eps],
-            "onnx": "model.onnx", "queries": queries}
+            "onnx": "model.onnx", "queries": queries, "misclassified": skipped}
     atomic_write_json(out / QUERIES_FILE, info)
     return info
 
@@ -113,6 +114,12 @@ def import_results(results: str | Path, queries_dir: str | Path, per_example: st
                         "kind": "certified", "target": "model", "norm": "inf", "eps": q["eps"],
                         "robust": result == "unsat", "certified": result == "unsat", "margin_lb": None,
                         "margin_ub": None, "verifier_result": result, "radius": radius.get(q["index"], 0.0)})
+    for s in info.get("misclassified", []):  # no query: never certified, as in certify
+        records += [{"index": s["index"], "label": s["label"], "pred": s["pred"], "method": COMPLETE,
+                     "kind": "certified", "target": "model", "norm": "inf", "eps": float(e), "robust": False,
+                     "certified": False, "margin_lb": None, "margin_ub": None, "verifier_result": "misclassified",
+                     "radius": 0.0} for e in info["eps"]]
+    records.sort(key=lambda r: (r["index"], r["eps"]))
     config = {"checkpoint_sha256": info["checkpoint_sha256"], "dataset": info["dataset"], "split": info["split"],
               "num_examples": info["num_examples"], "methods": [COMPLETE], "eps": info["eps"], "norm": "inf",
               "radius": "grid",

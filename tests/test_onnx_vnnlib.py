@@ -21,6 +21,7 @@ from torch import nn
 from bounds.certify import BoundEngine
 from certkd.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from certkd.cli import main
+from certkd.comparison import CompareJob, reuse_records
 from certkd.data import dataset_info, load_dataset
 from certkd.errors import CertkdError
 from certkd.models import create_model
@@ -288,7 +289,7 @@ def test_export_queries_run_them_and_import_the_answers(digits_mlp: Path, tmp_pa
     run_instances(tmp_path / "q" / "instances.csv", tmp_path / "r", VerifyOptions(attack_steps=10))
     counts = import_results(tmp_path / "r" / "results.csv", tmp_path / "q", tmp_path / "complete.jsonl")
     head, records = read_log(tmp_path / "complete.jsonl")
-    assert head is not None and head["command"] == "certify" and len(records) == len(info["queries"])
+    assert head is not None and head["command"] == "certify" and len(records) == 6  # misclassified ones too
     # the queries ask what certify asks: unsat exactly where CROWN certifies the checkpoint's points
     ckpt = load_checkpoint(digits_mlp)
     x, y = _digits_test(6)
@@ -296,6 +297,12 @@ def test_export_queries_run_them_and_import_the_answers(digits_mlp: Path, tmp_pa
     assert {r["index"] for r in records if r["certified"]} == {i for i in range(6) if bool(crown[i])}
     assert counts.get("unsat", 0) == sum(r["certified"] for r in records)
     assert all(r["radius"] == (0.03 if r["certified"] else 0.0) for r in records)
+    # compare takes them as the certified part's radii (the checkpoint's own points, checked by its header)
+    reused = reuse_records(tmp_path / "complete.jsonl", digits_mlp, CompareJob(), "digits", "test", 6)
+    assert {i for i, (radius, correct) in reused.items() if radius > 0 and correct} == \
+        {r["index"] for r in records if r["certified"]}
+    with pytest.raises(CertkdError, match="checkpoint_sha256"):
+        reuse_records(tmp_path / "complete.jsonl", tmp_path / "q" / "model.onnx", CompareJob(), "digits", "test", 6)
     assert json.loads((tmp_path / "q" / "queries.json").read_text())["eps"] == [0.03]
     assert math.isclose(records[0]["eps"], 0.03)
 
