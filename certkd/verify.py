@@ -1,6 +1,6 @@
 """``certkd verify``: VNN-LIB queries on ONNX models, one at a time or a VNN-COMP benchmark folder.
 
-Answers (theory.md §6, fail closed):
+Answers (theory.md §2.1: certified means proved; anything else is not claimed):
 
 - ``unsat``: bound propagation (``bounds.spec.spec_bounds``) proves that no input of the
   box satisfies any clause, and no evaluated point contradicts a bound;
