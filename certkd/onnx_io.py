@@ -232,8 +232,10 @@ def _node_step(b: _ChainBuilder, node: Any, const: dict[str, np.ndarray], cur: s
         first = node.input[0] == cur
         if op == "Add":
             b.affine(1.0, other)
+        elif op == "Sub" and first:
+            b.affine(1.0, -other)
         elif op == "Sub":
-            b.affine(1.0, -other) if first else b.affine(-1.0, other)
+            b.affine(-1.0, other)
         elif op == "Mul":
             b.affine(other, 0.0)
         elif first:
@@ -241,7 +243,9 @@ def _node_step(b: _ChainBuilder, node: Any, const: dict[str, np.ndarray], cur: s
         else:
             raise b.refuse("a Div of a constant by the tensor")
     elif op == "Conv":
-        if consts[1] is None or len(b.shape) != 3 or str(a.get("auto_pad", b"NOTSET")).strip("b'") != "NOTSET":
+        auto_pad = a.get("auto_pad", b"NOTSET")
+        if consts[1] is None or len(b.shape) != 3 or (auto_pad.decode() if isinstance(auto_pad, bytes)
+                                                      else str(auto_pad)) != "NOTSET":
             raise b.refuse("a Conv that is not 2-D with a constant kernel and explicit padding")
         w = consts[1].astype(np.float32)
         groups = int(a.get("group", 1))
