@@ -137,35 +137,41 @@ def reuse_records(path: Path, checkpoint: Path, job: CompareJob, dataset: str, s
 
     The file's configuration header must name the same checkpoint (sha256), points
     (dataset, split, at least ``count`` examples), norm, method (with ``--radius``) and
-    radius tolerance; else ``CertkdError`` with one sentence naming what differs.
+    radius tolerance; else ``CertkdError`` with one sentence naming what differs. A file
+    of complete verification answers (``certkd import-results``) serves in place of the
+    method: its radii are the largest exported eps answered unsat (certified, on that grid).
     """
     from certkd.certification.records import read_per_example
     from certkd.checkpoint import file_sha256
     from certkd.errors import CertkdError
+    from certkd.queries import COMPLETE
 
     if not Path(path).is_file():
         raise CertkdError(f"{path}: no such record file")
     config, records = read_per_example(path)
     if config is None:
         raise CertkdError(f"{path}: an empty record file")
+    complete = config.get("methods") == [COMPLETE]
     expected = {"checkpoint_sha256": file_sha256(checkpoint), "dataset": dataset, "split": split,
-                "norm": job.norm, "radius": True}
+                "norm": job.norm, "radius": "grid" if complete else True}
     differ = [k for k, v in expected.items() if config.get(k) != v]
-    if job.method not in config.get("methods", []):
+    if not complete and job.method not in config.get("methods", []):
         differ.append(f"method (it has {', '.join(config.get('methods', []))}, not {job.method})")
-    if (config.get("params") or {}).get("radius_tol", job.options().radius_tol) != job.options().radius_tol:
+    if not complete and (config.get("params") or {}).get("radius_tol", job.options().radius_tol) != \
+            job.options().radius_tol:
         differ.append("radius_tol")
+    method = COMPLETE if complete else job.method
     if differ:
         raise CertkdError(f"{path} does not hold {job.method} radii of {Path(checkpoint).name} on these points: "
                           f"its configuration differs in {', '.join(differ)}")
     given: Reused = {}
     for r in records:
-        if r["method"] == job.method and int(r["index"]) < count:
+        if r["method"] == method and int(r["index"]) < count:
             radius = math.inf if r.get("radius") is None else float(r["radius"])
             given.setdefault(int(r["index"]), (radius, int(r["pred"]) == int(r["label"])))
     missing = count - len(given)
     if missing:
-        raise CertkdError(f"{path} lacks the {job.method} radii of {missing} of the first {count} points")
+        raise CertkdError(f"{path} lacks the {method} radii of {missing} of the first {count} points")
     return given
 
 

@@ -8,7 +8,15 @@ from typing import Any
 
 import click
 
-from certkd.certification.methods import LEGEND, METHODS, PGD, CertifyOptions, certify_methods, get_method
+from certkd.certification.methods import (
+    LEGEND,
+    METHODS,
+    PGD,
+    CertifyOptions,
+    certify_methods,
+    check_norm,
+    get_method,
+)
 from certkd.cli import main
 from certkd.cli.options import (
     OUTPUT_FILE,
@@ -64,11 +72,14 @@ def _legend() -> str:
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its --per-example file.")
 @overwrite_option
 @shard_option
+@click.option("--export-vnnlib", type=click.Path(path_type=Path), default=None,
+              help="Also write the L-inf queries as a VNN-COMP folder (model.onnx, one VNN-LIB per point and eps, "
+                   "instances.csv) for alpha,beta-CROWN or any VNN-COMP verifier; needs certkd[onnx].")
 @dataclass_options(CertifyOptions)
 def certify(checkpoint: Path, num_examples: int | None, dataset: str | None, data_dir: Path | None, split: str,
             eps: list[float], norm: str, methods: list[str], radius: bool, batch_size: int, device: str, seed: int,
             max_memory: int | None, progress: bool, out: Path | None, per_example: Path | None, resume: bool, overwrite: bool,
-            shard: tuple[int, int] | str | None, **options: Any) -> None:
+            shard: tuple[int, int] | str | None, export_vnnlib: Path | None, **options: Any) -> None:
     """Certify the first N points of a split for CHECKPOINT: accuracy per method and eps, and radii.
 
     Prints clean accuracy, PGD accuracy (an empirical upper bound), certified (or
@@ -85,6 +96,13 @@ def certify(checkpoint: Path, num_examples: int | None, dataset: str | None, dat
             raise CertkdError(f"{path} is a directory; give a file name")
     job = CertifyJob(methods=methods, eps=eps, norm=norm, radius=radius, batch_size=batch_size, seed=seed,
                      params=CertifyOptions(**options))
+    if export_vnnlib is not None:
+        from certkd.queries import export_queries
+
+        if check_norm(norm) != "inf":
+            raise CertkdError("--export-vnnlib writes L-inf queries (VNN-LIB boxes): use --norm inf")
+        info = export_queries(checkpoint, export_vnnlib, eps, dataset, split, data_dir, num_examples)
+        click.echo(f"wrote {len(info['queries'])} queries to {export_vnnlib} (instances.csv, model.onnx)")
     summary = certify_checkpoint(checkpoint, job, shard, dataset=dataset, split=split, data_dir=data_dir,
                                  num_examples=num_examples, device=device, out=out, per_example=per_example,
                                  resume=resume, overwrite=overwrite, progress=progress, max_memory=max_memory,

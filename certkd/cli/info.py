@@ -127,12 +127,12 @@ def datasets() -> None:
 
 
 @main.command()
-@click.option("--arch", required=True, help="Registry or installed-plugin model (see `certkd models`).")
+@click.option("--arch", default=None, help="Registry or installed-plugin model (see `certkd models`).")
 @click.option("--arch-kwargs", default="{}", show_default=True,
               help="Builder arguments as a JSON object, e.g. '{\"depth\": 28, \"widen\": 10}'.")
-@click.option("--dataset", "dataset_name", required=True, type=click.Choice(list_datasets()),
+@click.option("--dataset", "dataset_name", default=None, type=click.Choice(list_datasets()),
               help="Dataset the weights were trained on: fixes input shape, classes and normalization.")
-@click.option("--weights", required=True, help="External weights: a .pt/.pth state_dict (or a dict holding it under "
+@click.option("--weights", default=None, help="External weights: a .pt/.pth state_dict (or a dict holding it under "
               "'state_dict' or 'model'), loaded with weights_only=True, or a .safetensors file.")
 @click.option("--strip-prefix", default=None, help="Remove this prefix from every key first, e.g. 'module.' "
               "(DataParallel).")
@@ -140,9 +140,16 @@ def datasets() -> None:
               help="Input normalization put in front of the weights: the dataset's mean/std, or identity for "
               "weights trained on raw [0, 1] inputs (most RobustBench models). Ignored when the weights "
               "carry the Normalize keys 0.mean/0.std.")
+@click.option("--onnx", "onnx_file", type=click.Path(path_type=Path), default=None,
+              help="Convert an ONNX model instead (a chain of Gemm/MatMul, Conv, Relu, ...; needs certkd[onnx]); "
+                   "--dataset is then optional and --arch/--weights are not used.")
+@click.option("--input-range", type=(float, float), default=None,
+              help="--onnx: the range LO HI of the ONNX model's inputs when it is not [0, 1] (an exact affine "
+                   "first layer maps [0, 1] onto it).")
 @click.option("--out", required=True, type=OUTPUT_FILE, help="Where to write the certkd checkpoint (atomic).")
-def convert(arch: str, arch_kwargs: str, dataset_name: str, weights: str, strip_prefix: str | None,
-            normalization: str, out: Path) -> None:
+def convert(arch: str | None, arch_kwargs: str, dataset_name: str | None, weights: str | None,
+            strip_prefix: str | None, normalization: str, onnx_file: Path | None,
+            input_range: tuple[float, float] | None, out: Path) -> None:
     """Wrap external weights into a certkd checkpoint (strict loading: every key must match).
 
     The weights are for the model's body (keys as in the network itself, e.g.
@@ -151,6 +158,20 @@ def convert(arch: str, arch_kwargs: str, dataset_name: str, weights: str, strip_
     cnn_4layer/cnn_7layer (auto_LiRPA), dm_small/medium/large (CROWN-IBP), robustbench_wrn,
     preact_resnet18 (RobustBench).
     """
+    if onnx_file is not None:
+        from certkd.onnx_io import convert_onnx
+
+        ckpt = convert_onnx(onnx_file, dataset_name, input_range)
+        save_checkpoint(ckpt, out)
+        click.echo(f"wrote {out}: {onnx_file} as a layer chain of {len(ckpt.model_kwargs['layers'])} layers "
+                   f"({ckpt.summary()['parameters']:,} parameters), onnx sha256 {ckpt.provenance['onnx_sha256'][:12]}, "
+                   f"max difference to onnxruntime {ckpt.config['onnx_max_difference']:.2g}")
+        return
+    missing = [name for name, value in (("--arch", arch), ("--dataset", dataset_name), ("--weights", weights))
+               if value is None]
+    if missing:
+        raise click.UsageError(f"missing {', '.join(missing)} (or convert an ONNX model with --onnx)")
+    assert arch is not None and dataset_name is not None and weights is not None
     kwargs = _parse_arch_kwargs(arch_kwargs)
     ckpt = wrap_external_weights(arch, kwargs, dataset_name, weights, strip_prefix, normalization)
     save_checkpoint(ckpt, out)

@@ -2,6 +2,7 @@
 
 from certkd.models import (  # noqa: F401  (registration)
     cnn,
+    layers,
     lenet,
     lirpa_zoo,
     mlp,
