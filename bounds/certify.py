@@ -27,15 +27,13 @@ from bounds.errors import BoundsError, ContradictionError, UnsupportedModelError
 from bounds.evidence import (
     SAMPLES,
     EvidencePoints,
-    ball_samples,
+    Region,
     check_bound,
     first_node_outside,
     linear_form,
     localize,
     node_intervals,
-    project,
     rounding_allowance,
-    tightest_points,
 )
 from bounds.graph import ESTIMATE_HINT, GraphCheck, check_graph_supported, lirpa_call, node_kind
 from bounds.lirpa import auto_lirpa_version, import_auto_lirpa
@@ -238,27 +236,29 @@ class BoundEngine:
             raise BoundsError(f"eps must be a number or one value per example, got shape {tuple(eps_t.shape)}")
         return x, y, eps_t
 
-    def _perturbation(self, x: torch.Tensor, eps: torch.Tensor, p: float) -> Any:
-        if math.isinf(p):
-            e = eps.view(-1, *([1] * (x.dim() - 1)))
-            return self._lirpa.PerturbationLpNorm(norm=math.inf, eps=float(eps.max()),
-                                                  x_L=(x - e).clamp(0.0, 1.0), x_U=(x + e).clamp(0.0, 1.0))
+    def _perturbation(self, region: Region) -> Any:
+        if math.isinf(region.norm):
+            return self._lirpa.PerturbationLpNorm(norm=math.inf, eps=float(region.eps.max()), x_L=region.low,
+                                                  x_U=region.high)
+        eps = region.eps
         same = bool((eps == eps[0]).all())
-        return self._lirpa.PerturbationLpNorm(norm=p, eps=float(eps[0]) if same else eps.view(-1, 1))
+        return self._lirpa.PerturbationLpNorm(norm=region.norm, eps=float(eps[0]) if same else eps.view(-1, 1))
 
-    def _lower(self, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, p: float, method: str,
-               witnesses: torch.Tensor | None = None) -> torch.Tensor:
-        """One auto_LiRPA call: lower bounds (B, K-1) of the margins (no chunking), checked against evidence.
+    def bound_spec(self, region: Region, spec: torch.Tensor, method: str,
+                   witnesses: torch.Tensor | None = None) -> torch.Tensor:
+        """One auto_LiRPA call: lower bounds (B, R) of ``spec @ f`` over ``region``, checked against evidence.
 
-        The graph check runs first (the batch and points of its balls); alpha-CROWN needs
-        autograd and leaves ``.grad`` on the parameters (cleared here); an error inside
-        auto_LiRPA becomes one ``UnsupportedModelError`` sentence. The float32 rounding
-        allowance is subtracted and the result passes the evidence gate (``bounds.evidence``):
-        ``witnesses`` (S, B, ...) are further points known to lie in the balls (attack points).
+        ``spec`` (B, R, K) is auto_LiRPA's specification matrix ``C`` (``margin_spec`` for the
+        margins). The graph check runs first; alpha-CROWN needs autograd and leaves ``.grad``
+        on the parameters (cleared here); an error inside auto_LiRPA becomes one
+        ``UnsupportedModelError`` sentence. The float32 rounding allowance is subtracted and
+        the result passes the evidence gate (``bounds.evidence``: the clean point, sampled
+        points, the linear form's tightest points, ``witnesses`` (S, B, ...) such as attack
+        points, and every intermediate interval) or ``ContradictionError`` is raised.
         """
-        checked, outputs = self.graph_check.check(x, eps, p)
-        bounded_x = self._lirpa.BoundedTensor(x, self._perturbation(x, eps, p))
-        spec = margin_spec(y, self.num_classes)
+        x, p = region.x, region.norm
+        checked, outputs = self.graph_check.check(x, region.eps, p)
+        bounded_x = self._lirpa.BoundedTensor(x, self._perturbation(region))
         linear = method != "ibp"  # every other method returns its linear bound on the input
         final, source = self.bounded.final_name, self.bounded.input_name[0]
         try:
@@ -274,31 +274,28 @@ class BoundEngine:
         coef = bias = None
         if linear:
             a_dict = result[2][final][source]
-            coef, bias = a_dict["lA"], a_dict["lbias"]
-            if torch.is_tensor(coef) and torch.is_tensor(bias):
-                coef, bias = linear_form(coef.detach(), bias.detach(), lower, x, eps, p)
-            else:  # a bound with no linear form on the input: judged by its value only
-                coef = bias = None
+            if torch.is_tensor(a_dict["lA"]) and torch.is_tensor(a_dict["lbias"]):
+                coef, bias = linear_form(a_dict["lA"].detach(), a_dict["lbias"].detach(), lower, region)
         intervals = node_intervals(self.bounded, len(x))
         allowance = rounding_allowance(self.bounded, x, spec, self.version)
         published: torch.Tensor = lower - allowance
-        fresh = [ball_samples(x, eps, p, SAMPLES, self.graph_check.generator)]
+        fresh = [region.samples(SAMPLES, self.graph_check.generator)]
         if coef is not None:
-            fresh.append(tightest_points(coef, x, eps, p))
+            fresh.append(region.tightest(coef))
         if witnesses is not None:
-            fresh.append(project(witnesses.to(x), x, eps, p))
-        points = torch.cat([checked, *fresh])
+            fresh.append(witnesses.to(x))
         with torch.no_grad():
-            logits = torch.cat([outputs, self.view(torch.cat(fresh).flatten(0, 1)).view(-1, len(x), self.num_classes)])
-        evidence = EvidencePoints(points, torch.einsum("bkc,sbc->sbk", spec, logits))
+            points = region.project(torch.cat([checked, *fresh]))
+            logits = self.view(points.flatten(0, 1)).view(len(points), len(x), -1)
+        evidence = EvidencePoints(points, torch.einsum("brc,sbc->sbr", spec, logits))
         broken = check_bound(published, evidence, coef, None if bias is None else bias - allowance)
         node = first_node_outside(self.bounded, intervals, points, self.version)
         if bool(broken.any()) or node is not None:
             node = node or localize(self.bounded, bounded_x, _LIRPA_METHODS[method], points, self.version)
-            where = f"first outside its interval at {node}" if node is not None else "at the margins it bounds"
+            where = f"first outside its interval at {node}" if node is not None else "at the values it bounds"
             raise ContradictionError(
                 f"{method} is refused for this model: its bounds under L{norm_name(p)} are contradicted by the "
-                f"model's own values at points of the balls ({int(broken.sum())} of {len(x)} examples; {where}), "
+                f"model's own values at points of the region ({int(broken.sum())} of {len(x)} examples; {where}), "
                 f"so auto_LiRPA {self.version} relaxes an operator of this model wrongly; {ESTIMATE_HINT}.")
         return published
 
@@ -313,8 +310,9 @@ class BoundEngine:
         """
         method, p = self.check(method, norm)
         x, y, eps_t = self._inputs(x, y, eps)
-        parts = [self._lower(x[i:i + self.batch_size], y[i:i + self.batch_size], eps_t[i:i + self.batch_size],
-                             p, method, None if witnesses is None else witnesses[:, i:i + self.batch_size])
+        parts = [self.bound_spec(Region.ball(x[i:i + self.batch_size], eps_t[i:i + self.batch_size], p),
+                                 margin_spec(y[i:i + self.batch_size], self.num_classes), method,
+                                 None if witnesses is None else witnesses[:, i:i + self.batch_size])
                  for i in range(0, x.shape[0], self.batch_size)]
         lower = torch.cat(parts) if parts else torch.zeros(0, self.num_classes - 1, device=self.device)
         min_lower = lower.amin(dim=1)

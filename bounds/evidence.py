@@ -60,8 +60,8 @@ _SHAPE_ONLY = frozenset({"BoundFlatten", "BoundReshape", "BoundSqueeze", "BoundU
 _ELEMENTWISE_ULPS = 4.0  # elementwise library functions (exp, erf, sqrt, division) are accurate to a few ulps
 
 
-__all__ = ["ContradictionError", "EvidencePoints", "ball_samples", "check_bound", "concretize", "first_node_outside",
-           "gamma", "linear_form", "localize", "node_intervals", "project", "refuse_if_exceeded", "rounding_allowance", "tightest_points"]
+__all__ = ["ContradictionError", "EvidencePoints", "Region", "check_bound", "first_node_outside", "gamma", "linear_form",
+           "localize", "node_intervals", "refuse_if_exceeded", "rounding_allowance"]
 
 
 def gamma(n: float) -> float:
@@ -70,60 +70,81 @@ def gamma(n: float) -> float:
     return nu / (1.0 - nu) if nu < 1.0 else math.inf
 
 
-def ball_samples(x: torch.Tensor, eps: torch.Tensor, norm: float, count: int,
-                 generator: torch.Generator) -> torch.Tensor:
-    """``count`` points of each example's ball, half corners (L-inf, clipped to [0, 1]) or sphere points (L2),
-    half inside; shape (count, B, ...)."""
-    e = eps.view(-1, *([1] * (x.dim() - 1))).to(x)
-    shape = (count, *x.shape)
-    u = torch.rand(shape, generator=generator).to(x)
-    outer = (torch.arange(count) < (count + 1) // 2).view(-1, *([1] * x.dim())).to(x.device)
-    if math.isinf(norm):
-        low, high = (x - e).clamp(0.0, 1.0), (x + e).clamp(0.0, 1.0)
-        corner = torch.where(u < 0.5, low, high)
-        inside = low + (high - low) * torch.rand(shape, generator=generator).to(x)
-        return torch.where(outer, corner, inside)
-    direction = torch.randn(shape, generator=generator).to(x)
-    direction = direction / direction.flatten(2).norm(dim=2).clamp_min(1e-12).view(count, -1, *([1] * (x.dim() - 1)))
-    scale = torch.where(outer, torch.ones_like(u), u.flatten(2)[:, :, :1].view(count, -1, *([1] * (x.dim() - 1))))
-    result: torch.Tensor = x + e * scale * direction
-    return result
+@dataclass(frozen=True)
+class Region:
+    """The perturbation set of each example: an L-inf box ``[low, high]`` (a ball intersected with [0, 1]^d, or
+    any box) or an L2 ball of radius ``eps`` around ``x`` (bounded as a whole, not intersected with the box).
 
+    ``x`` (B, ...) is the centre the graph is evaluated at; ``eps`` (B,) the radius (L-inf: half the widest side).
+    """
 
-def project(points: torch.Tensor, x: torch.Tensor, eps: torch.Tensor, norm: float) -> torch.Tensor:
-    """``points`` (S, B, ...) moved into each example's ball (L-inf: and the box): an attack's float rounding."""
-    e = eps.view(-1, *([1] * (x.dim() - 1))).to(x)
-    if math.isinf(norm):
-        inside: torch.Tensor = torch.maximum(torch.minimum(points, (x + e).clamp(0.0, 1.0)), (x - e).clamp(0.0, 1.0))
-        return inside
-    delta = points - x
-    length = delta.flatten(2).norm(dim=2).view(*delta.shape[:2], *([1] * (x.dim() - 1)))
-    scaled: torch.Tensor = x + delta * torch.clamp(e / length.clamp_min(1e-30), max=1.0)
-    return scaled
+    x: torch.Tensor
+    eps: torch.Tensor
+    norm: float
+    low: torch.Tensor
+    high: torch.Tensor
 
+    @classmethod
+    def ball(cls, x: torch.Tensor, eps: torch.Tensor, norm: float) -> Region:
+        """``B_p(x, eps)``; under L-inf intersected with [0, 1]^d."""
+        e = eps.view(-1, *([1] * (x.dim() - 1))).to(x)
+        if math.isinf(norm):
+            return cls(x, eps, norm, (x - e).clamp(0.0, 1.0), (x + e).clamp(0.0, 1.0))
+        return cls(x, eps, norm, x - e, x + e)
 
-def tightest_points(coef: torch.Tensor, x: torch.Tensor, eps: torch.Tensor, norm: float) -> torch.Tensor:
-    """Per margin row k, the point of the ball where ``coef_k . x'`` is smallest: shape (K-1, B, ...)."""
-    a = coef.transpose(0, 1)  # (K-1, B, ...)
-    e = eps.view(-1, *([1] * (x.dim() - 1))).to(x)
-    if math.isinf(norm):
-        low, high = (x - e).clamp(0.0, 1.0), (x + e).clamp(0.0, 1.0)
-        return torch.where(a > 0, low.unsqueeze(0), high.unsqueeze(0))
-    unit = a / a.flatten(2).norm(dim=2).clamp_min(1e-30).view(*a.shape[:2], *([1] * (x.dim() - 1)))
-    result: torch.Tensor = (x - e * unit).to(x)
-    return result
+    @classmethod
+    def box(cls, low: torch.Tensor, high: torch.Tensor) -> Region:
+        """The box ``[low, high]`` (L-inf), centred at its middle."""
+        return cls((low + high) / 2, ((high - low) / 2).flatten(1).amax(dim=1), math.inf, low, high)
 
+    def _radius(self) -> torch.Tensor:
+        return self.eps.view(-1, *([1] * (self.x.dim() - 1))).to(self.x)
 
-def concretize(coef: torch.Tensor, bias: torch.Tensor, x: torch.Tensor, eps: torch.Tensor, norm: float) -> torch.Tensor:
-    """``min`` over the ball (L-inf: intersected with [0, 1]^d) of ``coef_k . x' + bias_k``: shape (B, K-1)."""
-    a = coef.flatten(2)
-    e = eps.view(-1, 1).to(x)
-    if math.isinf(norm):
-        low, high = (x.flatten(1) - e).clamp(0.0, 1.0), (x.flatten(1) + e).clamp(0.0, 1.0)
-        least: torch.Tensor = torch.minimum(a * low.unsqueeze(1), a * high.unsqueeze(1)).sum(dim=2) + bias
-        return least
-    centre: torch.Tensor = torch.einsum("bkd,bd->bk", a, x.flatten(1)) - e * a.norm(dim=2) + bias
-    return centre
+    def samples(self, count: int, generator: torch.Generator) -> torch.Tensor:
+        """``count`` points per example, half corners (L-inf) or sphere points (L2), half inside: (count, B, ...)."""
+        x = self.x
+        shape = (count, *x.shape)
+        u = torch.rand(shape, generator=generator).to(x)
+        outer = (torch.arange(count) < (count + 1) // 2).view(-1, *([1] * x.dim())).to(x.device)
+        if math.isinf(self.norm):
+            corner = torch.where(u < 0.5, self.low, self.high)
+            inside = self.low + (self.high - self.low) * torch.rand(shape, generator=generator).to(x)
+            return torch.where(outer, corner, inside)
+        direction = torch.randn(shape, generator=generator).to(x)
+        direction = direction / direction.flatten(2).norm(dim=2).clamp_min(1e-12).view(count, -1, *([1] * (x.dim() - 1)))
+        scale = torch.where(outer, torch.ones_like(u), u.flatten(2)[:, :, :1].view(count, -1, *([1] * (x.dim() - 1))))
+        result: torch.Tensor = x + self._radius() * scale * direction
+        return result
+
+    def project(self, points: torch.Tensor) -> torch.Tensor:
+        """``points`` (S, B, ...) moved into the region (an attack's float rounding, points of a wider check)."""
+        if math.isinf(self.norm):
+            inside: torch.Tensor = torch.maximum(torch.minimum(points, self.high), self.low)
+            return inside
+        delta = points - self.x
+        length = delta.flatten(2).norm(dim=2).view(*delta.shape[:2], *([1] * (self.x.dim() - 1)))
+        scaled: torch.Tensor = self.x + delta * torch.clamp(self._radius() / length.clamp_min(1e-30), max=1.0)
+        return scaled
+
+    def tightest(self, coef: torch.Tensor) -> torch.Tensor:
+        """Per row k of ``coef`` (B, R, ...), the point where ``coef_k . x'`` is smallest: (R, B, ...)."""
+        a = coef.transpose(0, 1)
+        if math.isinf(self.norm):
+            return torch.where(a > 0, self.low.unsqueeze(0), self.high.unsqueeze(0))
+        unit = a / a.flatten(2).norm(dim=2).clamp_min(1e-30).view(*a.shape[:2], *([1] * (self.x.dim() - 1)))
+        result: torch.Tensor = (self.x - self._radius() * unit).to(self.x)
+        return result
+
+    def concretize(self, coef: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """``min`` over the region of ``coef_k . x' + bias_k``: (B, R)."""
+        a = coef.flatten(2)
+        if math.isinf(self.norm):
+            least: torch.Tensor = torch.minimum(a * self.low.flatten(1).unsqueeze(1),
+                                                a * self.high.flatten(1).unsqueeze(1)).sum(dim=2) + bias
+            return least
+        e = self.eps.view(-1, 1).to(self.x)
+        centre: torch.Tensor = torch.einsum("bkd,bd->bk", a, self.x.flatten(1)) - e * a.norm(dim=2) + bias
+        return centre
 
 
 def node_intervals(bounded: Any, batch: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -265,14 +286,14 @@ def refuse_if_exceeded(bound: torch.Tensor, seen: torch.Tensor, what: str) -> No
 LINEAR_FORM_RTOL = 1e-4
 
 
-def linear_form(coef: torch.Tensor, bias: torch.Tensor, lower: torch.Tensor, x: torch.Tensor, eps: torch.Tensor,
-                norm: float) -> tuple[torch.Tensor, torch.Tensor]:
+def linear_form(coef: torch.Tensor, bias: torch.Tensor, lower: torch.Tensor,
+                region: Region) -> tuple[torch.Tensor, torch.Tensor]:
     """``(coef, bias)`` with ``bias`` -inf on the rows whose concretization is not ``lower``.
 
     auto_LiRPA 0.3 returns, for an input read by several nodes, the coefficients of one path
     only: such a row's linear form is not the bound and says nothing about it.
     """
-    same = (concretize(coef, bias, x, eps, norm) - lower).abs() <= LINEAR_FORM_RTOL * (1.0 + lower.abs())
+    same = (region.concretize(coef, bias) - lower).abs() <= LINEAR_FORM_RTOL * (1.0 + lower.abs())
     return coef, torch.where(same, bias, torch.full_like(bias, -math.inf))
 
 

@@ -5,22 +5,22 @@ one clause ``C_k f(x) <= d_k``. ``spec_bounds`` bounds every row of every clause
 (auto_LiRPA's specification matrix ``C``, one pass) over the box, through a
 ``BoundEngine``'s verification view, graph check and allow-list; ``box_attack`` searches
 the box for a point that satisfies a clause (projected sign gradient on the clause's
-largest violated row). Every lower bound is checked against the values held as evidence
-(the box's centre and the attack's points): a bound above an evaluated value is refused.
+largest violated row). Every lower bound passes the engine's evidence gate
+(``BoundEngine.bound_spec``: the box's centre and corners, the attack's points, the linear
+form's tightest points, every intermediate interval): a contradiction is reported, never claimed.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 
-from bounds.certify import _LIRPA_METHODS, ROUNDING, BoundEngine
-from bounds.errors import BoundsError
-from bounds.graph import lirpa_call
+from bounds.certify import BoundEngine
+from bounds.errors import BoundsError, ContradictionError
+from bounds.evidence import Region
 
 __all__ = ["SpecBounds", "AttackResult", "spec_bounds", "box_attack", "clause_values", "check_box"]
 
@@ -102,7 +102,8 @@ def spec_bounds(engine: BoundEngine, x_lower: torch.Tensor, x_upper: torch.Tenso
 
     Formula
     -------
-    ``lower = CROWN(C)(box) - d - ROUNDING * max(1, |f(centre)|_inf) * max(1, |C_r|_1 / 2)``.
+    ``lower = bound(C)(box) - allowance - d``: ``BoundEngine.bound_spec`` with the box as its region (the
+    float32 allowance and the evidence gate of ``bounds.evidence``; a contradiction is reported, not claimed).
 
     Example
     -------
@@ -119,33 +120,13 @@ def spec_bounds(engine: BoundEngine, x_lower: torch.Tensor, x_upper: torch.Tenso
                           f"got C {tuple(c.shape)}, d {tuple(d.shape)}")
     if c.shape[0] == 0:
         return SpecBounds(torch.zeros(0), torch.zeros(num_clauses, dtype=torch.bool), False, method)
-    centre = (lo + up) / 2
-    half = ((up - lo) / 2).flatten(1).amax(dim=1)
-    engine.graph_check.check(centre, half, p)
-    lirpa: Any = engine._lirpa  # the engine's imported auto_LiRPA module
-    ptb = lirpa.PerturbationLpNorm(norm=math.inf, eps=float(half.max()), x_L=lo, x_U=up)
-    bounded_x = lirpa.BoundedTensor(centre, ptb)
+    points = None if evidence is None else evidence.to(lo).reshape(-1, 1, *lo.shape[1:])
     try:
-        with torch.set_grad_enabled(method == "alpha-crown"), \
-                lirpa_call(f"bound this specification with {method}", engine.version):
-            lower, _ = engine.bounded.compute_bounds(x=(bounded_x,), C=c.unsqueeze(0),
-                                                     method=_LIRPA_METHODS[method], bound_upper=False)
-    finally:
-        for param in engine.bounded.parameters():
-            param.grad = None
-    with torch.no_grad():
-        scale = float(engine.view(centre).abs().max().clamp_min(1.0))
-    allowance = ROUNDING * scale * (c.abs().sum(dim=1).double() / 2).clamp_min(1.0)
-    low = lower.detach().double().flatten() - d - allowance
-    points = centre if evidence is None else torch.cat([centre, evidence.to(centre).reshape(-1, *centre.shape[1:])])
-    points = torch.maximum(torch.minimum(points, up), lo)
-    held = clause_values(engine.view, points, c.double(), d).amin(dim=0)
-    over = (low > held).nonzero().flatten()
-    if len(over):
-        r = int(over[0])
-        return SpecBounds(low, torch.zeros(num_clauses, dtype=torch.bool), False, method,
-                          contradiction=f"the {method} lower bound {float(low[r]):.6g} of row {r} exceeds its value "
-                                        f"{float(held[r]):.6g} at a point of the box")
+        lower = engine.bound_spec(Region.box(lo, up), c.unsqueeze(0), method, witnesses=points)
+    except ContradictionError as exc:
+        return SpecBounds(torch.zeros(c.shape[0], dtype=torch.float64), torch.zeros(num_clauses, dtype=torch.bool),
+                          False, method, contradiction=str(exc))
+    low = lower.double().flatten() - d
     refuted = _refuted(low, rows.to(low.device), num_clauses)
     return SpecBounds(low, refuted, bool(refuted.all()), method)
 
