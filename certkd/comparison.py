@@ -84,6 +84,8 @@ class CompareJob:
         get_method(self.method)
         if self.attack not in ATTACKS:
             raise CertkdError(f"unknown attack {self.attack!r}: use {' or '.join(ATTACKS)}")
+        if self.attack == "pgd" and self.options().pgd_steps < 1:
+            raise CertkdError("--attack pgd needs --pgd-steps >= 1 (--pgd-steps 0 turns the attack off)")
         if not 0 < self.rho_threshold <= 1:
             raise CertkdError(f"rho threshold must lie in (0, 1], got {self.rho_threshold}")
         self.norm = check_norm(self.norm)

@@ -286,3 +286,21 @@ def test_maxpool_bound_independent_of_batch_and_sound(digits):
     at4 = torch.cat([engine.margin_bounds(x[i:i + 4], y[i:i + 4], eps, "inf", "crown").lower for i in (0, 4)])
     assert float((at8 - at1).abs().max()) <= 1e-4 and float((at4 - at1).abs().max()) <= 1e-4
     assert count_violations(at8, per_margin_attack(model, x, y, eps, "inf")) == 0
+
+
+def test_pgd_steps_zero_radius_search_runs_no_attack(monkeypatch):
+    """``--pgd-steps 0`` is honoured by radius searches: no attack, the bracket's upper end is eps_max."""
+    import bounds.certify as certify_module
+    from certkd.certification.methods import CertifyOptions, evaluate_batch, get_method, prepare_methods
+
+    def no_attack(*args, **kwargs):
+        raise AssertionError("an attack ran with --pgd-steps 0")
+
+    monkeypatch.setattr(certify_module, "pgd", no_attack)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    x = torch.rand(4, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    y = net(x).argmax(1)
+    ctx = prepare_methods(net, (1, 2, 2), ["crown"], "inf", CertifyOptions(pgd_steps=0))
+    _, out = evaluate_batch(ctx, get_method("crown"), x, y, [0.0], True, torch.Generator().manual_seed(0))
+    assert out.radius is not None and out.radius_upper is not None
+    assert bool((out.radius > 0).all()) and len(set(out.radius_upper.tolist())) == 1

@@ -209,3 +209,23 @@ def test_convert_reports_keys_that_do_not_fit(tmp_path, runner, defect, expected
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and expected in lines[0], result.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("error,code", [("Refused", 3), ("RunFailed", 1), ("DataError", 2)])
+def test_exit_codes_tell_refusal_failure_and_bad_input_apart(error, code):
+    import click
+
+    from certkd import errors
+
+    @click.command("raise-it")
+    def raise_it() -> None:
+        raise getattr(errors, error)("what went wrong")
+
+    main.add_command(raise_it)
+    try:
+        result = CliRunner().invoke(main, ["raise-it"])
+    finally:
+        main.commands.pop("raise-it")
+    assert result.exit_code == code
+    assert result.stderr.strip() == "certkd: error: what went wrong"
+    assert "Exit codes:" in CliRunner().invoke(main, ["--help"]).output

@@ -210,3 +210,22 @@ def test_tight_certificates_of_a_linear_model_and_its_scaled_copy_give_rho_near_
     assert h.coverage_label is None
     assert h.certified.verdict == h.empirical.verdict == h.verdict == YES
     assert h.certified_covers == pytest.approx(h.empirical_covers, abs=2 * tol)
+
+
+def test_a_radius_equal_to_eps_counts_as_certified_in_certify_and_in_compare():
+    """One tie rule: a certified radius is an eps that was certified, so ``r >= eps`` counts (theory.md §2.1)."""
+    from torch import nn
+
+    from certkd.certification.methods import CertifyOptions, evaluate_batch, get_method, prepare_methods
+
+    net = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    x = torch.rand(6, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    y = net(x).argmax(1)
+    ctx = prepare_methods(net, (1, 2, 2), ["lipschitz"], "2", CertifyOptions(pgd_steps=0))
+    gen = torch.Generator().manual_seed(0)
+    _, out = evaluate_batch(ctx, get_method("lipschitz"), x[:1], y[:1], [0.0], True, gen)
+    r = float(out.radius[0])
+    assert r > 0
+    _, at_r = evaluate_batch(ctx, get_method("lipschitz"), x[:1], y[:1], [r], False, gen)
+    assert at_r.robust.tolist() == [[True]]
+    assert certified_accuracy(out.radius, [r]).tolist() == [1.0]

@@ -55,7 +55,9 @@ def attack_radii(ctx: Context, attack: str, x: torch.Tensor, y: torch.Tensor,
     if attack not in ATTACKS:
         raise CertkdError(f"unknown attack {attack!r}: use {' or '.join(ATTACKS)}")
     p = ctx.params
-    steps, restarts = (p.apgd_steps, p.apgd_restarts) if attack == APGD else (max(p.pgd_steps, 1), p.pgd_restarts)
+    steps, restarts = (p.apgd_steps, p.apgd_restarts) if attack == APGD else (p.pgd_steps, p.pgd_restarts)
+    if steps < 1:
+        raise CertkdError("pgd attack radii need --pgd-steps >= 1 (--pgd-steps 0 turns the attack off)")
     x, y = x.to(ctx.device), y.to(ctx.device)
     model = make_attack(ctx.model, ctx.norm, attack, steps=steps, restarts=restarts, target_classes=p.apgd_targets,
                         generator=generator)

@@ -63,7 +63,7 @@ class CertifyOptions:
     0.5
     """
 
-    pgd_steps: int = field(default=20, metadata={"help": "PGD steps (0: no PGD accuracy)."})
+    pgd_steps: int = field(default=20, metadata={"help": "PGD steps (0: no PGD accuracy, and radius searches start from eps_max, not an attack)."})
     pgd_restarts: int = field(default=1, metadata={"help": "PGD restarts."})
     clever_batches: int = field(default=50, metadata={"help": "CLEVER: batches of samples."})
     clever_samples: int = field(default=128, metadata={"help": "CLEVER: samples per batch."})
@@ -276,9 +276,11 @@ def _bound_method(method: str) -> tuple[Evaluate, Callable[[Context], None]]:
             lower.append(bounds.min_lower)
         out = MethodOutput(robust=_stack(robust, len(y), torch.bool), margin_lb=_stack(lower, len(y), x.dtype))
         if radius:
-            res = engine.certified_radius(x, y, ctx.norm, method, tol=ctx.params.radius_tol,
-                                          attack_steps=ctx.params.pgd_steps or 20,
-                                          attack_restarts=ctx.params.pgd_restarts, generator=generator)
+            # --pgd-steps 0: no attack, the bracket's upper end is eps_max
+            steps = ctx.params.pgd_steps
+            res = engine.certified_radius(x, y, ctx.norm, method, tol=ctx.params.radius_tol, attack_steps=steps,
+                                          attack_restarts=ctx.params.pgd_restarts, attack_rounds=3 if steps else 0,
+                                          generator=generator)
             out.radius, out.radius_upper = res.radius, res.upper
         return out
 
@@ -296,8 +298,9 @@ for _name, _description in (
 
 
 def _radius_robust(radius: torch.Tensor, eps: list[float]) -> torch.Tensor:
-    """Verdict at each eps from a radius: the ball of radius eps lies strictly inside (theory.md §2)."""
-    return radius.view(-1, 1) > _eps_tensor(eps, radius)
+    """Verdict at each eps from a radius: ``radius >= eps``, a certified radius being an eps that was certified
+    (theory.md §2.1; the same tie rule as ``bounds.paired.certified_accuracy``)."""
+    return radius.view(-1, 1) >= _eps_tensor(eps, radius)
 
 
 def _prepare_lipschitz(ctx: Context) -> None:
@@ -369,7 +372,7 @@ def _smoothing(ctx: Context, x: torch.Tensor, y: torch.Tensor, eps: list[float],
     correct = res.prediction == y
     r = torch.where(correct, _smoothing_radius_in_norm(res.radius, ctx.norm, ctx.input_shape),
                     torch.zeros_like(res.radius))
-    # eps = 0: the smoothed classifier predicts y (its certificate has radius > 0 exactly then)
+    # eps = 0: the smoothed classifier predicts y (``& correct``: an abstention has radius 0)
     out = MethodOutput(robust=_radius_robust(r, eps) & correct.view(-1, 1),
                        extra={"smoothed_pred": res.prediction, "p_lower": res.p_lower})
     if radius:
