@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bounds.bound_methods import BOUND_METHOD_TABLE
 from bounds.errors import BoundsError, UnsupportedModelError
 from bounds.norms import norm_name, parse_norm
 
@@ -38,8 +39,8 @@ GRAPH_RTOL = 1e-5  # max |graph(x) - view(x)|, relative to max(1, max |view(x)|)
 ESTIMATE_HINT = "use the lipschitz, smoothing or clever methods for this model instead"
 ALPHA_HINT = "use the crown method instead"
 
-ALL_METHODS = frozenset({"ibp", "crown-ibp", "crown", "alpha-crown"})
-NO_ALPHA = frozenset({"ibp", "crown-ibp", "crown"})
+ALL_METHODS = frozenset(m.name for m in BOUND_METHOD_TABLE)
+NO_ALPHA = frozenset(m.name for m in BOUND_METHOD_TABLE if not m.optimized)
 ANY_NORM = frozenset({math.inf, 2.0})
 
 Accept = Callable[[object], bool]

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bounds.attack import margins, pgd_maximize
+from bounds.bound_methods import GAMMA_METHODS, LIRPA_NAMES
 from bounds.errors import BoundsError
 from bounds.gradients import InputGradients, loss_gradient, margin_gradients, other_classes
 from bounds.graph import GraphCheck, lirpa_call
@@ -40,10 +41,7 @@ from bounds.norms import check_eps, parse_norm
 CE = "ce"
 MARGIN = "margin"
 TARGETS = (CE, MARGIN)
-#: bound methods sound for the composite: IBP is excluded because under L2 auto_LiRPA 0.3 gives the
-#: input the interval [x, x], so IBP drops the term ``delta^T c`` (measured: PGD exceeded its bound by 4)
-GAMMA_METHODS = ("crown-ibp", "crown")
-_LIRPA_METHOD = {"crown-ibp": "CROWN-IBP", "crown": "CROWN"}
+_LIRPA_METHOD = LIRPA_NAMES
 ESTIMATE = "estimate"
 CERTIFIED = "certified"
 

@@ -19,8 +19,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from bounds.bound_methods import BOUND_METHODS
 from certkd.certification import (
-    BOUND_METHODS_BY_COST,
     COMMAND,
     PGD,
     CertifyJob,
@@ -158,7 +158,7 @@ def run_study(study: Study, out: Path | None = None, overwrite: bool = False, pr
                 config = {"checkpoint_sha256": file_sha256(path), "model": ckpt.model_name, "dataset": dataset,
                           "split": study.split, "num_examples": n, **job.to_config()}
                 ctx = prepare_methods(model, ckpt.input_shape, job.all_methods(), norm, job.params, study.device)
-                if method in BOUND_METHODS_BY_COST:  # bound batches sized to a third of the available memory
+                if method in BOUND_METHODS:  # bound batches sized to a third of the available memory
                     plan_bound_memory([ctx.bound_engine()], data, n, method, None, norm, study.batch_size)
                 t0 = time.perf_counter()
                 with RecordLog.open(out / "records" / f"{label}_L{norm}_{method}.jsonl", COMMAND, config,

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from certkd.comparison import CompareRule
 from certkd.errors import CertkdError
 from certkd.runs import Points, Record, RecordLog, TensorPoints
 
@@ -287,9 +288,8 @@ def certify(model: ModelLike, data: DataLike, methods: Sequence[str] = ("crown",
 
 def compare(student: ModelLike, teacher: ModelLike, data: DataLike, method: str = "crown", norm: str = "inf",
             eps: Sequence[float] | None = None, num_examples: int | None = None, batch_size: int = 32, seed: int = 0,
-            margin: float = 0.02, alpha: float = 0.05, fraction_threshold: float = 0.9, n_boot: int = 2000,
-            attack: str = "apgd", rho_threshold: float = 0.25, device: str | torch.device = "cpu",
-            progress: bool = False, **options: Any) -> CompareResult:
+            rule: CompareRule | dict[str, Any] | None = None, attack: str = "apgd",
+            device: str | torch.device = "cpu", progress: bool = False, **options: Any) -> CompareResult:
     """Does ``student`` certify at least as robustly as ``teacher``? ``certkd compare`` from Python.
 
     Parameters
@@ -302,15 +302,16 @@ def compare(student: ModelLike, teacher: ModelLike, data: DataLike, method: str 
         The radius method (the same for both models).
     norm, eps, num_examples, batch_size, seed
         As for the command (``eps`` None: 11 points up to the 90th percentile of the teacher's attack radii).
-    margin, alpha, fraction_threshold, n_boot
-        The rule of each part (``bounds.paired.paired_comparison``).
-    attack, rho_threshold
-        The attack of the empirical part (``apgd`` or ``pgd``); below ``rho_threshold`` the
-        certified part is labelled with the eps range it covers (``bounds.paired.headline``).
+    rule : CompareRule or dict, optional
+        The decision rule (``certkd.comparison.CompareRule``: margin, CI level, fraction
+        threshold, bootstrap resamples, rho threshold), or a dict of its fields; default
+        the command's defaults.
+    attack : str
+        The attack of the empirical part (``apgd`` or ``pgd``).
     device, progress
         Where the models run; a progress bar.
     **options
-        Fields of ``CertifyOptions`` (``radius_tol``, ``sigma``, ...).
+        Fields of ``CertifyOptions`` (``radius_tol``, ``sigma``, smoothing's ``alpha``, ...).
 
     Returns
     -------
@@ -322,17 +323,20 @@ def compare(student: ModelLike, teacher: ModelLike, data: DataLike, method: str 
     >>> from certkd.models import create_model
     >>> net = create_model("mlp", 10, (1, 8, 8), (0.5,), (0.5,), hidden=[8])
     >>> x, y = torch.rand(6, 1, 8, 8), torch.arange(6)
-    >>> res = compare(net, net, (x, y), "lipschitz", norm="2", n_boot=50)
+    >>> res = compare(net, net, (x, y), "lipschitz", norm="2", rule={"n_boot": 50})
     >>> bool(res.to_frame()["difference"].eq(0).all()), res.verdict
     (True, 'yes')
     """
     from certkd.certification import prepare_methods
     from certkd.comparison import CompareJob, compare_points, record_key, summarize_compare
 
+    if not isinstance(rule, CompareRule):
+        unknown = sorted(set(rule or {}) - {f.name for f in fields(CompareRule)})
+        if unknown:
+            raise CertkdError(f"unknown compare rule setting(s) {', '.join(unknown)}")
+        rule = CompareRule(**(rule or {}))
     job = CompareJob(method=method, norm=norm, params=dict(options), batch_size=batch_size, seed=seed,
-                     eps=None if eps is None else [float(e) for e in eps], margin=margin, alpha=alpha,
-                     fraction_threshold=fraction_threshold, n_boot=n_boot, attack=attack,
-                     rho_threshold=rho_threshold)
+                     eps=None if eps is None else [float(e) for e in eps], attack=attack, rule=rule)
     job.check()
     points = _points(data)
     models = [_model(m, device) for m in (student, teacher)]
@@ -378,4 +382,5 @@ def benchmark(model: ModelLike, dataset: str = "digits", split: str = "test", me
     return certify(model, data, methods, eps, norm=norm, num_examples=num_examples, **kwargs)
 
 
-__all__ = ["CertifyResult", "CompareResult", "benchmark", "certify", "compare", "load_dataset", "load_model"]
+__all__ = ["CertifyResult", "CompareResult", "CompareRule", "benchmark", "certify", "compare", "load_dataset",
+           "load_model"]

@@ -27,6 +27,7 @@ from typing import Any, TypedDict
 import torch
 
 from certkd.certification.methods import MODEL, CertifyOptions, Context, evaluate_batch, get_method
+from certkd.io import json_float
 from certkd.runs import (
     SLURM,
     TORCHRUN,
@@ -51,6 +52,56 @@ RADIUS_COLUMNS = ("radius_student", "radius_teacher", "attack_student", "attack_
 
 
 @dataclass
+class CompareRule:
+    """The decision rule of both parts and of the headline (theory.md §6).
+
+    One place for its settings: the CLI options of ``certkd compare`` are generated from
+    these fields (``certkd.cli.options.dataclass_options``), ``certkd.compare`` takes
+    ``rule=``, and ``compare.json`` and the demo report state them. The tie tolerance is
+    the radius tolerance of ``CertifyOptions`` (``radius_tol``).
+
+    Example
+    -------
+    >>> rule = CompareRule(ci_level=0.9)
+    >>> round(rule.alpha, 6), rule.paired(1e-3, seed=0)["n_boot"]
+    (0.1, 2000)
+    """
+
+    margin: float = field(default=0.02, metadata={
+        "help": "A part says 'no' when a CI of its accuracy difference (student - teacher) lies below -margin."})
+    ci_level: float = field(default=0.95, metadata={
+        "help": "Confidence level of the bootstrap CIs; the Wilcoxon tests use 1 - level."})
+    fraction_threshold: float = field(default=0.9, metadata={
+        "option": "--fraction",
+        "help": "A part says 'yes' with at least this fraction of points with radius_S >= radius_T - tol."})
+    n_boot: int = field(default=2000, metadata={"help": "Bootstrap resamples."})
+    rho_threshold: float = field(default=0.25, metadata={
+        "help": "Below this certificate looseness rho = median(r_T)/median(a_T) the certified part is labelled "
+                "'covers only eps <= X'."})
+
+    @property
+    def alpha(self) -> float:
+        """The significance level ``1 - ci_level`` of ``bounds.paired.paired_comparison``."""
+        return 1.0 - self.ci_level
+
+    def check(self, tol: float) -> None:
+        """One sentence for a bad setting."""
+        from bounds.paired import check_rule
+        from certkd.errors import CertkdError
+
+        if not 0 < self.rho_threshold <= 1:
+            raise CertkdError(f"rho threshold must lie in (0, 1], got {self.rho_threshold}")
+        if not 0 < self.ci_level < 1:
+            raise CertkdError(f"ci level must lie in (0, 1), got {self.ci_level}")
+        check_rule(tol, self.margin, self.alpha, self.fraction_threshold, self.n_boot)
+
+    def paired(self, tol: float, seed: int) -> PairedRule:
+        """The keyword arguments of ``bounds.paired.paired_comparison``."""
+        return {"tol": tol, "margin": self.margin, "alpha": self.alpha,
+                "fraction_threshold": self.fraction_threshold, "n_boot": self.n_boot, "seed": seed}
+
+
+@dataclass
 class CompareJob:
     """What decides a compare run: the radius method and its options, points per batch, seed, and the rule."""
 
@@ -61,11 +112,7 @@ class CompareJob:
     seed: int = 0
     eps: list[float] | None = None  # grid of the curves (None: 11 points up to the 90th percentile of a_T)
     attack: str = "apgd"  # the attack of the empirical part: apgd or pgd
-    margin: float = 0.02
-    alpha: float = 0.05
-    fraction_threshold: float = 0.9
-    n_boot: int = 2000
-    rho_threshold: float = 0.25  # below it the certified part is labelled "covers only eps <= X"
+    rule: CompareRule = field(default_factory=CompareRule)
     student_records: str | None = None  # sha256 of a reused certify --per-example file (its radii)
     teacher_records: str | None = None
     shard: Shard | None = None
@@ -76,8 +123,7 @@ class CompareJob:
 
     def check(self) -> None:
         """One sentence for a bad value (method, options, rule)."""
-        from bounds.paired import check_rule
-        from certkd.certification.apgd import ATTACKS
+        from bounds.attack import ATTACKS
         from certkd.certification.methods import check_norm
         from certkd.errors import CertkdError
 
@@ -86,11 +132,9 @@ class CompareJob:
             raise CertkdError(f"unknown attack {self.attack!r}: use {' or '.join(ATTACKS)}")
         if self.attack == "pgd" and self.options().pgd_steps < 1:
             raise CertkdError("--attack pgd needs --pgd-steps >= 1 (--pgd-steps 0 turns the attack off)")
-        if not 0 < self.rho_threshold <= 1:
-            raise CertkdError(f"rho threshold must lie in (0, 1], got {self.rho_threshold}")
         self.norm = check_norm(self.norm)
         self.options().check()
-        check_rule(self.options().radius_tol, self.margin, self.alpha, self.fraction_threshold, self.n_boot)
+        self.rule.check(self.options().radius_tol)
 
     def kind(self) -> str:
         """What the verdict is: ``certified``, ``estimate``, or certified for the smoothed classifier."""
@@ -112,10 +156,6 @@ def record_key(record: Record) -> tuple[int]:
     (4,)
     """
     return (int(record["index"]),)
-
-
-def _json_float(value: float) -> float | None:
-    return float(value) if math.isfinite(value) else None
 
 
 Reused = dict[int, tuple[float, bool]]
@@ -225,10 +265,10 @@ def compare_points(student: Context, teacher: Context, data: Points, indices: Se
         a_s, a_t = (attack_radii(ctx, job.attack, x, y, seed_stream(job.seed, b, f"attack:{job.attack}",
                                                                      device=ctx.device)).tolist()
                     for ctx in (student, teacher))
-        return [{"index": i, "label": int(y[r]), "radius_student": _json_float(rs[r]),
-                 "radius_teacher": _json_float(rt[r]), "correct_student": bool(cs[r]),
-                 "correct_teacher": bool(ct[r]), "attack_student": _json_float(a_s[r]),
-                 "attack_teacher": _json_float(a_t[r])} for r, i in enumerate(idx)]
+        return [{"index": i, "label": int(y[r]), "radius_student": json_float(rs[r]),
+                 "radius_teacher": json_float(rt[r]), "correct_student": bool(cs[r]),
+                 "correct_teacher": bool(ct[r]), "attack_student": json_float(a_s[r]),
+                 "attack_teacher": json_float(a_t[r])} for r, i in enumerate(idx)]
 
     return execute(work, compute, log, progress, "compare", label=lambda w: f"batch {w[0]}")
 
@@ -238,7 +278,7 @@ HEADLINE_RULE = ("The headline is never more favourable than either part: no if 
                  "(theory.md §6).")
 PART_RULE = ("Each part says no if at some eps the paired bootstrap CI of (student - teacher) accuracy lies "
              "below -margin or a one-sided Wilcoxon signed-rank test finds the student's radii smaller "
-             "(p < alpha); yes if at least the fraction threshold of points have radius_S >= radius_T - tol, "
+             "(p < 1 - CI level); yes if at least the fraction threshold of points have radius_S >= radius_T - tol, "
              "or the Wilcoxon test finds them larger; else inconclusive.")
 
 
@@ -251,8 +291,8 @@ def _part_json(part: Any, kind: str, radii: str) -> dict[str, Any]:
                      "p_greater": part.wilcoxon_p_greater, "p_two_sided": part.wilcoxon_p_two_sided,
                      "direction": "p_less: H1 the student's radii are smaller; p_greater: H1 they are larger"},
         "median_radius_difference": part.median_difference,
-        "median_radius_student": _json_float(float(part.radius_student.median())),
-        "median_radius_teacher": _json_float(float(part.radius_teacher.median())),
+        "median_radius_student": json_float(float(part.radius_student.median())),
+        "median_radius_teacher": json_float(float(part.radius_teacher.median())),
         "table": [{"eps": e, "accuracy_student": a, "accuracy_teacher": b, "difference": d, "ci_low": lo,
                    "ci_high": hi} for e, a, b, d, lo, hi in zip(
             part.eps.tolist(), part.accuracy_student.tolist(), part.accuracy_teacher.tolist(),
@@ -326,23 +366,20 @@ def judge(radii: dict[str, torch.Tensor], correct_student: torch.Tensor, correct
 
     rs, rt, a_s, a_t = (radii[n] for n in RADIUS_COLUMNS)
     eps = job.eps if job.eps is not None else curve_grid(torch.cat([rs, rt]), a_t)
-    tol = job.options().radius_tol
-    rule: PairedRule = {"tol": tol, "margin": job.margin, "alpha": job.alpha,
-                        "fraction_threshold": job.fraction_threshold, "n_boot": job.n_boot, "seed": job.seed}
+    rule = job.rule.paired(job.options().radius_tol, job.seed)
     cert = paired_comparison(rs, rt, eps, correct_student, correct_teacher, part=CERTIFIED_PART, **rule)
     emp = paired_comparison(a_s, a_t, eps, correct_student, correct_teacher, part=EMPIRICAL_PART, **rule)
-    head = headline(cert, emp, rho_threshold=job.rho_threshold)
+    head = headline(cert, emp, rho_threshold=job.rule.rho_threshold)
     return {
         "question": QUESTION, "verdict": head.verdict, "reason": head.reason, "n": len(rs),
         "rho": head.rho, "certified_label": head.coverage_label,
-        "coverage": {"certified": head.certified_covers, "empirical": _json_float(head.empirical_covers),
+        "coverage": {"certified": head.certified_covers, "empirical": json_float(head.empirical_covers),
                      "quantile": head.coverage_quantile,
                      "meaning": "each part covers eps in [0, X]: X is this quantile of the teacher's radii"},
         "eps_units": f"L-{job.norm} radius in input units ([0, 1] pixel scale)",
         "certified": _part_json(cert, job.kind(), f"{job.method} certified radii"),
         "empirical": _part_json(emp, "estimate", f"{job.attack} attack radii (upper bounds of the true radii)"),
-        "rule": {**{k: v for k, v in rule.items() if k != "seed"}, "rho_threshold": job.rho_threshold,
-                 "coverage_quantile": head.coverage_quantile, "headline": HEADLINE_RULE, "part": PART_RULE},
+        "rule": {"tol": rule["tol"], **asdict(job.rule), "coverage_quantile": head.coverage_quantile, "headline": HEADLINE_RULE, "part": PART_RULE},
     }
 
 
@@ -350,7 +387,8 @@ def _job_of(config: dict[str, Any]) -> CompareJob:
     names = set(CompareJob.__dataclass_fields__)
     values = {k: v for k, v in config.items() if k in names}
     shard = values.pop("shard", None)
-    return CompareJob(**values, shard=(int(shard[0]), int(shard[1])) if shard else None)
+    rule = CompareRule(**values.pop("rule", {}))
+    return CompareJob(**values, rule=rule, shard=(int(shard[0]), int(shard[1])) if shard else None)
 
 
 def _fmt(value: float | None, spec: str = ".4g") -> str:
@@ -388,7 +426,7 @@ def format_compare(summary: dict[str, Any]) -> str:
         lines.append(f"  {name}: radius_S >= radius_T - tol on {part['at_least_fraction']:.1%}; median S - T "
                      f"{part['median_radius_difference']:.4g}; Wilcoxon p (H1 student smaller) {w['p_less']:.3g}, "
                      f"(H1 larger) {w['p_greater']:.3g}")
-    level = f"{1 - summary['rule']['alpha']:.0%}"
+    level = f"{summary['rule']['ci_level']:.0%}"
     lines.append(f"  {'eps':>8} | {'certified T':>11}{'S':>7}  {level + ' CI of S - T':<18}| {'attack T':>9}{'S':>7}  "
                  f"{level} CI of S - T")
     for c, e in zip(cert["table"], emp["table"], strict=True):
@@ -496,8 +534,9 @@ def run_compare(student_path: Path, teacher_path: Path, job: CompareJob, shard: 
     dict or None
         The summary; None for a shard that is not the whole run.
     """
+    from bounds.bound_methods import BOUND_METHODS
     from certkd.certification.methods import prepare_methods
-    from certkd.certification.run import BOUND_METHODS_BY_COST, load_pair, load_points, plan_bound_memory
+    from certkd.certification.run import load_pair, load_points, plan_bound_memory
     from certkd.checkpoint import file_sha256
     from certkd.errors import CertkdError
 
@@ -531,7 +570,7 @@ def run_compare(student_path: Path, teacher_path: Path, job: CompareJob, shard: 
         plans = dict(zip((who for who, _ in computed), plan_bound_memory(
             [c.bound_engine() for _, c in computed], data, count, job.method, None, job.norm,
             job.batch_size, max_memory, notify), strict=True)) \
-            if job.method in BOUND_METHODS_BY_COST and computed else {}
+            if job.method in BOUND_METHODS and computed else {}
         compare_points(contexts[0], contexts[1], data, range(count), job, log, progress, reused)
     records = log.records
     if launcher == TORCHRUN:

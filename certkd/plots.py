@@ -96,7 +96,7 @@ def plot_part(summary: Mapping[str, Any], part: str, names: tuple[str, str], pat
                    label=f"beyond this part's coverage (eps > {cover:.3g})")
     ax.set_ylabel(ACCURACY_LABELS[part])
     ax.set_ylim(-0.03, 1.03)
-    level = f"{1 - rule['alpha']:.0%}"
+    level = f"{rule['ci_level']:.0%}"
     diff = [r["difference"] for r in p["table"]]
     ax_d.fill_between(eps, [r["ci_low"] for r in p["table"]], [r["ci_high"] for r in p["table"]],
                       color=STUDENT_COLOR, alpha=0.25, lw=0, label=f"{level} paired bootstrap CI of S - T")

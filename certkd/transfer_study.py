@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from certkd.io import json_float
 from certkd.runs import Points, Record, RecordLog, batches, execute, seed_stream
 
 COMMAND = "bounds"
@@ -46,17 +47,6 @@ class BoundsJob:
     restarts: int = 2
     batch_size: int = 32
     seed: int = 0
-
-
-def json_float(value: float) -> float | None:
-    """JSON has no infinity: a non-finite number is written as null.
-
-    Example
-    -------
-    >>> json_float(float("inf")), json_float(2.0)
-    (None, 2.0)
-    """
-    return float(value) if math.isfinite(value) else None
 
 
 def record_key(record: Record) -> tuple[int, float]:

@@ -107,6 +107,30 @@ def test_bounds_exports_its_public_names_lazily() -> None:
 
     code = ("import sys, bounds; heavy = [m for m in ('scipy', 'auto_LiRPA', 'certkd') if m in sys.modules]; "
             "assert not heavy, heavy; assert sorted(bounds.__all__) == sorted(bounds._WHERE); "
+            "assert len(bounds.__all__) <= 20; "
             "[getattr(bounds, n) for n in bounds.__all__]; from bounds import BoundEngine, transfer_bound")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_compare_rule_is_one_mechanism_for_cli_api_and_report() -> None:
+    """Every ``CompareRule`` field is a ``compare`` option; ``rule=`` reaches the verdict; ``alpha`` is smoothing's."""
+    import dataclasses
+
+    import torch
+
+    from certkd.comparison import CompareRule
+    from certkd.models import create_model
+
+    flags = {p.name: p for p in main.commands["compare"].params}
+    for f in dataclasses.fields(CompareRule):
+        assert f.name in flags and flags[f.name].default == f.default, f.name
+    assert "ci_level" in flags and "alpha" not in flags
+    net = create_model("mlp", 10, (1, 8, 8), (0.5,), (0.5,), hidden=[8])
+    x, y = torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.arange(6)
+    res = certkd.compare(net, net, (x, y), "lipschitz", norm="2", rule={"ci_level": 0.8, "n_boot": 30}, alpha=0.01,
+                         apgd_steps=2)
+    assert res.data["rule"]["ci_level"] == 0.8 and res.data["rule"]["n_boot"] == 30
+    assert res.data["config"]["params"]["alpha"] == 0.01
+    with pytest.raises(certkd.api.CertkdError, match="unknown compare rule setting"):
+        certkd.compare(net, net, (x, y), "lipschitz", norm="2", rule={"alpha": 0.1})

@@ -43,7 +43,7 @@ def test_kd_student_is_no_by_its_empirical_part_although_the_certified_part_says
     assert result["certified_label"] in stdout and stdout.splitlines()[0].endswith("NO (60 points, L-inf)")
     assert result["coverage"]["empirical"] > 3 * result["coverage"]["certified"]
     rule = result["rule"]
-    assert {"tol", "margin", "alpha", "fraction_threshold", "n_boot", "rho_threshold", "headline"} <= set(rule)
+    assert {"tol", "margin", "ci_level", "fraction_threshold", "n_boot", "rho_threshold", "headline"} <= set(rule)
     for part in ("certified", "empirical"):
         table = result[part]["table"]
         assert all(row["ci_low"] <= row["difference"] <= row["ci_high"] for row in table)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from bounds.attack import ApgdConfig, apgd_ensemble, attack_radius, make_attack
+from bounds.attack import ATTACKS, ApgdConfig, apgd_ensemble, attack_radius, make_attack
 from certkd.certification.methods import ESTIMATE, MODEL, Context, MethodOutput, register_method
 
 APGD = "apgd"
@@ -36,9 +36,6 @@ def _apgd(ctx: Context, x: torch.Tensor, y: torch.Tensor, eps: list[float], radi
     if radius:
         out.radius = attack_radii(ctx, APGD, x, y, generator).to(x.dtype).to(x.device)
     return out
-
-
-ATTACKS = (APGD, "pgd")
 
 
 def attack_radii(ctx: Context, attack: str, x: torch.Tensor, y: torch.Tensor,

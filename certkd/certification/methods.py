@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from bounds.lipschitz import LipschitzBound
 
 from bounds.attack import pgd
+from bounds.bound_methods import BOUND_METHOD_TABLE
 from bounds.gradients import other_classes
 from bounds.norms import norm_name, parse_norm
 from certkd.errors import CertkdError
@@ -287,14 +288,9 @@ def _bound_method(method: str) -> tuple[Evaluate, Callable[[Context], None]]:
     return evaluate, prepare
 
 
-for _name, _description in (
-    ("ibp", "interval bound propagation (Gowal et al. 2018): fast, loose"),
-    ("crown-ibp", "CROWN-IBP (Zhang et al. 2020)"),
-    ("crown", "CROWN linear relaxation (Zhang et al. 2018): the default"),
-    ("alpha-crown", "alpha-CROWN, optimized relaxation (Xu et al. 2021): tightest, ~400x slower on CPU"),
-):
-    _evaluate, _prepare = _bound_method(_name)
-    register_method(_name, CERTIFIED, MODEL, _description, _prepare)(_evaluate)
+for _row in BOUND_METHOD_TABLE:  # bounds.bound_methods: one row per method
+    _evaluate, _prepare = _bound_method(_row.name)
+    register_method(_row.name, _row.kind, MODEL, _row.description, _prepare)(_evaluate)
 
 
 def _radius_robust(radius: torch.Tensor, eps: list[float]) -> torch.Tensor:

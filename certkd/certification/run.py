@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bounds.bound_methods import costliest
 from certkd.certification.methods import (
     PGD,
     CertifyOptions,
@@ -72,20 +73,6 @@ def check_fits(input_shape: Sequence[int], num_classes: int, data: Points, data_
                           f"{tuple(input_shape)}")
 
 
-BOUND_METHODS_BY_COST = ("alpha-crown", "crown", "crown-ibp", "ibp")
-"""Bound methods, the most memory-hungry first: the probe pass uses the costliest a run asks for."""
-def worst_case_eps(norm: str, input_shape: Sequence[int]) -> float:
-    """A radius whose ball covers the whole input box: every ReLU unstable, the most memory a pass takes.
-
-    A pass's memory grows with the number of unstable neurons (auto_LiRPA skips stable ones),
-    so runs that search radii (``--radius``, ``compare``) are probed here.
-    """
-    d = 1
-    for s in input_shape:
-        d *= int(s)
-    return 1.0 if norm == "inf" else float(d) ** 0.5
-
-
 def plan_bound_memory(tools: Sequence[Any], data: Points, count: int, method: str, eps: float | None, norm: str,
                       cap: int, max_memory: int | None = None, notify: Callable[[str], None] | None = None,
                       target: str | None = None) -> list[dict[str, Any]]:
@@ -95,7 +82,8 @@ def plan_bound_memory(tools: Sequence[Any], data: Points, count: int, method: st
     ----------
     tools : BoundEngines (``bounds.certify``) or, with ``target``, LinearityBounders (certified gamma)
     data, count : the run's points; the probe reads the first ``bounds.memory.PROBE_POINTS``
-    method, eps, norm : what the run bounds (``eps`` None: a radius search, probed at ``worst_case_eps``)
+    method, eps, norm : what the run bounds (``eps`` None: a radius search, probed at
+        ``bounds.norms.default_eps_max``, the ball covering the whole box: every ReLU unstable)
     cap : the run's batch size (a pass never takes more points)
     max_memory : bytes one pass may add (None: a third of the available memory)
     notify : receives one line per plan (``bound batch 9 (measured 350 MB per point ...)``)
@@ -106,11 +94,12 @@ def plan_bound_memory(tools: Sequence[Any], data: Points, count: int, method: st
         ``MemoryPlan.to_dict()`` per tool, for the run's summary.
     """
     from bounds.memory import PROBE_POINTS, plan_bounder, plan_engine
+    from bounds.norms import default_eps_max
 
     if count == 0 or not tools:
         return []
     x, y = data.batch(list(range(min(PROBE_POINTS, count))))
-    e = worst_case_eps(norm, tuple(x.shape[1:])) if eps is None else float(eps)
+    e = default_eps_max(norm, tuple(x.shape[1:])) if eps is None else float(eps)
     plans = []
     for tool in tools:
         x_t, y_t = x.to(tool.device), y.to(tool.device)
@@ -274,9 +263,9 @@ def certify_checkpoint(checkpoint: Path, job: CertifyJob, shard: Shard | str | N
                               "dataset": data_name, "split": split, "num_examples": count, **job.to_config()}
     log_path = shard_path(per_example, job.shard) if launcher == TORCHRUN else per_example
     with RecordLog.open(log_path, COMMAND, config, record_key, resume=resume, overwrite=overwrite) as log:
-        costly = [m for m in BOUND_METHODS_BY_COST if m in job.methods]
+        costly = costliest(job.methods)
         probe_eps = None if job.radius else max(job.eps)  # radius searches: probed at the worst case
-        plans = plan_bound_memory([ctx.bound_engine()], data, count, costly[0], probe_eps, job.norm, job.batch_size,
+        plans = plan_bound_memory([ctx.bound_engine()], data, count, costly, probe_eps, job.norm, job.batch_size,
                                   max_memory, notify) if costly else []
         certify_points(ctx, data, range(count), job, log, progress)
     records = log.records

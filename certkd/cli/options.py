@@ -124,7 +124,9 @@ def run_options(command: F) -> F:
 def dataclass_options(cls: type, skip: tuple[str, ...] = ()) -> Callable[[F], F]:
     """One ``--field-name`` option per dataclass field (default, type and ``metadata["help"]`` from the field).
 
-    The options are derived, never copied: a new field of ``CertifyOptions`` is a new option.
+    The options are derived, never copied: a new field of ``CertifyOptions`` (certify) or of
+    ``CompareRule`` (compare) is a new option. ``metadata["option"]`` names the flag when it is
+    not the field's name (e.g. ``--fraction`` for ``fraction_threshold``).
     """
     import dataclasses
 
@@ -135,7 +137,8 @@ def dataclass_options(cls: type, skip: tuple[str, ...] = ()) -> Callable[[F], F]
                 continue
             default = f.default
             kind = f.metadata.get("type", type(default))
-            options.append(click.option(f"--{f.name.replace('_', '-')}", f.name, type=kind, default=default,
+            flag = f.metadata.get("option", f"--{f.name.replace('_', '-')}")
+            options.append(click.option(flag, f.name, type=kind, default=default,
                                         show_default=default is not None, help=f.metadata.get("help", "")))
         return _apply(command, options)
     return deco

@@ -11,11 +11,13 @@ from typing import Any
 
 import click
 
+from bounds.attack import ATTACKS
 from bounds.linearity import GAMMA_METHODS
 from certkd.certification.methods import certify_methods
 from certkd.cli import main
 from certkd.cli.options import (
     OUTPUT_DIR,
+    dataclass_options,
     eps_callback,
     norm_option,
     notify_stderr,
@@ -25,6 +27,7 @@ from certkd.cli.options import (
     run_options,
     shard_option,
 )
+from certkd.comparison import CompareRule
 
 _out_option = click.option("--out", type=OUTPUT_DIR, default=None,
                            help="Directory for per_example.jsonl (appended as computed), the summary and figures.")
@@ -83,7 +86,7 @@ def bounds_command(student: Path, teacher: Path, eps: list[float], norm: str, nu
 @click.option("--method", type=click.Choice(certify_methods()), default="crown", show_default=True,
               help="Radius method of 'certkd certify' (the same for both models), e.g. crown, ibp, lipschitz, "
                    "smoothing, clever (an estimate: the verdict is then an estimate too).")
-@click.option("--attack", type=click.Choice(["apgd", "pgd"]), default="apgd", show_default=True,
+@click.option("--attack", type=click.Choice(list(ATTACKS)), default="apgd", show_default=True,
               help="Attack of the empirical part: APGD-CE + targeted APGD-DLR (--param apgd_steps=...), or PGD.")
 @click.option("--eps", "eps", multiple=True, callback=eps_callback(None),
               help="Eps grid of both parts' curves (default: 11 points from 0 to the 90th percentile of the "
@@ -98,17 +101,9 @@ def bounds_command(student: Path, teacher: Path, eps: list[float], norm: str, nu
 @click.option("--teacher-records", type=click.Path(path_type=Path), default=None,
               help="The same for the teacher.")
 @click.option("--param", "params", multiple=True, callback=lambda ctx, param, values: parse_params(values),
-              help="Further method parameter KEY=VALUE of 'certkd certify' (e.g. sigma=0.5, n=1000); repeatable.")
-@click.option("--margin", type=float, default=0.02, show_default=True,
-              help="A part says 'no' when a CI of its accuracy difference (student - teacher) lies below -margin.")
-@click.option("--alpha", type=float, default=0.05, show_default=True,
-              help="Level of the bootstrap CIs and of the Wilcoxon test.")
-@click.option("--fraction", "fraction_threshold", type=float, default=0.9, show_default=True,
-              help="A part says 'yes' with at least this fraction of points with radius_S >= radius_T - tol.")
-@click.option("--rho-threshold", type=float, default=0.25, show_default=True,
-              help="Below this certificate looseness rho = median(r_T)/median(a_T) the certified part is labelled "
-                   "'covers only eps <= X'.")
-@click.option("--n-boot", type=click.IntRange(min=1), default=2000, show_default=True, help="Bootstrap resamples.")
+              help="Further method parameter KEY=VALUE of 'certkd certify' (e.g. sigma=0.5, n=1000, smoothing's "
+                   "alpha=0.001); repeatable.")
+@dataclass_options(CompareRule)
 @run_options
 @_out_option
 @_resume_option
@@ -117,10 +112,9 @@ def bounds_command(student: Path, teacher: Path, eps: list[float], norm: str, nu
 def compare_command(student: Path, teacher: Path, method: str, attack: str, eps: list[float] | None, norm: str,
                     num_examples: int | None, dataset: str | None, data_dir: Path | None, split: str,
                     radius_tol: float, student_records: Path | None, teacher_records: Path | None,
-                    params: dict[str, Any], margin: float, alpha: float, fraction_threshold: float,
-                    rho_threshold: float, n_boot: int, batch_size: int, device: str, seed: int,
+                    params: dict[str, Any], batch_size: int, device: str, seed: int,
                     max_memory: int | None, progress: bool, out: Path | None, resume: bool, overwrite: bool,
-                    shard: tuple[int, int] | str | None) -> None:
+                    shard: tuple[int, int] | str | None, **rule: Any) -> None:
     """Does STUDENT certify at least as robustly as TEACHER?  yes / no / inconclusive.
 
     \b
@@ -131,8 +125,8 @@ def compare_command(student: Path, teacher: Path, method: str, attack: str, eps:
     Per part: the fraction with radius_S >= radius_T - tol, accuracy against eps with
     a paired bootstrap CI of the difference, a one-sided Wilcoxon signed-rank test,
     and the part's verdict: no when a CI lies below -margin or the student's radii
-    are significantly smaller; yes when the fraction reaches --fraction or they are
-    significantly larger; else inconclusive.
+    are significantly smaller (Wilcoxon at 1 - --ci-level); yes when the fraction
+    reaches --fraction or they are significantly larger; else inconclusive.
     The headline is never more favourable than either part: no if either says no,
     yes only if the certified part says yes and the empirical part not no. It comes
     with rho = median(r_T) / median(a_T) and the eps range each part covers.
@@ -140,8 +134,7 @@ def compare_command(student: Path, teacher: Path, method: str, attack: str, eps:
     from certkd.comparison import CompareJob, format_compare, run_compare
 
     job = CompareJob(method=method, norm=norm, params={"radius_tol": radius_tol, **params}, batch_size=batch_size,
-                     seed=seed, eps=eps, attack=attack, margin=margin, alpha=alpha,
-                     fraction_threshold=fraction_threshold, n_boot=n_boot, rho_threshold=rho_threshold)
+                     seed=seed, eps=eps, attack=attack, rule=CompareRule(**rule))
     summary = run_compare(student, teacher, job, shard, dataset=dataset, split=split, data_dir=data_dir,
                           num_examples=num_examples, device=device, out=out, resume=resume, overwrite=overwrite,
                           progress=progress, max_memory=max_memory, notify=notify_stderr,
