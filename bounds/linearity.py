@@ -213,7 +213,7 @@ class LinearityBounder:
                                self.input_shape, baseline=True)
         self.view = copy.deepcopy(view).to(self.device, torch.float64).eval()
         self._bounded_modules: dict[tuple[str, int], _BoundedScalar] = {}
-        self.batch_size: int | None = None  # examples per bound pass (None: the whole batch; bounds.memory plans it)
+        self.batch_size: int | None = None  # examples per bound pass (None: the whole batch; certkd.memory plans it)
 
     def _bounded(self, target: str, inputs: tuple[torch.Tensor, ...]) -> _BoundedScalar:
         key = (target, inputs[0].shape[0])

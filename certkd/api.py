@@ -26,9 +26,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from certkd.comparison import CompareRule
 from certkd.errors import CertkdError
 from certkd.runs import Points, Record, RecordLog, TensorPoints
+from certkd.verdict import CompareRule
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -303,7 +303,7 @@ def compare(student: ModelLike, teacher: ModelLike, data: DataLike, method: str 
     norm, eps, num_examples, batch_size, seed
         As for the command (``eps`` None: 11 points up to the 90th percentile of the teacher's attack radii).
     rule : CompareRule or dict, optional
-        The decision rule (``certkd.comparison.CompareRule``: margin, CI level, fraction
+        The decision rule (``certkd.verdict.CompareRule``: margin, CI level, fraction
         threshold, bootstrap resamples, rho threshold), or a dict of its fields; default
         the command's defaults.
     attack : str

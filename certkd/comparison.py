@@ -11,7 +11,7 @@ Data flow: two checkpoints and the same points -> each model's certify context
 (``prepare_methods``: its verification engine built ONCE per run) -> per batch, both
 parts' radii (records in the run's log, ``certkd.runs``; shards merge) ->
 ``bounds.paired.paired_comparison`` per part (fraction, accuracy curves with paired
-bootstrap CIs, Wilcoxon, the part's verdict) -> ``bounds.paired.headline`` (never more
+bootstrap CIs, Wilcoxon, the part's verdict) -> ``certkd.verdict.headline`` (never more
 favourable than either part; certificate looseness ``rho``; the eps range each part
 covers) -> ``compare.json`` and figures.
 """
@@ -22,7 +22,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any
 
 import torch
 
@@ -44,61 +44,12 @@ from certkd.runs import (
     shard_path,
     write_log,
 )
+from certkd.verdict import HEADLINE_RULE, PART_RULE, QUESTION, CompareRule, headline, part_reason
 
 COMMAND = "compare"
 PER_EXAMPLE = "per_example.jsonl"
 #: per-example columns of the records: certified radii, then attack radii (estimates)
 RADIUS_COLUMNS = ("radius_student", "radius_teacher", "attack_student", "attack_teacher")
-
-
-@dataclass
-class CompareRule:
-    """The decision rule of both parts and of the headline (theory.md §6).
-
-    One place for its settings: the CLI options of ``certkd compare`` are generated from
-    these fields (``certkd.cli.options.dataclass_options``), ``certkd.compare`` takes
-    ``rule=``, and ``compare.json`` and the demo report state them. The tie tolerance is
-    the radius tolerance of ``CertifyOptions`` (``radius_tol``).
-
-    Example
-    -------
-    >>> rule = CompareRule(ci_level=0.9)
-    >>> round(rule.alpha, 6), rule.paired(1e-3, seed=0)["n_boot"]
-    (0.1, 2000)
-    """
-
-    margin: float = field(default=0.02, metadata={
-        "help": "A part says 'no' when a CI of its accuracy difference (student - teacher) lies below -margin."})
-    ci_level: float = field(default=0.95, metadata={
-        "help": "Confidence level of the bootstrap CIs; the Wilcoxon tests use 1 - level."})
-    fraction_threshold: float = field(default=0.9, metadata={
-        "option": "--fraction",
-        "help": "A part says 'yes' with at least this fraction of points with radius_S >= radius_T - tol."})
-    n_boot: int = field(default=2000, metadata={"help": "Bootstrap resamples."})
-    rho_threshold: float = field(default=0.25, metadata={
-        "help": "Below this certificate looseness rho = median(r_T)/median(a_T) the certified part is labelled "
-                "'covers only eps <= X'."})
-
-    @property
-    def alpha(self) -> float:
-        """The significance level ``1 - ci_level`` of ``bounds.paired.paired_comparison``."""
-        return 1.0 - self.ci_level
-
-    def check(self, tol: float) -> None:
-        """One sentence for a bad setting."""
-        from bounds.paired import check_rule
-        from certkd.errors import CertkdError
-
-        if not 0 < self.rho_threshold <= 1:
-            raise CertkdError(f"rho threshold must lie in (0, 1], got {self.rho_threshold}")
-        if not 0 < self.ci_level < 1:
-            raise CertkdError(f"ci level must lie in (0, 1), got {self.ci_level}")
-        check_rule(tol, self.margin, self.alpha, self.fraction_threshold, self.n_boot)
-
-    def paired(self, tol: float, seed: int) -> PairedRule:
-        """The keyword arguments of ``bounds.paired.paired_comparison``."""
-        return {"tol": tol, "margin": self.margin, "alpha": self.alpha,
-                "fraction_threshold": self.fraction_threshold, "n_boot": self.n_boot, "seed": seed}
 
 
 @dataclass
@@ -160,17 +111,6 @@ def record_key(record: Record) -> tuple[int]:
 
 Reused = dict[int, tuple[float, bool]]
 """Radius and clean correctness per index, read from a ``certkd certify --per-example`` file."""
-
-
-class PairedRule(TypedDict):
-    """The decision rule's keyword arguments of ``bounds.paired.paired_comparison``."""
-
-    tol: float
-    margin: float
-    alpha: float
-    fraction_threshold: float
-    n_boot: int
-    seed: int
 
 
 def reuse_records(path: Path, checkpoint: Path, job: CompareJob, dataset: str, split: str, count: int) -> Reused:
@@ -273,19 +213,10 @@ def compare_points(student: Context, teacher: Context, data: Points, indices: Se
     return execute(work, compute, log, progress, "compare", label=lambda w: f"batch {w[0]}")
 
 
-HEADLINE_RULE = ("The headline is never more favourable than either part: no if either part says no, yes only if "
-                 "the certified part says yes and the empirical part does not say no, else inconclusive "
-                 "(theory.md §6).")
-PART_RULE = ("Each part says no if at some eps the paired bootstrap CI of (student - teacher) accuracy lies "
-             "below -margin or a one-sided Wilcoxon signed-rank test finds the student's radii smaller "
-             "(p < 1 - CI level); yes if at least the fraction threshold of points have radius_S >= radius_T - tol, "
-             "or the Wilcoxon test finds them larger; else inconclusive.")
-
-
 def _part_json(part: Any, kind: str, radii: str) -> dict[str, Any]:
     """One part of ``compare.json``: its verdict, statistics and table (eps in the run's norm)."""
     return {
-        "verdict": part.verdict, "reason": part.reason, "kind": kind, "radii": radii,
+        "verdict": part.verdict, "reason": part_reason(part), "kind": kind, "radii": radii,
         "at_least_fraction": part.at_least_fraction,
         "wilcoxon": {"statistic": part.wilcoxon_statistic, "p_less": part.wilcoxon_p_less,
                      "p_greater": part.wilcoxon_p_greater, "p_two_sided": part.wilcoxon_p_two_sided,
@@ -301,7 +232,7 @@ def _part_json(part: Any, kind: str, radii: str) -> dict[str, Any]:
 
 
 def summarize_compare(config: dict[str, Any], records: list[Record]) -> dict[str, Any]:
-    """Both parts (``bounds.paired.paired_comparison``) and the headline (``bounds.paired.headline``).
+    """Both parts (``bounds.paired.paired_comparison``) and the headline (``certkd.verdict.headline``).
 
     Parameters
     ----------
@@ -355,14 +286,7 @@ def judge(radii: dict[str, torch.Tensor], correct_student: torch.Tensor, correct
         parts (``certified``, ``empirical``: verdict, reason, Wilcoxon p-values with their
         direction, accuracy table with CIs) and the rule's inputs (``rule``).
     """
-    from bounds.paired import (
-        CERTIFIED_PART,
-        EMPIRICAL_PART,
-        QUESTION,
-        curve_grid,
-        headline,
-        paired_comparison,
-    )
+    from bounds.paired import CERTIFIED_PART, EMPIRICAL_PART, curve_grid, paired_comparison
 
     rs, rt, a_s, a_t = (radii[n] for n in RADIUS_COLUMNS)
     eps = job.eps if job.eps is not None else curve_grid(torch.cat([rs, rt]), a_t)
@@ -379,7 +303,8 @@ def judge(radii: dict[str, torch.Tensor], correct_student: torch.Tensor, correct
         "eps_units": f"L-{job.norm} radius in input units ([0, 1] pixel scale)",
         "certified": _part_json(cert, job.kind(), f"{job.method} certified radii"),
         "empirical": _part_json(emp, "estimate", f"{job.attack} attack radii (upper bounds of the true radii)"),
-        "rule": {"tol": rule["tol"], **asdict(job.rule), "coverage_quantile": head.coverage_quantile, "headline": HEADLINE_RULE, "part": PART_RULE},
+        "rule": {"tol": rule["tol"], **asdict(job.rule), "coverage_quantile": head.coverage_quantile,
+                 "headline": HEADLINE_RULE, "part": PART_RULE},
     }
 
 

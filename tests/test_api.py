@@ -119,8 +119,8 @@ def test_compare_rule_is_one_mechanism_for_cli_api_and_report() -> None:
 
     import torch
 
-    from certkd.comparison import CompareRule
     from certkd.models import create_model
+    from certkd.verdict import CompareRule
 
     flags = {p.name: p for p in main.commands["compare"].params}
     for f in dataclasses.fields(CompareRule):

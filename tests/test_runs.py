@@ -268,7 +268,7 @@ def test_compare_config_change_is_refused_or_recomputed(mlps, compare_full, tmp_
                           "--overwrite")
     assert code == 0, stderr
     assert json.loads((out / "compare.json").read_text())["rule"]["margin"] == 0.05
-    assert read_log(out / "per_example.jsonl")[0]["config"]["margin"] == 0.05
+    assert read_log(out / "per_example.jsonl")[0]["config"]["rule"]["margin"] == 0.05
 
 
 def test_compare_shards_merge_to_one_run(mlps, compare_full, tmp_path: Path) -> None:

@@ -14,12 +14,12 @@ import pytest
 import torch
 from test_data import write_mnist_split
 
-from bounds.memory import measure_peak
 from certkd.certification import check_fits
 from certkd.checkpoint import make_checkpoint, save_checkpoint
 from certkd.data import dataset_info, load_dataset
 from certkd.data.imagenet import decode_image
 from certkd.errors import CertkdError
+from certkd.memory import measure_peak
 from certkd.models import create_model
 
 PIL = pytest.importorskip("PIL.Image")

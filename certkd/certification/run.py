@@ -76,12 +76,12 @@ def check_fits(input_shape: Sequence[int], num_classes: int, data: Points, data_
 def plan_bound_memory(tools: Sequence[Any], data: Points, count: int, method: str, eps: float | None, norm: str,
                       cap: int, max_memory: int | None = None, notify: Callable[[str], None] | None = None,
                       target: str | None = None) -> list[dict[str, Any]]:
-    """Size every bound pass of ``tools`` to ``max_memory`` from one measured probe pass each (bounds.memory).
+    """Size every bound pass of ``tools`` to ``max_memory`` from one measured probe pass each (certkd.memory).
 
     Parameters
     ----------
     tools : BoundEngines (``bounds.certify``) or, with ``target``, LinearityBounders (certified gamma)
-    data, count : the run's points; the probe reads the first ``bounds.memory.PROBE_POINTS``
+    data, count : the run's points; the probe reads the first ``certkd.memory.PROBE_POINTS``
     method, eps, norm : what the run bounds (``eps`` None: a radius search, probed at
         ``bounds.norms.default_eps_max``, the ball covering the whole box: every ReLU unstable)
     cap : the run's batch size (a pass never takes more points)
@@ -93,8 +93,8 @@ def plan_bound_memory(tools: Sequence[Any], data: Points, count: int, method: st
     list of dict
         ``MemoryPlan.to_dict()`` per tool, for the run's summary.
     """
-    from bounds.memory import PROBE_POINTS, plan_bounder, plan_engine
     from bounds.norms import default_eps_max
+    from certkd.memory import PROBE_POINTS, plan_bounder, plan_engine
 
     if count == 0 or not tools:
         return []

@@ -91,14 +91,13 @@ def points_options(command: F) -> F:
 
 def parse_max_memory(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
     """``--max-memory 4G`` -> bytes (None: the default, a third of the available memory)."""
-    from bounds.errors import BoundsError
-    from bounds.memory import parse_memory
+    from certkd.memory import parse_memory
 
     if value is None:
         return None
     try:
         return parse_memory(value)
-    except BoundsError as exc:
+    except CertkdError as exc:
         raise click.BadParameter(str(exc)) from None
 
 

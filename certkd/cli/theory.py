@@ -27,7 +27,7 @@ from certkd.cli.options import (
     run_options,
     shard_option,
 )
-from certkd.comparison import CompareRule
+from certkd.verdict import CompareRule
 
 _out_option = click.option("--out", type=OUTPUT_DIR, default=None,
                            help="Directory for per_example.jsonl (appended as computed), the summary and figures.")
