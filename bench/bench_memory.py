@@ -1,4 +1,4 @@
-"""Peak memory per point of certkd's bound passes against raw auto_LiRPA on the same batch (issue 11).
+"""Peak memory per point of certkd's bound passes against raw auto_LiRPA on the same batch.
 
 For each model (certkd's cnn7 and the LeNet family: advertorch ``lenet5`` and TRADES
 ``small_cnn``) and method, two fresh processes bound the same batch at the same eps:

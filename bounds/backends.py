@@ -1,4 +1,4 @@
-"""Bound-propagation backends by capability, not by version string (issue 12, auto_lirpa_notes.md).
+"""Bound-propagation backends by capability, not by version string (docs/auto_lirpa.md).
 
 The installed auto_LiRPA is probed for what it can do (``probe``): a GELU relaxation
 registered for ``custom::Gelu``, a LayerNorm operator, the log-sum-exp softmax relaxation

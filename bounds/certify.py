@@ -177,7 +177,7 @@ class BoundEngine:
     """The verification view of one model and its auto_LiRPA graph, built once and reused.
 
     ``batch_size`` caps how many examples one bound pass handles (CROWN's memory grows
-    with it: about 0.6 GB per example for LeNet on MNIST; auto_lirpa_notes.md).
+    with it: about 0.6 GB per example for LeNet on MNIST; docs/auto_lirpa.md).
     """
 
     def __init__(self, model: nn.Module, input_shape: Sequence[int], device: str | torch.device = "cpu",

@@ -1,4 +1,4 @@
-"""auto_LiRPA's graph against the model: the attribute-level allow-list and the graph check (issue 16).
+"""auto_LiRPA's graph against the model: the attribute-level allow-list and the graph check.
 
 No allow-list foresees every attribute an old library ignores, so two checks run on every
 path that calls auto_LiRPA (``bounds.certify.BoundEngine``, ``bounds.linearity``), with no
@@ -127,7 +127,7 @@ ALLOW_03 = AllowList("0.3", {
 })
 # a BoundMul whose two inputs are both perturbed is looked up under this key as well
 PERTURBED_PRODUCT = "BoundMul:perturbed"
-# backend family -> allow-list; bounds.backends (issue 12) adds "0.7" and chooses by capability
+# backend family -> allow-list; bounds.backends adds "0.7" and chooses by capability
 ALLOW_LISTS: dict[str, AllowList] = {"0.3": ALLOW_03}
 _UNBOUNDED_KINDS = frozenset({"BoundInput", "BoundParams", "BoundBuffers", "BoundConstant", "BoundPrimConstant",
                               "BoundShape"})

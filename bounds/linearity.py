@@ -158,7 +158,7 @@ class _SlopedScalar(nn.Module):
     has no ``ReduceLogSumExp``, and ``z - s`` fails in its patches mode (a Sub node of logits);
     the product form is the same function. Margins: all K values ``z_y - z_j`` (the column
     j = y is 0 and is dropped by the caller). Every fixed tensor is an extra unperturbed input
-    (auto_lirpa_notes.md: buffers with a batch dimension fail).
+    (docs/auto_lirpa.md: buffers with a batch dimension fail).
     """
 
     def __init__(self, view: nn.Module, target: str):

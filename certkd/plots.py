@@ -153,17 +153,6 @@ def plot_radius_pairs(summary: Mapping[str, Any], names: tuple[str, str], path: 
     return _save(fig, path)
 
 
-def plot_radius_scatter(radius_student: Sequence[float], radius_teacher: Sequence[float], path: str | Path,
-                        title: str, kind: str = "certified", norm: str = "inf") -> Path:
-    """Per-example ``r_S`` against ``r_T`` with the diagonal ``r_S = r_T``, limits from the data."""
-    sns.set_theme(style="whitegrid")
-    fig, ax = plt.subplots(figsize=(4.8, 4.8))
-    _scatter_pair(ax, radius_student, radius_teacher, f"radius ({kind})", norm)
-    ax.set_title(title, fontsize=10)
-    _legend_below(ax)
-    return _save(fig, path)
-
-
 def plot_bound_vs_measured(bounds: Mapping[str, Sequence[float]], measured: Sequence[float],
                            path: str | Path, title: str) -> Path:
     """Transfer bounds (one series per kind) against the student's PGD-measured robust loss; diagonal marks 'holds'.

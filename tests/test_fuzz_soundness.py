@@ -1,4 +1,4 @@
-"""Property-based soundness fuzzing of the whole bound path (issue 16): no false certificate on any model.
+"""Property-based soundness fuzzing of the whole bound path: no false certificate on any model.
 
 ``hypothesis`` draws small networks from every operator and attribute the verification view
 and the allow-list accept or rewrite (convolutions with stride, padding, dilation and groups;
@@ -278,7 +278,7 @@ def report(stats: Stats, capsys) -> None:
             print("  VIOLATION", line)
 
 
-# the slow run's 15 CROWN violations (issue 16): a dilated convolution behind a functional F.hardtanh.
+# the slow run's 15 CROWN violations: a dilated convolution behind a functional F.hardtanh.
 # fx inlined the view's ExpandedConv2d while folding the clamp, so the view lost its matrix-mode marker
 # and auto_LiRPA bounded the dilated kernel in its (unsound) patches mode.
 DILATED_BEHIND_CLAMP = {"kind": "cnn", "norm": "module", "head": "mean", "groups": True, "seed": 2352,

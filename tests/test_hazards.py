@@ -1,4 +1,4 @@
-"""Issue 8's hazard suite: auto_LiRPA 0.3's false certificates are real, and certkd's path never gives one.
+"""The hazard suite: auto_LiRPA 0.3's false certificates are real, and certkd's path never gives one.
 
 Each hazard test first bounds the raw model with auto_LiRPA directly and shows a lower bound
 above an attack-found margin (skipped, with the reason, only where the installed auto_LiRPA
@@ -80,7 +80,7 @@ def depthwise_cnn(seed: int) -> nn.Module:
 
 
 def grouped_normalization_cnn(seed: int) -> nn.Module:
-    """Input normalization written as a grouped 1x1 convolution (what issue 3 first suggested)."""
+    """Input normalization written as a grouped 1x1 convolution (the obvious way to write it)."""
     torch.manual_seed(seed)
     norm = nn.Conv2d(3, 3, 1, groups=3)
     norm.weight.data = (1 / torch.tensor(STD)).view(3, 1, 1, 1)
@@ -304,7 +304,7 @@ def test_deeper_mobilenet_sound_on_cifar_shapes(norm, eps):
     assert count_violations(lower, attack) == 0
 
 
-# --------------------------------------------------------------------------- issue 16: the four families
+# --------------------------------------------------------------------------- the four families
 
 @pytest.fixture(scope="module")
 def digits_train():

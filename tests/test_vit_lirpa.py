@@ -1,4 +1,4 @@
-"""ViTs by bound propagation under auto_LiRPA 0.7.x (issue 12): an exact view, and CROWN below a strong PGD.
+"""ViTs by bound propagation under auto_LiRPA 0.7.x: an exact view, and CROWN below a strong PGD.
 
 CI runs this file against both backends (.ci/run). Under 0.3 the bound tests skip with the
 reason and ``test_vit_refused_under_0_3_names_0_7`` checks the refusal instead.

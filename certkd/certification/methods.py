@@ -184,10 +184,6 @@ class Method:
 METHODS: Registry[Method] = Registry("certify method", group="certkd.certify_methods")
 
 
-def _no_preparation(ctx: Context) -> None:
-    """Most methods need nothing built before the first batch."""
-
-
 def register_method(name: str, kind: str, target: str, description: str,
                     prepare: Callable[[Context], None] | None = None) -> Callable[[Evaluate], Evaluate]:
     """Decorator: register ``fn(ctx, x, y, eps, radius, generator) -> MethodOutput`` as method ``name``.
@@ -220,7 +216,7 @@ def register_method(name: str, kind: str, target: str, description: str,
     >>> _ = METHODS._entries.pop("always-no")
     """
     def deco(fn: Evaluate) -> Evaluate:
-        METHODS.add(name, Method(name, kind, target, description, fn, prepare or _no_preparation))
+        METHODS.add(name, Method(name, kind, target, description, fn, **({"prepare": prepare} if prepare else {})))
         return fn
     return deco
 
