@@ -1,5 +1,6 @@
 """The base CLI: `certkd info` on good and bad files (real subprocesses), `models`, `datasets`, `convert`."""
 
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -107,7 +108,7 @@ def test_python_m_certkd_help_and_version(subprocess_results):
     for command in ("info", "models", "datasets", "convert"):
         assert command in out
     result = CliRunner().invoke(main, ["--version"])
-    assert result.exit_code == 0 and result.stdout.strip() == "certkd, version 0.1.0"
+    assert result.exit_code == 0 and result.stdout.strip() == f"certkd, version {importlib.metadata.version('certkd')}"  # pyproject.toml
 
 
 @pytest.fixture

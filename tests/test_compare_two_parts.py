@@ -84,6 +84,7 @@ def test_kdiga_is_not_no_when_its_empirical_part_is_within_the_margin(digits_tri
     assert loose["verdict"] != "no" and loose["verdict"] == loose["certified"]["verdict"]
 
 
+@pytest.mark.usefixtures("lirpa")
 def test_compare_reuses_certify_records_of_the_same_points_and_method(digits_trio, kd_run, tmp_path):
     result, _, out = kd_run
     for name in ("kd", "teacher"):

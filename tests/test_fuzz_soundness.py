@@ -20,10 +20,16 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import (
+    count_violations,
+    exact_min_margin,
+    labels_of,
+    per_margin_attack,
+    raw_lower,
+    require_hazard,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_certify_sound import exact_min_margin
-from test_hazards import count_violations, labels_of, per_margin_attack, raw_lower, require_hazard
 from torch import nn
 
 from bounds.certify import BoundEngine
@@ -32,7 +38,7 @@ from bounds.nn import Normalize
 from bounds.view import needs_matrix_mode, verification_view
 from certkd.data import load_dataset
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+pytestmark = pytest.mark.usefixtures("one_thread", "lirpa")  # tests/conftest.py: every test bounds
 
 CI_NETWORKS = 50
 POINTS = 10

@@ -94,6 +94,7 @@ def test_file_and_folder_mix_ups_are_one_line(digits_trio, tmp_path):
     assert a_file.read_text() == "x"
 
 
+@pytest.mark.usefixtures("lirpa")
 def test_result_files_are_readable_by_the_group(digits_trio, tmp_path):
     old = os.umask(0o022)
     try:
@@ -153,6 +154,7 @@ def test_certify_help_lists_pgd():
     assert "pgd (estimate" in " ".join(out.split())
 
 
+@pytest.mark.usefixtures("lirpa")
 def test_no_torch_jit_deprecation_warning_reaches_the_user(digits_trio):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "certkd", "certify", str(digits_trio.teacher_path), "-n", "2",

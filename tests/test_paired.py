@@ -181,6 +181,7 @@ def test_curve_grid_spans_the_teachers_empirical_robustness():
     assert grid[-1] == pytest.approx(coverage(a)) and grid[-1] > float(r.max())
 
 
+@pytest.mark.usefixtures("lirpa")
 def test_tight_certificates_of_a_linear_model_and_its_scaled_copy_give_rho_near_one_and_agreeing_parts():
     """A linear model's CROWN radius is exact; APGD's radius is within the tolerance above it."""
     from torch import nn

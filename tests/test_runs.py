@@ -203,6 +203,7 @@ def test_certify_under_torchrun_gathers_on_rank0(mlps, certify_full, tmp_path: P
     assert sorted(p.name for p in tmp_path.glob("r.shard*")) == ["r.shard0of2.jsonl", "r.shard1of2.jsonl"]
 
 
+@pytest.mark.usefixtures("lirpa")
 def test_certify_builds_one_engine_per_run(mlps, tmp_path: Path, monkeypatch) -> None:
     import bounds.certify
 
@@ -233,6 +234,7 @@ def compare_full(mlps, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.usefixtures("lirpa")
 def test_compare_builds_each_engine_once(mlps, tmp_path: Path, monkeypatch) -> None:
     import bounds.certify
 
@@ -250,6 +252,7 @@ def test_compare_builds_each_engine_once(mlps, tmp_path: Path, monkeypatch) -> N
     assert len(built) == 2 and built[0] is not built[1]  # one per model, for 3 batches
 
 
+@pytest.mark.usefixtures("lirpa")
 def test_compare_radii_are_those_of_certify(mlps, compare_full, certify_full) -> None:
     """Same seed, batch size and method: compare's teacher radii are certify --radius's."""
     rows = read_jsonl(compare_full / "per_example.jsonl")[1:]

@@ -25,7 +25,7 @@ FAMILIES = {
     "mobilenet_v2": {"width_mult": 0.25, "depth": 3},
 }
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+pytestmark = pytest.mark.usefixtures("one_thread", "lirpa")  # tests/conftest.py: every test bounds
 
 
 def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
