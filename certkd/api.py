@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from certkd.errors import CertkdError
-from certkd.runs import Points, Record, RecordLog, TensorPoints
+from certkd.runs import Points, Record, TensorPoints
 from certkd.verdict import CompareRule
 
 if TYPE_CHECKING:
@@ -265,14 +265,16 @@ def certify(model: ModelLike, data: DataLike, methods: Sequence[str] = ("crown",
     6
     """
     from certkd.certification import (
+        COMMAND,
         CertifyJob,
         CertifyOptions,
         canonical_order,
-        certify_points,
         prepare_methods,
         record_key,
         summarize,
     )
+    from certkd.certification.run import certify_run
+    from certkd.run import Run
 
     job = CertifyJob(methods=list(methods), eps=[float(e) for e in eps], norm=norm, radius=radius,
                      batch_size=batch_size, seed=seed, params=CertifyOptions.from_dict(options))
@@ -280,10 +282,10 @@ def certify(model: ModelLike, data: DataLike, methods: Sequence[str] = ("crown",
     net, points = _model(model, device), _points(data)
     count = len(points) if num_examples is None else min(num_examples, len(points))
     ctx = prepare_methods(net, _input_shape(net, points), job.all_methods(), job.norm, job.params, device)
-    log = RecordLog.memory(record_key)
-    certify_points(ctx, points, range(count), job, log, progress)
-    config = {"num_examples": count, **job.to_config()}
-    return CertifyResult(summarize(config, log.records), canonical_order(log.records, job))
+    run = Run.start(COMMAND, record_key, progress=progress)
+    run.configure({"num_examples": count}, job.to_config())
+    records = certify_run(run, ctx, points, count, job)
+    return CertifyResult(summarize(run.config, records), canonical_order(records, job))
 
 
 def compare(student: ModelLike, teacher: ModelLike, data: DataLike, method: str = "crown", norm: str = "inf",
@@ -328,7 +330,8 @@ def compare(student: ModelLike, teacher: ModelLike, data: DataLike, method: str 
     (True, 'yes')
     """
     from certkd.certification import prepare_methods
-    from certkd.comparison import CompareJob, compare_points, record_key, summarize_compare
+    from certkd.comparison import COMMAND, CompareJob, compare_run, record_key, summarize_compare
+    from certkd.run import Run
 
     if not isinstance(rule, CompareRule):
         unknown = sorted(set(rule or {}) - {f.name for f in fields(CompareRule)})
@@ -343,11 +346,12 @@ def compare(student: ModelLike, teacher: ModelLike, data: DataLike, method: str 
     shape = _input_shape(models[0], points)
     contexts = [prepare_methods(m, shape, [method], job.norm, job.options(), device) for m in models]
     count = len(points) if num_examples is None else min(num_examples, len(points))
-    log = RecordLog.memory(record_key)
-    compare_points(contexts[0], contexts[1], points, range(count), job, log, progress)
-    config = {"num_examples": count, **job.to_config()}
-    records = sorted(log.records, key=lambda r: int(r["index"]))
-    return CompareResult(summarize_compare(config, records), records)
+    run = Run.start(COMMAND, record_key, progress=progress)
+    run.configure({"num_examples": count}, job.to_config())
+    compare_run(run, contexts[0], contexts[1], points, count, job)
+    assert run.log is not None
+    records = sorted(run.log.records, key=lambda r: int(r["index"]))
+    return CompareResult(summarize_compare(run.config, records), records)
 
 
 def benchmark(model: ModelLike, dataset: str = "digits", split: str = "test", methods: Sequence[str] = ("crown",),

@@ -29,7 +29,6 @@ import torch
 from certkd.certification.methods import MODEL, CertifyOptions, Context, evaluate_batch, get_method
 from certkd.io import json_float
 from certkd.runs import (
-    SLURM,
     TORCHRUN,
     Points,
     Record,
@@ -37,11 +36,8 @@ from certkd.runs import (
     Shard,
     batches,
     execute,
-    gather_shards,
     merge_logs,
-    resolve_shard,
     seed_stream,
-    shard_path,
     write_log,
 )
 from certkd.verdict import HEADLINE_RULE, PART_RULE, QUESTION, CompareRule, headline, part_reason
@@ -421,6 +417,26 @@ def merge_compare(parts: Sequence[tuple[str, Record | None, list[Record]]], out:
     return summary
 
 
+def compare_run(run: Any, student: Context, teacher: Context, data: Points, count: int, job: CompareJob,
+                log_path: Path | None = None,
+                reused: tuple[Reused | None, Reused | None] = (None, None)) -> dict[str, Any]:
+    """The work of a compare run (the command's and the API's): the memory plan of each model whose
+    radii are computed here (not reused), then :func:`compare_points` into the run's record log.
+
+    Returns the memory plans by model (``student``, ``teacher``).
+    """
+    from bounds.bound_methods import BOUND_METHODS
+
+    with run.open_log(log_path) as log:
+        computed = [(who, c) for who, c, given in zip(("student", "teacher"), (student, teacher), reused, strict=True)
+                    if given is None]  # the models whose certified radii are computed here, not reused
+        plans = dict(zip((who for who, _ in computed), run.plan_memory(
+            [c.bound_engine() for _, c in computed], data, count, job.method, None, job.norm, job.batch_size),
+            strict=True)) if job.method in BOUND_METHODS and computed else {}
+        compare_points(student, teacher, data, range(count), job, log, run.progress, reused)
+    return plans
+
+
 def run_compare(student_path: Path, teacher_path: Path, job: CompareJob, shard: Shard | str | None = None,
                 dataset: str | None = None, split: str = "test", data_dir: Path | None = None,
                 num_examples: int | None = None, device: str = "cpu", out: Path | None = None,
@@ -459,22 +475,16 @@ def run_compare(student_path: Path, teacher_path: Path, job: CompareJob, shard: 
     dict or None
         The summary; None for a shard that is not the whole run.
     """
-    from bounds.bound_methods import BOUND_METHODS
     from certkd.certification.methods import prepare_methods
-    from certkd.certification.run import load_pair, load_points, plan_bound_memory
     from certkd.checkpoint import file_sha256
-    from certkd.errors import CertkdError
+    from certkd.loading import load_pair, load_points
+    from certkd.run import Run
 
-    job.shard, launcher = resolve_shard(shard)
+    run = Run.start(COMMAND, record_key, shard, out=out, out_kind="dir", resume=resume, overwrite=overwrite,
+                    progress=progress, max_memory=max_memory, notify=notify)
+    job.shard = run.shard
     job.check()
-    if out is not None and out.exists() and not out.is_dir():
-        raise CertkdError(f"{out} is a file; --out takes a directory")
-    if resume and out is None:
-        raise CertkdError("--resume needs --out DIR (the directory of the interrupted run)")
-    if job.shard is not None and out is None:
-        raise CertkdError("--shard needs --out DIR (certkd merge combines the shards' records)")
-    if launcher == SLURM:
-        out = shard_path(out, job.shard)
+    out = run.output(out)
     student_ckpt, _, student, teacher = load_pair(student_path, teacher_path, device)
     data_name, data, count = load_points(student_ckpt, dataset, split, data_dir, num_examples)
     reused_s, reused_t = (None if path is None else reuse_records(path, ckpt, job, data_name, split, count)
@@ -484,29 +494,14 @@ def run_compare(student_path: Path, teacher_path: Path, job: CompareJob, shard: 
                                                 for p in (student_records, teacher_records))
     contexts = [prepare_methods(m, student_ckpt.input_shape, [] if given is not None else [job.method], job.norm,
                                 job.options(), device) for m, given in zip((student, teacher), reused, strict=True)]
-    config = {"student_sha256": file_sha256(student_path), "teacher_sha256": file_sha256(teacher_path),
-              "dataset": data_name, "split": split, "num_examples": count, **job.to_config()}
-    path = out / PER_EXAMPLE if out is not None else None
-    if launcher == TORCHRUN:
-        path = shard_path(path, job.shard)
-    with RecordLog.open(path, COMMAND, config, record_key, resume=resume, overwrite=overwrite) as log:
-        computed = [(who, c) for who, c, given in zip(("student", "teacher"), contexts, reused, strict=True)
-                    if given is None]  # the models whose certified radii are computed here, not reused
-        plans = dict(zip((who for who, _ in computed), plan_bound_memory(
-            [c.bound_engine() for _, c in computed], data, count, job.method, None, job.norm,
-            job.batch_size, max_memory, notify), strict=True)) \
-            if job.method in BOUND_METHODS and computed else {}
-        compare_points(contexts[0], contexts[1], data, range(count), job, log, progress, reused)
-    records = log.records
-    if launcher == TORCHRUN:
-        parts = gather_shards(COMMAND, config, records, job.shard)
-        if parts is None:
-            return None
-        assert out is not None
-        return merge_compare(parts, out)
-    if job.shard is not None:
-        return None
-    summary = summarize_compare(config, records)
+    run.configure({"student_sha256": file_sha256(student_path), "teacher_sha256": file_sha256(teacher_path),
+                   "dataset": data_name, "split": split, "num_examples": count}, job.to_config())
+    plans = compare_run(run, contexts[0], contexts[1], data, count, job, out / PER_EXAMPLE if out is not None else None,
+                        reused)
+    folder = out  # torchrun and other shards: Run.start made sure there is one
+    summary = run.finish(summarize_compare, lambda parts: merge_compare(parts, Path(str(folder))))
+    if summary is None or run.launcher == TORCHRUN:
+        return summary
     summary["provenance"] = {"student": str(student_path), "teacher": str(teacher_path),
                              "memory_plan": plans or None}
     if out is not None:

@@ -126,6 +126,24 @@ def test_bounds_refuses_to_mix_runs_and_resumes_without_recomputing(bounds_run):
     assert resumed == first
 
 
+@pytest.mark.usefixtures("lirpa")
+def test_bounds_shards_merge_to_the_unsharded_run(bounds_run, tmp_path):
+    """``certkd bounds --shard k/n`` shards like the other commands; ``certkd merge`` gives the same summary."""
+    args = [a for a in bounds_run["args"] if a != bounds_run["out"]][:-1]  # without --out DIR
+    for k in (0, 1):
+        code, stdout, stderr = run(*args, "--shard", f"{k}/2", "--out", tmp_path / f"s{k}")
+        assert code == 0 and "certkd merge" in stdout, stderr
+    code, _, stderr = run("merge", tmp_path / "s1" / "per_example.jsonl", tmp_path / "s0" / "per_example.jsonl",
+                          "--out", tmp_path / "m")
+    assert code == 0, stderr
+    merged = json.loads((tmp_path / "m" / "summary.json").read_text())
+    full = json.loads(json.dumps(bounds_run["summary"]))
+    for key in [k for k in full if k not in ("provenance", "config")]:
+        assert merged[key] == full[key], key
+    rows = sorted(read_jsonl(tmp_path / "m" / "per_example.jsonl")[1:], key=lambda r: (r["index"], r["eps"]))
+    assert rows == sorted(bounds_run["rows"][1:], key=lambda r: (r["index"], r["eps"]))
+
+
 @pytest.mark.parametrize("command", ["bounds", "compare"])
 def test_mismatched_checkpoints_exit_2_with_one_line(ckpts, command):
     extra = ["--eps", "0.1"] if command == "bounds" else []

@@ -78,8 +78,6 @@ def certify(checkpoint: Path, num_examples: int | None, dataset: str | None, dat
     """
     from certkd.certification import CertifyJob, certify_checkpoint, format_summary
 
-    if resume and per_example is None:
-        raise CertkdError("--resume needs --per-example FILE (the file the interrupted run appended to)")
     for path in (out, per_example):
         if path is not None and path.is_dir():
             raise CertkdError(f"{path} is a directory; give a file name")
@@ -96,11 +94,11 @@ def certify(checkpoint: Path, num_examples: int | None, dataset: str | None, dat
 @main.command()
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), required=True,
-              help="certify: the summary JSON of the whole run; compare: the output directory.")
+              help="certify: the summary JSON of the whole run; compare and bounds: the output directory.")
 @click.option("--per-example", type=click.Path(path_type=Path), default=None,
-              help="Also write all records, in order, as one record file (certify).")
+              help="Also write all records, in order, as one record file.")
 def merge(files: tuple[Path, ...], out: Path, per_example: Path | None) -> None:
-    """Combine the record files of sharded runs ('certify --shard', 'compare --shard') into one result.
+    """Combine the record files of sharded runs ('certify', 'compare' or 'bounds' --shard) into one result.
 
     Checks that the files come from the same configuration, that every shard is
     present once and complete, and that their examples are disjoint; the result

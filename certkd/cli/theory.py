@@ -53,10 +53,12 @@ _resume_option = click.option("--resume", is_flag=True, help="Continue an interr
 @_out_option
 @_resume_option
 @overwrite_option
+@shard_option
 def bounds_command(student: Path, teacher: Path, eps: list[float], norm: str, num_examples: int | None,
                    dataset: str | None, data_dir: Path | None, split: str, certified_gamma: bool, method: str,
                    steps: int, restarts: int, batch_size: int, device: str, seed: int, max_memory: int | None,
-                   progress: bool, out: Path | None, resume: bool, overwrite: bool) -> None:
+                   progress: bool, out: Path | None, resume: bool, overwrite: bool,
+                   shard: tuple[int, int] | str | None) -> None:
     """The transfer bound of theory.md §3 for STUDENT distilled from TEACHER, term by term.
 
     \b
@@ -74,10 +76,14 @@ def bounds_command(student: Path, teacher: Path, eps: list[float], norm: str, nu
 
     job = BoundsJob(eps=eps, norm=norm, certified_gamma=certified_gamma, method=method, steps=steps,
                     restarts=restarts, batch_size=batch_size, seed=seed)
-    summary = run_bounds(student, teacher, job, dataset=dataset, split=split, data_dir=data_dir,
+    summary = run_bounds(student, teacher, job, shard, dataset=dataset, split=split, data_dir=data_dir,
                          num_examples=num_examples, device=device, out=out, resume=resume, overwrite=overwrite,
                          progress=progress, max_memory=max_memory, notify=notify_stderr)
-    click.echo(format_bounds(summary))
+    if summary is not None:
+        click.echo(format_bounds(summary))
+    else:
+        click.echo("certkd bounds: shard done; combine the shards' per_example.jsonl files with "
+                   "certkd merge FILES --out DIR")
 
 
 @main.command("compare")
