@@ -40,7 +40,7 @@ from certkd.runs import (
     seed_stream,
     write_log,
 )
-from certkd.verdict import HEADLINE_RULE, PART_RULE, QUESTION, CompareRule, headline, part_reason
+from certkd.verdict import HEADLINE_RULE, PART_RULE, QUESTION, CompareRule, part_reason
 
 COMMAND = "compare"
 PER_EXAMPLE = "per_example.jsonl"
@@ -289,7 +289,7 @@ def judge(radii: dict[str, torch.Tensor], correct_student: torch.Tensor, correct
     rule = job.rule.paired(job.options().radius_tol, job.seed)
     cert = paired_comparison(rs, rt, eps, correct_student, correct_teacher, part=CERTIFIED_PART, **rule)
     emp = paired_comparison(a_s, a_t, eps, correct_student, correct_teacher, part=EMPIRICAL_PART, **rule)
-    head = headline(cert, emp, rho_threshold=job.rule.rho_threshold)
+    head = job.rule.combine(cert, emp)
     return {
         "question": QUESTION, "verdict": head.verdict, "reason": head.reason, "n": len(rs),
         "rho": head.rho, "certified_label": head.coverage_label,

@@ -94,6 +94,10 @@ class CompareRule:
             raise CertkdError(f"ci level must lie in (0, 1), got {self.ci_level}")
         check_rule(tol, self.margin, self.alpha, self.fraction_threshold, self.n_boot)
 
+    def combine(self, certified: PairedComparison, empirical: PairedComparison) -> Headline:
+        """The headline of both parts under this rule (:func:`headline`)."""
+        return headline(certified, empirical, rho_threshold=self.rho_threshold)
+
     def paired(self, tol: float, seed: int) -> PairedRule:
         """The keyword arguments of ``bounds.paired.paired_comparison``."""
         return {"tol": tol, "margin": self.margin, "alpha": self.alpha,
