@@ -124,7 +124,7 @@ class CompareResult:
 
     def summary(self) -> str:
         """The text ``certkd compare`` prints."""
-        from certkd.comparison import format_compare
+        from certkd.commands.compare import format_compare
 
         return format_compare(self.data)
 
@@ -330,7 +330,7 @@ def compare(student: ModelLike, teacher: ModelLike, data: DataLike, method: str 
     (True, 'yes')
     """
     from certkd.certification import prepare_methods
-    from certkd.comparison import COMMAND, CompareJob, compare_run, record_key, summarize_compare
+    from certkd.commands.compare import COMMAND, CompareJob, compare_run, record_key, summarize_compare
     from certkd.run import Run
 
     if not isinstance(rule, CompareRule):

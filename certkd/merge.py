@@ -42,11 +42,11 @@ def merge_files(files: list[Path], out: Path, per_example: Path | None = None) -
 
         return format_summary(merge_certify(parts, out, per_example, [str(p) for p in files]))
     if command == "compare":
-        from certkd.comparison import format_compare, merge_compare
+        from certkd.commands.compare import format_compare, merge_compare
 
         return format_compare(merge_compare(parts, out, per_example))
     if command == "bounds":
-        from certkd.transfer_study import format_bounds, merge_bounds
+        from certkd.commands.bounds import format_bounds, merge_bounds
 
         return format_bounds(merge_bounds(parts, out, per_example))
     raise CertkdError(f"{files[0]}: certkd merge combines shards of certify, compare or bounds, not {command!r}")

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from certkd.checkpoint import load_model
-from certkd.demo import DemoSettings, train_trio
+from certkd.commands.demo import DemoSettings, train_trio
 
 DIGITS_TRAIN_EPS = 0.2  # L-inf radius of the teacher's PGD-AT (inputs in [0, 1], 8x8)
 DIGITS_EVAL_EPS = 0.15  # where the KD-versus-KDIGA gap is clearest

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from certkd.ablate import COLUMNS, read_cells
 from certkd.cli import main
+from certkd.commands.ablate import COLUMNS, read_cells
 
 METHODS = ["crown", "lipschitz", "pgd"]
 EPS = [0.005, 0.02]

@@ -13,10 +13,10 @@ from click.testing import CliRunner
 
 from certkd.checkpoint import make_checkpoint, save_checkpoint
 from certkd.cli import main
+from certkd.commands.bounds import CERTIFIED_TERMS, TERMS
 from certkd.data import load_dataset
 from certkd.io import read_jsonl
 from certkd.models import create_model
-from certkd.transfer_study import CERTIFIED_TERMS, TERMS
 
 KWARGS = {"hidden": [32]}
 

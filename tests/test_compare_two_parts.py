@@ -71,7 +71,7 @@ def test_a_model_against_itself_says_yes(digits_trio, tmp_path):
 
 
 def test_kdiga_is_not_no_when_its_empirical_part_is_within_the_margin(digits_trio, tmp_path):
-    from certkd.comparison import summarize_compare
+    from certkd.commands.compare import summarize_compare
 
     strict, _ = compare(digits_trio, "kdiga", tmp_path)
     assert strict["empirical"]["verdict"] == "no" and strict["verdict"] == "no"

@@ -116,14 +116,14 @@ def test_result_files_are_readable_by_the_group(digits_trio, tmp_path):
     ("certify", "with --resume to continue"), ("demo", "rerun the same 'certkd demo' command to continue")])
 def test_ctrl_c_prints_how_to_resume_and_leaves_no_partial_file(digits_trio, tmp_path, monkeypatch, command,
                                                                  hint):
+    import certkd.commands.demo
     import certkd.data
-    import certkd.demo
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(certkd.data, "load_dataset", interrupt)
-    monkeypatch.setattr(certkd.demo, "run_demo", interrupt)
+    monkeypatch.setattr(certkd.commands.demo, "run_demo", interrupt)
     args = {"certify": ["certify", digits_trio.teacher_path, "--out", tmp_path / "s.json"],
             "demo": ["demo", "--out", tmp_path / "demo"]}[command]
     code, _, err = run(*args)

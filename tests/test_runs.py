@@ -321,7 +321,7 @@ def _study(path: Path, ckpt: Path, eps: str) -> Path:
 
 
 def test_ablate_after_a_study_edit_is_refused_or_recomputed(mlps, tmp_path: Path) -> None:
-    from certkd.ablate import read_cells
+    from certkd.commands.ablate import read_cells
 
     out = tmp_path / "out"
     code, _, stderr = run("ablate", _study(tmp_path / "s.yaml", mlps["teacher"], "0.01, 0.02"), "--out", out)
@@ -336,7 +336,7 @@ def test_ablate_after_a_study_edit_is_refused_or_recomputed(mlps, tmp_path: Path
 
 
 def test_demo_certification_after_a_settings_change_is_refused_or_recomputed(digits_trio, tmp_path) -> None:
-    from certkd.demo import DemoSettings, certify_trained
+    from certkd.commands.demo import DemoSettings, certify_trained
 
     data = load_dataset("digits", "test")
     path = tmp_path / "teacher.jsonl"

@@ -1,4 +1,4 @@
-"""``certkd ablate STUDY.yaml``: parse, run the study (``certkd.ablate``), print its cells."""
+"""``certkd ablate STUDY.yaml``: parse, run the study (``certkd.commands.ablate``), print its cells."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def ablate_command(study_file: Path, out: Path | None, overwrite: bool, progress
     key or value that is not known: exit 2 with one line naming it. See
     examples/study.yaml for the file format.
     """
-    from certkd.ablate import format_cells, read_cells, run_study
+    from certkd.commands.ablate import format_cells, read_cells, run_study
     from certkd.study import load_study
 
     cells = run_study(load_study(study_file), out, overwrite=overwrite, progress=progress)

@@ -169,3 +169,8 @@ class _OutputPath(click.Path):
 
 OUTPUT_FILE = _OutputPath("file")
 OUTPUT_DIR = _OutputPath("dir")
+
+#: the output folder of the commands whose record log lives in it (bounds, compare), and its resume
+out_dir_option = click.option("--out", type=OUTPUT_DIR, default=None,
+                              help="Directory for per_example.jsonl (appended as computed), the summary and figures.")
+resume_dir_option = click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")

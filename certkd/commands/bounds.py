@@ -332,7 +332,7 @@ def run_bounds(student_path: Path, teacher_path: Path, job: BoundsJob, shard: Sh
         Progress on stderr (a bar on a terminal, one line per stage otherwise).
     max_memory, notify
         Memory per bound pass (certified gammas and margins) and where its plan is reported
-        (``certification.run.plan_bound_memory``).
+        (``certkd.run.Run.plan_memory``).
 
     Returns
     -------

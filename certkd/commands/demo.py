@@ -30,7 +30,7 @@ from certkd.certification import (
     summarize,
 )
 from certkd.checkpoint import file_sha256, load_checkpoint, load_model
-from certkd.comparison import CompareJob, judge
+from certkd.commands.compare import CompareJob, judge
 from certkd.data import load_dataset
 from certkd.io import atomic_write_json
 from certkd.runs import Points, RecordLog, seed_stream

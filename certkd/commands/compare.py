@@ -465,7 +465,7 @@ def run_compare(student_path: Path, teacher_path: Path, job: CompareJob, shard: 
     progress : bool
         Progress on stderr (a bar on a terminal, one line per stage otherwise).
     max_memory, notify
-        Memory per bound pass and where its plan is reported (``certification.run.plan_bound_memory``).
+        Memory per bound pass and where its plan is reported (``certkd.run.Run.plan_memory``).
     student_records, teacher_records : Path, optional
         ``certkd certify --radius --per-example`` files of the same points, model and method
         (checked by their configuration header): their radii are used instead of recomputed.
