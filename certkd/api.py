@@ -284,7 +284,8 @@ def certify(model: ModelLike, data: DataLike, methods: Sequence[str] = ("crown",
     ctx = prepare_methods(net, _input_shape(net, points), job.all_methods(), job.norm, job.params, device)
     run = Run.start(COMMAND, record_key, progress=progress)
     run.configure({"num_examples": count}, job.to_config())
-    records = certify_run(run, ctx, points, count, job)
+    certify_run(run, ctx, points, count, job)
+    records = run.log.records if run.log is not None else []
     return CertifyResult(summarize(run.config, records), canonical_order(records, job))
 
 

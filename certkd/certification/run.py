@@ -87,17 +87,25 @@ def certify_points(ctx: Context, data: Points, indices: Sequence[int], job: Cert
     return execute(work, compute, log, progress, "certify", label=lambda w: f"{w[2].name}, batch {w[0]}")
 
 
+def checkpoint_sources(path: Path, ckpt: Any, dataset: str, split: str, count: int) -> dict[str, Any]:
+    """Where a certify run's inputs come from: the first part of its configuration (``Run.configure``)."""
+    from certkd.checkpoint import file_sha256
+
+    return {"checkpoint_sha256": file_sha256(path), "model": ckpt.model_name, "dataset": dataset, "split": split,
+            "num_examples": count}
+
+
 def certify_run(run: Run, ctx: Context, data: Points, count: int, job: CertifyJob,
                 log_path: Path | None = None) -> list[Record]:
     """The work of a certify run (the command's and the API's): the memory plan of the costliest bound
-    method asked for, then :func:`certify_points` into the run's record log; all its records."""
+    method asked for, then :func:`certify_points` into the run's record log; the records computed now
+    (``run.log.records`` holds all of them)."""
     with run.open_log(log_path) as log:
         costly = costliest(job.methods)
         if costly:  # radius searches are probed at the worst case (eps None)
             run.plan_memory([ctx.bound_engine()], data, count, costly, None if job.radius else max(job.eps),
                             job.norm, job.batch_size)
-        certify_points(ctx, data, range(count), job, log, run.progress)
-    return log.records
+        return certify_points(ctx, data, range(count), job, log, run.progress)
 
 
 def per_example_radii(model: nn.Module, x: torch.Tensor, y: torch.Tensor, method: str = "crown",
@@ -182,7 +190,7 @@ def certify_checkpoint(checkpoint: Path, job: CertifyJob, shard: Shard | str | N
         The summary (None on torchrun ranks other than 0); ``provenance.memory_plan`` records the
         bound batch.
     """
-    from certkd.checkpoint import file_sha256, load_checkpoint
+    from certkd.checkpoint import load_checkpoint
 
     run = Run.start(COMMAND, record_key, shard, out=per_example, out_kind="file", resume=resume,
                     overwrite=overwrite, progress=progress, max_memory=max_memory, notify=notify)
@@ -194,8 +202,7 @@ def certify_checkpoint(checkpoint: Path, job: CertifyJob, shard: Shard | str | N
     data_name, data, count = load_points(ckpt, dataset, split, data_dir, num_examples)
     model = ckpt.build_model(device)
     ctx = prepare_methods(model, ckpt.input_shape, job.all_methods(), job.norm, job.params, device)
-    run.configure({"checkpoint_sha256": file_sha256(checkpoint), "model": ckpt.model_name, "dataset": data_name,
-                   "split": split, "num_examples": count}, job.to_config())
+    run.configure(checkpoint_sources(checkpoint, ckpt, data_name, split, count), job.to_config())
     certify_run(run, ctx, data, count, job, log_path)
 
     def merge(parts: Sequence[Part]) -> dict[str, Any]:

@@ -9,6 +9,7 @@ import click
 from bounds.linearity import GAMMA_METHODS
 from certkd.cli import main
 from certkd.cli.options import (
+    echo_shard_done,
     eps_callback,
     norm_option,
     notify_stderr,
@@ -69,5 +70,4 @@ def bounds_command(student: Path, teacher: Path, eps: list[float], norm: str, nu
     if summary is not None:
         click.echo(format_bounds(summary))
     else:
-        click.echo("certkd bounds: shard done; combine the shards' per_example.jsonl files with "
-                   "certkd merge FILES --out DIR")
+        echo_shard_done("bounds")

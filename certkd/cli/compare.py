@@ -12,6 +12,7 @@ from certkd.certification.methods import certify_methods
 from certkd.cli import main
 from certkd.cli.options import (
     dataclass_options,
+    echo_shard_done,
     eps_callback,
     norm_option,
     notify_stderr,
@@ -87,7 +88,5 @@ def compare_command(student: Path, teacher: Path, method: str, attack: str, eps:
                           student_records=student_records, teacher_records=teacher_records)
     if summary is not None:
         click.echo(format_compare(summary))
-    elif job.shard is not None:
-        k, n = job.shard
-        click.echo(f"certkd compare: shard {k}/{n} done; combine the shards' per_example.jsonl files with "
-                   "certkd merge FILES --out DIR")
+    else:
+        echo_shard_done("compare")

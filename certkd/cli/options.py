@@ -114,6 +114,12 @@ def notify_stderr(line: str) -> None:
     click.echo(line, err=True)
 
 
+def echo_shard_done(command: str) -> None:
+    """What a shard of a sharded run prints (its summary comes from ``certkd merge``)."""
+    click.echo(f"certkd {command}: this shard is done; combine the shards' per_example.jsonl files with "
+               "certkd merge FILES --out DIR")
+
+
 def run_options(command: F) -> F:
     """Batch size, device, seed, memory per bound pass and progress (certify, bounds, compare)."""
     return _apply(command, [click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True),
