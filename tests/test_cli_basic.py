@@ -230,3 +230,30 @@ def test_exit_codes_tell_refusal_failure_and_bad_input_apart(error, code):
     assert result.exit_code == code
     assert result.stderr.strip() == "certkd: error: what went wrong"
     assert "Exit codes:" in CliRunner().invoke(main, ["--help"]).output
+
+
+def test_ablate_help_lists_every_registered_method_and_parameter():
+    """``ablate --help`` is generated from the registries: a method registered now appears in it."""
+    import certkd.cli.ablate as ablate_cli
+    from certkd.certification.methods import (
+        ESTIMATE,
+        METHODS,
+        MODEL,
+        CertifyOptions,
+        MethodOutput,
+        register_method,
+    )
+
+    @register_method("always-robust", ESTIMATE, MODEL, "a test method")
+    def _always(ctx, x, y, eps, radius, generator):
+        return MethodOutput(robust=torch.ones(len(y), len(eps), dtype=torch.bool))
+
+    try:
+        help_text = " ".join(ablate_cli._registries().split())
+    finally:
+        METHODS._entries.pop("always-robust")
+    for name in [*METHODS.names(), "always-robust"]:
+        assert f"{name} (" in help_text, name
+    for name in CertifyOptions.names():
+        assert name in help_text, name
+    assert "Methods (study key" in " ".join(CliRunner().invoke(main, ["ablate", "--help"]).output.split())

@@ -8,12 +8,13 @@ from typing import Any
 
 import click
 
-from certkd.certification.methods import LEGEND, METHODS, PGD, CertifyOptions, certify_methods, get_method
+from certkd.certification.methods import LEGEND, CertifyOptions, get_method
 from certkd.cli import main
 from certkd.cli.options import (
     OUTPUT_FILE,
     dataclass_options,
     eps_callback,
+    methods_help,
     norm_option,
     notify_stderr,
     overwrite_option,
@@ -33,13 +34,6 @@ def _methods_callback(ctx: click.Context, param: click.Parameter, values: tuple[
     return list(dict.fromkeys(names))
 
 
-def _method_help() -> str:
-    listed = [*certify_methods(), PGD]
-    return "; ".join(f"{m.name} ({m.kind}{'' if m.target == 'model' else ' for the ' + m.target}"
-                     f"{'; also runs beside every other method unless --pgd-steps 0' if m.name == PGD else ''})"
-                     for m in (METHODS.get(name) for name in dict.fromkeys(listed)))
-
-
 def _legend() -> str:
     parts = [textwrap.fill(part.strip() + ".", width=92, initial_indent="  ", subsequent_indent="    ")
              for part in LEGEND.rstrip(".").split(". ")]
@@ -53,7 +47,7 @@ def _legend() -> str:
               help=f"Radius; repeatable or a comma list, fractions allowed (2/255). Default {DEFAULT_EPS}.")
 @norm_option
 @click.option("--method", "methods", multiple=True, callback=_methods_callback,
-              help="Repeatable or comma list (default crown): " + _method_help() + ".")
+              help="Repeatable or comma list (default crown): " + methods_help('; also runs beside every other method unless --pgd-steps 0') + ".")
 @click.option("--radius", is_flag=True,
               help="Also compute each example's radius (bound methods: the largest certified eps by bisection, "
                    "with an attack upper end).")

@@ -15,6 +15,21 @@ from certkd.errors import CertkdError
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def methods_help(pgd_note: str = "") -> str:
+    """The registered certify methods with their kinds, for ``--help`` (derived from the registry).
+
+    Example
+    -------
+    >>> "crown (certified)" in methods_help() and "clever (estimate)" in methods_help()
+    True
+    """
+    from certkd.certification.methods import METHODS, PGD, certify_methods
+
+    return "; ".join(f"{m.name} ({m.kind}{'' if m.target == 'model' else ' for the ' + m.target}"
+                     f"{pgd_note if m.name == PGD else ''})"
+                     for m in (METHODS.get(name) for name in dict.fromkeys([*certify_methods(), PGD])))
+
+
 def parse_eps_list(values: tuple[str, ...] | list[str] | str) -> list[float]:
     """``("2/255", "0.1,0.3")`` -> ``[2/255, 0.1, 0.3]``; a bad value is a ``click.BadParameter``."""
     from certkd.certification.records import parse_eps_list as parse
