@@ -81,11 +81,12 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def lirpa():
     """auto_LiRPA, for a test that bounds by propagation (builds a ``BoundEngine`` or calls auto_LiRPA).
 
-    Requesting it (``pytest.mark.usefixtures("lirpa")``, per test or per module) marks the test
+    Requesting it (``pytest.mark.usefixtures("lirpa")`` per test or module, or from a fixture that
+    bounds) marks the test
     ``lirpa`` (pyproject.toml): .ci/run runs those a second time against auto_LiRPA 0.7.x
     (``-m "lirpa and not slow"`` in .venv-lirpa07/).
     """

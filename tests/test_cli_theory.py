@@ -58,7 +58,7 @@ def ckpts(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def bounds_run(ckpts, tmp_path_factory):
+def bounds_run(ckpts, tmp_path_factory, lirpa):
     out = tmp_path_factory.mktemp("bounds")
     args = ("bounds", ckpts["noisy"], ckpts["teacher"], "--eps", "0.02,0.05", "-n", 10, "--batch-size", 5,
             "--certified-gamma", "--steps", 15, "--restarts", 1, "--out", out)
@@ -126,7 +126,6 @@ def test_bounds_refuses_to_mix_runs_and_resumes_without_recomputing(bounds_run):
     assert resumed == first
 
 
-@pytest.mark.usefixtures("lirpa")
 def test_bounds_shards_merge_to_the_unsharded_run(bounds_run, tmp_path):
     """``certkd bounds --shard k/n`` shards like the other commands; ``certkd merge`` gives the same summary."""
     args = [a for a in bounds_run["args"] if a != bounds_run["out"]][:-1]  # without --out DIR
@@ -163,6 +162,7 @@ def compare(ckpts, student: str, out: Path) -> dict:
     return result
 
 
+@pytest.mark.usefixtures("lirpa")
 def test_compare_student_identical_to_teacher_says_yes_with_equal_radii(ckpts, tmp_path):
     result = compare(ckpts, "same", tmp_path)
     rows = read_jsonl(tmp_path / "per_example.jsonl")[1:]
@@ -179,6 +179,7 @@ def test_compare_student_identical_to_teacher_says_yes_with_equal_radii(ckpts, t
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.usefixtures("lirpa")
 def test_compare_noisy_student_says_no(ckpts, tmp_path):
     result = compare(ckpts, "noisy", tmp_path)
     rows = read_jsonl(tmp_path / "per_example.jsonl")[1:]

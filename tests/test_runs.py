@@ -145,7 +145,7 @@ def _summary(path: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def certify_full(mlps, tmp_path_factory) -> dict[str, Path]:
+def certify_full(mlps, tmp_path_factory, lirpa) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("certify_full")
     code, _, stderr = run("certify", mlps["teacher"], *CERTIFY, "--per-example", out / "r.jsonl",
                           "--out", out / "s.json")
@@ -227,7 +227,7 @@ COMPARE = ("--method", "crown", "-n", 12, "--batch-size", 4, "--eps", "0,0.01,0.
 
 
 @pytest.fixture(scope="module")
-def compare_full(mlps, tmp_path_factory) -> Path:
+def compare_full(mlps, tmp_path_factory, lirpa) -> Path:
     out = tmp_path_factory.mktemp("compare_full")
     code, _, stderr = run("compare", mlps["student"], mlps["teacher"], *COMPARE, "--out", out)
     assert code == 0, stderr
@@ -320,6 +320,7 @@ def _study(path: Path, ckpt: Path, eps: str) -> Path:
     return path
 
 
+@pytest.mark.usefixtures("lirpa")
 def test_ablate_after_a_study_edit_is_refused_or_recomputed(mlps, tmp_path: Path) -> None:
     from certkd.commands.ablate import read_cells
 
