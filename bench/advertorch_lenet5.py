@@ -1,4 +1,4 @@
-"""Issue 11's acceptance run: an advertorch-style PGD-trained MNIST LeNet5 into stock certkd.
+"""The acceptance run of an advertorch-style PGD-trained MNIST LeNet5 into stock certkd.
 
 1. Train advertorch's ``LeNet5`` (the class exactly as published in ``advertorch.test_utils``,
    defined here without certkd) with L-inf PGD adversarial training (advertorch's

@@ -1,4 +1,4 @@
-"""Speed of bounds.certify, measured side by side (theory.md §2.1; issue 3's benchmarks).
+"""Speed of bounds.certify, measured side by side (theory.md §2.1).
 
 (1) ``certified_radius`` (attack upper end + joint search of all examples) divided by ONE
     CROWN pass at a fixed eps on the same points. Target: at most 4.

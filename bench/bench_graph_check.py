@@ -1,4 +1,4 @@
-"""Cost of the graph check (issue 16): ``GraphCheck.check`` over one CROWN pass, side by side.
+"""Cost of the graph check: ``GraphCheck.check`` over one CROWN pass, side by side.
 
 Both run interleaved on the same batch of a registry cnn7 on digits-shaped inputs for
 ``--rounds`` rounds; medians are reported. Target: (CROWN + check) / CROWN at most 1.05.

@@ -1,14 +1,14 @@
-"""Peak memory per point of certkd's bound passes against raw auto_LiRPA on the same batch (issue 11).
+"""Peak memory per point of certkd's bound passes against raw auto_LiRPA on the same batch.
 
 For each model (certkd's cnn7 and the LeNet family: advertorch ``lenet5`` and TRADES
 ``small_cnn``) and method, two fresh processes bound the same batch at the same eps:
 
-- ``certkd``: ``BoundEngine.margin_bounds`` with the bound batch that ``bounds.memory.plan_batch``
+- ``certkd``: ``BoundEngine.margin_bounds`` with the bound batch that ``certkd.memory.plan_batch``
   chooses (one probe pass, then the batch) -- what ``certkd certify`` runs;
 - ``raw``: auto_LiRPA called directly (a ``BoundedModule`` of the same verification view, the
   same margin spec matrix and perturbation, the whole batch at once).
 
-Each process measures the peak resident memory its bound call adds (``bounds.memory.measure_peak``)
+Each process measures the peak resident memory its bound call adds (``certkd.memory.measure_peak``)
 and the ratio ``certkd / raw`` per point is printed. Target: at most 1.1. The planned batch and
 the per-point cost the probe measured are printed too.
 
@@ -34,8 +34,8 @@ def child(model_name: str, method: str, batch: int, which: str, eps: float) -> d
     import torch
 
     from bounds.certify import _LIRPA_METHODS, BoundEngine, margin_spec
-    from bounds.memory import measure_peak, plan_batch
     from certkd.data import dataset_info
+    from certkd.memory import measure_peak, plan_batch
     from certkd.models import create_model
 
     dataset, kwargs = MODELS[model_name]

@@ -1,4 +1,4 @@
-"""Cost of the run layer (certkd.runs), measured side by side (issue 14's benchmarks).
+"""Cost of the run layer (certkd.runs), measured side by side.
 
 (1) ``certkd compare S T`` divided by the sum of ``certkd certify S --radius`` and
     ``certkd certify T --radius`` on the same points (same method, eps, batch size, seed),

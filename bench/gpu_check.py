@@ -1,4 +1,4 @@
-"""The bound methods proven on a device: one table of throughput and soundness checks (issue 12).
+"""The bound methods proven on a device: one table of throughput and soundness checks.
 
 Run through ``bench/gpu_check.sh`` (which installs auto_LiRPA from wheels carried in the
 working tree first). Rows, all on CIFAR-shaped inputs (3x32x32, uniform in [0, 1], seed 0;

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The bound methods proven on a device: one prepared script, one table (issue 12; bench/README.md).
+# The bound methods proven on a device: one prepared script, one table (bench/README.md).
 #
 #   bash bench/gpu_check.sh [--backend 0.7|0.3|installed] [--device cuda|cpu] [--small] [--json FILE]
 #

@@ -13,7 +13,19 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from bounds.norms import _expand, batch_norm, check_eps, parse_norm, project, random_in_ball, steepest_step
+from bounds.norms import (
+    _expand,
+    batch_norm,
+    check_eps,
+    default_eps_max,
+    parse_norm,
+    project,
+    random_in_ball,
+    steepest_step,
+)
+
+ATTACKS = ("apgd", "pgd")
+"""The attacks of a radius search (``make_attack``): APGD-CE + targeted APGD-DLR, or PGD on the margin."""
 
 
 @dataclass
@@ -411,13 +423,7 @@ def make_attack(model: torch.nn.Module, norm: str | float = "inf", name: str = "
         return lambda x, y, eps: apgd_ensemble(model, x, y, eps, norm, config=cfg, generator=generator)
     if name == "pgd":
         return lambda x, y, eps: pgd(model, x, y, eps, norm, steps=steps, restarts=restarts, generator=generator)
-    raise ValueError(f"unknown attack {name!r}: use apgd or pgd")
-
-
-def default_eps_max(norm: str | float, input_shape: Sequence[int]) -> float:
-    """The largest radius a search tries: the whole box (1 under L-inf, ``sqrt(d)`` under L2)."""
-    p = parse_norm(norm)
-    return 1.0 if math.isinf(p) else math.sqrt(math.prod(input_shape))
+    raise ValueError(f"unknown attack {name!r}: use {' or '.join(ATTACKS)}")
 
 
 def attack_radius(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack,

@@ -1,4 +1,4 @@
-"""Bound-propagation backends by capability, not by version string (issue 12, auto_lirpa_notes.md).
+"""Bound-propagation backends by capability, not by version string (docs/auto_lirpa.md).
 
 The installed auto_LiRPA is probed for what it can do (``probe``): a GELU relaxation
 registered for ``custom::Gelu``, a LayerNorm operator, the log-sum-exp softmax relaxation
@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bounds.bound_methods import BOUND_METHODS
 from bounds.graph import ALLOW_03, ALLOW_LISTS, ESTIMATE_HINT, PERTURBED_PRODUCT, AllowList, OperatorRule
 
 IBP_CROWN = frozenset({"ibp", "crown"})
@@ -269,10 +270,9 @@ def _norm_label(norm: float) -> str:
 
 def capability_rows(backend: Backend) -> list[dict[str, Any]]:
     """One row per operator the backend may bound: operator, label, methods, norms, evidence (sorted)."""
-    order = ("ibp", "crown-ibp", "crown", "alpha-crown")
     return [{"operator": "Mul (2 perturbed)" if kind == PERTURBED_PRODUCT else kind.removeprefix("Bound"),
              "label": rule.label,
-             "methods": [m for m in order if m in rule.methods],
+             "methods": [m for m in BOUND_METHODS if m in rule.methods],
              "norms": [_norm_label(p) for p in sorted(rule.norms, reverse=True)],
              "attributes": sorted(rule.attributes),
              "evidence": list(EVIDENCE.get(kind, ()))}

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bounds.attack import margins, min_margin, pgd
+from bounds.bound_methods import BOUND_METHODS, LIRPA_NAMES
 from bounds.errors import BoundsError, ContradictionError, UnsupportedModelError
 from bounds.evidence import (
     SAMPLES,
@@ -37,13 +38,12 @@ from bounds.evidence import (
 )
 from bounds.graph import ESTIMATE_HINT, GraphCheck, check_graph_supported, lirpa_call, node_kind
 from bounds.lirpa import auto_lirpa_version, import_auto_lirpa
-from bounds.norms import batch_norm, check_eps, dual_norm, norm_name, parse_norm
+from bounds.norms import batch_norm, check_eps, default_eps_max, dual_norm, norm_name, parse_norm
 from bounds.tracing import check_no_value_dependence
 from bounds.view import check_modules, graph_of, verification_view
 
-BOUND_METHODS = ("ibp", "crown-ibp", "crown", "alpha-crown")
 BOUND_NORMS = (math.inf, 2.0)
-_LIRPA_METHODS = {"ibp": "IBP", "crown-ibp": "CROWN-IBP", "crown": "CROWN", "alpha-crown": "alpha-CROWN"}
+_LIRPA_METHODS = LIRPA_NAMES
 # auto_LiRPA 0.3 needs this for alpha-CROWN (a shape error when > 90 % of a layer's neurons are unstable)
 BOUND_OPTS = {"sparse_features_alpha": False}
 # nodes whose relaxation depends on the values of their input bounds, not only on signs: with them, every
@@ -186,7 +186,7 @@ class BoundEngine:
     """The verification view of one model and its auto_LiRPA graph, built once and reused.
 
     ``batch_size`` caps how many examples one bound pass handles (CROWN's memory grows
-    with it: about 0.6 GB per example for LeNet on MNIST; auto_lirpa_notes.md).
+    with it: about 0.6 GB per example for LeNet on MNIST; docs/auto_lirpa.md).
     """
 
     def __init__(self, model: nn.Module, input_shape: Sequence[int], device: str | torch.device = "cpu",
@@ -390,7 +390,7 @@ class BoundEngine:
         if tol <= 0:
             raise BoundsError(f"the radius tolerance must be positive, got {tol}")
         x, y, _ = self._inputs(x, y, 0.0)
-        eps_max = float(eps_max) if eps_max is not None else _default_eps_max(p, self.input_shape)
+        eps_max = float(eps_max) if eps_max is not None else default_eps_max(p, self.input_shape)
         check_eps(eps_max)
         with torch.no_grad():
             clean = min_margin(self.view(x), y)
@@ -459,11 +459,6 @@ def _interpolated_root(points: list[tuple[float, float]], lo: float, hi: float) 
     a, b, c = np.polyfit([q[0] for q in points], [q[1] for q in points], 2)
     roots = [r.real for r in np.roots([a, b, c]) if abs(r.imag) < 1e-12 and lo < r.real < hi]
     return min(roots, key=lambda r: abs(r - secant)) if roots else secant
-
-
-def _default_eps_max(p: float, input_shape: tuple[int, ...]) -> float:
-    """The radius of a ball that covers the whole box [0, 1]^d: 1 for L-inf, sqrt(d) for L2."""
-    return 1.0 if math.isinf(p) else math.sqrt(math.prod(input_shape))
 
 
 class _RootSearch:

@@ -1,4 +1,4 @@
-"""Rewrites of the verification view inside ``forward`` code, on its ``torch.fx`` graph (issue 16).
+"""Rewrites of the verification view inside ``forward`` code, on its ``torch.fx`` graph.
 
 Module replacement (``bounds.view``) cannot reach what a forward computes inline. Here the
 view is traced with ``torch.fx`` and two exact rewrites are applied to the traced graph:
@@ -200,7 +200,7 @@ class _Tracer(fx.Tracer):
 
     fx inlines a module whose class is not in ``torch.nn`` into its functional calls; the
     view's ``ExpandedConv2d`` (``bounds.view``) would then vanish from the traced view, and
-    with it the decision to bound the graph in matrix mode (issue 16: CROWN bounds above PGD
+    with it the decision to bound the graph in matrix mode (CROWN bounds above PGD
     margins on dilated convolutions behind a functional clamp).
     """
 

@@ -1,4 +1,4 @@
-"""auto_LiRPA's graph against the model: the attribute-level allow-list and the graph check (issue 16).
+"""auto_LiRPA's graph against the model: the attribute-level allow-list and the graph check.
 
 No allow-list foresees every attribute an old library ignores, so two checks run on every
 path that calls auto_LiRPA (``bounds.certify.BoundEngine``, ``bounds.linearity``), with no
@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bounds.bound_methods import BOUND_METHOD_TABLE
 from bounds.errors import BoundsError, UnsupportedModelError
 from bounds.norms import norm_name, parse_norm
 
@@ -38,8 +39,8 @@ GRAPH_RTOL = 1e-5  # max |graph(x) - view(x)|, relative to max(1, max |view(x)|)
 ESTIMATE_HINT = "use the lipschitz, smoothing or clever methods for this model instead"
 ALPHA_HINT = "use the crown method instead"
 
-ALL_METHODS = frozenset({"ibp", "crown-ibp", "crown", "alpha-crown"})
-NO_ALPHA = frozenset({"ibp", "crown-ibp", "crown"})
+ALL_METHODS = frozenset(m.name for m in BOUND_METHOD_TABLE)
+NO_ALPHA = frozenset(m.name for m in BOUND_METHOD_TABLE if not m.optimized)
 ANY_NORM = frozenset({math.inf, 2.0})
 
 Accept = Callable[[object], bool]
@@ -126,7 +127,7 @@ ALLOW_03 = AllowList("0.3", {
 })
 # a BoundMul whose two inputs are both perturbed is looked up under this key as well
 PERTURBED_PRODUCT = "BoundMul:perturbed"
-# backend family -> allow-list; bounds.backends (issue 12) adds "0.7" and chooses by capability
+# backend family -> allow-list; bounds.backends adds "0.7" and chooses by capability
 ALLOW_LISTS: dict[str, AllowList] = {"0.3": ALLOW_03}
 _UNBOUNDED_KINDS = frozenset({"BoundInput", "BoundParams", "BoundBuffers", "BoundConstant", "BoundPrimConstant",
                               "BoundShape"})

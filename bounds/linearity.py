@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bounds.attack import margins, pgd_maximize
+from bounds.bound_methods import GAMMA_METHODS, LIRPA_NAMES
 from bounds.errors import BoundsError
 from bounds.gradients import InputGradients, loss_gradient, margin_gradients, other_classes
 from bounds.graph import GraphCheck, lirpa_call
@@ -40,10 +41,7 @@ from bounds.norms import check_eps, parse_norm
 CE = "ce"
 MARGIN = "margin"
 TARGETS = (CE, MARGIN)
-#: bound methods sound for the composite: IBP is excluded because under L2 auto_LiRPA 0.3 gives the
-#: input the interval [x, x], so IBP drops the term ``delta^T c`` (measured: PGD exceeded its bound by 4)
-GAMMA_METHODS = ("crown-ibp", "crown")
-_LIRPA_METHOD = {"crown-ibp": "CROWN-IBP", "crown": "CROWN"}
+_LIRPA_METHOD = LIRPA_NAMES
 ESTIMATE = "estimate"
 CERTIFIED = "certified"
 
@@ -160,7 +158,7 @@ class _SlopedScalar(nn.Module):
     has no ``ReduceLogSumExp``, and ``z - s`` fails in its patches mode (a Sub node of logits);
     the product form is the same function. Margins: all K values ``z_y - z_j`` (the column
     j = y is 0 and is dropped by the caller). Every fixed tensor is an extra unperturbed input
-    (auto_lirpa_notes.md: buffers with a batch dimension fail).
+    (docs/auto_lirpa.md: buffers with a batch dimension fail).
     """
 
     def __init__(self, view: nn.Module, target: str):
@@ -215,7 +213,7 @@ class LinearityBounder:
                                self.input_shape, baseline=True)
         self.view = copy.deepcopy(view).to(self.device, torch.float64).eval()
         self._bounded_modules: dict[tuple[str, int], _BoundedScalar] = {}
-        self.batch_size: int | None = None  # examples per bound pass (None: the whole batch; bounds.memory plans it)
+        self.batch_size: int | None = None  # examples per bound pass (None: the whole batch; certkd.memory plans it)
 
     def _bounded(self, target: str, inputs: tuple[torch.Tensor, ...]) -> _BoundedScalar:
         key = (target, inputs[0].shape[0])

@@ -1,4 +1,4 @@
-"""Importing auto_LiRPA on today's stack: runtime compatibility shims (auto_lirpa_notes.md).
+"""Importing auto_LiRPA on today's stack: runtime compatibility shims (docs/auto_lirpa.md).
 
 PyPI's auto_LiRPA 0.3 does not import on torch 2.13 + numpy 2. ``import_auto_lirpa()``
 applies four runtime patches, each only when the installed versions need it (the

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -105,3 +106,17 @@ def check_eps(eps: float | torch.Tensor) -> None:
     t = torch.as_tensor(eps, dtype=torch.float64)
     if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
         raise BoundsError(f"eps must be a finite number >= 0, got {eps!r}")
+
+
+def default_eps_max(norm: str | float, input_shape: Sequence[int]) -> float:
+    """The radius of a ball that covers the whole box [0, 1]^d: 1 under L-inf, ``sqrt(d)`` under L2.
+
+    The largest radius a search tries, and the worst case of a memory probe (every ReLU unstable).
+
+    Examples
+    --------
+    >>> default_eps_max("inf", (1, 8, 8)), default_eps_max(2, (1, 8, 8))
+    (1.0, 8.0)
+    """
+    p = parse_norm(norm)
+    return 1.0 if math.isinf(p) else math.sqrt(math.prod(int(s) for s in input_shape))

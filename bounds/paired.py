@@ -4,8 +4,9 @@ One *part* compares radii of one kind on the same points: the **certified** part
 (certified radii ``r``; certified accuracy at ``eps`` is the fraction correctly
 classified with ``r >= eps``, theory.md §2.1) or the **empirical** part (attack radii
 ``a``, the smallest eps where an attack found an adversarial example; attack accuracy
-at ``eps`` is the fraction with ``a > eps``, an estimate). ``headline`` combines both
-parts by the rule of theory.md §6 and states the certificates' looseness ``rho``.
+at ``eps`` is the fraction with ``a > eps``, an estimate). Numbers and decisions only: each
+part's ``verdict`` with the ``evidence`` that decided it; the sentences, and the headline that
+combines both parts (theory.md §6), are certkd's (``certkd.verdict``).
 """
 
 from __future__ import annotations
@@ -23,18 +24,22 @@ from bounds.errors import BoundsError
 YES = "yes"
 NO = "no"
 INCONCLUSIVE = "inconclusive"
-QUESTION = "the student certifies at least as robustly as the teacher"
 CERTIFIED_PART = "certified"
 EMPIRICAL_PART = "empirical"
 #: what each part's accuracy is called in reasons and tables
 PART_QUANTITY = {CERTIFIED_PART: "certified accuracy", EMPIRICAL_PART: "attack accuracy"}
-RHO_THRESHOLD = 0.25
 COVERAGE_QUANTILE = 0.9
+#: what decided a part's verdict, in the order the rule checks it (``paired_comparison``)
+CI_BELOW = "ci_below"
+SMALLER = "wilcoxon_smaller"
+FRACTION = "fraction"
+LARGER = "wilcoxon_larger"
+NO_EVIDENCE = "none"
 
 
 @dataclass
 class PairedComparison:
-    """Paired statistics of student (S) and teacher (T) radii, and the verdict on ``QUESTION``.
+    """Paired statistics of student (S) and teacher (T) radii, and the part's verdict (theory.md §6).
 
     Per-eps fields are (E,); ``ci_low`` / ``ci_high`` bound ``accuracy_student - accuracy_teacher``
     (paired percentile bootstrap at level ``1 - alpha``).
@@ -55,7 +60,8 @@ class PairedComparison:
     wilcoxon_p_two_sided: float
     median_difference: float  # median of r_S - r_T
     verdict: str
-    reason: str
+    evidence: str  # CI_BELOW, SMALLER, FRACTION, LARGER or NO_EVIDENCE
+    deficit_eps: list[float]  # the eps whose CI lies below -margin (evidence CI_BELOW)
     tol: float
     margin: float
     alpha: float
@@ -142,8 +148,6 @@ def paired_comparison(radius_student: torch.Tensor, radius_teacher: torch.Tensor
     """
     if part not in PART_QUANTITY:
         raise BoundsError(f"unknown part {part!r}: use {CERTIFIED_PART} or {EMPIRICAL_PART}")
-    quantity, r = PART_QUANTITY[part], "r" if part == CERTIFIED_PART else "a"
-    radii = f"{part} radii"
     rs = radius_student.detach().double().cpu().flatten()
     rt = radius_teacher.detach().double().cpu().flatten()
     if rs.shape != rt.shape or rs.numel() == 0:
@@ -165,26 +169,21 @@ def paired_comparison(radius_student: torch.Tensor, radius_teacher: torch.Tensor
     fraction = float((rs >= rt - tol).double().mean())
     below = [float(e) for e, h in zip(eps_t.tolist(), high.tolist(), strict=True) if h < -margin]
     if below:
-        verdict, reason = NO, (f"at eps {', '.join(f'{e:.4g}' for e in below)} the {1 - alpha:.0%} CI of the "
-                               f"{quantity} difference (student - teacher) lies below -{margin:g}")
+        verdict, evidence = NO, CI_BELOW
     elif p_less < alpha:
-        verdict, reason = NO, (f"Wilcoxon signed-rank: the student's {radii} are smaller "
-                                 f"(p = {p_less:.3g} < {alpha:g})")
+        verdict, evidence = NO, SMALLER
     elif fraction >= fraction_threshold:
-        verdict, reason = YES, (f"{fraction:.1%} of points have {r}_S >= {r}_T - {tol:g} (>= {fraction_threshold:.0%}) "
-                                f"and no eps shows a significant deficit")
+        verdict, evidence = YES, FRACTION
     elif p_greater < alpha:
-        verdict, reason = YES, (f"Wilcoxon signed-rank: the student's {radii} are larger (p = {p_greater:.3g} < "
-                                f"{alpha:g}) and no eps shows a significant deficit")
+        verdict, evidence = YES, LARGER
     else:
-        verdict, reason = INCONCLUSIVE, (f"only {fraction:.1%} of points have {r}_S >= {r}_T - {tol:g} "
-                                         f"(< {fraction_threshold:.0%}) and the radii do not differ significantly")
+        verdict, evidence = INCONCLUSIVE, NO_EVIDENCE
     return PairedComparison(
         eps=eps_t, radius_student=rs, radius_teacher=rt, at_least_fraction=fraction, accuracy_student=acc_s,
         accuracy_teacher=acc_t, difference=acc_s - acc_t, ci_low=low, ci_high=high, wilcoxon_statistic=statistic,
         wilcoxon_p_less=p_less, wilcoxon_p_greater=p_greater, wilcoxon_p_two_sided=p_two,
         median_difference=float(diff.median()),
-        verdict=verdict, reason=reason, tol=float(tol), margin=float(margin), alpha=float(alpha),
+        verdict=verdict, evidence=evidence, deficit_eps=below, tol=float(tol), margin=float(margin), alpha=float(alpha),
         fraction_threshold=float(fraction_threshold), part=part, n_boot=int(n_boot))
 
 
@@ -227,67 +226,6 @@ def looseness(radius_certified_teacher: torch.Tensor, radius_attack_teacher: tor
     if a == 0 or math.isnan(a):
         return None
     return _median(radius_certified_teacher) / a
-
-
-@dataclass
-class Headline:
-    """The verdict of theory.md §6 from a certified and an empirical part on the same points."""
-
-    verdict: str
-    reason: str
-    certified: PairedComparison
-    empirical: PairedComparison
-    rho: float | None
-    rho_threshold: float
-    certified_covers: float  # the certified part covers eps in [0, certified_covers]
-    empirical_covers: float
-    coverage_quantile: float
-
-    @property
-    def coverage_label(self) -> str | None:
-        """``"covers only eps <= X"`` for the certified part when ``rho < rho_threshold``, else None."""
-        if self.rho is None or self.rho < self.rho_threshold:
-            return f"covers only eps <= {self.certified_covers:.4g}"
-        return None
-
-
-def headline(certified: PairedComparison, empirical: PairedComparison, rho_threshold: float = RHO_THRESHOLD,
-             coverage_quantile: float = COVERAGE_QUANTILE) -> Headline:
-    """Combine both parts (theory.md §6); the headline is never more favourable than either part.
-
-    **no** if either part says no; **yes** only if the certified part says yes and the
-    empirical part does not say no; **inconclusive** otherwise. ``rho`` and the eps range
-    each part covers (``coverage``) come with it; below ``rho_threshold`` the certified
-    part is labelled "covers only eps <= X".
-
-    Examples
-    --------
-    >>> r = torch.linspace(0.01, 0.05, 40, dtype=torch.float64)
-    >>> a = torch.linspace(0.1, 0.3, 40, dtype=torch.float64)
-    >>> h = headline(paired_comparison(r, r, [0.02]), paired_comparison(0.5 * a, a, [0.1], part="empirical"))
-    >>> h.verdict, h.coverage_label
-    ('no', 'covers only eps <= 0.0459')
-    """
-    if certified.part != CERTIFIED_PART or empirical.part != EMPIRICAL_PART:
-        raise BoundsError("headline needs a certified part and an empirical part, in that order")
-    if certified.radius_teacher.shape != empirical.radius_teacher.shape:
-        raise BoundsError("the certified and the empirical part must be computed on the same points")
-    parts = {CERTIFIED_PART: certified, EMPIRICAL_PART: empirical}
-    noes = [name for name, p in parts.items() if p.verdict == NO]
-    if noes:
-        verdict = NO
-        reason = "; ".join(f"the {name} part says no ({parts[name].reason})" for name in noes)
-    elif certified.verdict == YES:
-        verdict = YES
-        reason = f"the certified part says yes and the empirical part says {empirical.verdict}"
-    else:
-        verdict = INCONCLUSIVE
-        reason = f"the certified part says {certified.verdict} and the empirical part {empirical.verdict}"
-    return Headline(verdict=verdict, reason=reason, certified=certified, empirical=empirical,
-                    rho=looseness(certified.radius_teacher, empirical.radius_teacher), rho_threshold=rho_threshold,
-                    certified_covers=coverage(certified.radius_teacher, coverage_quantile),
-                    empirical_covers=coverage(empirical.radius_teacher, coverage_quantile),
-                    coverage_quantile=coverage_quantile)
 
 
 def curve_grid(radius_certified: torch.Tensor, radius_attack_teacher: torch.Tensor, points: int = 11,

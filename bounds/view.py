@@ -1,4 +1,4 @@
-"""The verification view: the model exactly as auto_LiRPA may see it (auto_lirpa_notes.md, issues 8 and 16).
+"""The verification view: the model exactly as auto_LiRPA may see it (docs/auto_lirpa.md).
 
 auto_LiRPA 0.3 gives false certificates through grouped/depthwise and dilated
 convolutions and unequal padding under CROWN, loses the L2 ball when the first layer is
@@ -101,7 +101,7 @@ def _conv_pads(conv: nn.Conv2d) -> list[tuple[int, int]]:
 
 
 def needs_canonical_conv(conv: nn.Conv2d) -> bool:
-    """True for convolutions auto_LiRPA 0.3 mishandles: grouped, dilated, or padded unequally (issue 16)."""
+    """True for convolutions auto_LiRPA 0.3 mishandles: grouped, dilated, or padded unequally."""
     pads = {p for pair in _conv_pads(conv) for p in pair}
     return conv.groups != 1 or tuple(conv.dilation) != (1, 1) or len(pads) > 1 or isinstance(conv.padding, str)
 
@@ -296,7 +296,7 @@ def identity_first(view: nn.Module, input_shape: Sequence[int]) -> nn.Module:
 
     auto_LiRPA 0.3 applies an L2 ball only in a Linear or Conv reading the input; a model whose
     first operation is anything else (ReLU, flatten, a clamp, a residual add of the input) gets
-    this layer in front (issue 16).
+    this layer in front.
     """
     channels = int(input_shape[0])
     device = _device_of(view)

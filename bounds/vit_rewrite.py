@@ -1,4 +1,4 @@
-"""Transformer modules written exactly in operators auto_LiRPA 0.7.x bounds (issue 12).
+"""Transformer modules written exactly in operators auto_LiRPA 0.7.x bounds.
 
 auto_LiRPA 0.7.x relaxes LayerNorm, softmax and GELU, but not as torch exports them:
 ``nn.GELU`` traces to ``onnx::Erf`` (no relaxation) and ``nn.MultiheadAttention`` runs

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from certkd.errors import CertkdError
-from certkd.runs import Points, Record, RecordLog, TensorPoints
+from certkd.runs import Points, Record, TensorPoints
+from certkd.verdict import CompareRule
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -123,7 +124,7 @@ class CompareResult:
 
     def summary(self) -> str:
         """The text ``certkd compare`` prints."""
-        from certkd.comparison import format_compare
+        from certkd.commands.compare import format_compare
 
         return format_compare(self.data)
 
@@ -264,14 +265,16 @@ def certify(model: ModelLike, data: DataLike, methods: Sequence[str] = ("crown",
     6
     """
     from certkd.certification import (
+        COMMAND,
         CertifyJob,
         CertifyOptions,
         canonical_order,
-        certify_points,
         prepare_methods,
         record_key,
         summarize,
     )
+    from certkd.certification.run import certify_run
+    from certkd.run import Run
 
     job = CertifyJob(methods=list(methods), eps=[float(e) for e in eps], norm=norm, radius=radius,
                      batch_size=batch_size, seed=seed, params=CertifyOptions.from_dict(options))
@@ -279,17 +282,17 @@ def certify(model: ModelLike, data: DataLike, methods: Sequence[str] = ("crown",
     net, points = _model(model, device), _points(data)
     count = len(points) if num_examples is None else min(num_examples, len(points))
     ctx = prepare_methods(net, _input_shape(net, points), job.all_methods(), job.norm, job.params, device)
-    log = RecordLog.memory(record_key)
-    certify_points(ctx, points, range(count), job, log, progress)
-    config = {"num_examples": count, **job.to_config()}
-    return CertifyResult(summarize(config, log.records), canonical_order(log.records, job))
+    run = Run.start(COMMAND, record_key, progress=progress)
+    run.configure({"num_examples": count}, job.to_config())
+    certify_run(run, ctx, points, count, job)
+    records = run.log.records if run.log is not None else []
+    return CertifyResult(summarize(run.config, records), canonical_order(records, job))
 
 
 def compare(student: ModelLike, teacher: ModelLike, data: DataLike, method: str = "crown", norm: str = "inf",
             eps: Sequence[float] | None = None, num_examples: int | None = None, batch_size: int = 32, seed: int = 0,
-            margin: float = 0.02, alpha: float = 0.05, fraction_threshold: float = 0.9, n_boot: int = 2000,
-            attack: str = "apgd", rho_threshold: float = 0.25, device: str | torch.device = "cpu",
-            progress: bool = False, **options: Any) -> CompareResult:
+            rule: CompareRule | dict[str, Any] | None = None, attack: str = "apgd",
+            device: str | torch.device = "cpu", progress: bool = False, **options: Any) -> CompareResult:
     """Does ``student`` certify at least as robustly as ``teacher``? ``certkd compare`` from Python.
 
     Parameters
@@ -302,15 +305,16 @@ def compare(student: ModelLike, teacher: ModelLike, data: DataLike, method: str 
         The radius method (the same for both models).
     norm, eps, num_examples, batch_size, seed
         As for the command (``eps`` None: 11 points up to the 90th percentile of the teacher's attack radii).
-    margin, alpha, fraction_threshold, n_boot
-        The rule of each part (``bounds.paired.paired_comparison``).
-    attack, rho_threshold
-        The attack of the empirical part (``apgd`` or ``pgd``); below ``rho_threshold`` the
-        certified part is labelled with the eps range it covers (``bounds.paired.headline``).
+    rule : CompareRule or dict, optional
+        The decision rule (``certkd.verdict.CompareRule``: margin, CI level, fraction
+        threshold, bootstrap resamples, rho threshold), or a dict of its fields; default
+        the command's defaults.
+    attack : str
+        The attack of the empirical part (``apgd`` or ``pgd``).
     device, progress
         Where the models run; a progress bar.
     **options
-        Fields of ``CertifyOptions`` (``radius_tol``, ``sigma``, ...).
+        Fields of ``CertifyOptions`` (``radius_tol``, ``sigma``, smoothing's ``alpha``, ...).
 
     Returns
     -------
@@ -322,28 +326,33 @@ def compare(student: ModelLike, teacher: ModelLike, data: DataLike, method: str 
     >>> from certkd.models import create_model
     >>> net = create_model("mlp", 10, (1, 8, 8), (0.5,), (0.5,), hidden=[8])
     >>> x, y = torch.rand(6, 1, 8, 8), torch.arange(6)
-    >>> res = compare(net, net, (x, y), "lipschitz", norm="2", n_boot=50)
+    >>> res = compare(net, net, (x, y), "lipschitz", norm="2", rule={"n_boot": 50})
     >>> bool(res.to_frame()["difference"].eq(0).all()), res.verdict
     (True, 'yes')
     """
     from certkd.certification import prepare_methods
-    from certkd.comparison import CompareJob, compare_points, record_key, summarize_compare
+    from certkd.commands.compare import COMMAND, CompareJob, compare_run, record_key, summarize_compare
+    from certkd.run import Run
 
+    if not isinstance(rule, CompareRule):
+        unknown = sorted(set(rule or {}) - {f.name for f in fields(CompareRule)})
+        if unknown:
+            raise CertkdError(f"unknown compare rule setting(s) {', '.join(unknown)}")
+        rule = CompareRule(**(rule or {}))
     job = CompareJob(method=method, norm=norm, params=dict(options), batch_size=batch_size, seed=seed,
-                     eps=None if eps is None else [float(e) for e in eps], margin=margin, alpha=alpha,
-                     fraction_threshold=fraction_threshold, n_boot=n_boot, attack=attack,
-                     rho_threshold=rho_threshold)
+                     eps=None if eps is None else [float(e) for e in eps], attack=attack, rule=rule)
     job.check()
     points = _points(data)
     models = [_model(m, device) for m in (student, teacher)]
     shape = _input_shape(models[0], points)
     contexts = [prepare_methods(m, shape, [method], job.norm, job.options(), device) for m in models]
     count = len(points) if num_examples is None else min(num_examples, len(points))
-    log = RecordLog.memory(record_key)
-    compare_points(contexts[0], contexts[1], points, range(count), job, log, progress)
-    config = {"num_examples": count, **job.to_config()}
-    records = sorted(log.records, key=lambda r: int(r["index"]))
-    return CompareResult(summarize_compare(config, records), records)
+    run = Run.start(COMMAND, record_key, progress=progress)
+    run.configure({"num_examples": count}, job.to_config())
+    compare_run(run, contexts[0], contexts[1], points, count, job)
+    assert run.log is not None
+    records = sorted(run.log.records, key=lambda r: int(r["index"]))
+    return CompareResult(summarize_compare(run.config, records), records)
 
 
 def benchmark(model: ModelLike, dataset: str = "digits", split: str = "test", methods: Sequence[str] = ("crown",),
@@ -378,4 +387,5 @@ def benchmark(model: ModelLike, dataset: str = "digits", split: str = "test", me
     return certify(model, data, methods, eps, norm=norm, num_examples=num_examples, **kwargs)
 
 
-__all__ = ["CertifyResult", "CompareResult", "benchmark", "certify", "compare", "load_dataset", "load_model"]
+__all__ = ["CertifyResult", "CompareResult", "CompareRule", "benchmark", "certify", "compare", "load_dataset",
+           "load_model"]

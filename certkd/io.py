@@ -10,9 +10,10 @@ sentence, before any computation starts.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -188,6 +189,12 @@ class JsonlAppender:
         self.close()
 
 
-def iter_chunks(items: list, size: int) -> Iterator[list]:
-    for i in range(0, len(items), size):
-        yield items[i:i + size]
+def json_float(value: float) -> float | None:
+    """JSON has no infinity: a non-finite number is written as null.
+
+    Example
+    -------
+    >>> json_float(float("inf")), json_float(2.0)
+    (None, 2.0)
+    """
+    return float(value) if math.isfinite(value) else None

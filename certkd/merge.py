@@ -1,7 +1,7 @@
 """``certkd merge``: the record files of the shards of one run -> the result of that run.
 
-The command is read from the files' run headers: certify (a summary JSON) or compare
-(the verdict's directory). Shards are checked by ``certkd.runs.merge_logs``.
+The command is read from the files' run headers: certify (a summary JSON), compare
+(the verdict's directory) or bounds (the summary's directory). Shards are checked by ``certkd.runs.merge_logs``.
 """
 
 from __future__ import annotations
@@ -42,7 +42,11 @@ def merge_files(files: list[Path], out: Path, per_example: Path | None = None) -
 
         return format_summary(merge_certify(parts, out, per_example, [str(p) for p in files]))
     if command == "compare":
-        from certkd.comparison import format_compare, merge_compare
+        from certkd.commands.compare import format_compare, merge_compare
 
         return format_compare(merge_compare(parts, out, per_example))
-    raise CertkdError(f"{files[0]}: certkd merge combines shards of certify or compare, not {command!r}")
+    if command == "bounds":
+        from certkd.commands.bounds import format_bounds, merge_bounds
+
+        return format_bounds(merge_bounds(parts, out, per_example))
+    raise CertkdError(f"{files[0]}: certkd merge combines shards of certify, compare or bounds, not {command!r}")

@@ -96,7 +96,7 @@ def plot_part(summary: Mapping[str, Any], part: str, names: tuple[str, str], pat
                    label=f"beyond this part's coverage (eps > {cover:.3g})")
     ax.set_ylabel(ACCURACY_LABELS[part])
     ax.set_ylim(-0.03, 1.03)
-    level = f"{1 - rule['alpha']:.0%}"
+    level = f"{rule['ci_level']:.0%}"
     diff = [r["difference"] for r in p["table"]]
     ax_d.fill_between(eps, [r["ci_low"] for r in p["table"]], [r["ci_high"] for r in p["table"]],
                       color=STUDENT_COLOR, alpha=0.25, lw=0, label=f"{level} paired bootstrap CI of S - T")
@@ -150,17 +150,6 @@ def plot_radius_pairs(summary: Mapping[str, Any], names: tuple[str, str], path: 
     fig.suptitle(f"per-example radii, {_role('student', names[0])} vs {_role('teacher', names[1])}, "
                  f"n = {summary['n']}",
                  fontsize=11)
-    return _save(fig, path)
-
-
-def plot_radius_scatter(radius_student: Sequence[float], radius_teacher: Sequence[float], path: str | Path,
-                        title: str, kind: str = "certified", norm: str = "inf") -> Path:
-    """Per-example ``r_S`` against ``r_T`` with the diagonal ``r_S = r_T``, limits from the data."""
-    sns.set_theme(style="whitegrid")
-    fig, ax = plt.subplots(figsize=(4.8, 4.8))
-    _scatter_pair(ax, radius_student, radius_teacher, f"radius ({kind})", norm)
-    ax.set_title(title, fontsize=10)
-    _legend_below(ax)
     return _save(fig, path)
 
 

@@ -206,7 +206,7 @@ def write_demo_report(out: Path, results: dict[str, Any]) -> Path:
     labels = {name: model_label(name, m["training"]) for name, m in models.items()}
     any_c = next(iter(results["comparisons"].values()))
     rule = any_c["rule"]
-    level = f"{1 - rule['alpha']:.0%}"
+    level = f"{rule['ci_level']:.0%}"
     lines = ["# certkd demo: does robustness transfer through distillation?", "",
              f"A PGD-trained teacher was distilled into two small students on the embedded `digits` data "
              f"(8x8 grey images in [0, 1]; the first **n = {n}** test points are evaluated): one with plain KD, "
@@ -239,8 +239,9 @@ def write_demo_report(out: Path, results: dict[str, Any]) -> Path:
               "radii a_S, a_T (the smallest eps at which APGD found an adversarial example, an estimate).", "",
               f"**Rule.** {rule['part']} {rule['headline']}", "",
               f"Inputs of the rule: tie tolerance tol = {rule['tol']:g} (bisection tolerance of both radii; "
-              f"differences within it count as ties), margin = {rule['margin']:g}, alpha = {rule['alpha']:g} "
-              f"({level} paired percentile-bootstrap CIs from {rule['n_boot']} resamples), fraction threshold = "
+              f"differences within it count as ties), margin = {rule['margin']:g}, "
+              f"CI level = {level} (paired percentile-bootstrap CIs from {rule['n_boot']} resamples; Wilcoxon tests "
+              f"at {1 - rule['ci_level']:.2g}), fraction threshold = "
               f"{rule['fraction_threshold']:g}. Certificate looseness rho = median(r_T) / median(a_T); below "
               f"{rule['rho_threshold']:g} the certified part is labelled with the eps range it covers (up to the "
               f"{rule['coverage_quantile']:.0%} quantile of the teacher's radii). Wilcoxon p-values are one-sided "

@@ -6,7 +6,7 @@
 #
 # DATA_DIR holds the MNIST idx files (train-images-idx3-ubyte[.gz] ...); without it a synthetic
 # stand-in made from the digits data is written to OUT/standin (examples/mnist_standin.py): NOT MNIST.
-# Trains a PGD-AT teacher (registry cnn4, width 32: the project has no LeNet family yet), then
+# Trains a PGD-AT teacher (registry cnn4, width 32; the registry also has lenet5), then
 # students of a smaller cnn4 (width 8): natural (control), KD, clean KDIGA (iga-weight 1 on the
 # sample scale), adversarial KDIGA (--recipe shao2021) and adversarial KDIGA started from the natural
 # student's weights with a lower peak lr, 0.05 (claim 2). Prints clean and PGD-40 accuracy at three eps; writes OUT/table.md.

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The second bound-propagation environment (issue 12): auto_LiRPA 0.7.x next to the 0.3 one.
+# The second bound-propagation environment: auto_LiRPA 0.7.x next to the 0.3 one.
 # Creates the virtual environment .venv-lirpa07/ (git-ignored) with --system-site-packages, so
 # torch, numpy and certkd's other dependencies come from the main environment, and installs into
 # it, with --no-deps (0.7.1's metadata caps torch below 2.9), the wheels of ../shared/wheels/:

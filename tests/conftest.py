@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from certkd.checkpoint import load_model
-from certkd.demo import DemoSettings, train_trio
+from certkd.commands.demo import DemoSettings, train_trio
 
 DIGITS_TRAIN_EPS = 0.2  # L-inf radius of the teacher's PGD-AT (inputs in [0, 1], 8x8)
 DIGITS_EVAL_EPS = 0.15  # where the KD-versus-KDIGA gap is clearest
@@ -81,14 +81,21 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-# The bound-propagation test files: marked ``lirpa`` (pyproject.toml); .ci/run runs them a second
-# time against auto_LiRPA 0.7.x (``-m "lirpa and not slow"`` in .venv-lirpa07/, issue 12).
-LIRPA_FILES = frozenset({"test_backends.py", "test_vit_lirpa.py", "test_certify_sound.py", "test_view.py",
-                         "test_hazards.py", "test_fuzz_soundness.py", "test_lirpa_compat.py",
-                         "test_onnx_vnnlib.py"})
+@pytest.fixture(scope="session")
+def lirpa():
+    """auto_LiRPA, for a test that bounds by propagation (builds a ``BoundEngine`` or calls auto_LiRPA).
+
+    Requesting it (``pytest.mark.usefixtures("lirpa")`` per test or module, or from a fixture that
+    bounds) marks the test
+    ``lirpa`` (pyproject.toml): .ci/run runs those a second time against auto_LiRPA 0.7.x
+    (``-m "lirpa and not slow"`` in .venv-lirpa07/).
+    """
+    from bounds.lirpa import import_auto_lirpa
+
+    return import_auto_lirpa()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        if item.path.name in LIRPA_FILES:
+        if "lirpa" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.lirpa)

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from certkd.ablate import COLUMNS, read_cells
 from certkd.cli import main
+from certkd.commands.ablate import COLUMNS, read_cells
 
 METHODS = ["crown", "lipschitz", "pgd"]
 EPS = [0.005, 0.02]
@@ -26,6 +26,7 @@ def _study(tmp_path: Path, teacher: Path, **extra: str) -> Path:
     return path
 
 
+@pytest.mark.usefixtures("lirpa")
 def test_ablate_grid_is_tidy_sound_and_resumable(tmp_path: Path, digits_trio) -> None:
     study = _study(tmp_path, digits_trio.teacher_path)
     out = tmp_path / "out"

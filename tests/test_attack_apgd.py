@@ -112,6 +112,7 @@ def test_attack_radius_is_zero_when_misclassified_and_inf_when_nothing_is_found(
     assert robust_accuracy_curve(res.radius, [0.0, 0.4]).tolist() == [0.5, 0.5]
 
 
+@pytest.mark.usefixtures("lirpa")
 def test_attack_radii_bound_certified_radii_from_above(digits_test, digits_trio):
     """Soundness cross-check: every CROWN radius is at most the APGD radius of the same point."""
     from bounds.certify import BoundEngine

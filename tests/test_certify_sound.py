@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from scipy.optimize import Bounds, LinearConstraint, milp
-from scipy.sparse import coo_matrix
+from helpers import affine_layers, count_violations, exact_min_margin, per_margin_attack, raw_lower
 from torch import nn
 
 from bounds.attack import min_margin, pgd
@@ -21,7 +19,7 @@ from certkd.models import create_model
 
 FP_SLACK = 1e-4  # float32 bound propagation against float64 MILP / attack values
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+pytestmark = pytest.mark.usefixtures("one_thread", "lirpa")  # tests/conftest.py: every test bounds
 
 
 @pytest.fixture(scope="module")
@@ -30,80 +28,6 @@ def digits():
 
 
 # --------------------------------------------------------------------------- exact MILP
-
-def affine_layers(model: nn.Module) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The (W, b) of a registry mlp in float64, its Normalize folded into the first Linear (exact)."""
-    norm, body = model[0], model[1]
-    linears = [m for m in body if isinstance(m, nn.Linear)]
-    w0, b0 = linears[0].weight.double(), linears[0].bias.double()
-    reps = w0.shape[1] // norm.mean.numel()
-    mean, std = norm.mean.double().repeat_interleave(reps), norm.std.double().repeat_interleave(reps)
-    layers = [(w0 / std, b0 - w0 @ (mean / std))] + [(m.weight.double(), m.bias.double()) for m in linears[1:]]
-    return [(w.detach().numpy(), b.detach().numpy()) for w, b in layers]
-
-
-def exact_min_margin(layers, x0: np.ndarray, y: int, eps: float) -> float:
-    """``min_{x in B_inf(x0, eps) ∩ [0,1]^d} min_{j != y} f_y(x) - f_j(x)``: a big-M MILP solved by HiGHS.
-
-    ReLU z = max(a, 0) with pre-activation bounds [l, u] from interval arithmetic: z >= a,
-    z <= u d, z <= a - l (1 - d), d binary; the outer min over j picks one j with binaries s_j:
-    t >= m_j - M (1 - s_j), sum s_j = 1, minimize t.
-    """
-    lo, hi = np.clip(x0 - eps, 0, 1), np.clip(x0 + eps, 0, 1)
-    var_lo, var_hi, integer = list(lo), list(hi), [0] * len(x0)
-    rows, cols, vals, row_lo, row_hi = [], [], [], [], []
-
-    def var(a: float, b: float, is_int: int = 0) -> int:
-        var_lo.append(a)
-        var_hi.append(b)
-        integer.append(is_int)
-        return len(var_lo) - 1
-
-    def row(coeffs, a: float, b: float) -> None:
-        for k, v in coeffs:
-            rows.append(len(row_lo))
-            cols.append(k)
-            vals.append(v)
-        row_lo.append(a)
-        row_hi.append(b)
-
-    index, act_lo, act_hi = np.arange(len(x0)), lo, hi
-    for n, (w, b) in enumerate(layers):
-        wp, wn = np.maximum(w, 0), np.minimum(w, 0)
-        pre_lo, pre_hi = wp @ act_lo + wn @ act_hi + b, wp @ act_hi + wn @ act_lo + b
-        pre = [var(pre_lo[k], pre_hi[k]) for k in range(w.shape[0])]
-        for k in range(w.shape[0]):
-            row([(int(i), -w[k, c]) for c, i in enumerate(index)] + [(pre[k], 1.0)], b[k], b[k])
-        if n == len(layers) - 1:
-            break
-        post = []
-        for k in range(w.shape[0]):
-            if pre_hi[k] <= 0:
-                post.append(var(0.0, 0.0))
-            elif pre_lo[k] >= 0:
-                post.append(pre[k])
-            else:
-                z, d = var(0.0, pre_hi[k]), var(0.0, 1.0, 1)
-                row([(z, 1.0), (pre[k], -1.0)], 0.0, np.inf)
-                row([(z, 1.0), (d, -pre_hi[k])], -np.inf, 0.0)
-                row([(z, 1.0), (pre[k], -1.0), (d, -pre_lo[k])], -np.inf, -pre_lo[k])
-                post.append(z)
-        index, act_lo, act_hi = np.array(post), np.maximum(pre_lo, 0), np.maximum(pre_hi, 0)
-    others = [j for j in range(len(pre)) if j != y]
-    big_m = max(pre_hi[y] - pre_lo[j] for j in others) - min(pre_lo[y] - pre_hi[j] for j in others) + 1.0
-    t = var(-np.inf, np.inf)
-    select = [var(0.0, 1.0, 1) for _ in others]
-    for j, s in zip(others, select, strict=True):
-        row([(pre[y], -1.0), (pre[j], 1.0), (t, 1.0), (s, -big_m)], -big_m, np.inf)
-    row([(s, 1.0) for s in select], 1.0, 1.0)
-    cost = np.zeros(len(var_lo))
-    cost[t] = 1.0
-    matrix = coo_matrix((vals, (rows, cols)), shape=(len(row_lo), len(var_lo))).tocsr()
-    res = milp(cost, constraints=LinearConstraint(matrix, row_lo, row_hi), bounds=Bounds(var_lo, var_hi),
-               integrality=np.array(integer), options={"mip_rel_gap": 1e-9})
-    assert res.status == 0, res.message
-    return float(res.fun)
-
 
 def train_natural(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int = 30, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
@@ -273,7 +197,6 @@ def lenet_small() -> nn.Module:
 def test_maxpool_bound_independent_of_batch_and_sound(digits):
     """Raw auto_LiRPA 0.3: a point's CROWN bound changes with its batch neighbours (IBP-kept stable neurons feed
     MaxPool's relaxation, see ``bounds.certify.batch_independent``); certkd's is the same at batch 1, 4 and 8."""
-    from test_hazards import count_violations, per_margin_attack, raw_lower
 
     train = load_dataset("digits", "train")
     torch.manual_seed(0)
@@ -291,3 +214,21 @@ def test_maxpool_bound_independent_of_batch_and_sound(digits):
     at4 = torch.cat([engine.margin_bounds(x[i:i + 4], y[i:i + 4], eps, "inf", "crown").lower for i in (0, 4)])
     assert float((at8 - at1).abs().max()) <= 1e-4 and float((at4 - at1).abs().max()) <= 1e-4
     assert count_violations(at8, per_margin_attack(model, x, y, eps, "inf")) == 0
+
+
+def test_pgd_steps_zero_radius_search_runs_no_attack(monkeypatch):
+    """``--pgd-steps 0`` is honoured by radius searches: no attack, the bracket's upper end is eps_max."""
+    import bounds.certify as certify_module
+    from certkd.certification.methods import CertifyOptions, evaluate_batch, get_method, prepare_methods
+
+    def no_attack(*args, **kwargs):
+        raise AssertionError("an attack ran with --pgd-steps 0")
+
+    monkeypatch.setattr(certify_module, "pgd", no_attack)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    x = torch.rand(4, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    y = net(x).argmax(1)
+    ctx = prepare_methods(net, (1, 2, 2), ["crown"], "inf", CertifyOptions(pgd_steps=0))
+    _, out = evaluate_batch(ctx, get_method("crown"), x, y, [0.0], True, torch.Generator().manual_seed(0))
+    assert out.radius is not None and out.radius_upper is not None
+    assert bool((out.radius > 0).all()) and len(set(out.radius_upper.tolist())) == 1

@@ -1,5 +1,6 @@
 """The base CLI: `certkd info` on good and bad files (real subprocesses), `models`, `datasets`, `convert`."""
 
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -107,7 +108,7 @@ def test_python_m_certkd_help_and_version(subprocess_results):
     for command in ("info", "models", "datasets", "convert"):
         assert command in out
     result = CliRunner().invoke(main, ["--version"])
-    assert result.exit_code == 0 and result.stdout.strip() == "certkd, version 0.1.0"
+    assert result.exit_code == 0 and result.stdout.strip() == f"certkd, version {importlib.metadata.version('certkd')}"  # pyproject.toml
 
 
 @pytest.fixture
@@ -209,3 +210,50 @@ def test_convert_reports_keys_that_do_not_fit(tmp_path, runner, defect, expected
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and expected in lines[0], result.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("error,code", [("Refused", 3), ("RunFailed", 1), ("DataError", 2)])
+def test_exit_codes_tell_refusal_failure_and_bad_input_apart(error, code):
+    import click
+
+    from certkd import errors
+
+    @click.command("raise-it")
+    def raise_it() -> None:
+        raise getattr(errors, error)("what went wrong")
+
+    main.add_command(raise_it)
+    try:
+        result = CliRunner().invoke(main, ["raise-it"])
+    finally:
+        main.commands.pop("raise-it")
+    assert result.exit_code == code
+    assert result.stderr.strip() == "certkd: error: what went wrong"
+    assert "Exit codes:" in CliRunner().invoke(main, ["--help"]).output
+
+
+def test_ablate_help_lists_every_registered_method_and_parameter():
+    """``ablate --help`` is generated from the registries: a method registered now appears in it."""
+    import certkd.cli.ablate as ablate_cli
+    from certkd.certification.methods import (
+        ESTIMATE,
+        METHODS,
+        MODEL,
+        CertifyOptions,
+        MethodOutput,
+        register_method,
+    )
+
+    @register_method("always-robust", ESTIMATE, MODEL, "a test method")
+    def _always(ctx, x, y, eps, radius, generator):
+        return MethodOutput(robust=torch.ones(len(y), len(eps), dtype=torch.bool))
+
+    try:
+        help_text = " ".join(ablate_cli._registries().split())
+    finally:
+        METHODS._entries.pop("always-robust")
+    for name in [*METHODS.names(), "always-robust"]:
+        assert f"{name} (" in help_text, name
+    for name in CertifyOptions.names():
+        assert name in help_text, name
+    assert "Methods (study key" in " ".join(CliRunner().invoke(main, ["ablate", "--help"]).output.split())

@@ -73,6 +73,7 @@ def l2_run(ckpts, tmp_path_factory):
             "summary": json.loads((out / "s.json").read_text())}
 
 
+@pytest.mark.usefixtures("lirpa")
 def test_records_have_fields_and_kinds(l2_run):
     records, config = l2_run["records"], l2_run["config"]
     assert config["methods"] == ["crown", "lipschitz"] and config["norm"] == "2" and config["radius"] is True
@@ -94,6 +95,7 @@ def test_records_have_fields_and_kinds(l2_run):
     assert any(r["certified"] for r in crown)  # the check below is about something
 
 
+@pytest.mark.usefixtures("lirpa")
 def test_summary_matches_records(l2_run):
     records, summary = l2_run["records"], l2_run["summary"]
     assert summary["config"] == l2_run["config"]  # the summary names the run its records belong to

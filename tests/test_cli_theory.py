@@ -13,10 +13,10 @@ from click.testing import CliRunner
 
 from certkd.checkpoint import make_checkpoint, save_checkpoint
 from certkd.cli import main
+from certkd.commands.bounds import CERTIFIED_TERMS, TERMS
 from certkd.data import load_dataset
 from certkd.io import read_jsonl
 from certkd.models import create_model
-from certkd.transfer_study import CERTIFIED_TERMS, TERMS
 
 KWARGS = {"hidden": [32]}
 
@@ -58,7 +58,7 @@ def ckpts(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def bounds_run(ckpts, tmp_path_factory):
+def bounds_run(ckpts, tmp_path_factory, lirpa):
     out = tmp_path_factory.mktemp("bounds")
     args = ("bounds", ckpts["noisy"], ckpts["teacher"], "--eps", "0.02,0.05", "-n", 10, "--batch-size", 5,
             "--certified-gamma", "--steps", 15, "--restarts", 1, "--out", out)
@@ -126,6 +126,23 @@ def test_bounds_refuses_to_mix_runs_and_resumes_without_recomputing(bounds_run):
     assert resumed == first
 
 
+def test_bounds_shards_merge_to_the_unsharded_run(bounds_run, tmp_path):
+    """``certkd bounds --shard k/n`` shards like the other commands; ``certkd merge`` gives the same summary."""
+    args = [a for a in bounds_run["args"] if a != bounds_run["out"]][:-1]  # without --out DIR
+    for k in (0, 1):
+        code, stdout, stderr = run(*args, "--shard", f"{k}/2", "--out", tmp_path / f"s{k}")
+        assert code == 0 and "certkd merge" in stdout, stderr
+    code, _, stderr = run("merge", tmp_path / "s1" / "per_example.jsonl", tmp_path / "s0" / "per_example.jsonl",
+                          "--out", tmp_path / "m")
+    assert code == 0, stderr
+    merged = json.loads((tmp_path / "m" / "summary.json").read_text())
+    full = json.loads(json.dumps(bounds_run["summary"]))
+    for key in [k for k in full if k not in ("provenance", "config")]:
+        assert merged[key] == full[key], key
+    rows = sorted(read_jsonl(tmp_path / "m" / "per_example.jsonl")[1:], key=lambda r: (r["index"], r["eps"]))
+    assert rows == sorted(bounds_run["rows"][1:], key=lambda r: (r["index"], r["eps"]))
+
+
 @pytest.mark.parametrize("command", ["bounds", "compare"])
 def test_mismatched_checkpoints_exit_2_with_one_line(ckpts, command):
     extra = ["--eps", "0.1"] if command == "bounds" else []
@@ -145,6 +162,7 @@ def compare(ckpts, student: str, out: Path) -> dict:
     return result
 
 
+@pytest.mark.usefixtures("lirpa")
 def test_compare_student_identical_to_teacher_says_yes_with_equal_radii(ckpts, tmp_path):
     result = compare(ckpts, "same", tmp_path)
     rows = read_jsonl(tmp_path / "per_example.jsonl")[1:]
@@ -161,6 +179,7 @@ def test_compare_student_identical_to_teacher_says_yes_with_equal_radii(ckpts, t
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.usefixtures("lirpa")
 def test_compare_noisy_student_says_no(ckpts, tmp_path):
     result = compare(ckpts, "noisy", tmp_path)
     rows = read_jsonl(tmp_path / "per_example.jsonl")[1:]

@@ -43,7 +43,7 @@ def test_kd_student_is_no_by_its_empirical_part_although_the_certified_part_says
     assert result["certified_label"] in stdout and stdout.splitlines()[0].endswith("NO (60 points, L-inf)")
     assert result["coverage"]["empirical"] > 3 * result["coverage"]["certified"]
     rule = result["rule"]
-    assert {"tol", "margin", "alpha", "fraction_threshold", "n_boot", "rho_threshold", "headline"} <= set(rule)
+    assert {"tol", "margin", "ci_level", "fraction_threshold", "n_boot", "rho_threshold", "headline"} <= set(rule)
     for part in ("certified", "empirical"):
         table = result[part]["table"]
         assert all(row["ci_low"] <= row["difference"] <= row["ci_high"] for row in table)
@@ -71,7 +71,7 @@ def test_a_model_against_itself_says_yes(digits_trio, tmp_path):
 
 
 def test_kdiga_is_not_no_when_its_empirical_part_is_within_the_margin(digits_trio, tmp_path):
-    from certkd.comparison import summarize_compare
+    from certkd.commands.compare import summarize_compare
 
     strict, _ = compare(digits_trio, "kdiga", tmp_path)
     assert strict["empirical"]["verdict"] == "no" and strict["verdict"] == "no"
@@ -84,6 +84,7 @@ def test_kdiga_is_not_no_when_its_empirical_part_is_within_the_margin(digits_tri
     assert loose["verdict"] != "no" and loose["verdict"] == loose["certified"]["verdict"]
 
 
+@pytest.mark.usefixtures("lirpa")
 def test_compare_reuses_certify_records_of_the_same_points_and_method(digits_trio, kd_run, tmp_path):
     result, _, out = kd_run
     for name in ("kd", "teacher"):

@@ -2,7 +2,6 @@
 
 import gzip
 import pickle
-import struct
 import sys
 from collections import Counter
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import idx_bytes, write_idx, write_mnist_split
 from hostile import RunsCodeWhenUnpickled
 
 from certkd.data import dataset_info, list_datasets, load_dataset
@@ -18,30 +18,6 @@ from certkd.data.mnist import read_idx
 from certkd.errors import DataError
 
 # ---------------------------------------------------------------- writers of the standard formats
-
-
-def idx_bytes(array: np.ndarray, type_byte: int = 0x08) -> bytes:
-    """LeCun's idx format: 0, 0, element type, number of dims, big-endian uint32 dims, big-endian data."""
-    header = struct.pack(">BBBB", 0, 0, type_byte, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    return header + array.astype(array.dtype.newbyteorder(">")).tobytes()
-
-
-def write_idx(path: Path, array: np.ndarray, gz: bool, type_byte: int = 0x08) -> Path:
-    data = idx_bytes(array, type_byte)
-    path = path.with_name(path.name + ".gz") if gz else path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(gzip.compress(data) if gz else data)
-    return path
-
-
-def write_mnist_split(folder: Path, split: str, n: int, gz: bool, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
-    labels = rng.integers(0, 10, size=n, dtype=np.uint8)
-    prefix = "train" if split == "train" else "t10k"
-    write_idx(folder / f"{prefix}-images-idx3-ubyte", images, gz)
-    write_idx(folder / f"{prefix}-labels-idx1-ubyte", labels, gz)
-    return images, labels
 
 
 def write_cifar_batch(path: Path, images: np.ndarray, labels: np.ndarray, protocol: int = 2) -> None:

@@ -17,13 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
-from test_hazards import (
-    briefly_trained,
-    count_violations,
-    labels_of,
-    per_margin_attack,
-    raw_lower,
-)
+from helpers import briefly_trained, count_violations, labels_of, per_margin_attack, raw_lower
 from torch import nn
 
 from bounds.certify import BoundEngine
@@ -32,7 +26,7 @@ from bounds.lipschitz import lipschitz_radius
 from bounds.nn import Normalize
 from certkd.data import load_dataset
 
-pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.lirpa]
+pytestmark = pytest.mark.usefixtures("one_thread", "lirpa")
 
 
 def expect_hazard(count: int, what: str) -> None:
@@ -220,7 +214,7 @@ def test_summary_refuses_certificates_its_own_attack_broke():
 
 
 def test_compare_refuses_a_certified_radius_beyond_the_attack_radius():
-    from certkd.comparison import summarize_compare
+    from certkd.commands.compare import summarize_compare
 
     rows = [{"index": i, "radius_student": 0.1, "radius_teacher": 0.1, "correct_student": True,
              "correct_teacher": True, "attack_student": 0.3, "attack_teacher": 0.3} for i in range(5)]

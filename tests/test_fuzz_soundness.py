@@ -24,10 +24,16 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import (
+    count_violations,
+    exact_min_margin,
+    labels_of,
+    per_margin_attack,
+    raw_lower,
+    require_hazard,
+)
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from test_certify_sound import exact_min_margin
-from test_hazards import count_violations, labels_of, per_margin_attack, raw_lower, require_hazard
 from torch import nn
 
 from bounds.certify import BoundEngine
@@ -37,7 +43,7 @@ from bounds.nn import Normalize
 from bounds.view import needs_matrix_mode, verification_view
 from certkd.data import load_dataset
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+pytestmark = pytest.mark.usefixtures("one_thread", "lirpa")  # tests/conftest.py: every test bounds
 
 CI_NETWORKS = 50
 POINTS = 10
@@ -346,7 +352,7 @@ def report(stats: Stats, capsys) -> None:
             print("  VIOLATION", line)
 
 
-# the slow run's 15 CROWN violations (issue 16): a dilated convolution behind a functional F.hardtanh.
+# the slow run's 15 CROWN violations: a dilated convolution behind a functional F.hardtanh.
 # fx inlined the view's ExpandedConv2d while folding the clamp, so the view lost its matrix-mode marker
 # and auto_LiRPA bounded the dilated kernel in its (unsound) patches mode.
 DILATED_BEHIND_CLAMP = {"kind": "cnn", "norm": "module", "head": "mean", "groups": True, "seed": 2352,

@@ -1,4 +1,4 @@
-"""Issue 8's hazard suite: auto_LiRPA 0.3's false certificates are real, and certkd's path never gives one.
+"""The hazard suite: auto_LiRPA 0.3's false certificates are real, and certkd's path never gives one.
 
 Each hazard test first bounds the raw model with auto_LiRPA directly and shows a lower bound
 above an attack-found margin (skipped, with the reason, only where the installed auto_LiRPA
@@ -7,66 +7,30 @@ no longer shows the hazard), then shows that ``bounds.certify`` gives no such bo
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
+from helpers import (
+    affine_layers,
+    briefly_trained,
+    count_violations,
+    exact_min_margin,
+    labels_of,
+    per_margin_attack,
+    raw_lower,
+    require_hazard,
+)
 from torch import nn
 
-from bounds.attack import margins, pgd, pgd_maximize
-from bounds.certify import BoundEngine, margin_spec
+from bounds.attack import margins, pgd
+from bounds.certify import BoundEngine
 from bounds.errors import UnsupportedModelError
-from bounds.lirpa import auto_lirpa_version, import_auto_lirpa
 from bounds.nn import Normalize
 from certkd.data import load_dataset
 from certkd.models import create_model
 
-SLACK = 1e-5  # float rounding allowed between a bound and an attack value
 MEAN, STD = [0.45, 0.5, 0.4], [0.25, 0.3, 0.2]
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
-
-
-def per_margin_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps, norm: str,
-                      steps: int = 50, restarts: int = 2) -> torch.Tensor:
-    """(B, K-1): for each margin ``m_j`` separately, the smallest value PGD finds in the ball (an upper bound of its min)."""
-    k = 10
-    rows, labels = x.repeat_interleave(k - 1, 0), y.repeat_interleave(k - 1)
-    which = torch.arange(k - 1).repeat(len(y))
-    eps_rows = torch.as_tensor(eps, dtype=x.dtype)
-    eps_rows = eps_rows.repeat_interleave(k - 1) if eps_rows.dim() else eps_rows
-
-    def objective(z: torch.Tensor) -> torch.Tensor:
-        return -margins(model(z), labels)[torch.arange(len(labels)), which]
-
-    _, best = pgd_maximize(objective, rows, eps_rows, norm, steps=steps, restarts=restarts,
-                           generator=torch.Generator().manual_seed(0))
-    return (-best).view(len(y), k - 1)
-
-
-def raw_lower(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str, method: str,
-              bound_opts: dict | None = None) -> torch.Tensor:
-    """auto_LiRPA called directly on the model, without certkd's view or allow-list."""
-    lirpa = import_auto_lirpa()
-    bounded = lirpa.BoundedModule(model, torch.zeros(1, *x.shape[1:]), bound_opts=bound_opts or {})
-    if norm == "inf":
-        ptb = lirpa.PerturbationLpNorm(norm=math.inf, eps=eps, x_L=(x - eps).clamp(0, 1), x_U=(x + eps).clamp(0, 1))
-    else:
-        ptb = lirpa.PerturbationLpNorm(norm=2.0, eps=eps)
-    with torch.no_grad():
-        lower, _ = bounded.compute_bounds(x=(lirpa.BoundedTensor(x, ptb),), C=margin_spec(y, 10), method=method,
-                                          bound_upper=False)
-    return lower
-
-
-def require_hazard(violations: int, what: str) -> None:
-    if violations == 0:
-        pytest.skip(f"auto_LiRPA {auto_lirpa_version()} no longer shows the {what} hazard on this stack")
-
-
-def labels_of(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(x).argmax(1)
+pytestmark = pytest.mark.usefixtures("one_thread", "lirpa")  # tests/conftest.py: every test bounds
 
 
 def inputs(shape, n: int = 8, seed: int = 1) -> torch.Tensor:
@@ -80,7 +44,7 @@ def depthwise_cnn(seed: int) -> nn.Module:
 
 
 def grouped_normalization_cnn(seed: int) -> nn.Module:
-    """Input normalization written as a grouped 1x1 convolution (what issue 3 first suggested)."""
+    """Input normalization written as a grouped 1x1 convolution (the obvious way to write it)."""
     torch.manual_seed(seed)
     norm = nn.Conv2d(3, 3, 1, groups=3)
     norm.weight.data = (1 / torch.tensor(STD)).view(3, 1, 1, 1)
@@ -93,10 +57,6 @@ def normalization_first_cnn(seed: int) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(Normalize(MEAN, STD), nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
                          nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(128, 10)).eval()
-
-
-def count_violations(lower: torch.Tensor, attack: torch.Tensor) -> int:
-    return int((lower > attack + SLACK).sum())
 
 
 # --------------------------------------------------------------------------- hazard 1
@@ -304,22 +264,11 @@ def test_deeper_mobilenet_sound_on_cifar_shapes(norm, eps):
     assert count_violations(lower, attack) == 0
 
 
-# --------------------------------------------------------------------------- issue 16: the four families
+# --------------------------------------------------------------------------- the four families
 
 @pytest.fixture(scope="module")
 def digits_train():
     return load_dataset("digits", "train")
-
-
-def briefly_trained(model: nn.Module, train, steps: int = 40, seed: int = 0) -> nn.Module:
-    """40 full-batch Adam steps on 300 digits (fixed seed): ordinary weights, not a crafted counterexample."""
-    torch.manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=2e-2)
-    for _ in range(steps):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(train.x[:300]), train.y[:300]).backward()
-        opt.step()
-    return model.eval()
 
 
 def pooled_gap(pool: nn.Module) -> nn.Module:
@@ -483,8 +432,8 @@ def test_cli_rewritten_model_certifies(cli_checkpoints, tmp_path):
 
 def test_float32_rounding_allowance(trained, digits_test):
     """The sweep's mlp: float32 CROWN bounds a few ulps above the exact (float64 MILP) per-margin minimum;
-    the rounding allowance (``bounds.evidence.rounding_allowance``) puts certkd's below it (what test_soundness_sweep used to flag)."""
-    from test_certify_sound import affine_layers, exact_min_margin
+    the rounding allowance (``bounds.evidence.rounding_allowance``) puts certkd's below it (what
+    test_soundness_sweep used to flag)."""
 
     model, x = trained["mlp"], digits_test.x[:8]
     y = labels_of(model, x)

@@ -47,6 +47,7 @@ def linear_model() -> nn.Module:
 
 
 @pytest.mark.parametrize("norm,eps", [("inf", 0.05), ("2", 0.3)])
+@pytest.mark.usefixtures("lirpa")
 def test_linear_model_has_zero_margin_gamma_estimated_and_certified(norm, eps):
     model = linear_model()
     x, y = points(model, 6, 0)
@@ -74,6 +75,7 @@ def test_gap_of_convex_loss_is_nonnegative_and_zero_at_zero():
 
 @pytest.mark.parametrize("seed", range(3))
 @pytest.mark.parametrize("norm,eps", [("inf", 0.03), ("2", 0.2)])
+@pytest.mark.usefixtures("lirpa")
 def test_pgd_gamma_never_exceeds_certified_gamma(seed, norm, eps):
     family = "cnn4" if seed == 2 else "mlp"
     model = small_net(seed, family)
@@ -89,6 +91,7 @@ def test_pgd_gamma_never_exceeds_certified_gamma(seed, norm, eps):
 
 @pytest.mark.parametrize("method", ["crown", "crown-ibp"])
 @pytest.mark.parametrize("norm,eps", [("inf", 0.05), ("2", 0.3)])
+@pytest.mark.usefixtures("lirpa")
 def test_bounds_with_an_arbitrary_slope_contain_every_attacked_value(method, norm, eps):
     # a large slope c makes delta . c dominate: a method that dropped it (IBP under L2) would fail here
     model = small_net(5)
@@ -134,6 +137,7 @@ def test_estimate_is_reproducible_and_zero_at_eps_zero():
     assert float(zero.gamma.max()) == 0.0
 
 
+@pytest.mark.usefixtures("lirpa")
 def test_bad_arguments_raise_bounds_errors():
     model = small_net(8)
     x, y = points(model, 2, 6)
@@ -146,6 +150,7 @@ def test_bad_arguments_raise_bounds_errors():
 
 
 @pytest.mark.parametrize("name,kwargs", [("cnn7", {"width": 4, "linear": 16}), ("resnet_small", {"width": 4})])
+@pytest.mark.usefixtures("lirpa")
 def test_batchnorm_and_residual_models_pgd_gamma_below_certified(name, kwargs):
     torch.manual_seed(0)
     model = create_model(name, num_classes=K, input_shape=(3, 8, 8), mean=[0.5] * 3, std=[0.25] * 3, **kwargs)
@@ -161,6 +166,7 @@ def test_batchnorm_and_residual_models_pgd_gamma_below_certified(name, kwargs):
     assert torch.all(torch.isfinite(cert.gamma))
 
 
+@pytest.mark.usefixtures("lirpa")
 def test_attention_models_are_refused_by_the_allow_list():
     model = create_model("vit", num_classes=K, input_shape=(3, 8, 8), mean=[0.5] * 3, std=[0.25] * 3, dim=8,
                          depth=1, heads=2).eval()

@@ -15,7 +15,7 @@ from torch import nn
 from bounds import lirpa
 from bounds.errors import AutoLirpaMissing
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+pytestmark = pytest.mark.usefixtures("one_thread", "lirpa")  # tests/conftest.py: every test bounds
 
 
 @pytest.fixture(scope="module")

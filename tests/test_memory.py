@@ -5,8 +5,8 @@ import io
 import pytest
 import torch
 
-from bounds.errors import BoundsError
-from bounds.memory import HEADROOM, MIN_COST_BYTES, default_budget, measure_peak, parse_memory, plan_batch
+from certkd.errors import CertkdError
+from certkd.memory import HEADROOM, MIN_COST_BYTES, default_budget, measure_peak, parse_memory, plan_batch
 from certkd.progress import Progress
 
 MB = 1 << 20
@@ -20,7 +20,7 @@ def test_parse_memory(text, expected):
 
 @pytest.mark.parametrize("text", ["", "lots", "-1G", "0", "4X"])
 def test_parse_memory_refuses_nonsense(text):
-    with pytest.raises(BoundsError, match="memory must be"):
+    with pytest.raises(CertkdError, match="memory must be"):
         parse_memory(text)
 
 
@@ -51,6 +51,7 @@ def test_plan_batch_sizes_passes_to_the_budget_from_the_measured_cost():
     assert 0 < default_budget() < 1 << 50
 
 
+@pytest.mark.usefixtures("lirpa")
 def test_progress_in_a_log_is_one_line_per_stage_and_silent_when_disabled():
     log = io.StringIO()
     with Progress(3, "certify", "batch", stream=log) as bar:
@@ -71,6 +72,7 @@ def test_progress_in_a_log_is_one_line_per_stage_and_silent_when_disabled():
     assert failed.getvalue() == ""
 
 
+@pytest.mark.usefixtures("lirpa")
 def test_certified_gamma_passes_chunked_by_batch_size_give_the_same_bounds():
     from bounds.linearity import MARGIN, LinearityBounder
     from certkd.models import create_model
@@ -129,10 +131,11 @@ class _FailsAboveEngine:
         return torch.zeros(len(x))
 
 
+@pytest.mark.usefixtures("lirpa")
 def test_probe_steps_below_a_failing_relaxation_but_not_below_a_refusal():
     """A box-covering probe radius where the relaxation fails is probed lower; a refusal stays a refusal."""
     from bounds.errors import UnsupportedModelError
-    from bounds.memory import plan_engine
+    from certkd.memory import plan_engine
 
     x, y = torch.rand(2, 1, 4, 4), torch.tensor([0, 1])
     engine = _FailsAboveEngine(limit=0.1)

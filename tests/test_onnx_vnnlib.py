@@ -21,7 +21,7 @@ from torch import nn
 from bounds.certify import BoundEngine
 from certkd.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from certkd.cli import main
-from certkd.comparison import CompareJob, reuse_records
+from certkd.commands.compare import CompareJob, reuse_records
 from certkd.data import dataset_info, load_dataset
 from certkd.errors import CertkdError
 from certkd.models import create_model

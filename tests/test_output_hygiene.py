@@ -94,6 +94,7 @@ def test_file_and_folder_mix_ups_are_one_line(digits_trio, tmp_path):
     assert a_file.read_text() == "x"
 
 
+@pytest.mark.usefixtures("lirpa")
 def test_result_files_are_readable_by_the_group(digits_trio, tmp_path):
     old = os.umask(0o022)
     try:
@@ -115,14 +116,14 @@ def test_result_files_are_readable_by_the_group(digits_trio, tmp_path):
     ("certify", "with --resume to continue"), ("demo", "rerun the same 'certkd demo' command to continue")])
 def test_ctrl_c_prints_how_to_resume_and_leaves_no_partial_file(digits_trio, tmp_path, monkeypatch, command,
                                                                  hint):
+    import certkd.commands.demo
     import certkd.data
-    import certkd.demo
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(certkd.data, "load_dataset", interrupt)
-    monkeypatch.setattr(certkd.demo, "run_demo", interrupt)
+    monkeypatch.setattr(certkd.commands.demo, "run_demo", interrupt)
     args = {"certify": ["certify", digits_trio.teacher_path, "--out", tmp_path / "s.json"],
             "demo": ["demo", "--out", tmp_path / "demo"]}[command]
     code, _, err = run(*args)
@@ -153,6 +154,7 @@ def test_certify_help_lists_pgd():
     assert "pgd (estimate" in " ".join(out.split())
 
 
+@pytest.mark.usefixtures("lirpa")
 def test_no_torch_jit_deprecation_warning_reaches_the_user(digits_trio):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "certkd", "certify", str(digits_trio.teacher_path), "-n", "2",

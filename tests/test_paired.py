@@ -16,10 +16,11 @@ from bounds.paired import (
     certified_accuracy,
     coverage,
     curve_grid,
-    headline,
     looseness,
     paired_comparison,
 )
+from certkd.errors import CertkdError
+from certkd.verdict import headline, part_reason
 
 EPS = [0.0, 0.02, 0.05, 0.08]
 
@@ -60,7 +61,7 @@ def test_small_uniform_deficit_is_caught_by_wilcoxon_alone():
     res = paired_comparison(r - 0.004, r, [0.0], tol=1e-3)
     assert res.difference.tolist() == [0.0]
     assert res.verdict == NO
-    assert "Wilcoxon" in res.reason
+    assert "Wilcoxon" in part_reason(res)
 
 
 def test_larger_student_radii_give_yes():
@@ -77,7 +78,7 @@ def test_significantly_larger_radii_give_yes_despite_some_smaller_ones():
     res = paired_comparison(torch.where(smaller, r - 0.003, r + 0.02), r, EPS)
     assert res.at_least_fraction < res.fraction_threshold
     assert res.wilcoxon_p_greater < 1e-6
-    assert res.verdict == YES and "larger" in res.reason
+    assert res.verdict == YES and "larger" in part_reason(res)
 
 
 def test_symmetric_noise_is_inconclusive():
@@ -168,7 +169,7 @@ def test_attack_accuracy_counts_strictly_larger_radii():
     assert "attack" in PART_QUANTITY[res.part]
     with pytest.raises(BoundsError):
         paired_comparison(a, a, [0.0], part="bogus")
-    with pytest.raises(BoundsError):
+    with pytest.raises(CertkdError):
         headline(_part(a, a, EMPIRICAL_PART), _part(a, a, CERTIFIED_PART))
 
 
@@ -180,6 +181,7 @@ def test_curve_grid_spans_the_teachers_empirical_robustness():
     assert grid[-1] == pytest.approx(coverage(a)) and grid[-1] > float(r.max())
 
 
+@pytest.mark.usefixtures("lirpa")
 def test_tight_certificates_of_a_linear_model_and_its_scaled_copy_give_rho_near_one_and_agreeing_parts():
     """A linear model's CROWN radius is exact; APGD's radius is within the tolerance above it."""
     from torch import nn
@@ -210,3 +212,22 @@ def test_tight_certificates_of_a_linear_model_and_its_scaled_copy_give_rho_near_
     assert h.coverage_label is None
     assert h.certified.verdict == h.empirical.verdict == h.verdict == YES
     assert h.certified_covers == pytest.approx(h.empirical_covers, abs=2 * tol)
+
+
+def test_a_radius_equal_to_eps_counts_as_certified_in_certify_and_in_compare():
+    """One tie rule: a certified radius is an eps that was certified, so ``r >= eps`` counts (theory.md §2.1)."""
+    from torch import nn
+
+    from certkd.certification.methods import CertifyOptions, evaluate_batch, get_method, prepare_methods
+
+    net = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    x = torch.rand(6, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    y = net(x).argmax(1)
+    ctx = prepare_methods(net, (1, 2, 2), ["lipschitz"], "2", CertifyOptions(pgd_steps=0))
+    gen = torch.Generator().manual_seed(0)
+    _, out = evaluate_batch(ctx, get_method("lipschitz"), x[:1], y[:1], [0.0], True, gen)
+    r = float(out.radius[0])
+    assert r > 0
+    _, at_r = evaluate_batch(ctx, get_method("lipschitz"), x[:1], y[:1], [r], False, gen)
+    assert at_r.robust.tolist() == [[True]]
+    assert certified_accuracy(out.radius, [r]).tolist() == [1.0]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from test_data import write_mnist_split
+from helpers import write_mnist_split
 
 import certkd
 from certkd.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
@@ -79,6 +79,7 @@ def plugin_world(tmp_path_factory):
     return root, site, data, body
 
 
+@pytest.mark.usefixtures("lirpa")
 def test_plugin_models_convert_info_certify_compare_in_fresh_processes(plugin_world):
     root, site, data, body = plugin_world
     listed = finish(certkd_process(["models"], root, site, data))

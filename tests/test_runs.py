@@ -145,7 +145,7 @@ def _summary(path: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def certify_full(mlps, tmp_path_factory) -> dict[str, Path]:
+def certify_full(mlps, tmp_path_factory, lirpa) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("certify_full")
     code, _, stderr = run("certify", mlps["teacher"], *CERTIFY, "--per-example", out / "r.jsonl",
                           "--out", out / "s.json")
@@ -203,6 +203,7 @@ def test_certify_under_torchrun_gathers_on_rank0(mlps, certify_full, tmp_path: P
     assert sorted(p.name for p in tmp_path.glob("r.shard*")) == ["r.shard0of2.jsonl", "r.shard1of2.jsonl"]
 
 
+@pytest.mark.usefixtures("lirpa")
 def test_certify_builds_one_engine_per_run(mlps, tmp_path: Path, monkeypatch) -> None:
     import bounds.certify
 
@@ -226,13 +227,14 @@ COMPARE = ("--method", "crown", "-n", 12, "--batch-size", 4, "--eps", "0,0.01,0.
 
 
 @pytest.fixture(scope="module")
-def compare_full(mlps, tmp_path_factory) -> Path:
+def compare_full(mlps, tmp_path_factory, lirpa) -> Path:
     out = tmp_path_factory.mktemp("compare_full")
     code, _, stderr = run("compare", mlps["student"], mlps["teacher"], *COMPARE, "--out", out)
     assert code == 0, stderr
     return out
 
 
+@pytest.mark.usefixtures("lirpa")
 def test_compare_builds_each_engine_once(mlps, tmp_path: Path, monkeypatch) -> None:
     import bounds.certify
 
@@ -250,6 +252,7 @@ def test_compare_builds_each_engine_once(mlps, tmp_path: Path, monkeypatch) -> N
     assert len(built) == 2 and built[0] is not built[1]  # one per model, for 3 batches
 
 
+@pytest.mark.usefixtures("lirpa")
 def test_compare_radii_are_those_of_certify(mlps, compare_full, certify_full) -> None:
     """Same seed, batch size and method: compare's teacher radii are certify --radius's."""
     rows = read_jsonl(compare_full / "per_example.jsonl")[1:]
@@ -268,7 +271,7 @@ def test_compare_config_change_is_refused_or_recomputed(mlps, compare_full, tmp_
                           "--overwrite")
     assert code == 0, stderr
     assert json.loads((out / "compare.json").read_text())["rule"]["margin"] == 0.05
-    assert read_log(out / "per_example.jsonl")[0]["config"]["margin"] == 0.05
+    assert read_log(out / "per_example.jsonl")[0]["config"]["rule"]["margin"] == 0.05
 
 
 def test_compare_shards_merge_to_one_run(mlps, compare_full, tmp_path: Path) -> None:
@@ -317,8 +320,9 @@ def _study(path: Path, ckpt: Path, eps: str) -> Path:
     return path
 
 
+@pytest.mark.usefixtures("lirpa")
 def test_ablate_after_a_study_edit_is_refused_or_recomputed(mlps, tmp_path: Path) -> None:
-    from certkd.ablate import read_cells
+    from certkd.commands.ablate import read_cells
 
     out = tmp_path / "out"
     code, _, stderr = run("ablate", _study(tmp_path / "s.yaml", mlps["teacher"], "0.01, 0.02"), "--out", out)
@@ -333,7 +337,7 @@ def test_ablate_after_a_study_edit_is_refused_or_recomputed(mlps, tmp_path: Path
 
 
 def test_demo_certification_after_a_settings_change_is_refused_or_recomputed(digits_trio, tmp_path) -> None:
-    from certkd.demo import DemoSettings, certify_trained
+    from certkd.commands.demo import DemoSettings, certify_trained
 
     data = load_dataset("digits", "test")
     path = tmp_path / "teacher.jsonl"

@@ -25,7 +25,7 @@ FAMILIES = {
     "mobilenet_v2": {"width_mult": 0.25, "depth": 3},
 }
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+pytestmark = pytest.mark.usefixtures("one_thread", "lirpa")  # tests/conftest.py: every test bounds
 
 
 def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -225,7 +225,7 @@ def test_l2_first_layer_rule_and_identity_first():
     assert error <= VIEW_ATOL * scale
 
 
-# --------------------------------------------------------------------------- issue 16: exact rewrites
+# --------------------------------------------------------------------------- exact rewrites
 
 CONV_CASES = [dict(dilation=2, padding=2), dict(dilation=(2, 3), padding=1), dict(padding=(0, 2)),
               dict(padding=(2, 1), stride=2), dict(padding="same", kernel_size=4), dict(padding="same", dilation=2),

@@ -1,4 +1,4 @@
-"""ViTs by bound propagation under auto_LiRPA 0.7.x (issue 12): an exact view, and CROWN below a strong PGD.
+"""ViTs by bound propagation under auto_LiRPA 0.7.x: an exact view, and CROWN below a strong PGD.
 
 CI runs this file against both backends (.ci/run). Under 0.3 the bound tests skip with the
 reason and ``test_vit_refused_under_0_3_names_0_7`` checks the refusal instead.
@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from test_hazards import per_margin_attack
+from helpers import per_margin_attack
 from torch import nn
 
 from bounds.backends import current_backend
@@ -26,7 +26,7 @@ N_POINTS = 200
 CASES = [("inf", 0.002), ("inf", 0.01), ("2", 0.01), ("2", 0.03)]
 NO_VITS = "auto_LiRPA 0.3 cannot bound ViTs (no GELU/LayerNorm relaxation, unsound softmax); .ci/run tests them on 0.7.x"
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+pytestmark = pytest.mark.usefixtures("one_thread", "lirpa")  # tests/conftest.py: every test bounds
 
 
 def needs_vit_backend() -> None:

@@ -39,7 +39,6 @@ from certkd.certification.records import (
     record_key,
 )
 from certkd.certification.run import (
-    BOUND_METHODS_BY_COST,
     certify_checkpoint,
     certify_points,
     check_device,
@@ -50,7 +49,7 @@ from certkd.certification.run import (
 )
 from certkd.certification.summary import eps_label, format_summary, summarize
 
-__all__ = ["BOUND_METHODS_BY_COST", "CERTIFIED", "COMMAND", "ESTIMATE", "LEGEND", "METHODS", "MODEL", "NORMS", "PGD",
+__all__ = ["CERTIFIED", "COMMAND", "ESTIMATE", "LEGEND", "METHODS", "MODEL", "NORMS", "PGD",
            "SMOOTHED", "CertifyJob",
            "CertifyOptions", "Context", "Method", "MethodOutput", "canonical_order", "certify_checkpoint",
            "certify_methods", "certify_points", "check_device", "check_fits", "check_norm", "eps_label",

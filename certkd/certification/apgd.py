@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from bounds.attack import ApgdConfig, apgd_ensemble, attack_radius, make_attack
+from bounds.attack import ATTACKS, ApgdConfig, apgd_ensemble, attack_radius, make_attack
 from certkd.certification.methods import ESTIMATE, MODEL, Context, MethodOutput, register_method
 
 APGD = "apgd"
@@ -38,9 +38,6 @@ def _apgd(ctx: Context, x: torch.Tensor, y: torch.Tensor, eps: list[float], radi
     return out
 
 
-ATTACKS = (APGD, "pgd")
-
-
 def attack_radii(ctx: Context, attack: str, x: torch.Tensor, y: torch.Tensor,
                  generator: torch.Generator) -> torch.Tensor:
     """Per-example attack radii of ``attack`` (``apgd`` or ``pgd``) on the CPU, shape (B,); an estimate.
@@ -55,7 +52,9 @@ def attack_radii(ctx: Context, attack: str, x: torch.Tensor, y: torch.Tensor,
     if attack not in ATTACKS:
         raise CertkdError(f"unknown attack {attack!r}: use {' or '.join(ATTACKS)}")
     p = ctx.params
-    steps, restarts = (p.apgd_steps, p.apgd_restarts) if attack == APGD else (max(p.pgd_steps, 1), p.pgd_restarts)
+    steps, restarts = (p.apgd_steps, p.apgd_restarts) if attack == APGD else (p.pgd_steps, p.pgd_restarts)
+    if steps < 1:
+        raise CertkdError("pgd attack radii need --pgd-steps >= 1 (--pgd-steps 0 turns the attack off)")
     x, y = x.to(ctx.device), y.to(ctx.device)
     model = make_attack(ctx.model, ctx.norm, attack, steps=steps, restarts=restarts, target_classes=p.apgd_targets,
                         generator=generator)

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from bounds.lipschitz import LipschitzBound
 
 from bounds.attack import pgd
+from bounds.bound_methods import BOUND_METHOD_TABLE
 from bounds.gradients import other_classes
 from bounds.norms import norm_name, parse_norm
 from certkd.errors import CertkdError
@@ -63,7 +64,7 @@ class CertifyOptions:
     0.5
     """
 
-    pgd_steps: int = field(default=20, metadata={"help": "PGD steps (0: no PGD accuracy)."})
+    pgd_steps: int = field(default=20, metadata={"help": "PGD steps (0: no PGD accuracy, and radius searches start from eps_max, not an attack)."})
     pgd_restarts: int = field(default=1, metadata={"help": "PGD restarts."})
     clever_batches: int = field(default=50, metadata={"help": "CLEVER: batches of samples."})
     clever_samples: int = field(default=128, metadata={"help": "CLEVER: samples per batch."})
@@ -183,10 +184,6 @@ class Method:
 METHODS: Registry[Method] = Registry("certify method", group="certkd.certify_methods")
 
 
-def _no_preparation(ctx: Context) -> None:
-    """Most methods need nothing built before the first batch."""
-
-
 def register_method(name: str, kind: str, target: str, description: str,
                     prepare: Callable[[Context], None] | None = None) -> Callable[[Evaluate], Evaluate]:
     """Decorator: register ``fn(ctx, x, y, eps, radius, generator) -> MethodOutput`` as method ``name``.
@@ -219,7 +216,7 @@ def register_method(name: str, kind: str, target: str, description: str,
     >>> _ = METHODS._entries.pop("always-no")
     """
     def deco(fn: Evaluate) -> Evaluate:
-        METHODS.add(name, Method(name, kind, target, description, fn, prepare or _no_preparation))
+        METHODS.add(name, Method(name, kind, target, description, fn, **({"prepare": prepare} if prepare else {})))
         return fn
     return deco
 
@@ -276,28 +273,26 @@ def _bound_method(method: str) -> tuple[Evaluate, Callable[[Context], None]]:
             lower.append(bounds.min_lower)
         out = MethodOutput(robust=_stack(robust, len(y), torch.bool), margin_lb=_stack(lower, len(y), x.dtype))
         if radius:
-            res = engine.certified_radius(x, y, ctx.norm, method, tol=ctx.params.radius_tol,
-                                          attack_steps=ctx.params.pgd_steps or 20,
-                                          attack_restarts=ctx.params.pgd_restarts, generator=generator)
+            # --pgd-steps 0: no attack, the bracket's upper end is eps_max
+            steps = ctx.params.pgd_steps
+            res = engine.certified_radius(x, y, ctx.norm, method, tol=ctx.params.radius_tol, attack_steps=steps,
+                                          attack_restarts=ctx.params.pgd_restarts, attack_rounds=3 if steps else 0,
+                                          generator=generator)
             out.radius, out.radius_upper = res.radius, res.upper
         return out
 
     return evaluate, prepare
 
 
-for _name, _description in (
-    ("ibp", "interval bound propagation (Gowal et al. 2018): fast, loose"),
-    ("crown-ibp", "CROWN-IBP (Zhang et al. 2020)"),
-    ("crown", "CROWN linear relaxation (Zhang et al. 2018): the default"),
-    ("alpha-crown", "alpha-CROWN, optimized relaxation (Xu et al. 2021): tightest, ~400x slower on CPU"),
-):
-    _evaluate, _prepare = _bound_method(_name)
-    register_method(_name, CERTIFIED, MODEL, _description, _prepare)(_evaluate)
+for _row in BOUND_METHOD_TABLE:  # bounds.bound_methods: one row per method
+    _evaluate, _prepare = _bound_method(_row.name)
+    register_method(_row.name, _row.kind, MODEL, _row.description, _prepare)(_evaluate)
 
 
 def _radius_robust(radius: torch.Tensor, eps: list[float]) -> torch.Tensor:
-    """Verdict at each eps from a radius: the ball of radius eps lies strictly inside (theory.md §2)."""
-    return radius.view(-1, 1) > _eps_tensor(eps, radius)
+    """Verdict at each eps from a radius: ``radius >= eps``, a certified radius being an eps that was certified
+    (theory.md §2.1; the same tie rule as ``bounds.paired.certified_accuracy``)."""
+    return radius.view(-1, 1) >= _eps_tensor(eps, radius)
 
 
 def _prepare_lipschitz(ctx: Context) -> None:
@@ -369,7 +364,7 @@ def _smoothing(ctx: Context, x: torch.Tensor, y: torch.Tensor, eps: list[float],
     correct = res.prediction == y
     r = torch.where(correct, _smoothing_radius_in_norm(res.radius, ctx.norm, ctx.input_shape),
                     torch.zeros_like(res.radius))
-    # eps = 0: the smoothed classifier predicts y (its certificate has radius > 0 exactly then)
+    # eps = 0: the smoothed classifier predicts y (``& correct``: an abstention has radius 0)
     out = MethodOutput(robust=_radius_robust(r, eps) & correct.view(-1, 1),
                        extra={"smoothed_pred": res.prediction, "p_lower": res.p_lower})
     if radius:

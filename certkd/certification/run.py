@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bounds.bound_methods import costliest
 from certkd.certification.methods import (
     PGD,
     CertifyOptions,
@@ -27,110 +28,19 @@ from certkd.certification.records import COMMAND, CertifyJob, merge_shards, meth
 from certkd.certification.summary import summarize
 from certkd.errors import CertkdError
 from certkd.io import atomic_write_json
+from certkd.loading import check_device, check_fits, load_pair, load_points
+from certkd.run import Run, plan_bound_memory
 from certkd.runs import (
-    SLURM,
-    TORCHRUN,
+    Part,
     Points,
     Record,
     RecordLog,
     Shard,
     batches,
     execute,
-    gather_shards,
-    resolve_shard,
     seed_stream,
-    shard_path,
     write_log,
 )
-
-
-def check_device(device: str | torch.device) -> torch.device:
-    """The torch device, or one sentence when it does not exist here."""
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise CertkdError(f"unknown device {device!r} (examples: cpu, cuda, cuda:1)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise CertkdError(f"device {device!r} asked for, but no CUDA GPU is available")
-    return dev
-
-
-def check_fits(input_shape: Sequence[int], num_classes: int, data: Points, data_name: str = "data") -> None:
-    """Raise ``CertkdError`` when the data cannot be fed to the model; reads one sample only.
-
-    Classes are checked through ``data.info`` when the data has one (labels of every
-    batch are checked again as they are read).
-    """
-    info = getattr(data, "info", None)
-    if info is not None and int(info.num_classes) != int(num_classes):
-        raise CertkdError(f"{data_name} has {info.num_classes} classes but the model has {num_classes}")
-    if len(data) == 0:
-        raise CertkdError(f"{data_name} holds no examples")
-    x, _ = data.batch([0])
-    if tuple(x.shape[1:]) != tuple(input_shape):
-        raise CertkdError(f"{data_name} has inputs of shape {tuple(x.shape[1:])} but the model takes "
-                          f"{tuple(input_shape)}")
-
-
-BOUND_METHODS_BY_COST = ("alpha-crown", "crown", "crown-ibp", "ibp")
-"""Bound methods, the most memory-hungry first: the probe pass uses the costliest a run asks for."""
-def worst_case_eps(norm: str, input_shape: Sequence[int]) -> float:
-    """A radius whose ball covers the whole input box: every ReLU unstable, the most memory a pass takes.
-
-    A pass's memory grows with the number of unstable neurons (auto_LiRPA skips stable ones),
-    so runs that search radii (``--radius``, ``compare``) are probed here.
-    """
-    d = 1
-    for s in input_shape:
-        d *= int(s)
-    return 1.0 if norm == "inf" else float(d) ** 0.5
-
-
-def plan_bound_memory(tools: Sequence[Any], data: Points, count: int, method: str, eps: float | None, norm: str,
-                      cap: int, max_memory: int | None = None, notify: Callable[[str], None] | None = None,
-                      target: str | None = None) -> list[dict[str, Any]]:
-    """Size every bound pass of ``tools`` to ``max_memory`` from one measured probe pass each (bounds.memory).
-
-    Parameters
-    ----------
-    tools : BoundEngines (``bounds.certify``) or, with ``target``, LinearityBounders (certified gamma)
-    data, count : the run's points; the probe reads the first ``bounds.memory.PROBE_POINTS``
-    method, eps, norm : what the run bounds (``eps`` None: a radius search, probed at ``worst_case_eps``)
-    cap : the run's batch size (a pass never takes more points)
-    max_memory : bytes one pass may add (None: a third of the available memory)
-    notify : receives one line per plan (``bound batch 9 (measured 350 MB per point ...)``)
-
-    Returns
-    -------
-    list of dict
-        ``MemoryPlan.to_dict()`` per tool, for the run's summary.
-    """
-    from bounds.memory import PROBE_POINTS, plan_bounder, plan_engine
-
-    if count == 0 or not tools:
-        return []
-    x, y = data.batch(list(range(min(PROBE_POINTS, count))))
-    e = worst_case_eps(norm, tuple(x.shape[1:])) if eps is None else float(eps)
-    plans = []
-    for tool in tools:
-        x_t, y_t = x.to(tool.device), y.to(tool.device)
-        plan = (plan_engine(tool, x_t, y_t, e, norm, method, cap, max_memory) if target is None
-                else plan_bounder(tool, x_t, y_t, e, target, cap, max_memory))
-        if notify is not None:
-            notify(plan.describe())
-        plans.append(plan.to_dict())
-    return plans
-
-
-def load_points(ckpt: Any, dataset: str | None, split: str, data_dir: Path | None,
-                num_examples: int | None) -> tuple[str, Any, int]:
-    """``(dataset name, dataset, count)``: the checkpoint's dataset unless named, checked to fit it."""
-    from certkd.data import load_dataset
-
-    name = dataset or ckpt.dataset
-    data = load_dataset(name, split, data_dir)
-    check_fits(ckpt.input_shape, ckpt.num_classes, data, f"dataset {name!r}")
-    return name, data, len(data) if num_examples is None else min(num_examples, len(data))
 
 
 def certify_points(ctx: Context, data: Points, indices: Sequence[int], job: CertifyJob, log: RecordLog,
@@ -175,6 +85,27 @@ def certify_points(ctx: Context, data: Points, indices: Sequence[int], job: Cert
         return list(method_records(method, job.norm, idx, y, pred, job.eps, out, job.radius))
 
     return execute(work, compute, log, progress, "certify", label=lambda w: f"{w[2].name}, batch {w[0]}")
+
+
+def checkpoint_sources(path: Path, ckpt: Any, dataset: str, split: str, count: int) -> dict[str, Any]:
+    """Where a certify run's inputs come from: the first part of its configuration (``Run.configure``)."""
+    from certkd.checkpoint import file_sha256
+
+    return {"checkpoint_sha256": file_sha256(path), "model": ckpt.model_name, "dataset": dataset, "split": split,
+            "num_examples": count}
+
+
+def certify_run(run: Run, ctx: Context, data: Points, count: int, job: CertifyJob,
+                log_path: Path | None = None) -> list[Record]:
+    """The work of a certify run (the command's and the API's): the memory plan of the costliest bound
+    method asked for, then :func:`certify_points` into the run's record log; the records computed now
+    (``run.log.records`` holds all of them)."""
+    with run.open_log(log_path) as log:
+        costly = costliest(job.methods)
+        if costly:  # radius searches are probed at the worst case (eps None)
+            run.plan_memory([ctx.bound_engine()], data, count, costly, None if job.radius else max(job.eps),
+                            job.norm, job.batch_size)
+        return certify_points(ctx, data, range(count), job, log, run.progress)
 
 
 def per_example_radii(model: nn.Module, x: torch.Tensor, y: torch.Tensor, method: str = "crown",
@@ -259,38 +190,33 @@ def certify_checkpoint(checkpoint: Path, job: CertifyJob, shard: Shard | str | N
         The summary (None on torchrun ranks other than 0); ``provenance.memory_plan`` records the
         bound batch.
     """
-    from certkd.checkpoint import file_sha256, load_checkpoint
+    from certkd.checkpoint import load_checkpoint
 
-    job.shard, launcher = resolve_shard(shard)
+    run = Run.start(COMMAND, record_key, shard, out=per_example, out_kind="file", resume=resume,
+                    overwrite=overwrite, progress=progress, max_memory=max_memory, notify=notify)
+    job.shard = run.shard
     job.check()
     check_device(device)
-    if launcher == SLURM:
-        out, per_example = shard_path(out, job.shard), shard_path(per_example, job.shard)
+    out, log_path = run.output(out), run.output(per_example)
     ckpt = load_checkpoint(checkpoint)
     data_name, data, count = load_points(ckpt, dataset, split, data_dir, num_examples)
     model = ckpt.build_model(device)
     ctx = prepare_methods(model, ckpt.input_shape, job.all_methods(), job.norm, job.params, device)
-    config: dict[str, Any] = {"checkpoint_sha256": file_sha256(checkpoint), "model": ckpt.model_name,
-                              "dataset": data_name, "split": split, "num_examples": count, **job.to_config()}
-    log_path = shard_path(per_example, job.shard) if launcher == TORCHRUN else per_example
-    with RecordLog.open(log_path, COMMAND, config, record_key, resume=resume, overwrite=overwrite) as log:
-        costly = [m for m in BOUND_METHODS_BY_COST if m in job.methods]
-        probe_eps = None if job.radius else max(job.eps)  # radius searches: probed at the worst case
-        plans = plan_bound_memory([ctx.bound_engine()], data, count, costly[0], probe_eps, job.norm, job.batch_size,
-                                  max_memory, notify) if costly else []
-        certify_points(ctx, data, range(count), job, log, progress)
-    records = log.records
-    if launcher == TORCHRUN:
-        parts = gather_shards(COMMAND, config, records, job.shard)
-        if parts is None:
-            return None
+    run.configure(checkpoint_sources(checkpoint, ckpt, data_name, split, count), job.to_config())
+    certify_run(run, ctx, data, count, job, log_path)
+
+    def merge(parts: Sequence[Part]) -> dict[str, Any]:
         config, records = merge_shards(parts)
         if per_example is not None:
             write_log(per_example, COMMAND, config, records)
-    summary = summarize(config, records)
+        return summarize(config, records)
+
+    summary = run.finish(summarize, merge, shard_summary=True)
+    if summary is None:
+        return None
     summary["provenance"] = {"checkpoint": str(checkpoint), "device": str(device),
                              "per_example": str(per_example) if per_example else None,
-                             "memory_plan": plans[0] if plans else None}
+                             "memory_plan": run.plans[0] if run.plans else None}
     if out is not None:
         atomic_write_json(out, summary)
     return summary
@@ -306,16 +232,6 @@ def merge_certify(parts: Sequence[tuple[str, Record | None, list[Record]]], out:
         write_log(per_example, COMMAND, config, records)
     atomic_write_json(out, summary)
     return summary
-
-
-def load_pair(student_path: Path, teacher_path: Path, device: str) -> tuple[Any, Any, nn.Module, nn.Module]:
-    """Both checkpoints, checked to fit each other (input shape, classes), and their models."""
-    from certkd.checkpoint import check_compatible, load_checkpoint
-
-    check_device(device)
-    student_ckpt, teacher_ckpt = load_checkpoint(student_path), load_checkpoint(teacher_path)
-    check_compatible(student_ckpt, teacher_ckpt)
-    return student_ckpt, teacher_ckpt, student_ckpt.build_model(device), teacher_ckpt.build_model(device)
 
 
 __all__ = ["plan_bound_memory", "load_pair", "merge_certify", "certify_checkpoint", "certify_points", "check_device", "check_fits", "load_points",

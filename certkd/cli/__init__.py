@@ -1,4 +1,4 @@
-"""The ``certkd`` command line (click). Bad input: one line on stderr, exit code 2."""
+"""The ``certkd`` command line (click). Errors: one line on stderr and an exit code (``certkd.errors``)."""
 
 from __future__ import annotations
 
@@ -6,18 +6,15 @@ import sys
 
 import click
 
-from bounds.errors import ContradictionError
 from certkd import __version__
-from certkd.errors import USER_ERRORS
+from certkd.errors import EXIT_USAGE, USER_ERRORS, exit_code
 
-EXIT_USAGE = 2
-EXIT_REFUSED = 3  # a method refused for a model after work started: evidence contradicted its bound
 #: commands that continue where they stopped when run again into the same folder
 RESUME_BY_RERUN = ("demo", "ablate")
 
 
 class CertkdGroup(click.Group):
-    """A click group that turns every user error into one line on stderr and exit code 2."""
+    """A click group that turns every user error into one line on stderr and its exit code (bad input: 2)."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         try:
@@ -32,12 +29,9 @@ class CertkdGroup(click.Group):
         except click.ClickException as exc:
             click.echo(f"certkd: error: {exc.format_message()}", err=True)
             sys.exit(EXIT_USAGE)
-        except ContradictionError as exc:
-            click.echo(f"certkd: refused: {_one_line(exc)}", err=True)
-            sys.exit(EXIT_REFUSED)
         except USER_ERRORS as exc:
             click.echo(f"certkd: error: {_one_line(exc)}", err=True)
-            sys.exit(EXIT_USAGE)
+            sys.exit(exit_code(exc))
         except KeyboardInterrupt:
             click.echo(self._interrupted(args), err=True)
             sys.exit(130)
@@ -75,8 +69,13 @@ def main() -> None:
     randomized smoothing; CLEVER as an estimate), compute the local-linearity
     transfer bound, and ask whether a student certifies at least as robustly as
     its teacher. Every number is labelled `certified` or `estimate`.
+
+    \b
+    Exit codes: 0 done; 1 a failed run (e.g. training diverged) or an internal error;
+    2 bad input (one line on stderr, caught before long work starts); 3 a method
+    refused for a model after work started (nothing published for it); 130 interrupted.
     """
 
 
-# Command modules register themselves on ``main``; each helper-owned module adds one line here.
+# Command modules register themselves on ``main``; each adds one line here.
 from certkd.cli import commands, doctor  # noqa: E402,F401

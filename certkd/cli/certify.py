@@ -10,10 +10,7 @@ import click
 
 from certkd.certification.methods import (
     LEGEND,
-    METHODS,
-    PGD,
     CertifyOptions,
-    certify_methods,
     check_norm,
     get_method,
 )
@@ -22,6 +19,7 @@ from certkd.cli.options import (
     OUTPUT_FILE,
     dataclass_options,
     eps_callback,
+    methods_help,
     norm_option,
     notify_stderr,
     overwrite_option,
@@ -41,13 +39,6 @@ def _methods_callback(ctx: click.Context, param: click.Parameter, values: tuple[
     return list(dict.fromkeys(names))
 
 
-def _method_help() -> str:
-    listed = [*certify_methods(), PGD]
-    return "; ".join(f"{m.name} ({m.kind}{'' if m.target == 'model' else ' for the ' + m.target}"
-                     f"{'; also runs beside every other method unless --pgd-steps 0' if m.name == PGD else ''})"
-                     for m in (METHODS.get(name) for name in dict.fromkeys(listed)))
-
-
 def _legend() -> str:
     parts = [textwrap.fill(part.strip() + ".", width=92, initial_indent="  ", subsequent_indent="    ")
              for part in LEGEND.rstrip(".").split(". ")]
@@ -61,7 +52,7 @@ def _legend() -> str:
               help=f"Radius; repeatable or a comma list, fractions allowed (2/255). Default {DEFAULT_EPS}.")
 @norm_option
 @click.option("--method", "methods", multiple=True, callback=_methods_callback,
-              help="Repeatable or comma list (default crown): " + _method_help() + ".")
+              help="Repeatable or comma list (default crown): " + methods_help('; also runs beside every other method unless --pgd-steps 0') + ".")
 @click.option("--radius", is_flag=True,
               help="Also compute each example's radius (bound methods: the largest certified eps by bisection, "
                    "with an attack upper end).")
@@ -89,8 +80,6 @@ def certify(checkpoint: Path, num_examples: int | None, dataset: str | None, dat
     """
     from certkd.certification import CertifyJob, certify_checkpoint, format_summary
 
-    if resume and per_example is None:
-        raise CertkdError("--resume needs --per-example FILE (the file the interrupted run appended to)")
     for path in (out, per_example):
         if path is not None and path.is_dir():
             raise CertkdError(f"{path} is a directory; give a file name")
@@ -109,21 +98,3 @@ def certify(checkpoint: Path, num_examples: int | None, dataset: str | None, dat
                                  notify=notify_stderr)
     if summary is not None:
         click.echo(format_summary(summary))
-
-
-@main.command()
-@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--out", type=click.Path(path_type=Path), required=True,
-              help="certify: the summary JSON of the whole run; compare: the output directory.")
-@click.option("--per-example", type=click.Path(path_type=Path), default=None,
-              help="Also write all records, in order, as one record file (certify).")
-def merge(files: tuple[Path, ...], out: Path, per_example: Path | None) -> None:
-    """Combine the record files of sharded runs ('certify --shard', 'compare --shard') into one result.
-
-    Checks that the files come from the same configuration, that every shard is
-    present once and complete, and that their examples are disjoint; the result
-    is the one a single run would give.
-    """
-    from certkd.merge import merge_files
-
-    click.echo(merge_files(list(files), out, per_example))

@@ -24,6 +24,6 @@ def demo_command(out: Path, quick: bool, seed: int, overwrite: bool, progress: b
     Writes OUT/report.md (tables, verdicts, what each number means), OUT/results.json
     and OUT/figures/*.png, and prints the summary. Deterministic for a seed on CPU.
     """
-    from certkd.demo import format_demo, run_demo
+    from certkd.commands.demo import format_demo, run_demo
 
     click.echo(format_demo(run_demo(out, quick=quick, seed=seed, overwrite=overwrite, progress=progress), out))

@@ -1,4 +1,4 @@
-"""``certkd doctor``: the bound-propagation backend in use and what it may bound (issue 12)."""
+"""``certkd doctor``: the bound-propagation backend in use and what it may bound."""
 
 from __future__ import annotations
 

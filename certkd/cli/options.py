@@ -15,6 +15,21 @@ from certkd.errors import CertkdError
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def methods_help(pgd_note: str = "") -> str:
+    """The registered certify methods with their kinds, for ``--help`` (derived from the registry).
+
+    Example
+    -------
+    >>> "crown (certified)" in methods_help() and "clever (estimate)" in methods_help()
+    True
+    """
+    from certkd.certification.methods import METHODS, PGD, certify_methods
+
+    return "; ".join(f"{m.name} ({m.kind}{'' if m.target == 'model' else ' for the ' + m.target}"
+                     f"{pgd_note if m.name == PGD else ''})"
+                     for m in (METHODS.get(name) for name in dict.fromkeys([*certify_methods(), PGD])))
+
+
 def parse_eps_list(values: tuple[str, ...] | list[str] | str) -> list[float]:
     """``("2/255", "0.1,0.3")`` -> ``[2/255, 0.1, 0.3]``; a bad value is a ``click.BadParameter``."""
     from certkd.certification.records import parse_eps_list as parse
@@ -91,14 +106,13 @@ def points_options(command: F) -> F:
 
 def parse_max_memory(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
     """``--max-memory 4G`` -> bytes (None: the default, a third of the available memory)."""
-    from bounds.errors import BoundsError
-    from bounds.memory import parse_memory
+    from certkd.memory import parse_memory
 
     if value is None:
         return None
     try:
         return parse_memory(value)
-    except BoundsError as exc:
+    except CertkdError as exc:
         raise click.BadParameter(str(exc)) from None
 
 
@@ -115,6 +129,12 @@ def notify_stderr(line: str) -> None:
     click.echo(line, err=True)
 
 
+def echo_shard_done(command: str) -> None:
+    """What a shard of a sharded run prints (its summary comes from ``certkd merge``)."""
+    click.echo(f"certkd {command}: this shard is done; combine the shards' per_example.jsonl files with "
+               "certkd merge FILES --out DIR")
+
+
 def run_options(command: F) -> F:
     """Batch size, device, seed, memory per bound pass and progress (certify, bounds, compare)."""
     return _apply(command, [click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True),
@@ -124,7 +144,9 @@ def run_options(command: F) -> F:
 def dataclass_options(cls: type, skip: tuple[str, ...] = ()) -> Callable[[F], F]:
     """One ``--field-name`` option per dataclass field (default, type and ``metadata["help"]`` from the field).
 
-    The options are derived, never copied: a new field of ``CertifyOptions`` is a new option.
+    The options are derived, never copied: a new field of ``CertifyOptions`` (certify) or of
+    ``CompareRule`` (compare) is a new option. ``metadata["option"]`` names the flag when it is
+    not the field's name (e.g. ``--fraction`` for ``fraction_threshold``).
     """
     import dataclasses
 
@@ -135,7 +157,8 @@ def dataclass_options(cls: type, skip: tuple[str, ...] = ()) -> Callable[[F], F]
                 continue
             default = f.default
             kind = f.metadata.get("type", type(default))
-            options.append(click.option(f"--{f.name.replace('_', '-')}", f.name, type=kind, default=default,
+            flag = f.metadata.get("option", f"--{f.name.replace('_', '-')}")
+            options.append(click.option(flag, f.name, type=kind, default=default,
                                         show_default=default is not None, help=f.metadata.get("help", "")))
         return _apply(command, options)
     return deco
@@ -167,3 +190,8 @@ class _OutputPath(click.Path):
 
 OUTPUT_FILE = _OutputPath("file")
 OUTPUT_DIR = _OutputPath("dir")
+
+#: the output folder of the commands whose record log lives in it (bounds, compare), and its resume
+out_dir_option = click.option("--out", type=OUTPUT_DIR, default=None,
+                              help="Directory for per_example.jsonl (appended as computed), the summary and figures.")
+resume_dir_option = click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")

@@ -51,7 +51,7 @@ from certkd.checkpoint import (
     torch_load_weights_only,
 )
 from certkd.data import BatchSource, DatasetInfo, load_dataset
-from certkd.errors import CertkdError, CheckpointError
+from certkd.errors import CertkdError, CheckpointError, RunFailed
 from certkd.io import JsonlAppender, atomic_write, read_jsonl
 from certkd.models import create_model
 from certkd.train.losses import LossBatch, LossSpec, ObjectiveParams, gaussian_noise, get_loss
@@ -74,11 +74,11 @@ IGA_SMALL = 0.05
 _RESUME_FREE = ("resume", "device", "progress")
 
 
-class TrainingDiverged(CertkdError):
+class TrainingDiverged(RunFailed):
     """The loss became NaN or Inf; the last good checkpoint is kept."""
 
 
-class TrainingCollapsed(CertkdError):
+class TrainingCollapsed(RunFailed):
     """The student collapsed (constant classifier, or input gradients near 0); the last good checkpoint is kept."""
 
 

@@ -11,7 +11,7 @@ Data flow: two checkpoints and the same points -> each model's certify context
 (``prepare_methods``: its verification engine built ONCE per run) -> per batch, both
 parts' radii (records in the run's log, ``certkd.runs``; shards merge) ->
 ``bounds.paired.paired_comparison`` per part (fraction, accuracy curves with paired
-bootstrap CIs, Wilcoxon, the part's verdict) -> ``bounds.paired.headline`` (never more
+bootstrap CIs, Wilcoxon, the part's verdict) -> ``certkd.verdict.headline`` (never more
 favourable than either part; certificate looseness ``rho``; the eps range each part
 covers) -> ``compare.json`` and figures.
 """
@@ -22,14 +22,14 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any
 
 import torch
 
 from bounds.errors import ContradictionError
 from certkd.certification.methods import CERTIFIED, MODEL, CertifyOptions, Context, evaluate_batch, get_method
+from certkd.io import json_float
 from certkd.runs import (
-    SLURM,
     TORCHRUN,
     Points,
     Record,
@@ -37,13 +37,11 @@ from certkd.runs import (
     Shard,
     batches,
     execute,
-    gather_shards,
     merge_logs,
-    resolve_shard,
     seed_stream,
-    shard_path,
     write_log,
 )
+from certkd.verdict import HEADLINE_RULE, PART_RULE, QUESTION, CompareRule, part_reason
 
 COMMAND = "compare"
 PER_EXAMPLE = "per_example.jsonl"
@@ -62,11 +60,7 @@ class CompareJob:
     seed: int = 0
     eps: list[float] | None = None  # grid of the curves (None: 11 points up to the 90th percentile of a_T)
     attack: str = "apgd"  # the attack of the empirical part: apgd or pgd
-    margin: float = 0.02
-    alpha: float = 0.05
-    fraction_threshold: float = 0.9
-    n_boot: int = 2000
-    rho_threshold: float = 0.25  # below it the certified part is labelled "covers only eps <= X"
+    rule: CompareRule = field(default_factory=CompareRule)
     student_records: str | None = None  # sha256 of a reused certify --per-example file (its radii)
     teacher_records: str | None = None
     shard: Shard | None = None
@@ -77,19 +71,18 @@ class CompareJob:
 
     def check(self) -> None:
         """One sentence for a bad value (method, options, rule)."""
-        from bounds.paired import check_rule
-        from certkd.certification.apgd import ATTACKS
+        from bounds.attack import ATTACKS
         from certkd.certification.methods import check_norm
         from certkd.errors import CertkdError
 
         get_method(self.method)
         if self.attack not in ATTACKS:
             raise CertkdError(f"unknown attack {self.attack!r}: use {' or '.join(ATTACKS)}")
-        if not 0 < self.rho_threshold <= 1:
-            raise CertkdError(f"rho threshold must lie in (0, 1], got {self.rho_threshold}")
+        if self.attack == "pgd" and self.options().pgd_steps < 1:
+            raise CertkdError("--attack pgd needs --pgd-steps >= 1 (--pgd-steps 0 turns the attack off)")
         self.norm = check_norm(self.norm)
         self.options().check()
-        check_rule(self.options().radius_tol, self.margin, self.alpha, self.fraction_threshold, self.n_boot)
+        self.rule.check(self.options().radius_tol)
 
     def kind(self) -> str:
         """What the verdict is: ``certified``, ``estimate``, or certified for the smoothed classifier."""
@@ -113,23 +106,8 @@ def record_key(record: Record) -> tuple[int]:
     return (int(record["index"]),)
 
 
-def _json_float(value: float) -> float | None:
-    return float(value) if math.isfinite(value) else None
-
-
 Reused = dict[int, tuple[float, bool]]
 """Radius and clean correctness per index, read from a ``certkd certify --per-example`` file."""
-
-
-class PairedRule(TypedDict):
-    """The decision rule's keyword arguments of ``bounds.paired.paired_comparison``."""
-
-    tol: float
-    margin: float
-    alpha: float
-    fraction_threshold: float
-    n_boot: int
-    seed: int
 
 
 def reuse_records(path: Path, checkpoint: Path, job: CompareJob, dataset: str, split: str, count: int) -> Reused:
@@ -230,34 +208,25 @@ def compare_points(student: Context, teacher: Context, data: Points, indices: Se
         a_s, a_t = (attack_radii(ctx, job.attack, x, y, seed_stream(job.seed, b, f"attack:{job.attack}",
                                                                      device=ctx.device)).tolist()
                     for ctx in (student, teacher))
-        return [{"index": i, "label": int(y[r]), "radius_student": _json_float(rs[r]),
-                 "radius_teacher": _json_float(rt[r]), "correct_student": bool(cs[r]),
-                 "correct_teacher": bool(ct[r]), "attack_student": _json_float(a_s[r]),
-                 "attack_teacher": _json_float(a_t[r])} for r, i in enumerate(idx)]
+        return [{"index": i, "label": int(y[r]), "radius_student": json_float(rs[r]),
+                 "radius_teacher": json_float(rt[r]), "correct_student": bool(cs[r]),
+                 "correct_teacher": bool(ct[r]), "attack_student": json_float(a_s[r]),
+                 "attack_teacher": json_float(a_t[r])} for r, i in enumerate(idx)]
 
     return execute(work, compute, log, progress, "compare", label=lambda w: f"batch {w[0]}")
-
-
-HEADLINE_RULE = ("The headline is never more favourable than either part: no if either part says no, yes only if "
-                 "the certified part says yes and the empirical part does not say no, else inconclusive "
-                 "(theory.md §6).")
-PART_RULE = ("Each part says no if at some eps the paired bootstrap CI of (student - teacher) accuracy lies "
-             "below -margin or a one-sided Wilcoxon signed-rank test finds the student's radii smaller "
-             "(p < alpha); yes if at least the fraction threshold of points have radius_S >= radius_T - tol, "
-             "or the Wilcoxon test finds them larger; else inconclusive.")
 
 
 def _part_json(part: Any, kind: str, radii: str) -> dict[str, Any]:
     """One part of ``compare.json``: its verdict, statistics and table (eps in the run's norm)."""
     return {
-        "verdict": part.verdict, "reason": part.reason, "kind": kind, "radii": radii,
+        "verdict": part.verdict, "reason": part_reason(part), "kind": kind, "radii": radii,
         "at_least_fraction": part.at_least_fraction,
         "wilcoxon": {"statistic": part.wilcoxon_statistic, "p_less": part.wilcoxon_p_less,
                      "p_greater": part.wilcoxon_p_greater, "p_two_sided": part.wilcoxon_p_two_sided,
                      "direction": "p_less: H1 the student's radii are smaller; p_greater: H1 they are larger"},
         "median_radius_difference": part.median_difference,
-        "median_radius_student": _json_float(float(part.radius_student.median())),
-        "median_radius_teacher": _json_float(float(part.radius_teacher.median())),
+        "median_radius_student": json_float(float(part.radius_student.median())),
+        "median_radius_teacher": json_float(float(part.radius_teacher.median())),
         "table": [{"eps": e, "accuracy_student": a, "accuracy_teacher": b, "difference": d, "ci_low": lo,
                    "ci_high": hi} for e, a, b, d, lo, hi in zip(
             part.eps.tolist(), part.accuracy_student.tolist(), part.accuracy_teacher.tolist(),
@@ -281,7 +250,7 @@ def check_radii_against_attack(radii: dict[str, torch.Tensor], method: str) -> N
 
 
 def summarize_compare(config: dict[str, Any], records: list[Record]) -> dict[str, Any]:
-    """Both parts (``bounds.paired.paired_comparison``) and the headline (``bounds.paired.headline``).
+    """Both parts (``bounds.paired.paired_comparison``) and the headline (``certkd.verdict.headline``).
 
     Parameters
     ----------
@@ -337,34 +306,25 @@ def judge(radii: dict[str, torch.Tensor], correct_student: torch.Tensor, correct
         parts (``certified``, ``empirical``: verdict, reason, Wilcoxon p-values with their
         direction, accuracy table with CIs) and the rule's inputs (``rule``).
     """
-    from bounds.paired import (
-        CERTIFIED_PART,
-        EMPIRICAL_PART,
-        QUESTION,
-        curve_grid,
-        headline,
-        paired_comparison,
-    )
+    from bounds.paired import CERTIFIED_PART, EMPIRICAL_PART, curve_grid, paired_comparison
 
     rs, rt, a_s, a_t = (radii[n] for n in RADIUS_COLUMNS)
     eps = job.eps if job.eps is not None else curve_grid(torch.cat([rs, rt]), a_t)
-    tol = job.options().radius_tol
-    rule: PairedRule = {"tol": tol, "margin": job.margin, "alpha": job.alpha,
-                        "fraction_threshold": job.fraction_threshold, "n_boot": job.n_boot, "seed": job.seed}
+    rule = job.rule.paired(job.options().radius_tol, job.seed)
     cert = paired_comparison(rs, rt, eps, correct_student, correct_teacher, part=CERTIFIED_PART, **rule)
     emp = paired_comparison(a_s, a_t, eps, correct_student, correct_teacher, part=EMPIRICAL_PART, **rule)
-    head = headline(cert, emp, rho_threshold=job.rho_threshold)
+    head = job.rule.combine(cert, emp)
     return {
         "question": QUESTION, "verdict": head.verdict, "reason": head.reason, "n": len(rs),
         "rho": head.rho, "certified_label": head.coverage_label,
-        "coverage": {"certified": head.certified_covers, "empirical": _json_float(head.empirical_covers),
+        "coverage": {"certified": head.certified_covers, "empirical": json_float(head.empirical_covers),
                      "quantile": head.coverage_quantile,
                      "meaning": "each part covers eps in [0, X]: X is this quantile of the teacher's radii"},
         "eps_units": f"L-{job.norm} radius in input units ([0, 1] pixel scale)",
         "certified": _part_json(cert, job.kind(), f"{job.method} certified radii"),
         "empirical": _part_json(emp, "estimate", f"{job.attack} attack radii (upper bounds of the true radii)"),
-        "rule": {**{k: v for k, v in rule.items() if k != "seed"}, "rho_threshold": job.rho_threshold,
-                 "coverage_quantile": head.coverage_quantile, "headline": HEADLINE_RULE, "part": PART_RULE},
+        "rule": {"tol": rule["tol"], **asdict(job.rule), "coverage_quantile": head.coverage_quantile,
+                 "headline": HEADLINE_RULE, "part": PART_RULE},
     }
 
 
@@ -372,7 +332,8 @@ def _job_of(config: dict[str, Any]) -> CompareJob:
     names = set(CompareJob.__dataclass_fields__)
     values = {k: v for k, v in config.items() if k in names}
     shard = values.pop("shard", None)
-    return CompareJob(**values, shard=(int(shard[0]), int(shard[1])) if shard else None)
+    rule = CompareRule(**values.pop("rule", {}))
+    return CompareJob(**values, rule=rule, shard=(int(shard[0]), int(shard[1])) if shard else None)
 
 
 def _fmt(value: float | None, spec: str = ".4g") -> str:
@@ -410,7 +371,7 @@ def format_compare(summary: dict[str, Any]) -> str:
         lines.append(f"  {name}: radius_S >= radius_T - tol on {part['at_least_fraction']:.1%}; median S - T "
                      f"{part['median_radius_difference']:.4g}; Wilcoxon p (H1 student smaller) {w['p_less']:.3g}, "
                      f"(H1 larger) {w['p_greater']:.3g}")
-    level = f"{1 - summary['rule']['alpha']:.0%}"
+    level = f"{summary['rule']['ci_level']:.0%}"
     lines.append(f"  {'eps':>8} | {'certified T':>11}{'S':>7}  {level + ' CI of S - T':<18}| {'attack T':>9}{'S':>7}  "
                  f"{level} CI of S - T")
     for c, e in zip(cert["table"], emp["table"], strict=True):
@@ -480,6 +441,26 @@ def merge_compare(parts: Sequence[tuple[str, Record | None, list[Record]]], out:
     return summary
 
 
+def compare_run(run: Any, student: Context, teacher: Context, data: Points, count: int, job: CompareJob,
+                log_path: Path | None = None,
+                reused: tuple[Reused | None, Reused | None] = (None, None)) -> dict[str, Any]:
+    """The work of a compare run (the command's and the API's): the memory plan of each model whose
+    radii are computed here (not reused), then :func:`compare_points` into the run's record log.
+
+    Returns the memory plans by model (``student``, ``teacher``).
+    """
+    from bounds.bound_methods import BOUND_METHODS
+
+    with run.open_log(log_path) as log:
+        computed = [(who, c) for who, c, given in zip(("student", "teacher"), (student, teacher), reused, strict=True)
+                    if given is None]  # the models whose certified radii are computed here, not reused
+        plans = dict(zip((who for who, _ in computed), run.plan_memory(
+            [c.bound_engine() for _, c in computed], data, count, job.method, None, job.norm, job.batch_size),
+            strict=True)) if job.method in BOUND_METHODS and computed else {}
+        compare_points(student, teacher, data, range(count), job, log, run.progress, reused)
+    return plans
+
+
 def run_compare(student_path: Path, teacher_path: Path, job: CompareJob, shard: Shard | str | None = None,
                 dataset: str | None = None, split: str = "test", data_dir: Path | None = None,
                 num_examples: int | None = None, device: str = "cpu", out: Path | None = None,
@@ -508,7 +489,7 @@ def run_compare(student_path: Path, teacher_path: Path, job: CompareJob, shard: 
     progress : bool
         Progress on stderr (a bar on a terminal, one line per stage otherwise).
     max_memory, notify
-        Memory per bound pass and where its plan is reported (``certification.run.plan_bound_memory``).
+        Memory per bound pass and where its plan is reported (``certkd.run.Run.plan_memory``).
     student_records, teacher_records : Path, optional
         ``certkd certify --radius --per-example`` files of the same points, model and method
         (checked by their configuration header): their radii are used instead of recomputed.
@@ -519,20 +500,15 @@ def run_compare(student_path: Path, teacher_path: Path, job: CompareJob, shard: 
         The summary; None for a shard that is not the whole run.
     """
     from certkd.certification.methods import prepare_methods
-    from certkd.certification.run import BOUND_METHODS_BY_COST, load_pair, load_points, plan_bound_memory
     from certkd.checkpoint import file_sha256
-    from certkd.errors import CertkdError
+    from certkd.loading import load_pair, load_points
+    from certkd.run import Run
 
-    job.shard, launcher = resolve_shard(shard)
+    run = Run.start(COMMAND, record_key, shard, out=out, out_kind="dir", resume=resume, overwrite=overwrite,
+                    progress=progress, max_memory=max_memory, notify=notify)
+    job.shard = run.shard
     job.check()
-    if out is not None and out.exists() and not out.is_dir():
-        raise CertkdError(f"{out} is a file; --out takes a directory")
-    if resume and out is None:
-        raise CertkdError("--resume needs --out DIR (the directory of the interrupted run)")
-    if job.shard is not None and out is None:
-        raise CertkdError("--shard needs --out DIR (certkd merge combines the shards' records)")
-    if launcher == SLURM:
-        out = shard_path(out, job.shard)
+    out = run.output(out)
     student_ckpt, _, student, teacher = load_pair(student_path, teacher_path, device)
     data_name, data, count = load_points(student_ckpt, dataset, split, data_dir, num_examples)
     reused_s, reused_t = (None if path is None else reuse_records(path, ckpt, job, data_name, split, count)
@@ -542,29 +518,14 @@ def run_compare(student_path: Path, teacher_path: Path, job: CompareJob, shard: 
                                                 for p in (student_records, teacher_records))
     contexts = [prepare_methods(m, student_ckpt.input_shape, [] if given is not None else [job.method], job.norm,
                                 job.options(), device) for m, given in zip((student, teacher), reused, strict=True)]
-    config = {"student_sha256": file_sha256(student_path), "teacher_sha256": file_sha256(teacher_path),
-              "dataset": data_name, "split": split, "num_examples": count, **job.to_config()}
-    path = out / PER_EXAMPLE if out is not None else None
-    if launcher == TORCHRUN:
-        path = shard_path(path, job.shard)
-    with RecordLog.open(path, COMMAND, config, record_key, resume=resume, overwrite=overwrite) as log:
-        computed = [(who, c) for who, c, given in zip(("student", "teacher"), contexts, reused, strict=True)
-                    if given is None]  # the models whose certified radii are computed here, not reused
-        plans = dict(zip((who for who, _ in computed), plan_bound_memory(
-            [c.bound_engine() for _, c in computed], data, count, job.method, None, job.norm,
-            job.batch_size, max_memory, notify), strict=True)) \
-            if job.method in BOUND_METHODS_BY_COST and computed else {}
-        compare_points(contexts[0], contexts[1], data, range(count), job, log, progress, reused)
-    records = log.records
-    if launcher == TORCHRUN:
-        parts = gather_shards(COMMAND, config, records, job.shard)
-        if parts is None:
-            return None
-        assert out is not None
-        return merge_compare(parts, out)
-    if job.shard is not None:
-        return None
-    summary = summarize_compare(config, records)
+    run.configure({"student_sha256": file_sha256(student_path), "teacher_sha256": file_sha256(teacher_path),
+                   "dataset": data_name, "split": split, "num_examples": count}, job.to_config())
+    plans = compare_run(run, contexts[0], contexts[1], data, count, job, out / PER_EXAMPLE if out is not None else None,
+                        reused)
+    folder = out  # torchrun and other shards: Run.start made sure there is one
+    summary = run.finish(summarize_compare, lambda parts: merge_compare(parts, Path(str(folder))))
+    if summary is None or run.launcher == TORCHRUN:
+        return summary
     summary["provenance"] = {"student": str(student_path), "teacher": str(teacher_path),
                              "memory_plan": plans or None}
     if out is not None:

@@ -18,7 +18,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from certkd.runs import Points, Record, RecordLog, batches, execute, seed_stream
+from certkd.io import json_float
+from certkd.runs import (
+    TORCHRUN,
+    Part,
+    Points,
+    Record,
+    RecordLog,
+    Shard,
+    batches,
+    execute,
+    merge_logs,
+    seed_stream,
+    write_log,
+)
 
 COMMAND = "bounds"
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
@@ -46,17 +59,6 @@ class BoundsJob:
     restarts: int = 2
     batch_size: int = 32
     seed: int = 0
-
-
-def json_float(value: float) -> float | None:
-    """JSON has no infinity: a non-finite number is written as null.
-
-    Example
-    -------
-    >>> json_float(float("inf")), json_float(2.0)
-    (None, 2.0)
-    """
-    return float(value) if math.isfinite(value) else None
 
 
 def record_key(record: Record) -> tuple[int, float]:
@@ -144,7 +146,7 @@ def batch_records(student: nn.Module, teacher: nn.Module, x: torch.Tensor, y: to
 
 def bounds_points(student: nn.Module, teacher: nn.Module, data: Points, indices: Sequence[int], job: BoundsJob,
                   tools: TransferTools, log: RecordLog, device: str | torch.device = "cpu",
-                  progress: bool = False) -> list[Record]:
+                  progress: bool = False, shard: Shard | None = None) -> list[Record]:
     """Run the missing (batch, eps) work into ``log``; returns the records appended now.
 
     Parameters
@@ -165,13 +167,15 @@ def bounds_points(student: nn.Module, teacher: nn.Module, data: Points, indices:
         Where the models run.
     progress : bool
         Progress bar.
+    shard : (k, n) or None
+        The part of the batches this run computes.
 
     Returns
     -------
     list of dict
         The records appended now.
     """
-    work = [(b, idx, e_i, e) for b, idx in batches(indices, job.batch_size) for e_i, e in enumerate(job.eps)
+    work = [(b, idx, e_i, e) for b, idx in batches(indices, job.batch_size, shard) for e_i, e in enumerate(job.eps)
             if log.missing((i, float(e)) for i in idx)]
 
     def compute(item: tuple[int, list[int], int, float]) -> list[Record]:
@@ -299,11 +303,12 @@ def write_bounds_outputs(out: Path, summary: dict[str, Any], records: list[Recor
         plot_terms(terms, out / f"terms_{eps_tag(e)}.png", title.replace("transfer bound,", "transfer-bound terms,"))
 
 
-def run_bounds(student_path: Path, teacher_path: Path, job: BoundsJob, dataset: str | None = None,
+def run_bounds(student_path: Path, teacher_path: Path, job: BoundsJob, shard: Shard | str | None = None,
+               dataset: str | None = None,
                split: str = "test", data_dir: Path | None = None, num_examples: int | None = None,
                device: str = "cpu", out: Path | None = None, resume: bool = False, overwrite: bool = False,
                progress: bool = True, max_memory: int | None = None,
-               notify: Callable[[str], None] | None = None) -> dict[str, Any]:
+               notify: Callable[[str], None] | None = None) -> dict[str, Any] | None:
     """``certkd bounds``: the transfer-bound terms for STUDENT distilled from TEACHER; the summary.
 
     Parameters
@@ -312,6 +317,9 @@ def run_bounds(student_path: Path, teacher_path: Path, job: BoundsJob, dataset: 
         Checkpoints that fit each other.
     job : BoundsJob
         eps, norm, certified gammas, PGD steps, batch size, seed.
+    shard : (k, n), "auto" or None
+        As for ``certkd certify``; a shard's run writes records only (``certkd merge`` gives the
+        summary), except under torchrun, where rank 0 gathers and summarizes.
     dataset, split, data_dir, num_examples
         The points (default: the student's dataset, all of ``split``).
     device : str
@@ -324,38 +332,71 @@ def run_bounds(student_path: Path, teacher_path: Path, job: BoundsJob, dataset: 
         Progress on stderr (a bar on a terminal, one line per stage otherwise).
     max_memory, notify
         Memory per bound pass (certified gammas and margins) and where its plan is reported
-        (``certification.run.plan_bound_memory``).
+        (``certkd.run.Run.plan_memory``).
 
     Returns
     -------
-    dict
-        The summary (``summarize_bounds``).
+    dict or None
+        The summary (``summarize_bounds``); None for a shard that is not the whole run.
     """
     from bounds.linearity import MARGIN
-    from certkd.certification.run import load_pair, load_points, plan_bound_memory
     from certkd.checkpoint import file_sha256
-    from certkd.errors import CertkdError
+    from certkd.loading import load_pair, load_points
+    from certkd.run import Run
 
-    if out is not None and out.exists() and not out.is_dir():
-        raise CertkdError(f"{out} is a file; --out takes a directory")
-    if resume and out is None:
-        raise CertkdError("--resume needs --out DIR (the directory of the interrupted run)")
+    run = Run.start(COMMAND, record_key, shard, out=out, out_kind="dir", resume=resume, overwrite=overwrite,
+                    progress=progress, max_memory=max_memory, notify=notify)
+    out = run.output(out)
     job.eps = list(dict.fromkeys(job.eps))
     student_ckpt, _, student, teacher = load_pair(student_path, teacher_path, device)
     data_name, data, count = load_points(student_ckpt, dataset, split, data_dir, num_examples)
     tools = TransferTools.build(student, teacher, student_ckpt.input_shape, job, device)
-    config = {"student_sha256": file_sha256(student_path), "teacher_sha256": file_sha256(teacher_path),
-              "dataset": data_name, "split": split, "num_examples": count, **asdict(job)}
-    path = out / "per_example.jsonl" if out is not None else None
-    with RecordLog.open(path, COMMAND, config, record_key, resume=resume, overwrite=overwrite) as log:
-        plans: list[dict[str, Any]] = []
+    run.configure({"student_sha256": file_sha256(student_path), "teacher_sha256": file_sha256(teacher_path),
+                   "dataset": data_name, "split": split, "num_examples": count}, asdict(job))
+    with run.open_log(out / "per_example.jsonl" if out is not None else None) as log:
         if tools.engines is not None and tools.bounders is not None:
-            common = (data, count, job.method, max(job.eps), job.norm, job.batch_size, max_memory, notify)
-            plans = plan_bound_memory(tools.engines, *common) + plan_bound_memory(tools.bounders, *common,
-                                                                                  target=MARGIN)
-        bounds_points(student, teacher, data, range(count), job, tools, log, device, progress)
-    summary = summarize_bounds(config, log.records)
-    summary["provenance"] = {"student": str(student_path), "teacher": str(teacher_path), "memory_plan": plans or None}
+            common = (data, count, job.method, max(job.eps), job.norm, job.batch_size)
+            run.plan_memory(tools.engines, *common)
+            run.plan_memory(tools.bounders, *common, target=MARGIN)
+        bounds_points(student, teacher, data, range(count), job, tools, log, device, progress, run.shard)
+    folder = out  # torchrun and other shards: Run.start made sure there is one
+    summary = run.finish(summarize_bounds, lambda parts: merge_bounds(parts, Path(str(folder))))
+    if summary is None or run.launcher == TORCHRUN:
+        return summary
+    summary["provenance"] = {"student": str(student_path), "teacher": str(teacher_path),
+                             "memory_plan": run.plans or None}
     if out is not None:
         write_bounds_outputs(out, summary, log.records)
+    return summary
+
+
+def merge_bounds(parts: Sequence[Part], out: Path, per_example: Path | None = None) -> dict[str, Any]:
+    """Merge bounds shards into the summary of the whole run, written into ``out`` (a directory).
+
+    Parameters
+    ----------
+    parts : sequence of (str, dict or None, list of dict)
+        Each shard's file name, header and records.
+    out : Path
+        Receives ``per_example.jsonl`` (unless ``per_example`` names another file), ``summary.json``
+        and the figures.
+    per_example : Path, optional
+        Where to write the merged records.
+
+    Returns
+    -------
+    dict
+        The summary, equal to that of one unsharded run.
+    """
+    def expected(config: Any) -> set[Any]:
+        shard = tuple(config["shard"]) if config.get("shard") else None
+        return {(i, float(e)) for _, idx in batches(range(int(config["num_examples"])), int(config["batch_size"]),
+                                                    shard) for i in idx for e in config["eps"]}
+
+    _, config, records = merge_logs(parts, expected, record_key, "certkd bounds ... --resume")
+    records = sorted(records, key=lambda r: (int(r["index"]), float(r["eps"])))
+    out.mkdir(parents=True, exist_ok=True)
+    write_log(per_example or out / "per_example.jsonl", COMMAND, config, records)
+    summary = summarize_bounds(config, records)
+    write_bounds_outputs(out, summary, records)
     return summary

@@ -9,8 +9,9 @@ of the peak is charged to every point, and a margin covers fragmentation) and ch
 ``batch = floor(budget / cost)``, clamped to ``[1, cap]``.
 
 The default budget is a third of the memory available now (``MemAvailable``, or the
-cgroup limit when lower; free GPU memory on CUDA). Nothing here reads or writes user
-files: the measurements come from ``/proc`` and ``/sys/fs/cgroup`` (Linux) or CUDA.
+cgroup limit when lower; free GPU memory on CUDA). The measurements come from ``/proc``
+and ``/sys/fs/cgroup`` (Linux) or CUDA; resetting the peak writes ``/proc/self/clear_refs``,
+which is why this lives in certkd and not in ``bounds`` (which touches no file).
 
 Example
 -------
@@ -33,7 +34,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from bounds.errors import BoundsError, UnsupportedModelError
+from bounds.errors import UnsupportedModelError
+from certkd.errors import CertkdError
 
 if TYPE_CHECKING:
     from bounds.certify import BoundEngine
@@ -75,7 +77,7 @@ class MemoryPlan:
 
 
 def parse_memory(text: str | int | float) -> int:
-    """``"4G"``, ``"512MB"``, ``"2.5GiB"``, ``"1e9"`` or a number of bytes -> bytes (``BoundsError`` if not).
+    """``"4G"``, ``"512MB"``, ``"2.5GiB"``, ``"1e9"`` or a number of bytes -> bytes (``CertkdError`` if not).
 
     >>> parse_memory("2G"), parse_memory("512M"), parse_memory(1000)
     (2147483648, 536870912, 1000)
@@ -85,10 +87,10 @@ def parse_memory(text: str | int | float) -> int:
     else:
         match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmgt]?)(?:i?b)?\s*", str(text).lower())
         if not match:
-            raise BoundsError(f"memory must be a size such as 4G, 512M or a number of bytes, got {text!r}")
+            raise CertkdError(f"memory must be a size such as 4G, 512M or a number of bytes, got {text!r}")
         value = float(match.group(1)) * _UNITS[match.group(2)]
     if not math.isfinite(value) or value < 1:
-        raise BoundsError(f"memory must be a positive size, got {text!r}")
+        raise CertkdError(f"memory must be a positive size, got {text!r}")
     return int(value)
 
 
@@ -256,10 +258,10 @@ def plan_batch(probe: Callable[[int], object], probe_size: int, cap: int, budget
         headroom covers what a small probe does not show).
     """
     if probe_size < 1 or cap < 1:
-        raise BoundsError(f"probe size and batch cap must be at least 1, got {probe_size} and {cap}")
+        raise CertkdError(f"probe size and batch cap must be at least 1, got {probe_size} and {cap}")
     budget = default_budget(device) if budget_bytes is None else int(budget_bytes)
     if budget < 1:
-        raise BoundsError(f"the memory budget must be positive, got {budget} bytes")
+        raise CertkdError(f"the memory budget must be positive, got {budget} bytes")
     with measure_peak(device) as used:
         probe(probe_size)
     cost = max(int(math.ceil(HEADROOM * used["bytes"] / probe_size)), MIN_COST_BYTES)

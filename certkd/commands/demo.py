@@ -24,16 +24,17 @@ from certkd.certification import (
     COMMAND,
     CertifyJob,
     CertifyOptions,
-    certify_points,
     prepare_methods,
     record_key,
     summarize,
 )
-from certkd.checkpoint import file_sha256, load_checkpoint, load_model
-from certkd.comparison import CompareJob, judge
+from certkd.certification.run import certify_run, checkpoint_sources
+from certkd.checkpoint import load_checkpoint, load_model
+from certkd.commands.compare import CompareJob, judge
 from certkd.data import load_dataset
 from certkd.io import atomic_write_json
-from certkd.runs import Points, RecordLog, seed_stream
+from certkd.run import Run
+from certkd.runs import Points, seed_stream
 from certkd.train import ObjectiveParams as TrainParams
 from certkd.train import TrainConfig, train
 
@@ -146,12 +147,13 @@ def certify_trained(name: str, path: Path, data: Points, count: int, settings: D
     model = ckpt.build_model("cpu")
     job = CertifyJob(methods=[settings.method, ATTACK], eps=list(settings.eps_grid), norm=settings.norm, radius=True,
                      batch_size=50, seed=settings.seed, params=CertifyOptions(pgd_steps=20))
-    config = {"checkpoint_sha256": file_sha256(path), "model": ckpt.model_name, "dataset": "digits",
-              "split": "test", "num_examples": count, **job.to_config()}
     ctx = prepare_methods(model, ckpt.input_shape, job.all_methods(), job.norm, job.params)
-    with RecordLog.open(records_path, COMMAND, config, record_key, resume=True, overwrite=overwrite) as log:
-        certify_points(ctx, data, range(count), job, log, progress)
-    summary = summarize(config, log.records)
+    run = Run.start(COMMAND, record_key, resume=True, overwrite=overwrite, progress=progress)
+    run.configure(checkpoint_sources(path, ckpt, "digits", "test", count), job.to_config())
+    certify_run(run, ctx, data, count, job, records_path)
+    log = run.log
+    assert log is not None
+    summary = summarize(run.config, log.records)
     radius = torch.zeros(count, dtype=torch.float64)
     attack = torch.zeros(count, dtype=torch.float64)
     correct = torch.zeros(count, dtype=torch.bool)

@@ -20,22 +20,20 @@ from pathlib import Path
 from typing import Any
 
 from certkd.certification import (
-    BOUND_METHODS_BY_COST,
     COMMAND,
     PGD,
     CertifyJob,
     CertifyOptions,
-    certify_points,
     check_fits,
-    plan_bound_memory,
     prepare_methods,
     record_key,
     summarize,
 )
-from certkd.checkpoint import file_sha256, load_checkpoint
+from certkd.certification.run import certify_run, checkpoint_sources
+from certkd.checkpoint import load_checkpoint
 from certkd.data import load_dataset
 from certkd.io import atomic_write_text
-from certkd.runs import RecordLog, config_sha256
+from certkd.run import Run
 from certkd.study import Study
 from certkd.train import ObjectiveParams as TrainParams
 from certkd.train import TrainConfig, train
@@ -155,18 +153,15 @@ def run_study(study: Study, out: Path | None = None, overwrite: bool = False, pr
                 job = CertifyJob(methods=[method], eps=list(study.eps), norm=norm, radius=method != PGD,
                                  batch_size=study.batch_size, seed=study.seed,
                                  params=replace(options, pgd_steps=options.pgd_steps if method == PGD else 0))
-                config = {"checkpoint_sha256": file_sha256(path), "model": ckpt.model_name, "dataset": dataset,
-                          "split": study.split, "num_examples": n, **job.to_config()}
                 ctx = prepare_methods(model, ckpt.input_shape, job.all_methods(), norm, job.params, study.device)
-                if method in BOUND_METHODS_BY_COST:  # bound batches sized to a third of the available memory
-                    plan_bound_memory([ctx.bound_engine()], data, n, method, None, norm, study.batch_size)
+                run = Run.start(COMMAND, record_key, resume=True, overwrite=overwrite, progress=progress)
+                run.configure(checkpoint_sources(path, ckpt, dataset, study.split, n), job.to_config())
                 t0 = time.perf_counter()
-                with RecordLog.open(out / "records" / f"{label}_L{norm}_{method}.jsonl", COMMAND, config,
-                                    record_key, resume=True, overwrite=overwrite) as log:
-                    new = certify_points(ctx, data, range(n), job, log, progress)
-                key, seconds = config_sha256(config), time.perf_counter() - t0
+                new = certify_run(run, ctx, data, n, job, out / "records" / f"{label}_L{norm}_{method}.jsonl")
+                records = run.log.records if run.log is not None else []
+                key, seconds = run.config_sha256, time.perf_counter() - t0
                 timings[key] = timings.get(key, 0.0) + seconds if new else timings.get(key, seconds)
-                rows += _cell_rows(study, label, path, weight, method, norm, summarize(config, log.records),
+                rows += _cell_rows(study, label, path, weight, method, norm, summarize(run.config, records),
                                    timings[key])
     atomic_write_text(timings_path, json.dumps(timings, indent=1) + "\n")
     cells_path = out / "cells.csv"
