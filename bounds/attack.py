@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from bounds.inputs import check_finite, logits_of, model_dtype
 from bounds.norms import _expand, batch_norm, check_eps, parse_norm, project, random_in_ball, steepest_step
 
 
@@ -115,10 +116,12 @@ def pgd(
     """
     if loss not in ("margin", "ce"):
         raise ValueError(f"unknown attack loss {loss!r}: use margin or ce")
+    check_finite(x)
+    x = x.to(model_dtype(model))  # a float64 (or bfloat16) model is attacked in its own precision
     seen: dict[str, torch.Tensor] = {}  # "margin": running minimum (objective runs first on x itself)
 
     def objective(z: torch.Tensor) -> torch.Tensor:
-        logits = model(z)
+        logits = logits_of(model(z), len(z))
         m = min_margin(logits, y)
         md = m.detach()
         seen["margin"] = torch.minimum(seen["margin"], md) if "margin" in seen else md

@@ -25,7 +25,8 @@ from torch import nn
 from bounds.attack import margins, min_margin, pgd
 from bounds.errors import BoundsError, UnsupportedModelError
 from bounds.graph import GraphCheck, check_graph_supported, lirpa_call, node_kind
-from bounds.lirpa import auto_lirpa_version, import_auto_lirpa
+from bounds.inputs import check_batch_size, check_finite, check_model, float32_model, logits_of
+from bounds.lirpa import auto_lirpa_version, import_auto_lirpa, reset_optimization
 from bounds.norms import batch_norm, check_eps, dual_norm, norm_name, parse_norm
 from bounds.view import check_modules, graph_of, verification_view
 
@@ -164,6 +165,14 @@ def batch_independent(bounded: Any) -> bool:
     return False
 
 
+def _input_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
+    """One example's shape as a tuple of ints, or one sentence."""
+    try:
+        return tuple(int(s) for s in input_shape)
+    except (TypeError, ValueError):
+        raise BoundsError(f"input_shape must be one example's shape, e.g. (1, 28, 28); got {input_shape!r}") from None
+
+
 def margin_spec(y: torch.Tensor, num_classes: int) -> torch.Tensor:
     """The specification matrix C (B, K-1, K) with ``(C f)_k = f_y - f_{j_k}`` (theory.md §1)."""
     eye = torch.eye(num_classes, device=y.device)
@@ -183,16 +192,17 @@ class BoundEngine:
     def __init__(self, model: nn.Module, input_shape: Sequence[int], device: str | torch.device = "cpu",
                  batch_size: int = 64):
         self.device = torch.device(device)
-        self.input_shape = tuple(int(s) for s in input_shape)
-        self.batch_size = int(batch_size)
+        self.input_shape = _input_shape(input_shape)
+        self.batch_size = check_batch_size(batch_size)
         self.version = auto_lirpa_version()
+        model, note = float32_model(model)
+        self.notes: list[str] = [note] if note else []  # what the certificates hold for, when not the model itself
+        check_model(model, self.input_shape)  # output, shape and dtype: one sentence before any graph
         view = verification_view(model, self.input_shape).to(self.device)
         check_modules(view, self.version)
         example = torch.zeros((1, *self.input_shape), device=self.device)
         with torch.no_grad():
-            self.num_classes = int(view(example).shape[1])
-        if self.num_classes < 2:
-            raise BoundsError("margins need a model with at least 2 outputs")
+            self.num_classes = int(logits_of(view(example), 1).shape[1])
         view, bounded = graph_of(view, self.input_shape, self.version)
         batch_independent(bounded)
         check_graph_supported(bounded, "ibp", math.inf, self.version)  # the most permissive: attributes first
@@ -214,6 +224,7 @@ class BoundEngine:
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x = torch.as_tensor(x, dtype=torch.float32).to(self.device)
         y = torch.as_tensor(y).long().to(self.device)
+        check_finite(x)
         if tuple(x.shape[1:]) != self.input_shape:
             raise BoundsError(f"inputs of shape {tuple(x.shape[1:])} do not fit a model for {self.input_shape}")
         if y.shape != (x.shape[0],) or bool(((y < 0) | (y >= self.num_classes)).any()):
@@ -251,6 +262,9 @@ class BoundEngine:
                     lirpa_call(f"bound this model with {method} under L{norm_name(p)}", self.version):
                 lower, _ = self.bounded.compute_bounds(x=(bounded_x,), C=spec, method=_LIRPA_METHODS[method],
                                                        bound_upper=False)
+        except BaseException:
+            reset_optimization(self.bounded)  # a refused call leaves the engine usable
+            raise
         finally:
             for param in self.bounded.parameters():
                 param.grad = None

@@ -214,6 +214,15 @@ def _points(data: DataLike) -> Points:
     return data
 
 
+def _radii(eps: object) -> list[float]:
+    """The radii as floats, or one sentence (a string, None, a non-numeric value)."""
+    values = [eps] if isinstance(eps, (str, bytes, int, float)) else eps
+    try:
+        return [float(e) for e in values]  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        raise CertkdError(f"eps must be numbers (a list of radii such as [0.01, 0.03]), got {eps!r}") from None
+
+
 def _input_shape(model: nn.Module, data: Points) -> tuple[int, ...]:
     if len(data) == 0:
         raise CertkdError("the data holds no examples")
@@ -273,7 +282,7 @@ def certify(model: ModelLike, data: DataLike, methods: Sequence[str] = ("crown",
         summarize,
     )
 
-    job = CertifyJob(methods=list(methods), eps=[float(e) for e in eps], norm=norm, radius=radius,
+    job = CertifyJob(methods=list(methods), eps=_radii(eps), norm=norm, radius=radius,
                      batch_size=batch_size, seed=seed, params=CertifyOptions.from_dict(options))
     job.check()
     net, points = _model(model, device), _points(data)
@@ -282,7 +291,10 @@ def certify(model: ModelLike, data: DataLike, methods: Sequence[str] = ("crown",
     log = RecordLog.memory(record_key)
     certify_points(ctx, points, range(count), job, log, progress)
     config = {"num_examples": count, **job.to_config()}
-    return CertifyResult(summarize(config, log.records), canonical_order(log.records, job))
+    data = summarize(config, log.records)
+    if ctx.notes:
+        data["notes"] = list(ctx.notes)
+    return CertifyResult(data, canonical_order(log.records, job))
 
 
 def compare(student: ModelLike, teacher: ModelLike, data: DataLike, method: str = "crown", norm: str = "inf",
@@ -330,7 +342,7 @@ def compare(student: ModelLike, teacher: ModelLike, data: DataLike, method: str 
     from certkd.comparison import CompareJob, compare_points, record_key, summarize_compare
 
     job = CompareJob(method=method, norm=norm, params=dict(options), batch_size=batch_size, seed=seed,
-                     eps=None if eps is None else [float(e) for e in eps], margin=margin, alpha=alpha,
+                     eps=None if eps is None else _radii(eps), margin=margin, alpha=alpha,
                      fraction_threshold=fraction_threshold, n_boot=n_boot, attack=attack,
                      rho_threshold=rho_threshold)
     job.check()
