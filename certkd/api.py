@@ -215,9 +215,11 @@ def _points(data: DataLike) -> Points:
 
 
 def _radii(eps: object) -> list[float]:
-    """The radii as floats, or one sentence (a string, None, a non-numeric value)."""
-    values = [eps] if isinstance(eps, (str, bytes, int, float)) else eps
+    """The radii as floats, or one sentence (a string, None, any non-numeric value)."""
+    values = [eps] if isinstance(eps, (str, bytes, int, float)) or eps is None else eps
     try:
+        if any(isinstance(e, (str, bytes, bool)) for e in values):  # type: ignore[union-attr]
+            raise TypeError
         return [float(e) for e in values]  # type: ignore[union-attr]
     except (TypeError, ValueError):
         raise CertkdError(f"eps must be numbers (a list of radii such as [0.01, 0.03]), got {eps!r}") from None

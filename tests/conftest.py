@@ -84,6 +84,7 @@ def one_thread():
 # The bound-propagation test files: marked ``lirpa`` (pyproject.toml); .ci/run runs them a second
 # time against auto_LiRPA 0.7.x (``-m "lirpa and not slow"`` in .venv-lirpa07/, issue 12).
 LIRPA_FILES = frozenset({"test_backends.py", "test_vit_lirpa.py", "test_certify_sound.py", "test_view.py",
+                         "test_inputs.py", "test_idioms.py",
                          "test_hazards.py", "test_fuzz_soundness.py", "test_lirpa_compat.py"})
 
 
