@@ -35,8 +35,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import operator
-from collections.abc import Iterator
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -259,10 +258,10 @@ class _Folder:
         source = node.args[0]
         dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
         value = self.values.get(source) if isinstance(source, fx.Node) else None
-        if not torch.is_tensor(value) or dims is None or len(node.args) > 3:
+        if not torch.is_tensor(value) or not isinstance(dims, (int, tuple, list)) or len(node.args) > 3:
             return
         listed = [dims] if isinstance(dims, int) else list(dims)
-        if not all(isinstance(d, int) for d in listed):
+        if not all(isinstance(d, int) and not isinstance(d, bool) for d in listed):
             return
         fixed = tuple(sorted(d % value.dim() for d in listed))
         if list(fixed) == listed:

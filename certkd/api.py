@@ -18,7 +18,7 @@ Example
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -216,11 +216,11 @@ def _points(data: DataLike) -> Points:
 
 def _radii(eps: object) -> list[float]:
     """The radii as floats, or one sentence (a string, None, any non-numeric value)."""
-    values = [eps] if isinstance(eps, (str, bytes, int, float)) or eps is None else eps
+    values: Iterable[Any] = eps if isinstance(eps, Iterable) and not isinstance(eps, (str, bytes)) else [eps]
     try:
-        if any(isinstance(e, (str, bytes, bool)) for e in values):  # type: ignore[union-attr]
+        if any(isinstance(e, (str, bytes, bool)) for e in values):
             raise TypeError
-        return [float(e) for e in values]  # type: ignore[union-attr]
+        return [float(e) for e in values]
     except (TypeError, ValueError):
         raise CertkdError(f"eps must be numbers (a list of radii such as [0.01, 0.03]), got {eps!r}") from None
 
@@ -293,10 +293,10 @@ def certify(model: ModelLike, data: DataLike, methods: Sequence[str] = ("crown",
     log = RecordLog.memory(record_key)
     certify_points(ctx, points, range(count), job, log, progress)
     config = {"num_examples": count, **job.to_config()}
-    data = summarize(config, log.records)
+    summary = summarize(config, log.records)
     if ctx.notes:
-        data["notes"] = list(ctx.notes)
-    return CertifyResult(data, canonical_order(log.records, job))
+        summary["notes"] = list(ctx.notes)
+    return CertifyResult(summary, canonical_order(log.records, job))
 
 
 def compare(student: ModelLike, teacher: ModelLike, data: DataLike, method: str = "crown", norm: str = "inf",

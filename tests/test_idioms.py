@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from test_hazards import SLACK, briefly_trained, count_violations, labels_of, per_margin_attack, raw_lower
 from torch import nn
 
 from bounds.attack import margins
@@ -20,7 +21,6 @@ from bounds.certify import BoundEngine
 from bounds.fold import zero_pad_conv
 from bounds.nn import SlopeReLU
 from certkd.data import load_dataset
-from test_hazards import SLACK, briefly_trained, count_violations, labels_of, per_margin_attack, raw_lower
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -150,9 +150,9 @@ def test_non_zero_padding_stays_refused_by_name():
 
 def test_idioms_through_api_and_cli(trained, digits, tmp_path):
     """``certkd.certify`` and ``certkd certify`` accept an idiom model and publish nothing PGD breaks."""
-    import certkd
     from click.testing import CliRunner
 
+    import certkd
     from certkd.checkpoint import make_checkpoint, save_checkpoint
     from certkd.cli import main
     from certkd.models import MODELS, create_model

@@ -270,8 +270,9 @@ def certify_checkpoint(checkpoint: Path, job: CertifyJob, shard: Shard | str | N
     data_name, data, count = load_points(ckpt, dataset, split, data_dir, num_examples)
     model = ckpt.build_model(device)
     ctx = prepare_methods(model, ckpt.input_shape, job.all_methods(), job.norm, job.params, device)
-    for note in ctx.notes if notify is not None else []:
-        notify(note)
+    if notify is not None:
+        for note in ctx.notes:
+            notify(note)
     config: dict[str, Any] = {"checkpoint_sha256": file_sha256(checkpoint), "model": ckpt.model_name,
                               "dataset": data_name, "split": split, "num_examples": count, **job.to_config()}
     log_path = shard_path(per_example, job.shard) if launcher == TORCHRUN else per_example
