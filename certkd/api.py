@@ -210,8 +210,26 @@ def _points(data: DataLike) -> Points:
     if isinstance(data, str):
         return load_dataset(data)  # type: ignore[no-any-return]
     if isinstance(data, tuple):
-        return TensorPoints(*data)
+        return _tensor_points(*data)
     return data
+
+
+def _tensor_points(x: Any, y: Any) -> TensorPoints:
+    """Tensors ``(x, y)`` as points: float32 pixels in [0, 1] (finite) and integer labels, or one sentence."""
+    from bounds.inputs import check_finite
+
+    x, y = torch.as_tensor(x), torch.as_tensor(y)
+    if not x.is_floating_point():
+        raise CertkdError(f"the inputs are {str(x.dtype).removeprefix('torch.')}; certkd takes floating-point pixels "
+                          "in [0, 1] (for 0-255 images pass x.float() / 255)")
+    check_finite(x)
+    if y.dim() != 1:
+        raise CertkdError(f"labels must be one class index per example, shape (B,); got shape {tuple(y.shape)}")
+    if y.is_floating_point() and not bool((y == y.round()).all()):
+        raise CertkdError("labels must be class indices (integers), got fractional values")
+    if y.is_complex() or y.dtype == torch.bool:
+        raise CertkdError(f"labels must be class indices (integers), got {str(y.dtype).removeprefix('torch.')}")
+    return TensorPoints(x.float(), y.long())
 
 
 def _radii(eps: object) -> list[float]:
@@ -341,8 +359,10 @@ def compare(student: ModelLike, teacher: ModelLike, data: DataLike, method: str 
     (True, 'yes')
     """
     from certkd.certification import prepare_methods
+    from bounds.inputs import check_batch_size
     from certkd.comparison import CompareJob, compare_points, record_key, summarize_compare
 
+    check_batch_size(batch_size)
     job = CompareJob(method=method, norm=norm, params=dict(options), batch_size=batch_size, seed=seed,
                      eps=None if eps is None else _radii(eps), margin=margin, alpha=alpha,
                      fraction_threshold=fraction_threshold, n_boot=n_boot, attack=attack,

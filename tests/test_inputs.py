@@ -300,3 +300,22 @@ def test_clean_margins_agree_after_float32_cast():
     with torch.no_grad():
         y = model(x.double()).argmax(1)
         assert torch.allclose(min_margin(copy32(x).double(), y), min_margin(model(x.double()), y), atol=1e-5)
+
+
+@pytest.mark.parametrize("case, word", [("uint8", "x.float() / 255"), ("labels_2d", "shape (B,)"),
+                                        ("fractional_labels", "integers"), ("nan", "NaN")])
+def test_api_tensor_data_checked(case, word):
+    x, y = points()
+    data = {"uint8": ((x * 255).to(torch.uint8), y), "labels_2d": (x, y.view(-1, 1)),
+            "fractional_labels": (x, y + 0.5), "nan": (x.masked_fill(x > 0.98, math.nan), y)}[case]
+    for call in (lambda: certkd.certify(mlp(), data, ["lipschitz"], [0.01], pgd_steps=0),
+                 lambda: certkd.compare(mlp(), mlp(), data, "lipschitz", eps=[0.01], n_boot=20)):
+        with pytest.raises(USER_ERRORS) as info:
+            call()
+        assert_sentence(info.value, word)
+
+
+def test_api_float64_data_and_float_labels_accepted():
+    x, y = points()
+    res = certkd.certify(mlp(), (x.double(), y.float()), ["crown"], [0.01], pgd_steps=2)
+    assert res.data["num_examples"] == 4
