@@ -25,7 +25,14 @@ from torch import nn
 from bounds.attack import margins, min_margin, pgd
 from bounds.errors import BoundsError, UnsupportedModelError
 from bounds.graph import GraphCheck, check_graph_supported, lirpa_call, node_kind
-from bounds.inputs import check_batch_size, check_finite, check_model, float32_model, logits_of
+from bounds.inputs import (
+    check_batch_size,
+    check_finite,
+    check_input_shape,
+    check_model,
+    float32_model,
+    logits_of,
+)
 from bounds.lirpa import auto_lirpa_version, import_auto_lirpa, reset_optimization
 from bounds.norms import batch_norm, check_eps, dual_norm, norm_name, parse_norm
 from bounds.view import check_modules, graph_of, verification_view
@@ -165,14 +172,6 @@ def batch_independent(bounded: Any) -> bool:
     return False
 
 
-def _input_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
-    """One example's shape as a tuple of ints, or one sentence."""
-    try:
-        return tuple(int(s) for s in input_shape)
-    except (TypeError, ValueError):
-        raise BoundsError(f"input_shape must be one example's shape, e.g. (1, 28, 28); got {input_shape!r}") from None
-
-
 def margin_spec(y: torch.Tensor, num_classes: int) -> torch.Tensor:
     """The specification matrix C (B, K-1, K) with ``(C f)_k = f_y - f_{j_k}`` (theory.md §1)."""
     eye = torch.eye(num_classes, device=y.device)
@@ -192,7 +191,7 @@ class BoundEngine:
     def __init__(self, model: nn.Module, input_shape: Sequence[int], device: str | torch.device = "cpu",
                  batch_size: int = 64):
         self.device = torch.device(device)
-        self.input_shape = _input_shape(input_shape)
+        self.input_shape = check_input_shape(input_shape)
         self.batch_size = check_batch_size(batch_size)
         self.version = auto_lirpa_version()
         model, note = float32_model(model)

@@ -32,7 +32,7 @@ from torch import nn
 
 from bounds.errors import BoundsError
 
-__all__ = ["ModelCheck", "check_batch_size", "check_finite", "check_model", "float32_model", "logits_of",
+__all__ = ["ModelCheck", "check_batch_size", "check_finite", "check_input_shape", "check_model", "float32_model", "logits_of",
            "model_dtype"]
 
 _SELECT = ("certkd needs a module whose forward returns the (B, K) logits alone: wrap it, e.g. "
@@ -122,10 +122,7 @@ def check_model(model: nn.Module, input_shape: Sequence[int], device: torch.devi
     ModelCheck
         ``num_classes`` (K of the (B, K) logits) and the model's dtype.
     """
-    shape = tuple(input_shape)
-    if not shape or any(int(s) < 1 for s in shape):
-        raise BoundsError(f"input_shape must be one example's shape of positive sizes, e.g. (1, 28, 28); "
-                          f"got {shape}")
+    shape = check_input_shape(input_shape)
     dtype = model_dtype(model)
     points = torch.rand((2, *shape), generator=torch.Generator().manual_seed(0)).to(device or _device(model), dtype)
     was_training = model.training
@@ -145,6 +142,18 @@ def check_model(model: nn.Module, input_shape: Sequence[int], device: torch.devi
     if not bool(torch.isfinite(logits).all()):
         raise BoundsError(f"the model returns NaN or infinite logits on inputs in [0, 1] of shape {shape}")
     return ModelCheck(int(logits.shape[1]), dtype)
+
+
+def check_input_shape(input_shape: object) -> tuple[int, ...]:
+    """One example's shape as a tuple of positive ints, or one sentence."""
+    try:
+        shape = tuple(int(s) for s in input_shape)  # type: ignore[attr-defined]  # any iterable of sizes
+    except (TypeError, ValueError):
+        shape = ()
+    if not shape or any(s < 1 for s in shape) or isinstance(input_shape, (str, bytes)):
+        raise BoundsError(f"input_shape must be one example's shape of positive sizes, e.g. (1, 28, 28); "
+                          f"got {input_shape!r}")
+    return shape
 
 
 def float32_model(model: nn.Module) -> tuple[nn.Module, str | None]:

@@ -358,8 +358,8 @@ def compare(student: ModelLike, teacher: ModelLike, data: DataLike, method: str 
     >>> bool(res.to_frame()["difference"].eq(0).all()), res.verdict
     (True, 'yes')
     """
-    from certkd.certification import prepare_methods
     from bounds.inputs import check_batch_size
+    from certkd.certification import prepare_methods
     from certkd.comparison import CompareJob, compare_points, record_key, summarize_compare
 
     check_batch_size(batch_size)
