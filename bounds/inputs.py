@@ -58,8 +58,8 @@ def _first_logits(out: tuple[object, ...] | list[object]) -> int | None:
                 None)
 
 
-def logits_of(out: object, batch: int) -> torch.Tensor:
-    """``out`` itself when it is one (``batch``, K) floating tensor with K >= 2, else one sentence.
+def logits_of(out: object, batch: int, min_classes: int = 2) -> torch.Tensor:
+    """``out`` itself when it is one (``batch``, K) floating tensor with K >= ``min_classes``, else one sentence.
 
     A tuple, list or dict output is named with its parts and the selection to write;
     a (B,) output (one score per example) is told how to give two logits.
@@ -86,8 +86,8 @@ def logits_of(out: object, batch: int) -> torch.Tensor:
                           "(B, K) logits: flatten or select them inside the model")
     if not out.is_floating_point():
         raise BoundsError(f"the model returns {out.dtype} values; certkd needs floating-point logits")
-    if out.shape[1] < 2:
-        raise BoundsError("margins need a model with at least 2 outputs")
+    if out.shape[1] < min_classes:
+        raise BoundsError(f"margins need a model with at least {min_classes} outputs")
     return out
 
 
@@ -105,7 +105,8 @@ def _device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def check_model(model: nn.Module, input_shape: Sequence[int], device: torch.device | None = None) -> ModelCheck:
+def check_model(model: nn.Module, input_shape: Sequence[int], device: torch.device | None = None,
+                min_classes: int = 2) -> ModelCheck:
     """Run ``model`` once on two points of [0, 1]^d of ``input_shape``; one sentence if that fails.
 
     Parameters
@@ -116,6 +117,8 @@ def check_model(model: nn.Module, input_shape: Sequence[int], device: torch.devi
         One example's shape, e.g. (C, H, W).
     device : torch.device, optional
         Where to run it (default: where its parameters are).
+    min_classes : int
+        The fewest outputs accepted (2 for margins; 1 for a Lipschitz constant of the logits).
 
     Returns
     -------
@@ -138,7 +141,7 @@ def check_model(model: nn.Module, input_shape: Sequence[int], device: torch.devi
                           "check input_shape (one example's shape, without the batch)") from None
     finally:
         model.train(was_training)
-    logits = logits_of(out, 2)
+    logits = logits_of(out, 2, min_classes)
     if not bool(torch.isfinite(logits).all()):
         raise BoundsError(f"the model returns NaN or infinite logits on inputs in [0, 1] of shape {shape}")
     return ModelCheck(int(logits.shape[1]), dtype)

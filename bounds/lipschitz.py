@@ -231,7 +231,7 @@ def lipschitz_bound(model: nn.Module, input_shape: tuple[int, ...]) -> Lipschitz
     if any(m.training for m in model.modules() if isinstance(m, (nn.modules.batchnorm._BatchNorm, *_DROPOUT))):
         raise BoundsError("BatchNorm and Dropout must be in eval mode: call model.eval() first")
     float32_model(model)  # bfloat16/float16 refused; float64 is analysed in its own precision
-    dtype = check_model(model, input_shape).dtype  # output, shape: one sentence before tracing
+    dtype = check_model(model, input_shape, min_classes=1).dtype  # output, shape: one sentence before tracing
     try:
         graph_module = fx.GraphModule(model, _Tracer().trace(model))
     except Exception as exc:
