@@ -258,7 +258,8 @@ class _Folder:
         source = node.args[0]
         dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
         value = self.values.get(source) if isinstance(source, fx.Node) else None
-        if not torch.is_tensor(value) or not isinstance(dims, (int, tuple, list)) or len(node.args) > 3:
+        if (not torch.is_tensor(value) or not isinstance(dims, (int, tuple, list)) or len(node.args) > 3
+                or set(node.kwargs) - {"dim", "keepdim"}):
             return
         listed = [dims] if isinstance(dims, int) else list(dims)
         if not all(isinstance(d, int) and not isinstance(d, bool) for d in listed):
@@ -396,20 +397,27 @@ def zero_pad_conv(channels: int, pads: tuple[int, int, int, int], like: torch.Te
 
 @contextlib.contextmanager
 def _len_as_size(view: nn.Module) -> Iterator[None]:
-    """While tracing, ``len(t)`` in the view's forward module records ``t.size(0)`` (fx refuses ``len``)."""
-    namespace = getattr(type(view).forward, "__globals__", None)
-    if namespace is None or "len" in namespace:
-        yield
-        return
+    """While tracing, ``len(t)`` in the forwards of the view's modules records ``t.size(0)`` (fx refuses ``len``).
 
+    The modules' own (non-torch) source modules get a global ``len`` for the duration only.
+    """
     def _len(obj: Any) -> Any:
         return obj.size(0) if isinstance(obj, fx.Proxy) else builtins.len(obj)
 
-    namespace["len"] = _len
+    patched: dict[int, dict[str, Any]] = {}
+    for module in view.modules():
+        namespace = getattr(type(module).forward, "__globals__", None)
+        if (namespace is None or "len" in namespace or id(namespace) in patched
+                or str(namespace.get("__name__", "")).startswith("torch.")):
+            continue
+        patched[id(namespace)] = namespace
+    for namespace in patched.values():
+        namespace["len"] = _len
     try:
         yield
     finally:
-        namespace.pop("len", None)
+        for namespace in patched.values():
+            namespace.pop("len", None)
 
 
 class _Tracer(fx.Tracer):
