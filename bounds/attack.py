@@ -204,7 +204,7 @@ def _apgd_objective(model: torch.nn.Module, y: torch.Tensor, loss: str,
     """``x' -> (loss per example, min margin per example)`` for APGD."""
 
     def objective(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = model(z)
+        logits = logits_of(model(z), len(z))
         if loss == "ce":
             value = F.cross_entropy(logits, y, reduction="none")
         else:
@@ -354,11 +354,12 @@ def apgd_ensemble(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps:
     for name in losses:
         if name not in APGD_LOSSES:
             raise ValueError(f"unknown APGD loss {name!r}: use one of {', '.join(APGD_LOSSES)}")
-    x = x.detach()
+    check_finite(x)
+    x = x.detach().to(model_dtype(model))  # attacked in the model's own precision
     eps_t = torch.as_tensor(eps, dtype=x.dtype, device=x.device)
     eps_t = eps_t.expand(x.shape[0]).clone() if eps_t.dim() == 0 else eps_t.to(x.dtype)
     with torch.no_grad():
-        logits = model(x)
+        logits = logits_of(model(x), len(x))
     best = _Best(x, min_margin(logits, y).detach())
     for name in losses:
         targeted = name == "dlr-targeted" and logits.shape[1] >= 4

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from torch import nn
 
 import certkd
-from bounds.attack import min_margin, pgd
+from bounds.attack import ApgdConfig, apgd_ensemble, min_margin, pgd
 from bounds.certify import BoundEngine, certified_radius, margin_bounds
 from bounds.errors import BoundsError, UnsupportedModelError
 from bounds.lipschitz import lipschitz_bound
@@ -80,6 +80,7 @@ ENTRY_POINTS = {
     "margin_bounds_ibp": lambda m, x, y: margin_bounds(m, x, y, 0.01, "inf", "ibp"),
     "certified_radius": lambda m, x, y: certified_radius(m, x, y, "inf", "crown"),
     "pgd": lambda m, x, y: pgd(m, x, y, 0.01, steps=2),
+    "apgd": lambda m, x, y: apgd_ensemble(m, x, y, 0.01, config=ApgdConfig(steps=2)),
     "lipschitz": lambda m, x, y: lipschitz_bound(m, SHAPE),
     "certkd.certify": lambda m, x, y: certkd.certify(m, (x, y), ["crown"], [0.01], pgd_steps=2),
     "certkd.compare": lambda m, x, y: certkd.compare(m, mlp(), (x, y), "crown", eps=[0.01], n_boot=20),
@@ -91,8 +92,8 @@ ENTRY_POINTS = {
 def test_bad_models_get_one_sentence(family, entry, capfd):
     make, word = BAD_MODELS[family]
     x, y = points()
-    if family == "bfloat16" and entry == "pgd":  # an estimate: attacked in the model's own precision
-        assert pgd(make(), x, y, 0.01, steps=2).margin.dtype == torch.bfloat16
+    if family == "bfloat16" and entry in ("pgd", "apgd"):  # an estimate: attacked in the model's own precision
+        assert ENTRY_POINTS[entry](make(), x, y).margin.dtype == torch.bfloat16
         return
     with pytest.raises(USER_ERRORS) as info:
         ENTRY_POINTS[entry](make(), x, y)
@@ -158,6 +159,7 @@ def test_nan_pixels_are_named():
     engine = BoundEngine(model, SHAPE)
     for call in (lambda: engine.margin_bounds(x, y, 0.01), lambda: engine.certified_radius(x, y),
                  lambda: pgd(model, x, y, 0.01, steps=1),
+                 lambda: apgd_ensemble(model, x, y, 0.01, config=ApgdConfig(steps=1)),
                  lambda: certkd.certify(model, (x, y), ["crown"], [0.01], pgd_steps=2)):
         with pytest.raises(BoundsError) as info:
             call()
