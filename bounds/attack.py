@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from bounds.inputs import check_finite, logits_of, model_dtype
 from bounds.norms import (
     _expand,
     batch_norm,
@@ -127,10 +128,12 @@ def pgd(
     """
     if loss not in ("margin", "ce"):
         raise ValueError(f"unknown attack loss {loss!r}: use margin or ce")
+    check_finite(x)
+    x = x.to(model_dtype(model))  # a float64 (or bfloat16) model is attacked in its own precision
     seen: dict[str, torch.Tensor] = {}  # "margin": running minimum (objective runs first on x itself)
 
     def objective(z: torch.Tensor) -> torch.Tensor:
-        logits = model(z)
+        logits = logits_of(model(z), len(z))
         m = min_margin(logits, y)
         md = m.detach()
         seen["margin"] = torch.minimum(seen["margin"], md) if "margin" in seen else md
@@ -213,7 +216,7 @@ def _apgd_objective(model: torch.nn.Module, y: torch.Tensor, loss: str,
     """``x' -> (loss per example, min margin per example)`` for APGD."""
 
     def objective(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = model(z)
+        logits = logits_of(model(z), len(z))
         if loss == "ce":
             value = F.cross_entropy(logits, y, reduction="none")
         else:
@@ -363,11 +366,12 @@ def apgd_ensemble(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps:
     for name in losses:
         if name not in APGD_LOSSES:
             raise ValueError(f"unknown APGD loss {name!r}: use one of {', '.join(APGD_LOSSES)}")
-    x = x.detach()
+    check_finite(x)
+    x = x.detach().to(model_dtype(model))  # attacked in the model's own precision
     eps_t = torch.as_tensor(eps, dtype=x.dtype, device=x.device)
     eps_t = eps_t.expand(x.shape[0]).clone() if eps_t.dim() == 0 else eps_t.to(x.dtype)
     with torch.no_grad():
-        logits = model(x)
+        logits = logits_of(model(x), len(x))
     best = _Best(x, min_margin(logits, y).detach())
     for name in losses:
         targeted = name == "dlr-targeted" and logits.shape[1] >= 4

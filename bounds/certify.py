@@ -37,7 +37,15 @@ from bounds.evidence import (
     rounding_allowance,
 )
 from bounds.graph import ESTIMATE_HINT, GraphCheck, check_graph_supported, lirpa_call, node_kind
-from bounds.lirpa import auto_lirpa_version, import_auto_lirpa
+from bounds.inputs import (
+    check_batch_size,
+    check_finite,
+    check_input_shape,
+    check_model,
+    float32_model,
+    logits_of,
+)
+from bounds.lirpa import auto_lirpa_version, import_auto_lirpa, reset_optimization
 from bounds.norms import batch_norm, check_eps, default_eps_max, dual_norm, norm_name, parse_norm
 from bounds.tracing import check_no_value_dependence
 from bounds.view import check_modules, graph_of, verification_view
@@ -192,16 +200,17 @@ class BoundEngine:
     def __init__(self, model: nn.Module, input_shape: Sequence[int], device: str | torch.device = "cpu",
                  batch_size: int = 64):
         self.device = torch.device(device)
-        self.input_shape = tuple(int(s) for s in input_shape)
-        self.batch_size = int(batch_size)
+        self.input_shape = check_input_shape(input_shape)
+        self.batch_size = check_batch_size(batch_size)
         self.version = auto_lirpa_version()
+        model, note = float32_model(model)
+        self.notes: list[str] = [note] if note else []  # what the certificates hold for, when not the model itself
+        check_model(model, self.input_shape)  # output, shape and dtype: one sentence before any graph
         view = verification_view(model, self.input_shape).to(self.device)
         check_modules(view, self.version)
         example = torch.zeros((1, *self.input_shape), device=self.device)
         with torch.no_grad():
-            self.num_classes = int(view(example).shape[1])
-        if self.num_classes < 2:
-            raise BoundsError("margins need a model with at least 2 outputs")
+            self.num_classes = int(logits_of(view(example), 1).shape[1])
         view, bounded = graph_of(view, self.input_shape, self.version)
         batch_independent(bounded)
         check_graph_supported(bounded, "ibp", math.inf, self.version)  # the most permissive: attributes first
@@ -223,6 +232,7 @@ class BoundEngine:
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x = torch.as_tensor(x, dtype=torch.float32).to(self.device)
         y = torch.as_tensor(y).long().to(self.device)
+        check_finite(x)
         if tuple(x.shape[1:]) != self.input_shape:
             raise BoundsError(f"inputs of shape {tuple(x.shape[1:])} do not fit a model for {self.input_shape}")
         if y.shape != (x.shape[0],) or bool(((y < 0) | (y >= self.num_classes)).any()):
@@ -267,6 +277,9 @@ class BoundEngine:
                 result = self.bounded.compute_bounds(x=(bounded_x,), C=spec, method=_LIRPA_METHODS[method],
                                                      bound_upper=False, return_A=linear,
                                                      needed_A_dict={final: [source]} if linear else None)
+        except BaseException:
+            reset_optimization(self.bounded)  # a refused call leaves the engine usable
+            raise
         finally:
             for param in self.bounded.parameters():
                 param.grad = None

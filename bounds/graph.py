@@ -22,6 +22,7 @@ import contextlib
 import io
 import logging
 import math
+import re
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -136,6 +137,7 @@ _NODE_LABELS = {
     "BoundSoftmax": "softmax", "BoundExp": "exp", "BoundLog": "log", "BoundMatMul": "a matrix product (MatMul)",
     "BoundDiv": "division", "BoundPow": "power", "BoundSqrt": "sqrt", "BoundReduceMax": "max-reduction",
     "BoundBatchNormalization": "BatchNorm", "BoundPad": "padding (Pad)", "BoundClip": "clamp (Clip)",
+    "BoundLogSoftmax": "log-softmax", "BoundPRelu": "PReLU", "BoundLeakyRelu": "LeakyReLU",
 }
 
 
@@ -269,8 +271,13 @@ def lirpa_call(what: str, version: str | None) -> Iterator[None]:
     """Run auto_LiRPA code with its stdout captured and dropped, its warnings and log lines silenced.
 
     Any exception it raises (other than a ``BoundsError``) becomes one ``UnsupportedModelError``
-    sentence: ``auto_LiRPA 0.3 failed to <what> (<type>: <first line>); <hint>.``
+    sentence naming the operator it failed at where one can be found (``failing_operator``):
+    ``auto_LiRPA 0.3 failed to <what> at <operator> (<type>: <first line>); <hint>.``
     """
+    from bounds.lirpa import LOG_RECORDS, silence_logging
+
+    silence_logging()
+    LOG_RECORDS.records.clear()
     logger = logging.getLogger("auto_LiRPA")
     level = logger.level
     logger.setLevel(logging.CRITICAL)
@@ -282,11 +289,61 @@ def lirpa_call(what: str, version: str | None) -> Iterator[None]:
         raise
     except Exception as exc:  # auto_LiRPA raises anything: one sentence for the user
         detail = str(exc).splitlines()[0][:120] if str(exc).strip() else ""
+        operator = failing_operator(exc, [r.getMessage() for r in LOG_RECORDS.records])
+        where = f" at {operator}" if operator else ""
         raise UnsupportedModelError(
-            f"auto_LiRPA {version or ''} failed to {what} ({type(exc).__name__}{': ' + detail if detail else ''}); "
+            f"auto_LiRPA {version or ''} failed to {what}{where} ({type(exc).__name__}"
+            f"{': ' + detail if detail else ''}); "
             f"{ESTIMATE_HINT} (or a smaller batch size if memory ran out).".replace("  ", " ")) from exc
     finally:
         logger.setLevel(level)
+
+
+_LOGGED_OPERATOR = re.compile(r"Name: onnx::(\w+), Attr: (\{.*\})")
+_BOUND_CLASS = re.compile(r"\b(Bound[A-Z]\w*)")
+_NOT_OPERATORS = frozenset({"BoundedModule", "BoundedTensor", "BoundDataParallel"})
+
+
+def _attributes(attr: Mapping[str, object]) -> str:
+    return ", ".join(f"{k}={_format(v)}" for k, v in sorted(attr.items()) if k != "device")
+
+
+def failing_operator(exc: BaseException, log_lines: Sequence[str] = ()) -> str | None:
+    """The operator an auto_LiRPA failure happened at, with its attributes, e.g. ``log-softmax (LogSoftmax, axis=1)``.
+
+    Looked up, in order, in auto_LiRPA's own log lines (``Name: onnx::LogSoftmax, Attr: {...}``,
+    its list of unsupported operations), the innermost traceback frame that runs a method of
+    an operator node (``self`` a ``Bound*`` node: its name and attributes), and an operator
+    class named in the message (``BoundPad.forward() missing ...``). None when none names one.
+    """
+    names = []
+    for line in log_lines:
+        found = _LOGGED_OPERATOR.search(line)
+        if found:
+            label = node_label(f"Bound{found.group(1)}")
+            attr = found.group(2).replace("'", "").replace(" ", "").replace(":", "=").strip("{}")
+            text = f"{label} ({found.group(1)}{', ' + attr if attr else ''})"
+            if text not in names:
+                names.append(text)
+    if names:
+        return _join(names)
+    node = None
+    tb = exc.__traceback__
+    while tb is not None:
+        candidate = tb.tb_frame.f_locals.get("self")
+        kind = type(candidate).__name__
+        if kind.startswith("Bound") and kind not in _NOT_OPERATORS and hasattr(candidate, "name"):
+            node = candidate
+        tb = tb.tb_next
+    if node is not None:
+        kind = node_kind(node)
+        attr = _attributes(getattr(node, "attr", {}) or {})
+        name = f"node {node.name} " if node.name else ""
+        return f"{name}({node_label(kind)}, {kind.removeprefix('Bound')}{', ' + attr if attr else ''})"
+    found = _BOUND_CLASS.search(str(exc))
+    if found and found.group(1) not in _NOT_OPERATORS:
+        return node_label(found.group(1))
+    return None
 
 
 # --------------------------------------------------------------------------- graph equals model

@@ -39,6 +39,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from bounds.errors import BoundsError, ContradictionError, UnsupportedModelError
 from bounds.gradients import other_classes
+from bounds.inputs import check_model, float32_model
 from bounds.nn import Normalize
 from bounds.norms import parse_norm
 from bounds.tracing import NO_TRACE_HINT, check_no_value_dependence
@@ -249,19 +250,21 @@ def lipschitz_bound(model: nn.Module, input_shape: tuple[int, ...]) -> Lipschitz
     """
     if any(m.training for m in model.modules() if isinstance(m, (nn.modules.batchnorm._BatchNorm, *_DROPOUT))):
         raise BoundsError("BatchNorm and Dropout must be in eval mode: call model.eval() first")
+    float32_model(model)  # bfloat16/float16 refused; float64 is analysed in its own precision
+    dtype = check_model(model, input_shape, min_classes=1).dtype  # output, shape: one sentence before tracing
     hidden = _hidden_code(model)
     if hidden is not None:
         raise UnsupportedModelError(f"the Lipschitz bound cannot see {hidden} (torch.fx does not trace it); "
                                     f"{NO_TRACE_HINT}")
     device = next((t.device for t in model.parameters()), torch.device("cpu"))
-    check_no_value_dependence(model, torch.zeros(1, *input_shape, device=device), "the Lipschitz bound")
+    check_no_value_dependence(model, torch.zeros(1, *input_shape, device=device, dtype=dtype), "the Lipschitz bound")
     try:
         graph_module = fx.GraphModule(model, _Tracer().trace(model))
     except Exception as exc:
         raise UnsupportedModelError(f"the model cannot be traced by torch.fx ({type(exc).__name__}); "
                                     "use the clever or smoothing methods") from None
     with torch.no_grad():
-        ShapeProp(graph_module).propagate(torch.zeros(1, *input_shape, device=device))
+        ShapeProp(graph_module).propagate(torch.zeros(1, *input_shape, device=device, dtype=dtype))
     modules = dict(graph_module.named_modules())
 
     def module_of(node: fx.Node) -> nn.Module | None:

@@ -14,6 +14,7 @@ with one sentence (``AutoLirpaMissing``).
 
 from __future__ import annotations
 
+import collections
 import importlib
 import importlib.metadata
 import importlib.util
@@ -168,6 +169,46 @@ def _patch_named_members(bounded_module_class: type[_NamedMembers]) -> None:
     bounded_module_class._named_members = _named_members  # type: ignore[method-assign]  # the shim
 
 
+class _RecentRecords(logging.Handler):
+    """auto_LiRPA's last log records, kept instead of printed (they name the operators it does not support)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: collections.deque[logging.LogRecord] = collections.deque(maxlen=64)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+LOG_RECORDS = _RecentRecords()
+
+
+def silence_logging() -> None:
+    """Route every ``auto_LiRPA.*`` logger (``auto_LiRPA.utils`` sets its own level) into ``LOG_RECORDS`` only.
+
+    Records reach the ``auto_LiRPA`` logger, are kept there and go no further: nothing on
+    stderr, not even through ``logging.lastResort``. Idempotent; run at import and by
+    ``bounds.graph.lirpa_call``.
+    """
+    logger = logging.getLogger("auto_LiRPA")
+    logger.propagate = False
+    if LOG_RECORDS not in logger.handlers:
+        logger.addHandler(LOG_RECORDS)
+
+
+def reset_optimization(bounded: Any) -> None:
+    """Leave no alpha-CROWN state behind in a ``BoundedModule`` after a failed call.
+
+    alpha-CROWN puts every optimizable activation in stage ``"init"``/``"opt"`` and back to
+    ``None`` only when the optimization ends; an exception in between leaves the stage set,
+    and every later CROWN or CROWN-IBP pass then uses the stale alpha slopes (shape
+    assertions). Setting the stage back restores the plain relaxations.
+    """
+    for node in getattr(bounded, "_modules", {}).values():
+        if getattr(node, "opt_stage", None) is not None:
+            node.opt_stage = None
+
+
 def _restore_root_logger(root_handlers: list[logging.Handler], root_level: int) -> None:
     """Undo auto_LiRPA's ``logging.basicConfig`` (a stdout handler on the root logger)."""
     root = logging.getLogger()
@@ -211,6 +252,7 @@ def import_auto_lirpa() -> types.ModuleType:
             f"({type(exc).__name__}: {exc}); run `{INSTALL_HINT}`.") from exc
     finally:
         _restore_root_logger(root_handlers, root_level)
+    silence_logging()
     APPLIED_SHIMS["named_members_remove_duplicate"] = legacy and needs_named_members(module.BoundedModule)
     if APPLIED_SHIMS["named_members_remove_duplicate"]:
         _patch_named_members(module.BoundedModule)

@@ -71,3 +71,34 @@ class ClampReLU(nn.Module):
 
     def extra_repr(self) -> str:
         return f"low={self.low}, high={self.high}"
+
+
+class SlopeReLU(nn.Module):
+    """``leaky_relu``/``prelu`` with slope ``a`` written with a ReLU: ``a x + (1 - a) relu(x)`` (exact for any ``a``).
+
+    For ``x > 0`` it is ``a x + (1 - a) x = x``, for ``x <= 0`` it is ``a x``. The verification
+    view replaces ``nn.LeakyReLU``, ``nn.PReLU`` and inline ``F.leaky_relu``/``F.prelu`` by this
+    module: every method bounds ReLU, constant products and sums soundly. ``slope`` is a number
+    or one value per channel (axis 1), as ``nn.PReLU`` keeps it.
+
+    Examples
+    --------
+    >>> SlopeReLU(0.1)(torch.tensor([-2.0, 3.0]))
+    tensor([-0.2000,  3.0000])
+    """
+
+    slope: torch.Tensor
+    rest: torch.Tensor
+
+    def __init__(self, slope: float | torch.Tensor):
+        super().__init__()
+        a = torch.as_tensor(slope, dtype=torch.float32).detach().clone().flatten()
+        self.register_buffer("slope", a)
+        self.register_buffer("rest", 1 - a)  # precomputed: the graph holds only products, a sum and a ReLU
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1, *([1] * (x.dim() - 2))) if self.slope.numel() > 1 else (1,) * x.dim()
+        return self.slope.view(shape) * x + self.rest.view(shape) * torch.relu(x)
+
+    def extra_repr(self) -> str:
+        return f"slopes={self.slope.numel()}"

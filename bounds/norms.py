@@ -102,8 +102,13 @@ def random_in_ball(shape: torch.Size | tuple[int, ...], p: float, eps: torch.Ten
 
 
 def check_eps(eps: float | torch.Tensor) -> None:
-    """Raise ``BoundsError`` for a negative or non-finite radius."""
-    t = torch.as_tensor(eps, dtype=torch.float64)
+    """Raise ``BoundsError`` for a negative, non-finite or non-numeric radius (a string, None)."""
+    if isinstance(eps, (str, bytes, bool)) or eps is None:
+        raise BoundsError(f"eps must be a number >= 0 (or one per example), got {eps!r}")
+    try:
+        t = torch.as_tensor(eps, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError):
+        raise BoundsError(f"eps must be a number >= 0 (or one per example), got {eps!r}") from None
     if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
         raise BoundsError(f"eps must be a finite number >= 0, got {eps!r}")
 

@@ -14,9 +14,13 @@ Rewrites (each exact, the whole view checked against the model before any bound)
 - grouped, dilated or unequally padded (``"same"``, ``(0, 2)``) convolutions -> ordinary
   convolutions with one padding on every side (``canonical_conv``);
 - ``nn.Hardtanh``/``nn.ReLU6`` -> ``ClampReLU`` (``a + relu(x - a) - relu(x - b)``);
+- ``nn.LeakyReLU``/``nn.PReLU`` -> ``SlopeReLU`` (``a x + (1 - a) relu(x)``);
 - dropout -> identity;
 - inside ``forward`` (``bounds.fold``): constant arithmetic on the input (user-written
-  normalization) -> the dense 1x1 form, inline clamps -> ``ClampReLU``.
+  normalization) -> the dense 1x1 form, inline clamps -> ``ClampReLU``, batch-size-agnostic
+  flattens, negative mean axes, division by constants, zero ``F.pad``, leaky activations, and
+  a log-softmax or max-shift head (dropped: margins unchanged, so ``check_view`` compares the
+  view's logits with the model's up to one shift per example).
 Submodules are replaced in a deep copy, so any ``nn.Module`` (custom forwards,
 residual blocks) works; the model itself is never modified.
 """
@@ -35,7 +39,7 @@ from torch import nn
 from bounds.errors import AutoLirpaMissing, BoundsError, UnsupportedModelError
 from bounds.fold import fold_forward
 from bounds.graph import ESTIMATE_HINT, check_graph_supported, input_readers, node_kind, refuse
-from bounds.nn import ClampReLU, Normalize
+from bounds.nn import ClampReLU, Normalize, SlopeReLU
 from bounds.vit_rewrite import rewrite_transformer
 
 if TYPE_CHECKING:
@@ -219,6 +223,10 @@ def _rewrite(module: nn.Module, dims: dict[int, int]) -> None:
             module._modules[name] = canonical_conv(child)
         elif isinstance(child, (nn.Hardtanh, nn.ReLU6)):
             module._modules[name] = ClampReLU(child.min_val, child.max_val)
+        elif isinstance(child, nn.LeakyReLU):
+            module._modules[name] = SlopeReLU(child.negative_slope)
+        elif isinstance(child, nn.PReLU):
+            module._modules[name] = SlopeReLU(child.weight.detach())
         elif isinstance(child, _DROPOUT):
             module._modules[name] = nn.Identity()
         else:
@@ -249,7 +257,8 @@ def check_view(view: nn.Module, model: nn.Module, input_shape: Sequence[int]) ->
     if expected.shape != got.shape:
         raise BoundsError(f"the verification view returns shape {tuple(got.shape)} instead of "
                           f"{tuple(expected.shape)}")
-    error = float((expected - got).abs().max())
+    # margins f_y - f_j only: one shift per example (a dropped log-softmax head) is no difference
+    error = float(((expected - expected[:, :1]) - (got - got[:, :1])).abs().max())
     scale = max(1.0, float(expected.abs().max()))
     if not math.isfinite(error) or error > VIEW_ATOL * scale:
         raise BoundsError(f"the verification view differs from the model by {error:.2e} (allowed "

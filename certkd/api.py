@@ -18,7 +18,7 @@ Example
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -211,8 +211,37 @@ def _points(data: DataLike) -> Points:
     if isinstance(data, str):
         return load_dataset(data)  # type: ignore[no-any-return]
     if isinstance(data, tuple):
-        return TensorPoints(*data)
+        return _tensor_points(*data)
     return data
+
+
+def _tensor_points(x: Any, y: Any) -> TensorPoints:
+    """Tensors ``(x, y)`` as points: float32 pixels in [0, 1] (finite) and integer labels, or one sentence."""
+    from bounds.inputs import check_finite
+
+    x, y = torch.as_tensor(x), torch.as_tensor(y)
+    if not x.is_floating_point():
+        raise CertkdError(f"the inputs are {str(x.dtype).removeprefix('torch.')}; certkd takes floating-point pixels "
+                          "in [0, 1] (for 0-255 images pass x.float() / 255)")
+    check_finite(x)
+    if y.dim() != 1:
+        raise CertkdError(f"labels must be one class index per example, shape (B,); got shape {tuple(y.shape)}")
+    if y.is_floating_point() and not bool((y == y.round()).all()):
+        raise CertkdError("labels must be class indices (integers), got fractional values")
+    if y.is_complex() or y.dtype == torch.bool:
+        raise CertkdError(f"labels must be class indices (integers), got {str(y.dtype).removeprefix('torch.')}")
+    return TensorPoints(x.float(), y.long())
+
+
+def _radii(eps: object) -> list[float]:
+    """The radii as floats, or one sentence (a string, None, any non-numeric value)."""
+    values: Iterable[Any] = eps if isinstance(eps, Iterable) and not isinstance(eps, (str, bytes)) else [eps]
+    try:
+        if any(isinstance(e, (str, bytes, bool)) for e in values):
+            raise TypeError
+        return [float(e) for e in values]
+    except (TypeError, ValueError):
+        raise CertkdError(f"eps must be numbers (a list of radii such as [0.01, 0.03]), got {eps!r}") from None
 
 
 def _input_shape(model: nn.Module, data: Points) -> tuple[int, ...]:
@@ -276,7 +305,7 @@ def certify(model: ModelLike, data: DataLike, methods: Sequence[str] = ("crown",
     from certkd.certification.run import certify_run
     from certkd.run import Run
 
-    job = CertifyJob(methods=list(methods), eps=[float(e) for e in eps], norm=norm, radius=radius,
+    job = CertifyJob(methods=list(methods), eps=_radii(eps), norm=norm, radius=radius,
                      batch_size=batch_size, seed=seed, params=CertifyOptions.from_dict(options))
     job.check()
     net, points = _model(model, device), _points(data)
@@ -286,7 +315,10 @@ def certify(model: ModelLike, data: DataLike, methods: Sequence[str] = ("crown",
     run.configure({"num_examples": count}, job.to_config())
     certify_run(run, ctx, points, count, job)
     records = run.log.records if run.log is not None else []
-    return CertifyResult(summarize(run.config, records), canonical_order(records, job))
+    summary = summarize(run.config, records)
+    if ctx.notes:
+        summary["notes"] = list(ctx.notes)
+    return CertifyResult(summary, canonical_order(records, job))
 
 
 def compare(student: ModelLike, teacher: ModelLike, data: DataLike, method: str = "crown", norm: str = "inf",
@@ -330,6 +362,7 @@ def compare(student: ModelLike, teacher: ModelLike, data: DataLike, method: str 
     >>> bool(res.to_frame()["difference"].eq(0).all()), res.verdict
     (True, 'yes')
     """
+    from bounds.inputs import check_batch_size
     from certkd.certification import prepare_methods
     from certkd.commands.compare import COMMAND, CompareJob, compare_run, record_key, summarize_compare
     from certkd.run import Run
@@ -339,8 +372,9 @@ def compare(student: ModelLike, teacher: ModelLike, data: DataLike, method: str 
         if unknown:
             raise CertkdError(f"unknown compare rule setting(s) {', '.join(unknown)}")
         rule = CompareRule(**(rule or {}))
+    check_batch_size(batch_size)
     job = CompareJob(method=method, norm=norm, params=dict(options), batch_size=batch_size, seed=seed,
-                     eps=None if eps is None else [float(e) for e in eps], attack=attack, rule=rule)
+                     eps=None if eps is None else _radii(eps), attack=attack, rule=rule)
     job.check()
     points = _points(data)
     models = [_model(m, device) for m in (student, teacher)]

@@ -32,7 +32,7 @@ from certkd.runs import read_log
 from certkd.verify import VerifyOptions, read_results, run_instances, verify_instance
 from certkd.vnnlib import parse_vnnlib, read_vnnlib, robustness_spec, write_vnnlib
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "lirpa")
 
 
 @pytest.fixture(scope="module")

@@ -140,6 +140,7 @@ class Context:
     norm: str
     params: CertifyOptions
     device: torch.device
+    notes: list[str] = field(default_factory=list)  # what the figures hold for, when not the model itself
     _engine: BoundEngine | None = None
     _lipschitz: LipschitzBound | None = None
 
@@ -436,9 +437,14 @@ def prepare_methods(model: nn.Module, input_shape: Sequence[int], methods: Seque
     >>> prepare_methods(net, (1, 2, 2), ["lipschitz"], "2", CertifyOptions()).norm
     '2'
     """
+    from bounds.inputs import check_model, float32_model
+
     params.check()
-    ctx = Context(model=model.eval(), input_shape=tuple(int(s) for s in input_shape), norm=check_norm(norm),
-                  params=params, device=torch.device(device))
+    model, note = float32_model(model)  # bfloat16 refused; float64 run as its float32 copy, with a note
+    shape = tuple(int(s) for s in input_shape)
+    check_model(model, shape, torch.device(device))  # output, shape: one sentence before any method starts
+    ctx = Context(model=model.eval(), input_shape=shape, norm=check_norm(norm), params=params,
+                  device=torch.device(device), notes=[note] if note else [])
     for name in methods:
         get_method(name).prepare(ctx)
     return ctx

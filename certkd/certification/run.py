@@ -202,6 +202,9 @@ def certify_checkpoint(checkpoint: Path, job: CertifyJob, shard: Shard | str | N
     data_name, data, count = load_points(ckpt, dataset, split, data_dir, num_examples)
     model = ckpt.build_model(device)
     ctx = prepare_methods(model, ckpt.input_shape, job.all_methods(), job.norm, job.params, device)
+    if notify is not None:
+        for note in ctx.notes:
+            notify(note)
     run.configure(checkpoint_sources(checkpoint, ckpt, data_name, split, count), job.to_config())
     certify_run(run, ctx, data, count, job, log_path)
 
