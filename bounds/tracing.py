@@ -11,7 +11,6 @@ line; ``check_no_value_dependence`` turns the first into a refusal naming it.
 Example
 -------
 >>> from torch import nn
-from torch.jit._trace import TracerWarning
 >>> value_dependent_lines(nn.Linear(3, 2), torch.zeros(1, 3))
 []
 """
