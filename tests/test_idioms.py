@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from test_hazards import SLACK, briefly_trained, count_violations, labels_of, per_margin_attack, raw_lower
+from helpers import SLACK, briefly_trained, count_violations, labels_of, per_margin_attack, raw_lower
 from torch import nn
 
 from bounds.attack import margins

@@ -103,7 +103,7 @@ def test_bad_models_get_one_sentence(family, entry, capfd):
 
 def test_float64_model_bounded_as_float32_copy_with_a_note():
     """A float64 model: bounded (its float32 copy, noted), the bounds below the float64 model's own per-margin attack."""
-    from test_hazards import per_margin_attack
+    from helpers import per_margin_attack
 
     model = mlp().double()
     x, y = points(6)
