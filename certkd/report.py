@@ -240,8 +240,8 @@ def write_demo_report(out: Path, results: dict[str, Any]) -> Path:
               f"**Rule.** {rule['part']} {rule['headline']}", "",
               f"Inputs of the rule: tie tolerance tol = {rule['tol']:g} (bisection tolerance of both radii; "
               f"differences within it count as ties), margin = {rule['margin']:g}, "
-              f"CI level = {level} (paired percentile-bootstrap CIs from {rule['n_boot']} resamples; Wilcoxon tests "
-              f"at {1 - rule['ci_level']:.2g}), fraction threshold = "
+              f"{level} paired percentile-bootstrap CIs from {rule['n_boot']} resamples (the CI level; Wilcoxon "
+              f"tests at {1 - rule['ci_level']:.2g}), fraction threshold = "
               f"{rule['fraction_threshold']:g}. Certificate looseness rho = median(r_T) / median(a_T); below "
               f"{rule['rho_threshold']:g} the certified part is labelled with the eps range it covers (up to the "
               f"{rule['coverage_quantile']:.0%} quantile of the teacher's radii). Wilcoxon p-values are one-sided "

@@ -75,9 +75,10 @@ def test_kdiga_is_not_no_when_its_empirical_part_is_within_the_margin(digits_tri
 
     strict, _ = compare(digits_trio, "kdiga", tmp_path)
     assert strict["empirical"]["verdict"] == "no" and strict["verdict"] == "no"
-    # the same records under a rule that tolerates KDIGA's deficit (margin 0.5, alpha 1e-12)
+    # the same records under a rule that tolerates KDIGA's deficit (margin 0.5, CI level 1 - 1e-12)
     config, records = read_log(tmp_path / "per_example.jsonl")
-    loose = summarize_compare({**config["config"], "margin": 0.5, "alpha": 1e-12}, records)
+    rule = {**config["config"]["rule"], "margin": 0.5, "ci_level": 1 - 1e-12}
+    loose = summarize_compare({**config["config"], "rule": rule}, records)
     emp = loose["empirical"]
     assert all(row["ci_high"] >= -0.5 for row in emp["table"]) and emp["wilcoxon"]["p_less"] >= 1e-12
     assert emp["verdict"] != "no"  # its empirical part is within the margin
