@@ -140,6 +140,8 @@ class TrainingBounds:
         ptb = self.lirpa.PerturbationLpNorm(norm=math.inf, eps=eps, x_L=lo, x_U=hi)
         spec = margin_spec_matrix(y, self.num_classes)
         with lirpa_call("bound this model for certified training", self.version):
+            if self.model.training:  # BatchNorm: the clean batch's statistics, set by a forward pass
+                self.bounded(centre)
             ibp, _ = self.bounded.compute_bounds(x=(self.lirpa.BoundedTensor(centre, ptb),), C=spec, method="IBP")
             relu_inputs = [(node.inputs[0].lower, node.inputs[0].upper) for node in self.bounded.modules()
                            if type(node).__name__ == "BoundRelu" and getattr(node.inputs[0], "lower", None) is not None]

@@ -54,8 +54,8 @@ from certkd.data import BatchSource, DatasetInfo, load_dataset
 from certkd.errors import CertkdError, CheckpointError
 from certkd.io import JsonlAppender, atomic_write, read_jsonl
 from certkd.models import create_model
-from certkd.train.losses import LossBatch, LossSpec, ObjectiveParams, gaussian_noise, get_loss, list_methods
 from certkd.train.init import ibp_initialize
+from certkd.train.losses import LossBatch, LossSpec, ObjectiveParams, gaussian_noise, get_loss, list_methods
 from certkd.train.losses.distill import input_gradient
 from certkd.train.recipes import apply_recipe
 from certkd.train.schedules import EPS_SCHEDULES, eps_factor, progress
