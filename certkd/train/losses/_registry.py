@@ -40,6 +40,12 @@ class ObjectiveParams:
     CE, ``1/B`` times smaller, as in the authors' code. A weight ``w`` on the batch-mean scale
     equals ``w / B`` on the sample scale.
 
+    Certified methods (theory.md §7): ``kappa_start``/``kappa_end`` (weight of the clean CE)
+    and ``crown_beta_start``/``crown_beta_end`` (weight of the CROWN-IBP bound) move linearly
+    over the eps ramp; ``mtl_alpha`` weighs MTL-IBP's IBP loss; ``bound_reg`` the warm-up
+    regularizers of Shi et al. (2021); ``cert_bound`` is the certified loss of the ``cert-*``
+    distillation methods.
+
     Example
     -------
     >>> ObjectiveParams(eps=0.1, iga_on="adversarial").resolved().iga_step
