@@ -253,3 +253,24 @@ def test_certified_methods_refuse_bad_settings(tmp_path):
         Trainer(TrainConfig.from_flat({**base, "eps": 0.1, "epochs": 3, "eps_start": 2, "eps_warmup": 2}))
     with pytest.raises(CertkdError, match="--eps-schedule"):
         Trainer(TrainConfig.from_flat({**base, "eps": 0.1, "eps_schedule": "cosine"}))
+
+
+def test_cli_trains_a_certified_method_and_explains_its_settings(tmp_path):
+    from click.testing import CliRunner
+
+    from certkd.cli import main
+
+    runner = CliRunner()
+    help_text = runner.invoke(main, ["train", "--help"]).output
+    for option in ("--eps-start", "--eps-schedule", "--ibp-init", "--kappa-end", "--crown-beta-start", "--bound-reg",
+                   "crown-ibp", "cert-kd"):
+        assert option in help_text, option
+    out = tmp_path / "m.pt"
+    result = runner.invoke(main, ["train", "--method", "crown-ibp", "--arch", "mlp", "--arch-kwargs", '{"hidden": [8]}',
+                                  "--epochs", "1", "--eps", "0.05", "--eps-warmup", "1", "--val-size", "40",
+                                  "--no-progress", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    config = load_checkpoint(out).config
+    assert config["method"] == "crown-ibp" and config["eps_warmup"] == 1 and config["crown_beta_start"] == 1.0
+    bad = runner.invoke(main, ["train", "--method", "ibp", "--arch", "mlp", "--out", str(tmp_path / "b.pt")])
+    assert bad.exit_code == 2 and "--eps" in bad.output
