@@ -11,11 +11,11 @@
 # kappa 1 -> 0, Adam 2e-3 with cosine decay, batch 256. Then CROWN and IBP certification on the first
 # N_EVAL test points, `certkd compare` of each student against the teacher, and the transfer
 # certificate of `certkd bounds --certified-gamma`. Re-running continues (--resume).
-# Knobs (environment): EPOCHS=4 WARMUP=2 N_EVAL=1000 N_PAIR=200 DEVICE=cpu SEED=0 PYTHON=python3
+# Knobs (environment): EPOCHS=4 WARMUP=2 N_EVAL=1000 N_PAIR=64 DEVICE=cpu SEED=0 PYTHON=python3
 set -euo pipefail
 DATA_DIR="${1:?usage: examples/certified_mnist.sh DATA_DIR [OUT]}"
 OUT="${2:-runs/certified_mnist}"
-EPOCHS="${EPOCHS:-4}" WARMUP="${WARMUP:-2}" N_EVAL="${N_EVAL:-1000}" N_PAIR="${N_PAIR:-200}"
+EPOCHS="${EPOCHS:-4}" WARMUP="${WARMUP:-2}" N_EVAL="${N_EVAL:-1000}" N_PAIR="${N_PAIR:-64}"
 DEVICE="${DEVICE:-cpu}" SEED="${SEED:-0}" PY="${PYTHON:-python3}"
 certkd() { "$PY" -m certkd "$@"; }
 mkdir -p "$OUT"
