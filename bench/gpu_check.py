@@ -12,6 +12,10 @@ labels = the model's own clean predictions, so every point starts correctly clas
   check: all finite and in [0, R];
 - ``kd-epoch`` / ``kdiga-epoch``: one training epoch of resnet18 (KD, then KDIGA, same
   teacher and data); the KDIGA row's result is its time over KD's (side by side, one run);
+- ``ibp-epoch`` / ``crown-ibp-epoch``: one certified-training epoch (10,000 points) of cnn7 (BatchNorm) at
+  L-inf 8/255, mid-ramp (kappa 0.5, beta 0.5: the CROWN pass runs), bounds by auto_LiRPA with
+  gradients; the CROWN-IBP row's result is its time over IBP's. The full CNN7 runs compared
+  with CTBench are ``bench/certified_cnn7.sh``;
 - ``cpu-agree``: CROWN lower bounds on the device against the same bounds on the CPU;
   check: max abs difference <= 1e-4 (relative to max(1, |bound|)).
 
@@ -48,6 +52,8 @@ from certkd.train.trainer import compute_loss, optimizer_step
 COLUMNS = ("task", "points", "device", "seconds", "result", "check")
 EPS = 2 / 255
 AGREE_TOL = 1e-4
+CERTIFIED_EPOCH_POINTS = 10_000
+"""Points of the certified-training epochs (a fifth of CIFAR-10's training set: CROWN-IBP is the slow one)."""
 
 
 @dataclass(frozen=True)
@@ -156,25 +162,30 @@ def clever_row(model: torch.nn.Module, sizes: Sizes, device: torch.device) -> Ro
                "finite, in [0, R]" if ok else "non-finite or out of [0, R]", ok)
 
 
-def _epoch(method: str, teacher: torch.nn.Module, sizes: Sizes, device: torch.device, seed: int) -> float:
-    """Seconds of one epoch of ``method`` on ``sizes.train_points`` CIFAR-shaped points."""
+def _epoch(method: str, teacher: torch.nn.Module | None, sizes: Sizes, device: torch.device, seed: int,
+           arch: str = "resnet18", points: int | None = None) -> float:
+    """Seconds of one epoch of ``method`` on ``points`` (default ``sizes.train_points``) CIFAR-shaped points
+    (mid-ramp for the certified methods)."""
+    total = sizes.train_points if points is None else points
     torch.manual_seed(seed)
-    student = create_model("resnet18", 10, sizes.shape, **sizes.resnet18).to(device).train()
+    student = create_model(arch, 10, sizes.shape, **(sizes.resnet18 if arch == "resnet18" else sizes.cnn7))
+    student = student.to(device).train()
     optimizer = torch.optim.SGD(student.parameters(), lr=1e-3, momentum=0.9)
     scaler = torch.amp.GradScaler("cuda", enabled=False)
-    params = ObjectiveParams(eps=8 / 255, iga_weight=1.0).resolved()
+    params = ObjectiveParams(eps=8 / 255, iga_weight=1.0, crown_beta_end=0.0).resolved()
     spec = get_loss(method)
     generator = torch.Generator(device=device).manual_seed(seed)
 
     def step(start: int) -> None:
-        n = min(sizes.train_batch, sizes.train_points - start)
+        n = min(sizes.train_batch, total - start)
         x = _points(n, sizes, device, seed=start + 7)
         y = torch.randint(0, 10, (n,), generator=torch.Generator().manual_seed(start)).to(device)
-        batch = LossBatch(x=x, y=y, student=student, student_bare=student, teacher=teacher, generator=generator)
+        batch = LossBatch(x=x, y=y, student=student, student_bare=student, teacher=teacher, generator=generator,
+                          ramp=0.5, eps_factor=0.5)
         optimizer_step(compute_loss(spec, params, batch)["loss"], optimizer, scaler)
 
     def run() -> None:
-        for start in range(0, sizes.train_points, sizes.train_batch):
+        for start in range(0, total, sizes.train_batch):
             step(start)
 
     step(0)  # warm-up (kernels, allocator), not timed
@@ -190,6 +201,17 @@ def train_rows(sizes: Sizes, device: torch.device) -> list[Row]:
     ok = math.isfinite(kd) and math.isfinite(kdiga)
     return [Row("kd-epoch", sizes.train_points, str(device), kd, "resnet18, one epoch", "ran", ok),
             Row("kdiga-epoch", sizes.train_points, str(device), kdiga, f"{kdiga / kd:.2f}x the KD epoch",
+                "ran", ok)]
+
+
+def certified_rows(sizes: Sizes, device: torch.device) -> list[Row]:
+    """An IBP epoch and a CROWN-IBP epoch of cnn7 with BatchNorm (same data); CROWN-IBP's time over IBP's."""
+    points = min(sizes.train_points, CERTIFIED_EPOCH_POINTS)
+    ibp = _epoch("ibp", None, sizes, device, seed=5, arch="cnn7", points=points)
+    crown = _epoch("crown-ibp", None, sizes, device, seed=5, arch="cnn7", points=points)
+    ok = math.isfinite(ibp) and math.isfinite(crown)
+    return [Row("ibp-epoch", points, str(device), ibp, "cnn7, one epoch at 8/255", "ran", ok),
+            Row("crown-ibp-epoch", points, str(device), crown, f"{crown / ibp:.2f}x the IBP epoch",
                 "ran", ok)]
 
 
@@ -228,6 +250,7 @@ def run(sizes: Sizes, device: torch.device) -> list[Row]:
             *_guarded("radius", device, lambda: [radius_row(model, engine, sizes, device)]),
             *_guarded("clever", device, lambda: [clever_row(model, sizes, device)]),
             *_guarded("kd-epoch", device, lambda: train_rows(sizes, device)),
+            *_guarded("ibp-epoch", device, lambda: certified_rows(sizes, device)),
             *_guarded("cpu-agree", device, lambda: [agree_row(model, engine, sizes, device)])]
 
 

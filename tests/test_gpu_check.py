@@ -12,7 +12,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-TASKS = ["crown", "ibp", "radius", "clever", "kd-epoch", "kdiga-epoch", "cpu-agree"]
+TASKS = ["crown", "ibp", "radius", "clever", "kd-epoch", "kdiga-epoch", "ibp-epoch", "crown-ibp-epoch", "cpu-agree"]
 
 
 def test_gpu_check_small_on_cpu(tmp_path):

@@ -292,12 +292,14 @@ def test_method_params_resolution_and_errors():
             ObjectiveParams(**bad).resolved()
 
 
-def test_registry_lists_every_method_of_theory_section_4():
-    assert set(list_methods()) == {"natural", "pgd-at", "trades", "kd", "kdiga", "ard", "rslad"}
+def test_registry_lists_every_method_of_theory_sections_4_and_7():
+    assert set(list_methods()) == {"natural", "pgd-at", "trades", "kd", "kdiga", "ard", "rslad", "ibp", "crown-ibp",
+                                   "mtl-ibp", "cert-kd", "cert-kdiga", "cert-advkd"}
     with pytest.raises(CertkdError, match="unknown training method"):
         get_loss("madry")
     assert isinstance(LOSSES, Registry) and LOSSES.get("kdiga") is get_loss("kdiga")
-    assert {m for m in list_methods() if get_loss(m).needs_teacher} == {"kd", "kdiga", "ard", "rslad"}
+    assert {m for m in list_methods() if get_loss(m).needs_teacher} == {"kd", "kdiga", "ard", "rslad", "cert-kd",
+                                                                      "cert-kdiga", "cert-advkd"}
 
 
 def one_step_by_hand(weight, x, y, u, eps, step):

@@ -16,7 +16,8 @@ from certkd.cli import main
 from certkd.cli.options import OUTPUT_FILE, device_option, norm_option, parse_eps_list, seed_option
 from certkd.train import RECIPES, ObjectiveParams, TrainConfig, list_methods, train
 from certkd.train.losses import get_loss
-from certkd.train.losses._registry import IGA_POINTS, IGA_SCALES
+from certkd.train.losses._registry import CERT_BOUNDS, IGA_POINTS, IGA_SCALES
+from certkd.train.schedules import EPS_SCHEDULES
 from certkd.train.trainer import SCHEDULES
 
 _DEFAULTS = {f.name: f.default for cls in (TrainConfig, ObjectiveParams) for f in fields(cls)
@@ -60,7 +61,8 @@ _RECIPES_HELP = " ".join(RECIPES.get(name).describe() for name in RECIPES.names(
 @click.option("--dataset", default=_DEFAULTS["dataset"], show_default=True, help="Dataset name (see the data "
               "registry).")
 @click.option("--data-dir", type=click.Path(path_type=Path), help="Where the dataset files live.")
-@click.option("--teacher", type=click.Path(path_type=Path), help="Teacher checkpoint (kd, kdiga, ard, rslad); "
+@click.option("--teacher", type=click.Path(path_type=Path), help="Teacher checkpoint (kd, kdiga, ard, rslad, "
+              "cert-kd, cert-kdiga, cert-advkd); "
               "any architecture with the dataset's input shape and class count; frozen, eval mode.")
 @click.option("--init", type=click.Path(path_type=Path), help="Start the student from this checkpoint: every "
               "tensor whose name and shape match is copied (another family is allowed).")
@@ -77,7 +79,31 @@ _RECIPES_HELP = " ".join(RECIPES.get(name).describe() for name in RECIPES.names(
               "(linear up to --lr over the first 40% of the steps, then down to 0; Wong et al. 2020).")
 @click.option("--clip-grad", type=float, help="Clip the L2 norm of the parameter gradient of every step to this.")
 @click.option("--eps-warmup", type=float, default=_DEFAULTS["eps_warmup"], show_default=True, metavar="EPOCHS",
-              help="Ramp the training radius (and its step sizes) linearly from 0 to --eps over this many epochs.")
+              help="Ramp the training radius (and its step sizes) from 0 to --eps over this many epochs (after "
+              "--eps-start); kappa and beta of the certified methods follow the same ramp.")
+@click.option("--eps-start", type=float, default=_DEFAULTS["eps_start"], show_default=True, metavar="EPOCHS",
+              help="Epochs of training at radius 0 before the ramp (the warm-up of Shi et al. 2021).")
+@click.option("--eps-schedule", type=click.Choice(EPS_SCHEDULES), default=_DEFAULTS["eps_schedule"],
+              show_default=True, help="Shape of the ramp: linear, or smoothed (Shi et al. 2021: t^4 growth over "
+              "the first quarter, then linear with the same slope).")
+@click.option("--ibp-init/--no-ibp-init", default=_DEFAULTS["ibp_init"], show_default=True,
+              help="IBP initialization (Shi et al. 2021): Linear/Conv weights N(0, 2 pi / fan_in^2), for models with "
+              "BatchNorm after each layer (e.g. cnn7).")
+@click.option("--kappa-start", type=float, default=_DEFAULTS["kappa_start"], show_default=True,
+              help="Certified methods: weight of the clean CE at the start of the ramp (the bound CE gets 1 - kappa).")
+@click.option("--kappa-end", type=float, default=_DEFAULTS["kappa_end"], show_default=True,
+              help="Certified methods: weight of the clean CE after the ramp (Gowal et al. 0.5; Shi et al. 0).")
+@click.option("--crown-beta-start", type=float, default=_DEFAULTS["crown_beta_start"], show_default=True,
+              help="crown-ibp: weight of the CROWN-IBP bound (against IBP's) at the start of the ramp.")
+@click.option("--crown-beta-end", type=float, default=_DEFAULTS["crown_beta_end"], show_default=True,
+              help="crown-ibp: weight of the CROWN-IBP bound after the ramp (0: pure IBP, no CROWN pass).")
+@click.option("--mtl-alpha", type=float, default=_DEFAULTS["mtl_alpha"], show_default=True,
+              help="mtl-ibp: weight of the IBP loss against the adversarial loss.")
+@click.option("--bound-reg", type=float, default=_DEFAULTS["bound_reg"], show_default=True,
+              help="Certified methods: weight of the warm-up regularizers of Shi et al. 2021 (bound tightness and "
+              "ReLU balance), times 1 - eps_t/eps, while the radius ramps; 0 turns them off (Shi et al.: 0.5).")
+@click.option("--cert-bound", type=click.Choice(CERT_BOUNDS), default=_DEFAULTS["cert_bound"], show_default=True,
+              help="cert-kd, cert-kdiga, cert-advkd: the certified loss of the student (the ibp or crown-ibp method's).")
 @click.option("--collapse-floor", type=float, default=_DEFAULTS["collapse_floor"], show_default=True,
               help="Stop (keeping the last good checkpoint) when the validation clean accuracy falls below this "
               "multiple of chance from epoch 2 on; 0 turns the check off.")
@@ -110,7 +136,8 @@ _RECIPES_HELP = " ".join(RECIPES.get(name).describe() for name in RECIPES.names(
 @click.option("--teacher-mask/--no-teacher-mask", default=None, help="Average KD and IGA only over the examples "
               "the teacher classifies correctly at the point used [default: on with --iga-on adversarial].")
 @click.option("--eps", callback=_one_number, help="Attack radius for pgd-at, trades, ard, rslad (and "
-              "kdiga --iga-on noisy/adversarial); also the validation PGD radius. Fractions allowed: 8/255.")
+              "kdiga --iga-on noisy/adversarial), the L-inf radius bounded by the certified methods (ibp, crown-ibp, "
+              "mtl-ibp, cert-*); also the validation PGD radius. Fractions allowed: 8/255.")
 @norm_option
 @click.option("--attack-steps", type=int, default=_DEFAULTS["attack_steps"], show_default=True,
               help="PGD steps of the training attack.")

@@ -54,9 +54,11 @@ from certkd.data import BatchSource, DatasetInfo, load_dataset
 from certkd.errors import CertkdError, CheckpointError, RunFailed
 from certkd.io import JsonlAppender, atomic_write, read_jsonl
 from certkd.models import create_model
-from certkd.train.losses import LossBatch, LossSpec, ObjectiveParams, gaussian_noise, get_loss
+from certkd.train.init import ibp_initialize
+from certkd.train.losses import LossBatch, LossSpec, ObjectiveParams, gaussian_noise, get_loss, list_methods
 from certkd.train.losses.distill import input_gradient
 from certkd.train.recipes import apply_recipe
+from certkd.train.schedules import EPS_SCHEDULES, eps_factor, progress
 
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("cosine", "step", "cyclic")
@@ -87,7 +89,10 @@ class TrainConfig:
     """Everything ``certkd train`` takes; recorded in the student checkpoint's ``config``.
 
     ``val_size`` ``None``: ``min(500, 10 % of the training split)``. ``eps_warmup``: epochs of a
-    linear ramp of the training radius (and its step sizes) from 0 to ``params.eps``. ``clip_grad``:
+    ramp of the training radius (and its step sizes) from 0 to ``params.eps``, after ``eps_start``
+    epochs at radius 0, shaped by ``eps_schedule`` (``linear`` or ``smoothed``, certkd.train.schedules;
+    kappa and beta of the certified losses follow the same ramp). ``ibp_init``: the IBP
+    initialization of Shi et al. (2021) before training (certkd.train.init). ``clip_grad``:
     the largest L2 norm of the parameter gradient per step. ``collapse_floor``: the validation clean
     accuracy below which training stops, as a multiple of chance (0: never). ``recipe``: the recipe the settings
     were resolved from (recorded only; build with :meth:`from_flat` to apply one).
@@ -110,6 +115,9 @@ class TrainConfig:
     schedule: str = "cosine"
     clip_grad: float | None = None
     eps_warmup: float = 0.0
+    eps_start: float = 0.0
+    eps_schedule: str = "linear"
+    ibp_init: bool = False
     collapse_floor: float = COLLAPSE_CHANCE_FACTOR
     recipe: str | None = None
     seed: int = 0
@@ -222,14 +230,18 @@ def check_config(cfg: TrainConfig, spec: LossSpec) -> ObjectiveParams:
         raise CertkdError(f"--collapse-floor must be a number >= 0 (a multiple of chance), got {cfg.collapse_floor}")
     if not (math.isfinite(cfg.eps_warmup) and 0 <= cfg.eps_warmup <= cfg.epochs):
         raise CertkdError(f"--eps-warmup must lie in [0, --epochs], got {cfg.eps_warmup}")
+    if not (math.isfinite(cfg.eps_start) and 0 <= cfg.eps_start and cfg.eps_start + cfg.eps_warmup <= cfg.epochs):
+        raise CertkdError(f"--eps-start must be >= 0 with --eps-start + --eps-warmup <= --epochs, got {cfg.eps_start}")
+    if cfg.eps_schedule not in EPS_SCHEDULES:
+        raise CertkdError(f"--eps-schedule must be one of {', '.join(EPS_SCHEDULES)}, got {cfg.eps_schedule!r}")
     if cfg.val_size is not None and cfg.val_size < 1 or cfg.val_attack_steps < 1:
         raise CertkdError("--val-size and --val-attack-steps must be >= 1")
     if spec.needs_teacher and cfg.teacher is None:
         raise CertkdError(f"method {spec.name} distils a teacher: give --teacher t.pt")
     if not spec.needs_teacher and cfg.teacher is not None:
         raise CertkdError(f"method {spec.name} uses no teacher; drop --teacher (distillation methods: "
-                          "kd, kdiga, ard, rslad)")
-    needs_eps = spec.uses_attack or (spec.name == "kdiga" and params.iga_on != "clean")
+                          f"{', '.join(m for m in list_methods() if get_loss(m).needs_teacher)})")
+    needs_eps = spec.needs_eps or (spec.name == "kdiga" and params.iga_on != "clean")
     if needs_eps and not params.eps:
         raise CertkdError(f"method {spec.name} attacks within a ball: give --eps > 0 (e.g. 8/255 on CIFAR, "
                           "0.1 on digits)")
@@ -433,6 +445,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.student = create_model(cfg.arch, num_classes=self.info.num_classes, input_shape=self.info.input_shape,
                                     mean=self.info.mean, std=self.info.std, **cfg.arch_kwargs)
+        if cfg.ibp_init:
+            ibp_initialize(self.student)
         init_report = _load_init(self.student, Path(cfg.init)) if cfg.init is not None else None
         if init_report and d.main:
             _say(f"init: loaded {init_report['loaded']} of {init_report['total']} tensors from {cfg.init} "
@@ -547,9 +561,11 @@ class Trainer:
         for step, start in enumerate(bar):
             idx = mine[start:start + self.per_rank]
             x, y = self.data.batch(self.train_idx[idx])
+            at = epoch * self.steps_per_epoch + step
             batch = LossBatch(x=gaussian_noise(x.to(d.device), cfg.noise_sd, gen), y=y.to(d.device),
-                              student=self.model, student_bare=self.student, teacher=self.teacher, generator=gen)
-            params = self.params.eps_scaled(self._warmup_factor(epoch * self.steps_per_epoch + step))
+                              student=self.model, student_bare=self.student, teacher=self.teacher, generator=gen,
+                              ramp=self._ramp(at), eps_factor=self._warmup_factor(at))
+            params = self.params.eps_scaled(batch.eps_factor)
             out = compute_loss(self.spec, params, batch, cfg.amp)
             loss = out["loss"]
             finite = d.all_sum(torch.isfinite(loss.detach()).float().reshape(1)).item() == d.world
@@ -564,15 +580,17 @@ class Trainer:
                 bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
         count = d.all_sum(torch.tensor(float(self.n_per_rank), dtype=torch.float64, device=d.device))
         terms = {key: float(d.all_sum(total) / count) for key, total in sums.items()}
-        if self.params.eps is not None and cfg.eps_warmup > 0:
+        if self.params.eps is not None and (cfg.eps_warmup > 0 or cfg.eps_start > 0):
             terms["train_eps"] = self.params.eps * self._warmup_factor((epoch + 1) * self.steps_per_epoch - 1)
         return terms
 
+    def _ramp(self, step: int) -> float:
+        """Progress of the eps ramp (--eps-start, --eps-warmup) at a step, in [0, 1] (certkd.train.schedules)."""
+        return progress(step, self.steps_per_epoch, self.cfg.eps_start, self.cfg.eps_warmup)
+
     def _warmup_factor(self, step: int) -> float:
-        """``min(1, (step + 1) / (eps_warmup * steps_per_epoch))``: the --eps-warmup ramp at a step."""
-        if self.cfg.eps_warmup <= 0:
-            return 1.0
-        return min(1.0, (step + 1) / (self.cfg.eps_warmup * self.steps_per_epoch))
+        """``eps_t / eps`` at a step: the --eps-schedule shape of :meth:`_ramp`."""
+        return eps_factor(self.cfg.eps_schedule, self._ramp(step))
 
     def validate(self) -> dict[str, float | None]:
         """Clean and PGD accuracy and the mean input-gradient norm of the student on the validation set."""

@@ -1,6 +1,13 @@
 """Training objectives, one file per method family (theory.md §4), in the :data:`LOSSES` registry."""
 
-from certkd.train.losses import adversarial, distill, natural, robust_distill  # noqa: F401  (registration)
+from certkd.train.losses import (  # noqa: F401  (registration)
+    adversarial,
+    certified,
+    certified_distill,
+    distill,
+    natural,
+    robust_distill,
+)
 from certkd.train.losses._registry import (
     LOSSES,
     LossBatch,

@@ -22,6 +22,7 @@ from certkd.registry import Registry
 IGA_NORMS = ("2", "1", "inf")
 IGA_POINTS = ("clean", "noisy", "adversarial")
 IGA_SCALES = ("sample", "batch-mean")
+CERT_BOUNDS = ("ibp", "crown-ibp")
 IGA_STEP_FACTOR = 1.25
 """Default ``--iga-step`` as a multiple of eps: 10/255 at eps 8/255, as in fast AT (Wong et al. 2020)."""
 
@@ -38,6 +39,12 @@ class ObjectiveParams:
     the example's own CE (certkd's scale), ``"batch-mean"`` the gradient of the batch-mean
     CE, ``1/B`` times smaller, as in the authors' code. A weight ``w`` on the batch-mean scale
     equals ``w / B`` on the sample scale.
+
+    Certified methods (theory.md §7): ``kappa_start``/``kappa_end`` (weight of the clean CE)
+    and ``crown_beta_start``/``crown_beta_end`` (weight of the CROWN-IBP bound) move linearly
+    over the eps ramp; ``mtl_alpha`` weighs MTL-IBP's IBP loss; ``bound_reg`` the warm-up
+    regularizers of Shi et al. (2021); ``cert_bound`` is the certified loss of the ``cert-*``
+    distillation methods.
 
     Example
     -------
@@ -58,11 +65,19 @@ class ObjectiveParams:
     norm: str = "inf"
     attack_steps: int = 10
     attack_step_size: float | None = None
+    kappa_start: float = 1.0
+    kappa_end: float = 0.5
+    crown_beta_start: float = 1.0
+    crown_beta_end: float = 0.0
+    mtl_alpha: float = 0.5
+    bound_reg: float = 0.0
+    cert_bound: str = "ibp"
 
     def resolved(self) -> ObjectiveParams:
         """Check every value and fill in the dependent defaults; raises ``CertkdError``."""
         self._check_weights()
         self._check_attack()
+        self._check_certified()
         step = self.attack_step_size
         if step is None and self.eps is not None:
             step = 2.5 * self.eps / self.attack_steps
@@ -92,6 +107,16 @@ class ObjectiveParams:
             raise CertkdError(f"--iga-on must be one of {', '.join(IGA_POINTS)}, got {self.iga_on!r}")
         if self.iga_scale not in IGA_SCALES:
             raise CertkdError(f"--iga-scale must be one of {', '.join(IGA_SCALES)}, got {self.iga_scale!r}")
+
+    def _check_certified(self) -> None:
+        for name in ("kappa_start", "kappa_end", "crown_beta_start", "crown_beta_end", "mtl_alpha"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+                raise CertkdError(f"--{name.replace('_', '-')} must lie in [0, 1], got {value}")
+        if not (math.isfinite(self.bound_reg) and self.bound_reg >= 0):
+            raise CertkdError(f"--bound-reg must be a number >= 0, got {self.bound_reg}")
+        if self.cert_bound not in CERT_BOUNDS:
+            raise CertkdError(f"--cert-bound must be one of {', '.join(CERT_BOUNDS)}, got {self.cert_bound!r}")
 
     def _check_attack(self) -> None:
         if parse_norm(self.norm) not in (math.inf, 2.0):
@@ -130,6 +155,10 @@ class LossBatch:
     student_bare: nn.Module
     teacher: nn.Module | None = None
     generator: torch.Generator | None = None
+    ramp: float = 1.0
+    """Progress ``t`` in [0, 1] of the eps ramp at this step (certkd.train.schedules); 1 outside training."""
+    eps_factor: float = 1.0
+    """``eps_t / eps`` at this step (the ramp's shape applied to ``ramp``); 1 outside training."""
 
     def frozen_teacher(self) -> nn.Module:
         """The teacher; an objective that distils calls this (the trainer refuses a missing teacher first)."""
@@ -148,6 +177,7 @@ class LossSpec:
     ``uses_attack``: crafts PGD points with --eps/--norm/--attack-steps/--attack-step-size.
     ``select``: the validation metric that picks the best checkpoint (``clean_acc`` or ``pgd_acc``).
     ``weight_option``: the option to lower when training collapses or diverges.
+    ``needs_eps``: bounds or attacks within the --eps ball even without crafting PGD points.
     """
 
     name: str
@@ -157,6 +187,7 @@ class LossSpec:
     select: str
     summary: str
     weight_option: str = "--lr"
+    needs_eps: bool = False
 
 
 LOSSES: Registry[LossSpec] = Registry("training method", group="certkd.losses")
@@ -164,10 +195,11 @@ LOSSES: Registry[LossSpec] = Registry("training method", group="certkd.losses")
 
 
 def register_loss(name: str, *, needs_teacher: bool, uses_attack: bool, select: str, summary: str,
-                  weight_option: str = "--lr") -> Callable[[LossFn], LossFn]:
+                  weight_option: str = "--lr", needs_eps: bool = False) -> Callable[[LossFn], LossFn]:
     """Decorator: register ``fn`` in :data:`LOSSES` under ``name`` with its :class:`LossSpec` fields."""
     def deco(fn: LossFn) -> LossFn:
-        LOSSES.add(name, LossSpec(name, fn, needs_teacher, uses_attack, select, summary, weight_option))
+        LOSSES.add(name, LossSpec(name, fn, needs_teacher, uses_attack, select, summary, weight_option,
+                                  needs_eps or uses_attack))
         return fn
     return deco
 
