@@ -30,11 +30,13 @@ from bounds.evidence import (
     EvidencePoints,
     Region,
     check_bound,
+    deciding_rows,
     first_node_outside,
     linear_form,
     localize,
     node_intervals,
     rounding_allowance,
+    take_rows,
 )
 from bounds.graph import ESTIMATE_HINT, GraphCheck, check_graph_supported, lirpa_call, node_kind
 from bounds.inputs import (
@@ -292,6 +294,9 @@ class BoundEngine:
         intervals = node_intervals(self.bounded, len(x))
         allowance = rounding_allowance(self.bounded, x, spec, self.version)
         published: torch.Tensor = lower - allowance
+        rows = deciding_rows(published)
+        if coef is not None and bias is not None and rows is not None:  # many rows: those that decide
+            coef, bias, allowance = take_rows(coef, rows), bias.gather(1, rows), allowance.gather(1, rows)
         fresh = [region.samples(SAMPLES, self.graph_check.generator)]
         if coef is not None:
             fresh.append(region.tightest(coef))
@@ -301,7 +306,7 @@ class BoundEngine:
             points = region.project(torch.cat([checked, *fresh]))
             logits = self.view(points.flatten(0, 1)).view(len(points), len(x), -1)
         evidence = EvidencePoints(points, torch.einsum("brc,sbc->sbr", spec, logits))
-        broken = check_bound(published, evidence, coef, None if bias is None else bias - allowance)
+        broken = check_bound(published, evidence, coef, None if bias is None else bias - allowance, rows)
         node = first_node_outside(self.bounded, intervals, points, self.version)
         if bool(broken.any()) or node is not None:
             node = node or localize(self.bounded, bounded_x, _LIRPA_METHODS[method], points, self.version)

@@ -60,8 +60,8 @@ _SHAPE_ONLY = frozenset({"BoundFlatten", "BoundReshape", "BoundSqueeze", "BoundU
 _ELEMENTWISE_ULPS = 4.0  # elementwise library functions (exp, erf, sqrt, division) are accurate to a few ulps
 
 
-__all__ = ["ContradictionError", "EvidencePoints", "Region", "check_bound", "first_node_outside", "gamma", "linear_form",
-           "localize", "node_intervals", "refuse_if_exceeded", "rounding_allowance"]
+__all__ = ["ContradictionError", "EvidencePoints", "Region", "check_bound", "deciding_rows", "first_node_outside", "gamma", "linear_form",
+           "localize", "node_intervals", "refuse_if_exceeded", "rounding_allowance", "take_rows"]
 
 
 def gamma(n: float) -> float:
@@ -220,9 +220,28 @@ def localize(bounded: Any, bounded_x: Any, method: str, points: torch.Tensor, ve
     return None
 
 
+GRADIENT_ROWS = 64  # specification rows up to which each row's own gradient weighs the errors (beyond: forward)
+# how each node kind carries the errors of its inputs in ``_forward_error`` (the rest: no forward rule)
+_STRUCTURAL = frozenset({"BoundFlatten", "BoundReshape", "BoundSqueeze", "BoundUnsqueeze", "BoundTranspose",
+                         "BoundConcat", "BoundGather", "BoundPad", "BoundSlice", "BoundMaxPool", "BoundIdentity"})
+_ONE_LIPSCHITZ = frozenset({"BoundRelu", "BoundLeakyRelu", "BoundClip", "BoundNeg"})
+_MULTILINEAR = frozenset({"BoundLinear", "BoundConv", "BoundMatMul", "BoundMul", "BoundAdd", "BoundAveragePool",
+                          "BoundGlobalAveragePool", "BoundReduceMean", "BoundReduceSum"})
+
+
 def rounding_allowance(bounded: Any, x: torch.Tensor, spec: torch.Tensor, version: str | None) -> torch.Tensor:
-    """Float32 rounding allowance of every margin row at ``x`` (module docstring): shape (B, K-1)."""
+    """Float32 rounding allowance of every specification row at ``x`` (module docstring): shape (B, R).
+
+    Up to ``GRADIENT_ROWS`` rows, each node's error is weighed by that row's own gradient
+    (one backward pass per row). With more rows (ImageNet's 999 margins) the errors are
+    carried forward instead, through ``|W|`` and 1-Lipschitz operators (``_forward_error``:
+    cost independent of the rows, looser on deep networks).
+    """
     batch, rows = spec.shape[:2]
+    if rows > GRADIENT_ROWS:
+        forward = _forward_error(bounded, x, spec, version)
+        if forward is not None:
+            return ROUNDING_FACTOR * forward
     points = x.repeat_interleave(rows, dim=0).detach().requires_grad_(True)
     select = spec.reshape(batch * rows, -1)
     with torch.enable_grad(), lirpa_call("evaluate its graph of this model", version):
@@ -241,6 +260,49 @@ def rounding_allowance(bounded: Any, x: torch.Tensor, spec: torch.Tensor, versio
                 error = error + (grad.abs() * radius).flatten(1).sum(dim=1)
     result: torch.Tensor = ROUNDING_FACTOR * error.view(batch, rows).detach()
     return result
+
+
+def _forward_error(bounded: Any, x: torch.Tensor, spec: torch.Tensor, version: str | None) -> torch.Tensor | None:
+    """A bound of every row's float32 error at ``x`` carried forward node by node; None for a node with no rule.
+
+    Multilinear nodes (dense, convolution, products, sums, means) with error ``E`` on inputs
+    of magnitude ``M``: ``f(M + E) - f(M)`` on magnitudes, plus their own rounding; 1-Lipschitz
+    nodes pass ``E``; selections and copies apply themselves to ``E``; a difference adds.
+    """
+    perturbed = perturbed_names(bounded)
+    errors: dict[str, torch.Tensor] = {}
+    with torch.no_grad(), lirpa_call("evaluate its graph of this model", version):
+        logits = bounded(x)
+        for node in bounded._modules.values():  # auto_LiRPA keeps its nodes in topological order
+            if node.name not in perturbed:
+                continue
+            kind = node_kind(node)
+            inputs = list(getattr(node, "inputs", []))
+            if kind == "BoundInput":
+                errors[node.name] = torch.zeros_like(node.forward_value)
+                continue
+            if any(i.name in perturbed and i.name not in errors for i in inputs):
+                return None
+            values = [i.forward_value.detach() for i in inputs]
+            carried = [errors.get(i.name) for i in inputs]
+            if kind in _STRUCTURAL:
+                out = node.forward(*[v if e is None else e for v, e in zip(values, carried, strict=True)])
+            elif kind in _ONE_LIPSCHITZ:
+                out = next(e for e in carried if e is not None)
+            elif kind == "BoundSub":
+                out = sum((e for e in carried if e is not None), torch.zeros_like(node.forward_value))
+            elif kind in _MULTILINEAR:
+                sizes = [v.abs() for v in values]
+                grown = [m if e is None else m + e for m, e in zip(sizes, carried, strict=True)]
+                out = node.forward(*grown) - node.forward(*sizes)
+            else:
+                return None
+            own = _node_rounding(node)
+            errors[node.name] = out.abs() + (own if own is not None and kind not in _STRUCTURAL else 0.0)
+        final = errors[bounded.final_name]
+    margin = torch.einsum("brc,bc->br", spec, logits.detach())
+    total: torch.Tensor = torch.einsum("brc,bc->br", spec.abs(), final.flatten(1)) + UNIT_ROUNDOFF * margin.abs()
+    return total
 
 
 def _node_rounding(node: Any) -> torch.Tensor | None:
@@ -283,6 +345,21 @@ def refuse_if_exceeded(bound: torch.Tensor, seen: torch.Tensor, what: str) -> No
             f"{len(bound)} examples, so a relaxation it uses is wrong for this model")
 
 
+def deciding_rows(published: torch.Tensor, limit: int = GRADIENT_ROWS) -> torch.Tensor | None:
+    """The ``limit`` rows (B, limit) with the smallest bounds, which decide a certificate; None when all fit."""
+    if published.shape[1] <= limit:
+        return None
+    rows: torch.Tensor = published.topk(limit, dim=1, largest=False).indices
+    return rows
+
+
+def take_rows(coef: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``coef`` (B, R, ...) restricted to ``rows`` (B, M): (B, M, ...)."""
+    index = rows.view(*rows.shape, *([1] * (coef.dim() - 2))).expand(-1, -1, *coef.shape[2:])
+    taken: torch.Tensor = coef.gather(1, index)
+    return taken
+
+
 LINEAR_FORM_RTOL = 1e-4
 
 
@@ -306,13 +383,15 @@ class EvidencePoints:
 
 
 def check_bound(lower: torch.Tensor, evidence: EvidencePoints, coef: torch.Tensor | None = None,
-                bias: torch.Tensor | None = None) -> torch.Tensor:
+                bias: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
     """Which examples' published bounds a point contradicts: (B,) bool.
 
     ``lower`` (B, K-1) is the published bound (rounding allowance already subtracted);
     ``coef`` (B, K-1, ...) and ``bias`` (B, K-1) the linear bound ``coef_k . x' + bias_k``
     lowered by the same allowance (``bias`` includes it), for the rows whose linear form is
-    the one the bound was concretized from (others: ``bias`` -inf, see ``linear_form``).
+    the one the bound was concretized from (others: ``bias`` -inf, see ``linear_form``);
+    ``rows`` (B, M) says which rows ``coef`` and ``bias`` hold when they hold only M of them
+    (``deciding_rows``).
     """
     broken = (lower.unsqueeze(0) > evidence.margins).flatten(2).any(dim=2).any(dim=0)
     if coef is not None and bias is not None:
@@ -321,5 +400,7 @@ def check_bound(lower: torch.Tensor, evidence: EvidencePoints, coef: torch.Tenso
         linear = torch.einsum("bkd,sbd->sbk", a, flat) + bias.unsqueeze(0)
         # the dot product's own float32 rounding
         slack = gamma(flat.shape[-1] + 1) * torch.einsum("bkd,sbd->sbk", a.abs(), flat.abs())
-        broken |= ((linear - slack) > evidence.margins).any(dim=2).any(dim=0)
+        held = evidence.margins if rows is None else \
+            evidence.margins.gather(2, rows.unsqueeze(0).expand(len(flat), -1, -1))
+        broken |= ((linear - slack) > held).any(dim=2).any(dim=0)
     return broken

@@ -418,3 +418,29 @@ def test_cli_families_refused_in_one_line(case, family_checkpoints, tmp_path):
     assert result.exit_code == code, result.output
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.output
     assert not out.exists()
+
+
+def test_many_classes_carry_rounding_forward(monkeypatch):
+    """With more rows than ``GRADIENT_ROWS`` the allowance is carried forward (cost independent of the classes):
+    it covers the per-row gradient allowance, and the gated bounds stay below the clean margins."""
+    from bounds import evidence
+    from bounds.certify import margin_spec
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(36, 64), nn.ReLU(),
+                          nn.Linear(64, 100)).eval()
+    x = torch.rand(3, 1, 8, 8)
+    y = torch.tensor([3, 50, 99])
+    engine = BoundEngine(model, (1, 8, 8))
+    spec = margin_spec(y, 100)
+    forward = evidence.rounding_allowance(engine.bounded, x, spec, engine.version)
+    monkeypatch.setattr(evidence, "GRADIENT_ROWS", 1000)
+    per_row = evidence.rounding_allowance(engine.bounded, x, spec, engine.version)
+    assert bool((forward >= per_row).all())
+    monkeypatch.undo()
+    for method in ("ibp", "crown"):
+        lower = engine.margin_bounds(x, y, 0.0, "inf", method).lower
+        with torch.no_grad():
+            logits = model(x)
+        own = (logits.gather(1, y.view(-1, 1)) - logits)[torch.arange(100).view(1, -1) != y.view(-1, 1)].view(3, 99)
+        assert bool((lower <= own).all())
