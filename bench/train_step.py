@@ -6,6 +6,8 @@ KDIGA's target: at most 2.5x KD (one teacher backward plus a student double back
 ``kdiga-adv`` is KDIGA as the authors train it (``--recipe shao2021``: every term at the student's
 one-step point); its target: at most 1.6x a fast-AT step (FGSM with a random start, Wong et al.
 2020, ``fast-at`` below) on the same model and batch, and it is reported against KD and ARD too.
+``kdiga-fd`` is the same step with ``--iga-grad finite-difference`` (the IGA term's parameter
+gradient by a finite difference along the gradient gap, Finlay and Oberman 2019), same target.
 
     python bench/train_step.py                      # cnn4, CIFAR-shaped batch of 128, CPU
     python bench/train_step.py --arch resnet_small --device cuda --batch-size 256
@@ -28,8 +30,8 @@ from certkd.train.losses import LossBatch, LossSpec, ObjectiveParams, get_loss
 from certkd.train.losses.common import eval_mode, one_step_point
 from certkd.train.trainer import compute_loss, optimizer_step
 
-METHODS = ("kd", "kdiga", "kdiga-adv", "fast-at", "ard", "rslad", "pgd-at", "trades", "natural")
-TARGETS = {"kdiga": ("kd", 2.5), "kdiga-adv": ("fast-at", 1.6)}
+METHODS = ("kd", "kdiga", "kdiga-adv", "kdiga-fd", "fast-at", "ard", "rslad", "pgd-at", "trades", "natural")
+TARGETS = {"kdiga": ("kd", 2.5), "kdiga-adv": ("fast-at", 1.6), "kdiga-fd": ("fast-at", 1.6)}
 """method -> (reference method, largest allowed ratio of median step times)."""
 
 
@@ -50,8 +52,9 @@ def method_specs(base: ObjectiveParams) -> dict[str, tuple[LossSpec, ObjectivePa
     adv = replace(base, **{k: v for k, v in recipe.items() if k in own}).resolved()
     fast = LossSpec("fast-at", fast_at_loss, needs_teacher=False, uses_attack=True, select="pgd_acc",
                     summary="CE(S(x'), y), x' = FGSM with a random start")
-    specs = {m: (get_loss(m), base.resolved()) for m in METHODS if m not in ("kdiga-adv", "fast-at")}
+    specs = {m: (get_loss(m), base.resolved()) for m in METHODS if m not in ("kdiga-adv", "kdiga-fd", "fast-at")}
     specs["kdiga-adv"] = (get_loss("kdiga"), adv)
+    specs["kdiga-fd"] = (get_loss("kdiga"), replace(adv, iga_grad="finite-difference"))
     specs["fast-at"] = (fast, adv)
     return specs
 
