@@ -95,17 +95,20 @@ if FGSM not in LOSSES.names():
 
 
 def test_catastrophic_overfitting_is_detected_and_the_best_pgd_epoch_kept(tmp_path, digits_trio, capsys):
-    """A robust start (the PGD-AT teacher's weights) trained with FGSM without random start at a radius
-    0.01 and validated at 0.2: clean accuracy rises while PGD accuracy at 0.2 falls to a fraction of its
-    start, the signature of catastrophic overfitting. Training stops, ckpt.pt is the best epoch by PGD
-    accuracy and one line names the remedy. PGD-AT from the same start at 0.2 (healthy) runs to the end."""
-    common = {"arch": "cnn4", "init": digits_trio.teacher_path, "epochs": 6, "lr": 0.05, "val_size": 200,
+    """The signature constructed on digits: a robust start (the PGD-AT teacher's weights) trained by FGSM without
+    random start at a radius (0.001) far below the validation radius (0.2), so clean accuracy holds or rises while
+    PGD accuracy at 0.2 falls to half of its best (measured: 0.23 at epoch 1, 0.105 at epoch 5). FGSM without random
+    start at the validation radius itself (0.1-0.3, mlp and cnn4, 10-15 epochs) does not overfit on 8x8 digits.
+    Training stops, ckpt.pt is the best epoch by PGD accuracy and one line names the remedy. PGD-AT from the same
+    start at 0.2 (healthy) runs to the end."""
+    common = {"arch": "cnn4", "init": digits_trio.teacher_path, "epochs": 8, "lr": 0.05, "val_size": 200,
               "val_eps": 0.2, "val_attack_steps": 5, "progress": False}
     out = tmp_path / "co.pt"
-    Trainer(TrainConfig(method=FGSM, out=out, params=ObjectiveParams(eps=0.01, iga_step=0.01), **common)).run()
+    Trainer(TrainConfig(method=FGSM, out=out, params=ObjectiveParams(eps=0.001, iga_step=0.001), **common)).run()
     rows = read_jsonl(tmp_path / "co.metrics.jsonl")
-    assert "catastrophic_overfitting" in rows[-1] and len(rows) < 6
+    assert "catastrophic_overfitting" in rows[-1] and len(rows) < 8
     assert rows[-1]["pgd_acc"] <= 0.5 * max(r["pgd_acc"] for r in rows)
+    assert rows[-1]["clean_acc"] >= min(r["clean_acc"] for r in rows)
     kept = load_checkpoint(out).metrics
     assert kept["pgd_acc"] == max(r["pgd_acc"] for r in rows)
     lines = [line for line in capsys.readouterr().err.splitlines() if "catastrophic overfitting" in line]
@@ -114,7 +117,7 @@ def test_catastrophic_overfitting_is_detected_and_the_best_pgd_epoch_kept(tmp_pa
     Trainer(TrainConfig(method="pgd-at", out=healthy, params=ObjectiveParams(eps=0.2, attack_steps=3),
                         **common)).run()
     rows = read_jsonl(tmp_path / "ok.metrics.jsonl")
-    assert len(rows) == 6 and not any("catastrophic_overfitting" in r for r in rows)
+    assert len(rows) == 8 and not any("catastrophic_overfitting" in r for r in rows)
 
 
 def test_overfitting_and_progress_rules_on_constructed_histories():
