@@ -302,7 +302,8 @@ def test_recipe_checkpoint_records_the_resolved_settings_and_the_weight_conversi
     ckpt = load_checkpoint(recipe_students["kdiga"][0])
     expected = {"recipe": "shao2021", "method": "kdiga", "iga_on": "adversarial", "teacher_mask": True,
                 "iga_scale": "batch-mean", "iga_weight": 1.0, "alpha": 0.5, "tau": 1.0, "schedule": "cyclic",
-                "lr": 0.2, "eps": 0.2, "iga_step": pytest.approx(0.25), "iga_weight_per_sample": 1 / 64}
+                "lr": 0.05, "eps_warmup": 10.0,  # the mlp has no normalization layer: the recipe's lr and warm-up
+                "eps": 0.2, "iga_step": pytest.approx(0.25), "iga_weight_per_sample": 1 / 64}
     for key, value in expected.items():
         assert ckpt.config[key] == value, key
     rows = read_jsonl(recipe_students["kdiga"][0].with_name("kdiga0.metrics.jsonl"))

@@ -328,9 +328,11 @@ def lr_factor(schedule: str, epochs: int, steps_per_epoch: int, step: int) -> fl
 def no_progress(history: list[dict[str, Any]], window: int = COLLAPSE_WINDOW) -> bool:
     """Whether the last ``window`` epochs of ``history`` (metric rows) made no progress.
 
-    Progress: the lowest training ``loss`` of the window is at least ``PROGRESS_LOSS`` (relative)
+    Progress: the lowest training loss of the window is at least ``PROGRESS_LOSS`` (relative)
     below the lowest before it, or the highest validation ``clean_acc`` at least ``PROGRESS_ACC``
-    above the highest before it. Fewer than ``window + 1`` epochs: progress (too early to tell).
+    above the highest before it. The loss is the classification part, ``kd_term``, where the
+    method logs one (a regularizer such as the IGA term can shrink while the classifier stays
+    dead), else ``loss``. Fewer than ``window + 1`` epochs: progress (too early to tell).
 
     Example
     -------
@@ -341,7 +343,8 @@ def no_progress(history: list[dict[str, Any]], window: int = COLLAPSE_WINDOW) ->
     if len(history) <= window:
         return False
     before, recent = history[:-window], history[-window:]
-    loss_better = min(r["loss"] for r in recent) < (1 - PROGRESS_LOSS) * min(r["loss"] for r in before)
+    key = "kd_term" if all("kd_term" in r for r in history) else "loss"
+    loss_better = min(r[key] for r in recent) < (1 - PROGRESS_LOSS) * min(r[key] for r in before)
     acc_better = max(r["clean_acc"] for r in recent) >= max(r["clean_acc"] for r in before) + PROGRESS_ACC
     return not (loss_better or acc_better)
 
