@@ -112,7 +112,7 @@ _RECIPES_HELP = " ".join(RECIPES.get(name).describe() for name in RECIPES.names(
 @click.option("--iga-grad", type=click.Choice(IGA_GRADS), default=_DEFAULTS["iga_grad"], show_default=True,
               help="How the IGA term's parameter gradient is taken: exact double backprop, or a finite difference "
               "of the student's loss along the gradient gap (Finlay and Oberman 2019; one more forward instead "
-              "of a double backward; on ReLU networks an approximation, see docs).")
+              "of a double backward; on ReLU networks an approximation: docs/theory.md §4).")
 @click.option("--iga-step", callback=_one_number, help="Step of the adversarial point [default: 1.25 * eps].")
 @click.option("--teacher-mask/--no-teacher-mask", default=None, help="Average KD and IGA only over the examples "
               "the teacher classifies correctly at the point used [default: on with --iga-on adversarial].")

@@ -29,7 +29,7 @@ IGA_STEP_FACTOR = 1.25
 """Default ``--iga-step`` as a multiple of eps: 10/255 at eps 8/255, as in fast AT (Wong et al. 2020)."""
 NFGSM_NOISE = 2.0
 """N-FGSM's start: uniform noise in the ball of radius ``2 eps``; its default step is ``eps`` (de Jorge et al. 2022)."""
-IGA_FD_STEP = 1e-2
+IGA_FD_STEP = 0.1
 """The L2 length ``h`` of the finite difference of ``--iga-grad finite-difference`` (input units)."""
 
 
