@@ -6,7 +6,8 @@
 # DATA_DIR holds the MNIST idx files (bash shared/data/mnist.sh DIR fetches them). Trains a PGD-AT
 # teacher (advertorch's LeNet5 layout, `lenet5`, 648k parameters) at TEACHER_EPS, then for every eps of
 # STUDENT_EPS students of `cnn4` width 8 (82k parameters, an eighth of the teacher) with:
-#   KDIGA --recipe shao2021 (the point of POINT, IGA weight swept over IGA_WEIGHTS, 0 = no IGA term),
+#   KDIGA --recipe shao2021 (the point of POINT: adversarial, the authors' one-step point, or pgd, the
+#   ATTACK_STEPS-step point; the IGA weight swept over IGA_WEIGHTS, 0 = no IGA term),
 #   and the controls: the student's own PGD-AT (no teacher), ARD, RSLAD, and once KD (eps-free).
 # The controls take the recipe's optimizer and schedule (SGD, cyclic lr up to 0.05, eps ramped over the
 # first half of the epochs), so only the objective differs. Every model is evaluated by
@@ -70,7 +71,8 @@ set -x
 MODELS=()
 for e in $STUDENT_EPS; do
   for w in $IGA_WEIGHTS; do
-    certkd train --recipe shao2021 --teacher "$T" --eps "$e" --iga-on "$POINT" --iga-weight "$w" "${STUDENT[@]}" \
+    certkd train --recipe shao2021 --teacher "$T" --eps "$e" --iga-on "$POINT" --iga-weight "$w" \
+      --attack-steps "$ATTACK_STEPS" "${STUDENT[@]}" \
       --out "$OUT/kdiga_${POINT}_w${w}_$e.pt"
     MODELS+=("kdiga_${POINT}_w${w}_$e")
   done
