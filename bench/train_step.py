@@ -6,6 +6,8 @@ KDIGA's target: at most 2.5x KD (one teacher backward plus a student double back
 ``kdiga-adv`` is KDIGA as the authors train it (``--recipe shao2021``: every term at the student's
 one-step point); its target: at most 1.6x a fast-AT step (FGSM with a random start, Wong et al.
 2020, ``fast-at`` below) on the same model and batch, and it is reported against KD and ARD too.
+``kdiga-fd`` is the same step with ``--iga-grad finite-difference`` (the IGA term's parameter
+gradient by a finite difference along the gradient gap, Finlay and Oberman 2019), same target.
 
     python bench/train_step.py                      # cnn4, CIFAR-shaped batch of 128, CPU
     python bench/train_step.py --arch resnet_small --device cuda --batch-size 256
@@ -26,10 +28,11 @@ from certkd.models import create_model
 from certkd.train import apply_recipe
 from certkd.train.losses import LossBatch, LossSpec, ObjectiveParams, get_loss
 from certkd.train.losses.common import eval_mode, one_step_point
+from certkd.train.losses.distill import iga_fd_surrogate, iga_term, input_gradient
 from certkd.train.trainer import compute_loss, optimizer_step
 
-METHODS = ("kd", "kdiga", "kdiga-adv", "fast-at", "ard", "rslad", "pgd-at", "trades", "natural")
-TARGETS = {"kdiga": ("kd", 2.5), "kdiga-adv": ("fast-at", 1.6)}
+METHODS = ("kd", "kdiga", "kdiga-adv", "kdiga-fd", "fast-at", "ard", "rslad", "pgd-at", "trades", "natural")
+TARGETS = {"kdiga": ("kd", 2.5), "kdiga-adv": ("fast-at", 1.6), "kdiga-fd": ("fast-at", 1.6)}
 """method -> (reference method, largest allowed ratio of median step times)."""
 
 
@@ -50,8 +53,9 @@ def method_specs(base: ObjectiveParams) -> dict[str, tuple[LossSpec, ObjectivePa
     adv = replace(base, **{k: v for k, v in recipe.items() if k in own}).resolved()
     fast = LossSpec("fast-at", fast_at_loss, needs_teacher=False, uses_attack=True, select="pgd_acc",
                     summary="CE(S(x'), y), x' = FGSM with a random start")
-    specs = {m: (get_loss(m), base.resolved()) for m in METHODS if m not in ("kdiga-adv", "fast-at")}
+    specs = {m: (get_loss(m), base.resolved()) for m in METHODS if m not in ("kdiga-adv", "kdiga-fd", "fast-at")}
     specs["kdiga-adv"] = (get_loss("kdiga"), adv)
+    specs["kdiga-fd"] = (get_loss("kdiga"), replace(adv, iga_grad="finite-difference"))
     specs["fast-at"] = (fast, adv)
     return specs
 
@@ -85,6 +89,32 @@ def time_steps(arch: str, arch_kwargs: dict, input_shape: tuple[int, ...], batch
             if r:
                 times[method].append(time.perf_counter() - t0)
     return times
+
+
+def fd_agreement(arch: str, arch_kwargs: dict, input_shape: tuple[int, ...], batch_size: int, device: str,
+                 steps: tuple[float, ...] = (0.1, 0.01, 1e-3), seed: int = 0) -> dict[float, tuple[float, float]]:
+    """``h -> (relative L2 error, cosine)`` of the finite-difference IGA parameter gradient against double backprop."""
+    torch.manual_seed(seed)
+    dev = torch.device(device)
+    teacher = create_model(arch, 10, input_shape, **arch_kwargs).to(dev).eval().requires_grad_(False)
+    student = create_model(arch, 10, input_shape, **arch_kwargs).to(dev).train()
+    x = torch.rand(batch_size, *input_shape, device=dev)
+    y = torch.randint(0, 10, (batch_size,), device=dev)
+    _, g_t = input_gradient(teacher, x, y, create_graph=False)
+
+    def grad(loss: torch.Tensor) -> torch.Tensor:
+        student.zero_grad()
+        loss.backward()
+        return torch.cat([p.grad.flatten() for p in student.parameters() if p.grad is not None])
+
+    _, g_s = input_gradient(student, x, y, create_graph=True)
+    exact = grad(iga_term(g_s, g_t, "2", None, "batch-mean"))
+    out = {}
+    for h in steps:
+        logits, g_s = input_gradient(student, x, y, create_graph=False, retain_graph=True)
+        fd = grad(iga_fd_surrogate(student, x, y, logits, g_s, g_t, "2", None, "batch-mean", h=h))
+        out[h] = (float((fd - exact).norm() / exact.norm()), float(F.cosine_similarity(fd, exact, dim=0)))
+    return out
 
 
 def _sync(device: torch.device) -> None:
@@ -123,6 +153,9 @@ def main() -> None:
             note = f"  ({ratio:.2f}x {ref}, target <= {target}: {'met' if ratio <= target else 'MISSED'})"
         print(f"{method:<10} {1e3 * med:>9.2f} {med / kd:>6.2f} {med / medians['ard']:>6.2f} "
               f"{med / medians['fast-at']:>9.2f}{note}")
+    agreement = fd_agreement(args.arch, json.loads(args.arch_kwargs), shape, args.batch_size, args.device)
+    print("finite-difference IGA gradient against double backprop (the same untrained student and teacher): "
+          + "; ".join(f"h={h:g}: relative error {err:.3g}, cosine {cos:.3f}" for h, (err, cos) in agreement.items()))
 
 
 if __name__ == "__main__":

@@ -302,7 +302,8 @@ def test_recipe_checkpoint_records_the_resolved_settings_and_the_weight_conversi
     ckpt = load_checkpoint(recipe_students["kdiga"][0])
     expected = {"recipe": "shao2021", "method": "kdiga", "iga_on": "adversarial", "teacher_mask": True,
                 "iga_scale": "batch-mean", "iga_weight": 1.0, "alpha": 0.5, "tau": 1.0, "schedule": "cyclic",
-                "lr": 0.2, "eps": 0.2, "iga_step": pytest.approx(0.25), "iga_weight_per_sample": 1 / 64}
+                "lr": 0.05, "eps_warmup": 10.0,  # the mlp has no normalization layer: the recipe's lr and warm-up
+                "eps": 0.2, "iga_step": pytest.approx(0.25), "iga_weight_per_sample": 1 / 64}
     for key, value in expected.items():
         assert ckpt.config[key] == value, key
     rows = read_jsonl(recipe_students["kdiga"][0].with_name("kdiga0.metrics.jsonl"))
@@ -346,9 +347,9 @@ def test_cli_recipe_explicit_flags_override_and_info_shows_resolved_values(tmp_p
                                                               "0 of the KD term, so --iga-weight (now 0"),
 ])
 def test_cli_collapse_stops_with_one_line_naming_the_weight(tmp_path, digits_trio, extra, hint):
-    """Measured: the first and third fall to a near-constant classifier at epoch 2 (validation clean accuracy
-    0.14-0.16) and keep their epoch-1 checkpoint; the second stays below the floor (0.08-0.12) from epoch 1, so
-    it stops after half of the epochs and writes none."""
+    """A run that falls to a near-constant classifier after being above the floor stops at once and keeps its
+    last good checkpoint; one that stays below the floor from epoch 1 stops once 3 epochs bring no progress
+    in loss or accuracy, keeping its best epoch (a checkpoint is always written)."""
     out = tmp_path / "big.pt"
     result = run_cli(*extra, "--arch", "mlp", "--arch-kwargs", '{"hidden": [64]}', "--teacher",
                      str(digits_trio.teacher_path), "--eps", "0.2", "--epochs", "20", "--batch-size", "64",
@@ -362,11 +363,12 @@ def test_cli_collapse_stops_with_one_line_naming_the_weight(tmp_path, digits_tri
     assert hint in lines[0]
     rows = read_jsonl(tmp_path / "big.metrics.jsonl")
     assert "collapse" in rows[-1] and rows[-1]["clean_acc"] < 0.2
-    if out.exists():  # the kept checkpoint is a good one: an epoch below the floor is never written
-        kept = load_checkpoint(out).metrics
-        assert kept["clean_acc"] >= 0.2 and f"(epoch {kept['epoch']}, validation clean accuracy" in lines[0]
+    kept = load_checkpoint(out).metrics  # always a checkpoint: the last good epoch, else the best one
+    assert f"(epoch {kept['epoch']}, validation clean accuracy" in lines[0]
+    if any(r["clean_acc"] >= 0.2 for r in rows):
+        assert kept["clean_acc"] >= 0.2
     else:
-        assert "no checkpoint was written" in lines[0] and rows[0]["clean_acc"] < 0.2
+        assert "no progress in loss or accuracy" in lines[0] and len(rows) >= 4
 
 
 def test_validation_split_never_overlaps_the_test_points(tmp_path):

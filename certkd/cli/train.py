@@ -16,9 +16,9 @@ from certkd.cli import main
 from certkd.cli.options import OUTPUT_FILE, device_option, norm_option, parse_eps_list, seed_option
 from certkd.train import RECIPES, ObjectiveParams, TrainConfig, list_methods, train
 from certkd.train.losses import get_loss
-from certkd.train.losses._registry import CERT_BOUNDS, IGA_POINTS, IGA_SCALES
+from certkd.train.losses._registry import CERT_BOUNDS, IGA_GRADS, IGA_POINTS, IGA_SCALES
 from certkd.train.schedules import EPS_SCHEDULES
-from certkd.train.trainer import SCHEDULES
+from certkd.train.trainer import COLLAPSE_WINDOW, SCHEDULES
 
 _DEFAULTS = {f.name: f.default for cls in (TrainConfig, ObjectiveParams) for f in fields(cls)
              if f.default is not MISSING}
@@ -105,8 +105,9 @@ _RECIPES_HELP = " ".join(RECIPES.get(name).describe() for name in RECIPES.names(
 @click.option("--cert-bound", type=click.Choice(CERT_BOUNDS), default=_DEFAULTS["cert_bound"], show_default=True,
               help="cert-kd, cert-kdiga, cert-advkd: the certified loss of the student (the ibp or crown-ibp method's).")
 @click.option("--collapse-floor", type=float, default=_DEFAULTS["collapse_floor"], show_default=True,
-              help="Stop (keeping the last good checkpoint) when the validation clean accuracy falls below this "
-              "multiple of chance from epoch 2 on; 0 turns the check off.")
+              help="Stop (keeping the last good and the best checkpoint) when the validation clean accuracy falls "
+              "below this multiple of chance after being above it, or stays below it with no progress in loss or "
+              f"accuracy over {COLLAPSE_WINDOW} epochs; 0 turns the check off.")
 @seed_option
 @click.option("--out", required=True, type=OUTPUT_FILE, help="Checkpoint path (ckpt.pt); beside "
               "it: ckpt.best.pt, ckpt.metrics.jsonl (one line per epoch), ckpt.resume.pt.")
@@ -131,7 +132,13 @@ _RECIPES_HELP = " ".join(RECIPES.get(name).describe() for name in RECIPES.names(
 @click.option("--iga-on", type=click.Choice(IGA_POINTS), default=_DEFAULTS["iga_on"], show_default=True,
               help="Where KDIGA works: at x; gradients at x plus uniform noise in the --eps ball (KD at x); or every "
               "term at the student's fast-AT point (random start, one signed step of --iga-step on its CE, "
-              "projected to ball and box), the authors' recipe.")
+              "projected to ball and box), the authors' recipe; at its PGD point (--attack-steps, "
+              "--attack-step-size, as ARD); or at its N-FGSM point (noise 2 eps, a step of eps, not projected "
+              "to the ball), which resists catastrophic overfitting (theory.md §8).")
+@click.option("--iga-grad", type=click.Choice(IGA_GRADS), default=_DEFAULTS["iga_grad"], show_default=True,
+              help="How the IGA term's parameter gradient is taken: exact double backprop, or a finite difference "
+              "of the student's loss along the gradient gap (Finlay and Oberman 2019; one more forward instead "
+              "of a double backward; on ReLU networks an approximation: docs/theory.md §4).")
 @click.option("--iga-step", callback=_one_number, help="Step of the adversarial point [default: 1.25 * eps].")
 @click.option("--teacher-mask/--no-teacher-mask", default=None, help="Average KD and IGA only over the examples "
               "the teacher classifies correctly at the point used [default: on with --iga-on adversarial].")

@@ -15,11 +15,17 @@ generators seeded by ``(seed, epoch, rank)``, so a resumed run replays the remai
 exactly: on CPU it ends with the same weights as an uninterrupted run.
 
 Training stops with one line (``TrainingDiverged``) when the loss is not finite, or when the
-student collapses (``TrainingCollapsed``): its validation clean accuracy falls below twice chance
-(or never reaches it in half of the epochs), or its mean input-gradient norm stays near 0
-for two epochs. The line names
-the weight to lower; ``ckpt.pt`` stays at the last good epoch (an epoch with either problem is
-not written, unless the run has only one epoch).
+student is dead (``TrainingCollapsed``): its validation clean accuracy falls below twice chance
+after being above it, stays below it with no progress (neither the training loss nor the
+validation clean accuracy improving) over ``COLLAPSE_WINDOW`` epochs, or its mean input-gradient
+norm stays near 0 for two epochs. The line names the setting to lower; ``ckpt.pt`` stays at the
+last good epoch and ``ckpt.best.pt`` at the best epoch so far (an epoch with a problem updates
+only the best checkpoint, and writes ``ckpt.pt`` only when there is none yet).
+
+For the methods that pick their best epoch by PGD accuracy, catastrophic overfitting (theory.md
+§8: the validation PGD accuracy falls to half of its best or less, by at least ``CO_MIN_DROP``,
+while the clean accuracy holds or rises) ends training with one line naming the remedy;
+``ckpt.pt`` is then the best epoch by PGD accuracy.
 """
 
 from __future__ import annotations
@@ -70,6 +76,17 @@ VAL_DEFAULT_FRACTION = 0.1
 COLLAPSE_CHANCE_FACTOR = 2.0
 COLLAPSE_GRAD_FRACTION = 1e-3
 COLLAPSE_GRAD_EPOCHS = 2
+COLLAPSE_WINDOW = 3
+"""Epochs without progress after which a run below the clean-accuracy floor is stopped."""
+PROGRESS_LOSS = 0.01
+"""Progress: a training loss at least this fraction below the lowest of the earlier epochs ..."""
+PROGRESS_ACC = 0.01
+"""... or a validation clean accuracy at least this much above the highest of the earlier epochs."""
+CO_DROP = 0.5
+CO_MIN_DROP = 0.05
+CO_CLEAN_SLACK = 0.01
+"""Catastrophic overfitting: validation PGD accuracy at most ``CO_DROP`` times its best and at least
+``CO_MIN_DROP`` below it, with clean accuracy at least the best epoch's minus ``CO_CLEAN_SLACK``."""
 IGA_SMALL = 0.05
 """Below this ratio of IGA to KD term a collapse is not blamed on --iga-weight."""
 # settings that may differ between an interrupted run and its --resume
@@ -94,7 +111,7 @@ class TrainConfig:
     kappa and beta of the certified losses follow the same ramp). ``ibp_init``: the IBP
     initialization of Shi et al. (2021) before training (certkd.train.init). ``clip_grad``:
     the largest L2 norm of the parameter gradient per step. ``collapse_floor``: the validation clean
-    accuracy below which training stops, as a multiple of chance (0: never). ``recipe``: the recipe the settings
+    accuracy below which a run that fell or makes no progress stops, as a multiple of chance (0: never). ``recipe``: the recipe the settings
     were resolved from (recorded only; build with :meth:`from_flat` to apply one).
     """
 
@@ -320,6 +337,56 @@ def lr_factor(schedule: str, epochs: int, steps_per_epoch: int, step: int) -> fl
     return t / CYCLIC_PEAK if t <= CYCLIC_PEAK else max(0.0, (1.0 - t) / (1.0 - CYCLIC_PEAK))
 
 
+def no_progress(history: list[dict[str, Any]], window: int = COLLAPSE_WINDOW) -> bool:
+    """Whether the last ``window`` epochs of ``history`` (metric rows) made no progress.
+
+    Progress: the lowest training loss of the window is at least ``PROGRESS_LOSS`` (relative)
+    below the lowest before it, or the highest validation ``clean_acc`` at least ``PROGRESS_ACC``
+    above the highest before it. The loss is the classification part, ``kd_term``, where the
+    method logs one (a regularizer such as the IGA term can shrink while the classifier stays
+    dead), else ``loss``. Fewer than ``window + 1`` epochs: progress (too early to tell).
+
+    Example
+    -------
+    >>> rows = [{"loss": 2.30, "clean_acc": 0.10}] * 4
+    >>> no_progress(rows), no_progress(rows[:3] + [{"loss": 2.0, "clean_acc": 0.10}])
+    (True, False)
+    """
+    if len(history) <= window:
+        return False
+    before, recent = history[:-window], history[-window:]
+    key = "kd_term" if all("kd_term" in r for r in history) else "loss"
+    loss_better = min(r[key] for r in recent) < (1 - PROGRESS_LOSS) * min(r[key] for r in before)
+    acc_better = max(r["clean_acc"] for r in recent) >= max(r["clean_acc"] for r in before) + PROGRESS_ACC
+    return not (loss_better or acc_better)
+
+
+def catastrophic_overfitting(history: list[dict[str, Any]]) -> str | None:
+    """What shows catastrophic overfitting in the last epoch of ``history`` (theory.md §8); None if nothing.
+
+    Fires when the validation ``pgd_acc`` of the last epoch is at most ``CO_DROP`` times the best of
+    the earlier epochs and at least ``CO_MIN_DROP`` below it, while its ``clean_acc`` is at least the
+    best epoch's minus ``CO_CLEAN_SLACK`` (robustness lost, clean accuracy kept or rising).
+
+    Example
+    -------
+    >>> rows = [{"epoch": 1, "clean_acc": 0.80, "pgd_acc": 0.40}, {"epoch": 2, "clean_acc": 0.90, "pgd_acc": 0.02}]
+    >>> catastrophic_overfitting(rows)[:44]
+    'validation PGD accuracy fell from 0.400 (epo'
+    >>> catastrophic_overfitting(rows[:1] + [{"epoch": 2, "clean_acc": 0.85, "pgd_acc": 0.38}]) is None
+    True
+    """
+    rows = [r for r in history if r.get("pgd_acc") is not None]
+    if len(rows) < 2:
+        return None
+    peak, now = max(rows[:-1], key=lambda r: r["pgd_acc"]), rows[-1]
+    if (now["pgd_acc"] <= CO_DROP * peak["pgd_acc"] and peak["pgd_acc"] - now["pgd_acc"] >= CO_MIN_DROP
+            and now["clean_acc"] >= peak["clean_acc"] - CO_CLEAN_SLACK):
+        return (f"validation PGD accuracy fell from {peak['pgd_acc']:.3f} (epoch {peak['epoch']}) to "
+                f"{now['pgd_acc']:.3f} while clean accuracy went from {peak['clean_acc']:.3f} to {now['clean_acc']:.3f}")
+    return None
+
+
 def _make_optimizer(cfg: TrainConfig, model: nn.Module, steps_per_epoch: int
                     ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """SGD (momentum, weight decay) or Adam, with the schedule of :func:`lr_factor` stepped per batch."""
@@ -471,6 +538,7 @@ class Trainer:
                                     dist_info=d) if self.teacher is not None else None
         self.start_epoch, self.best, self.flat_epochs, self.top_grad_norm = 0, -math.inf, 0, 0.0
         self.above_floor = False
+        self.history: list[dict[str, Any]] = []
         self._restore()
 
     def _restore(self) -> None:
@@ -497,6 +565,7 @@ class Trainer:
         if d.main:
             _keep_metrics_until(self.paths["metrics"], self.start_epoch)
             _say(f"resume: continuing after epoch {self.start_epoch} of {cfg.epochs}")
+        self.history = [r for r in read_jsonl(self.paths["metrics"]) if int(r.get("epoch", 0)) <= self.start_epoch]
 
     def _resume_state(self) -> dict[str, Any] | None:
         path = self.paths["resume"]
@@ -527,17 +596,23 @@ class Trainer:
                 row = {"epoch": epoch + 1, "lr": lr, **terms, **self._diagnostics(terms), **self.validate(),
                        "val_eps": self.val_eps, "norm": self.params.norm,
                        "seconds": round(time.perf_counter() - t0, 3)}
+                self.history.append(row)
                 problem, stop = self._health(epoch, row)
                 if problem:
                     row["collapse"] = problem
+                overfit = catastrophic_overfitting(self.history) if self.spec.select == "pgd_acc" else None
+                if overfit:
+                    row["catastrophic_overfitting"] = overfit
                 if metrics_log is not None:
                     metrics_log.write([row])
+                self._save_epoch(epoch, row, good=not problem or cfg.epochs == 1)
                 if stop:
                     raise TrainingCollapsed(self._collapse_message(epoch, problem, row))
-                if not problem or cfg.epochs == 1:
-                    self._save_epoch(epoch, row)
                 if d.main and cfg.progress:
                     _say(_epoch_line(self.spec.name, cfg.epochs, row))
+                if overfit:
+                    self._stop_overfit(epoch, overfit)
+                    break
             if d.world > 1:
                 dist.barrier()
         finally:
@@ -612,17 +687,20 @@ class Trainer:
 
         Below the floor means a validation clean accuracy under ``collapse_floor / K`` (2x chance by
         default). It stops training at once when the student was above the floor before (it fell),
-        and otherwise once half of the epochs (at least 2) have passed without reaching it (a slow
-        start, e.g. adversarial training under a cyclic schedule, gets that long). A mean input-gradient norm below ``1e-3``
-        of a reference (the teacher's norm, else the student's largest so far) stops it when it lasts
-        two epochs. An epoch with a problem writes no checkpoint, unless the run has only one epoch.
+        and otherwise once ``COLLAPSE_WINDOW`` epochs pass without progress (:func:`no_progress`): a
+        slow start that still learns, e.g. adversarial training under a cyclic schedule, goes on.
+        A mean input-gradient norm below ``1e-3`` of a reference (the teacher's norm, else the
+        student's largest so far) stops it when it lasts two epochs. An epoch with a problem
+        updates only the best checkpoint, unless the run has only one epoch.
         """
         floor = self.cfg.collapse_floor / self.info.num_classes
         if row["clean_acc"] < floor:
-            patience = max(2, math.ceil(self.cfg.epochs / 2))
             fell = self.above_floor
+            dead = no_progress(self.history)
+            why = "" if fell else (f" with no progress in loss or accuracy over {COLLAPSE_WINDOW} epochs" if dead
+                                   else f" after {epoch + 1} epoch(s), still progressing")
             return (f"validation clean accuracy {row['clean_acc']:.3f} is below {self.cfg.collapse_floor:g}x chance "
-                    f"({floor:.3f}){'' if fell else f' after {epoch + 1} epoch(s)'}"), fell or epoch + 1 >= patience
+                    f"({floor:.3f}){why}"), fell or dead
         self.above_floor = True
         self.top_grad_norm = max(self.top_grad_norm, row["grad_norm"])
         reference = row.get("teacher_grad_norm") or self.top_grad_norm
@@ -633,15 +711,18 @@ class Trainer:
         self.flat_epochs = 0
         return "", False
 
-    def _save_epoch(self, epoch: int, row: dict[str, Any]) -> None:
+    def _save_epoch(self, epoch: int, row: dict[str, Any], good: bool = True) -> None:
+        """Write ``ckpt.pt`` and the resume state (a good epoch, or no ``ckpt.pt`` yet), ``ckpt.best.pt`` (a new best)."""
         score = row[self.spec.select] if row[self.spec.select] is not None else row["clean_acc"]
         if self.dist.main:
             ckpt = make_checkpoint(self.student, self.cfg.arch, self.cfg.arch_kwargs, self.info, config=self.record,
                                    metrics={**row, "best_" + self.spec.select: max(self.best, score)},
                                    provenance_info=self.provenance)
-            save_checkpoint(ckpt, self.paths["last"])
             if score > self.best:
                 save_checkpoint(ckpt, self.paths["best"])
+            if good or not self.paths["last"].exists():
+                save_checkpoint(ckpt, self.paths["last"])
+        if self.dist.main and good:
             _save_resume_state(self.paths["resume"], {
                 "epoch": epoch + 1, "best": max(self.best, score), "config": self.record,
                 "teacher_sha256": self.teacher_sha, "flat_epochs": self.flat_epochs, "above_floor": self.above_floor,
@@ -654,8 +735,22 @@ class Trainer:
         if not self.paths["last"].exists():
             return "no checkpoint was written"
         metrics = load_checkpoint(self.paths["last"]).metrics
+        best = load_checkpoint(self.paths["best"]).metrics if self.paths["best"].exists() else metrics
         return (f"the last good checkpoint {self.paths['last']} (epoch {metrics.get('epoch')}, validation clean "
-                f"accuracy {metrics.get('clean_acc', math.nan):.3f}) is kept")
+                f"accuracy {metrics.get('clean_acc', math.nan):.3f}) and the best, {self.paths['best'].name} "
+                f"(epoch {best.get('epoch')}), are kept")
+
+    def _stop_overfit(self, epoch: int, what: str) -> None:
+        """Catastrophic overfitting: ``ckpt.pt`` becomes the best epoch by PGD accuracy; one line with the remedy."""
+        if self.dist.main:
+            best = self.paths["best"].read_bytes()
+            atomic_write(self.paths["last"], lambda fh: fh.write(best), mode="wb")
+            epoch_best = load_checkpoint(self.paths["last"]).metrics.get("epoch")
+            remedy = ("--iga-on nfgsm (N-FGSM) or --iga-on pgd" if self.spec.name == "kdiga"
+                      else "more --attack-steps or a smaller --eps")
+            _say(f"{self.spec.name}: catastrophic overfitting at epoch {epoch + 1} ({what}); training stopped and "
+                 f"{self.paths['last']} is the best epoch by PGD accuracy (epoch {epoch_best}); use {remedy} "
+                 "(theory.md §8)")
 
     def _weight_hint(self, row: dict[str, Any] | None = None) -> str:
         """Which setting to lower: the method's weight, unless the diagnostics show its term is small."""

@@ -20,11 +20,18 @@ from certkd.errors import CertkdError
 from certkd.registry import Registry
 
 IGA_NORMS = ("2", "1", "inf")
-IGA_POINTS = ("clean", "noisy", "adversarial")
+IGA_POINTS = ("clean", "noisy", "adversarial", "pgd", "nfgsm")
+IGA_ATTACK_POINTS = ("adversarial", "pgd", "nfgsm")
+"""The points that are adversarial for the student (the teacher mask is on there by default)."""
+IGA_GRADS = ("exact", "finite-difference")
 IGA_SCALES = ("sample", "batch-mean")
 CERT_BOUNDS = ("ibp", "crown-ibp")
 IGA_STEP_FACTOR = 1.25
 """Default ``--iga-step`` as a multiple of eps: 10/255 at eps 8/255, as in fast AT (Wong et al. 2020)."""
+NFGSM_NOISE = 2.0
+"""N-FGSM's start: uniform noise in the ball of radius ``2 eps``; its default step is ``eps`` (de Jorge et al. 2022)."""
+IGA_FD_STEP = 0.1
+"""The L2 length ``h`` of the finite difference of ``--iga-grad finite-difference`` (input units)."""
 
 
 @dataclass(frozen=True)
@@ -33,7 +40,11 @@ class ObjectiveParams:
 
     ``resolved()`` fills the defaults that depend on other values: ``attack_step_size``
     ``None`` becomes ``2.5 * eps / attack_steps``; ``iga_step`` ``None`` becomes
-    ``1.25 * eps``; ``teacher_mask`` ``None`` becomes ``iga_on == "adversarial"``.
+    ``1.25 * eps`` (``eps`` for ``nfgsm``); ``teacher_mask`` ``None`` becomes true at the points
+    adversarial for the student (``adversarial``, ``pgd``, ``nfgsm``).
+
+    ``iga_grad`` says how the IGA term's parameter gradient is taken: ``"exact"`` by double
+    backprop, ``"finite-difference"`` along the gradient gap (Finlay and Oberman 2019, theory.md §4).
 
     ``iga_scale`` says what a row of the aligned gradients is: ``"sample"`` the gradient of
     the example's own CE (certkd's scale), ``"batch-mean"`` the gradient of the batch-mean
@@ -60,6 +71,7 @@ class ObjectiveParams:
     iga_on: str = "clean"
     iga_step: float | None = None
     iga_scale: str = "sample"
+    iga_grad: str = "exact"
     teacher_mask: bool | None = None
     eps: float | None = None
     norm: str = "inf"
@@ -85,10 +97,10 @@ class ObjectiveParams:
             raise CertkdError(f"--attack-step-size must be a finite number >= 0, got {step}")
         iga_step = self.iga_step
         if iga_step is None and self.eps is not None:
-            iga_step = IGA_STEP_FACTOR * self.eps
+            iga_step = (1.0 if self.iga_on == "nfgsm" else IGA_STEP_FACTOR) * self.eps
         if iga_step is not None and not (math.isfinite(iga_step) and iga_step >= 0):
             raise CertkdError(f"--iga-step must be a finite number >= 0, got {iga_step}")
-        mask = self.iga_on == "adversarial" if self.teacher_mask is None else bool(self.teacher_mask)
+        mask = self.iga_on in IGA_ATTACK_POINTS if self.teacher_mask is None else bool(self.teacher_mask)
         return replace(self, iga_norm=str(self.iga_norm), attack_step_size=step, iga_step=iga_step,
                        teacher_mask=mask)
 
@@ -105,6 +117,8 @@ class ObjectiveParams:
             raise CertkdError(f"--iga-norm must be one of {', '.join(IGA_NORMS)}, got {self.iga_norm!r}")
         if self.iga_on not in IGA_POINTS:
             raise CertkdError(f"--iga-on must be one of {', '.join(IGA_POINTS)}, got {self.iga_on!r}")
+        if self.iga_grad not in IGA_GRADS:
+            raise CertkdError(f"--iga-grad must be one of {', '.join(IGA_GRADS)}, got {self.iga_grad!r}")
         if self.iga_scale not in IGA_SCALES:
             raise CertkdError(f"--iga-scale must be one of {', '.join(IGA_SCALES)}, got {self.iga_scale!r}")
 

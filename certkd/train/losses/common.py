@@ -59,12 +59,15 @@ def kl_objective(model: nn.Module, target_logits: torch.Tensor) -> Callable[[tor
 
 
 def one_step_point(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str, step: float,
-                   generator: torch.Generator | None) -> torch.Tensor:
+                   generator: torch.Generator | None, noise: float = 1.0, project_to_ball: bool = True
+                   ) -> torch.Tensor:
     """The fast-AT point (FGSM with a random start, Wong et al. 2020) of ``model`` at ``(x, y)``, detached.
 
-    ``x0 = clip(x + u)`` with ``u`` uniform in the ``eps`` ball; one steepest-ascent step of size
+    ``x0 = clip(x + u)`` with ``u`` uniform in the ``noise * eps`` ball; one steepest-ascent step of size
     ``step`` on the summed CE at ``x0`` (``sign`` of the gradient for L-inf, the unit gradient for L2);
     ``x' = clip(x + proj_eps(x0 + step * d - x))``, ``clip`` to the box ``[0, 1]`` (theory.md §4).
+    N-FGSM (de Jorge et al. 2022, theory.md §8) is ``noise=2``, ``step=eps``, ``project_to_ball=False``:
+    ``x' = clip(x0 + step * d)``, up to ``3 eps`` from ``x``, which resists catastrophic overfitting.
     One forward and one backward of ``model``; no parameter gradients are kept.
 
     Example
@@ -77,9 +80,12 @@ def one_step_point(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: floa
     """
     p = parse_norm(norm)
     x = x.detach()
-    x0 = (x + random_in_ball(x.shape, p, eps, generator, x.device, x.dtype)).clamp(0.0, 1.0).requires_grad_(True)
+    u = random_in_ball(x.shape, p, noise * eps, generator, x.device, x.dtype)
+    x0 = (x + u).clamp(0.0, 1.0).requires_grad_(True)
     with torch.enable_grad():
         (grad,) = torch.autograd.grad(F.cross_entropy(model(x0), y, reduction="sum"), x0)
     with torch.no_grad():
         moved = x0 + step * steepest_step(grad, p)
+        if not project_to_ball:
+            return moved.clamp(0.0, 1.0)
         return (x + project(moved - x, p, eps)).clamp(0.0, 1.0)

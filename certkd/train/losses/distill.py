@@ -6,8 +6,14 @@ import torch
 import torch.nn.functional as F
 
 from bounds.norms import batch_norm, parse_norm, random_in_ball
-from certkd.train.losses._registry import LossBatch, ObjectiveParams, register_loss
-from certkd.train.losses.common import eval_mode, kl_per_example, one_step_point
+from certkd.train.losses._registry import IGA_FD_STEP, NFGSM_NOISE, LossBatch, ObjectiveParams, register_loss
+from certkd.train.losses.common import (
+    ce_objective,
+    craft_adversarial,
+    eval_mode,
+    kl_per_example,
+    one_step_point,
+)
 
 
 def masked_mean(values: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
@@ -48,12 +54,13 @@ def kd_loss(batch: LossBatch, params: ObjectiveParams) -> dict[str, torch.Tensor
 
 
 def input_gradient(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
-                   create_graph: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                   create_graph: bool, retain_graph: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(logits, grad_x CE(model(x_i), y_i))``: per-sample gradients of the per-sample CE.
 
     The CE is summed (not averaged) before differentiating, so each row is exactly the
     gradient of its own example's loss, not shrunk by 1/B (theory.md §4). With
-    ``create_graph`` the gradient stays differentiable in the parameters (double backprop).
+    ``create_graph`` the gradient stays differentiable in the parameters (double backprop); with
+    ``retain_graph`` (only) the logits keep their graph for a later backward.
     A BatchNorm layer in training mode couples the examples through the batch statistics; its
     rows then include that coupling (as in the authors' code). The frozen teacher is in eval mode.
     """
@@ -61,7 +68,7 @@ def input_gradient(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
     with torch.enable_grad():
         logits = model(x)
         ce = F.cross_entropy(logits, y, reduction="sum")
-        (grad,) = torch.autograd.grad(ce, x, create_graph=create_graph)
+        (grad,) = torch.autograd.grad(ce, x, create_graph=create_graph, retain_graph=retain_graph)
     return logits, grad
 
 
@@ -79,9 +86,41 @@ def iga_term(student_grad: torch.Tensor, teacher_grad: torch.Tensor, norm: str,
     return masked_mean(gaps, keep)
 
 
+def iga_fd_surrogate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor,
+                     student_grad: torch.Tensor, teacher_grad: torch.Tensor, norm: str,
+                     keep: torch.Tensor | None = None, scale: str = "sample", h: float = IGA_FD_STEP
+                     ) -> torch.Tensor:
+    """The IGA term (value of :func:`iga_term`) whose parameter gradient is a finite difference.
+
+    With ``u_i = g_S,i - g_T,i``, ``v_i = d||u_i||_p / du_i`` (detached), ``s_i = ||v_i||_2`` and
+    ``d_i = v_i / s_i``, the term's parameter gradient ``sum_i w_i J_i^T v_i`` (``J_i`` the Jacobian
+    of ``g_S,i`` in the parameters, ``w_i`` the weights of the masked mean) is
+    ``grad_theta sum_i w_i s_i (CE_i(x_i + h d_i) - CE_i(x_i)) / h`` up to ``O(h)`` (Finlay and
+    Oberman 2019): one more forward instead of a double backward. ``logits`` are the student's at
+    ``x`` with their graph; ``student_grad`` may be detached.
+    """
+    gap = (student_grad - teacher_grad).detach().requires_grad_(True)
+    with torch.enable_grad():
+        (v,) = torch.autograd.grad(batch_norm(gap, parse_norm(norm)).sum(), gap)
+    s = batch_norm(v, 2.0)
+    d = v / s.clamp_min(1e-12).view(-1, *([1] * (v.dim() - 1)))
+    ce_moved = F.cross_entropy(model(x.detach() + h * d), y, reduction="none")
+    ce_here = F.cross_entropy(logits, y, reduction="none")
+    weights = torch.ones_like(s) if keep is None else keep.to(s.dtype)
+    weights = weights / weights.sum().clamp_min(1.0)
+    if scale == "batch-mean":
+        weights = weights / len(weights)
+    surrogate = (weights * s * (ce_moved - ce_here)).sum() / h
+    value = iga_term(student_grad.detach(), teacher_grad, norm, keep, scale)
+    return value + (surrogate - surrogate.detach())
+
+
 def iga_point(batch: LossBatch, params: ObjectiveParams) -> torch.Tensor:
-    """Where KDIGA aligns gradients: ``x`` (clean), ``clip(x + u)`` (noisy, ``u`` uniform in the ball)
-    or the student's fast-AT point (adversarial: :func:`one_step_point` with step ``--iga-step``)."""
+    """Where KDIGA aligns gradients: ``x`` (clean), ``clip(x + u)`` (noisy, ``u`` uniform in the ball),
+    the student's fast-AT point (adversarial: :func:`one_step_point` with step ``--iga-step``), its
+    K-step PGD point on its CE (pgd: ``--attack-steps``, ``--attack-step-size``, as ARD) or its
+    N-FGSM point (nfgsm: noise ``2 eps``, step ``--iga-step``, default ``eps``, no projection to the
+    ball; theory.md §8)."""
     if params.iga_on == "clean":
         return batch.x
     assert params.eps is not None, f"iga_on={params.iga_on!r} needs eps"
@@ -91,8 +130,11 @@ def iga_point(batch: LossBatch, params: ObjectiveParams) -> torch.Tensor:
         return (batch.x + noise).clamp(0.0, 1.0)
     assert params.iga_step is not None, "resolve ObjectiveParams first"
     with eval_mode(batch.student_bare):
+        if params.iga_on == "pgd":
+            return craft_adversarial(ce_objective(batch.student_bare, batch.y), batch.x, params, batch.generator)
+        nfgsm = params.iga_on == "nfgsm"
         return one_step_point(batch.student_bare, batch.x, batch.y, params.eps, params.norm, params.iga_step,
-                              batch.generator)
+                              batch.generator, noise=NFGSM_NOISE if nfgsm else 1.0, project_to_ball=not nfgsm)
 
 
 @register_loss("kdiga", needs_teacher=True, uses_attack=False, select="pgd_acc",
@@ -108,14 +150,18 @@ def kdiga_loss(batch: LossBatch, params: ObjectiveParams) -> dict[str, torch.Ten
 
     With ``teacher_mask`` the KL and IGA means run over the examples the teacher classifies
     correctly at the point each term uses (CE stays on the whole batch). ``iga_scale`` picks the
-    row scale of ``G`` (:func:`iga_term`). Returns the terms ``kl, ce, iga`` (as in the loss),
+    row scale of ``G`` (:func:`iga_term`). ``iga_grad="finite-difference"`` takes the IGA term's
+    parameter gradient by :func:`iga_fd_surrogate` instead of double backprop. Returns the terms ``kl, ce, iga`` (as in the loss),
     ``kd_term`` and ``iga_weighted`` (the two parts of the loss), ``teacher_right`` (with the mask)
     and ``loss``.
     """
     teacher = batch.frozen_teacher()
     x_iga = iga_point(batch, params)
     teacher_logits, teacher_grad = input_gradient(teacher, x_iga, batch.y, create_graph=False)
-    student_logits, student_grad = input_gradient(batch.student, x_iga, batch.y, create_graph=True)
+    exact = params.iga_grad == "exact"
+    student_logits, student_grad = input_gradient(batch.student, x_iga, batch.y, create_graph=exact,
+                                                  retain_graph=True)
+    logits_at_point = student_logits
     keep_iga = teacher_logits.argmax(1) == batch.y if params.teacher_mask else None
     keep_kd = keep_iga
     if params.iga_on == "noisy":
@@ -124,7 +170,11 @@ def kdiga_loss(batch: LossBatch, params: ObjectiveParams) -> dict[str, torch.Ten
             teacher_logits = teacher(batch.x)
         keep_kd = teacher_logits.argmax(1) == batch.y if params.teacher_mask else None
     kl, ce, kd = _kd_terms(teacher_logits, student_logits, batch.y, params, keep_kd)
-    iga = iga_term(student_grad, teacher_grad, params.iga_norm, keep_iga, params.iga_scale)
+    if exact:
+        iga = iga_term(student_grad, teacher_grad, params.iga_norm, keep_iga, params.iga_scale)
+    else:
+        iga = iga_fd_surrogate(batch.student, x_iga, batch.y, logits_at_point, student_grad, teacher_grad,
+                               params.iga_norm, keep_iga, params.iga_scale)
     weighted = params.iga_weight * iga
     out = {"kl": kl.detach(), "ce": ce.detach(), "iga": iga.detach(), "kd_term": kd.detach(),
            "iga_weighted": weighted.detach(), "loss": kd + weighted}
