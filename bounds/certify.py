@@ -303,8 +303,8 @@ class BoundEngine:
         if witnesses is not None:
             fresh.append(witnesses.to(x))
         with torch.no_grad():
-            points = region.project(torch.cat([checked, *fresh]))
-            logits = self.view(points.flatten(0, 1)).view(len(points), len(x), -1)
+            points = torch.cat([region.project(part) for part in (checked, *fresh)])
+            logits = torch.stack([self.view(batch) for batch in points])  # one batch of points at a time
         evidence = EvidencePoints(points, torch.einsum("brc,sbc->sbr", spec, logits))
         broken = check_bound(published, evidence, coef, None if bias is None else bias - allowance, rows)
         node = first_node_outside(self.bounded, intervals, points, self.version)
@@ -368,6 +368,8 @@ class BoundEngine:
             broken = found.margin <= 0
             upper = torch.where(broken, mid, upper)
             lower = torch.where(broken, lower, mid)
+        if not points:  # no attack (rounds = 0): no evidence points
+            return upper, x.new_zeros((0, *x.shape)), upper.new_zeros((0, len(x)))
         return upper, torch.stack(points), torch.stack(radii)
 
     def _search_bound(self, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, p: float,
@@ -431,7 +433,7 @@ class BoundEngine:
             if len(active) == 0:
                 break
             eps = search.next_eps(active)
-            inside = (attack_radii[:, active] <= eps).view(*attack_radii.shape[:1], -1, *([1] * (xs.dim() - 1)))
+            inside = (attack_radii[:, active] <= eps).view(len(attack_radii), len(active), *([1] * (xs.dim() - 1)))
             witnesses = torch.where(inside, attack_points[:, active], xs[active].unsqueeze(0))
             g = self._search_bound(xs[active], ys[active], eps, p, method, witnesses)
             search.update(active, eps, g)

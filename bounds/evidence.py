@@ -166,25 +166,28 @@ def first_node_outside(bounded: Any, intervals: Mapping[str, tuple[torch.Tensor,
                        points: torch.Tensor, version: str | None) -> str | None:
     """The first node (auto_LiRPA's order) whose value at some point lies outside its interval, described; or None.
 
-    ``points`` (S, B, ...) lie in the balls the intervals were computed for.
+    ``points`` (S, B, ...) lie in the regions the intervals were computed for; the graph is
+    evaluated on one batch of points at a time.
     """
     if not intervals:
         return None
-    count, batch = points.shape[:2]
-    with torch.no_grad(), lirpa_call("evaluate its graph of this model", version):
-        bounded(points.reshape(count * batch, *points.shape[2:]))
-    for node in bounded._modules.values():
-        if node.name not in intervals:
-            continue
-        value = getattr(node, "forward_value", None)
-        lower, upper = intervals[node.name]
-        if not torch.is_tensor(value) or value.shape[0] != count * batch or value.shape[1:] != lower.shape[1:]:
-            continue
-        value = value.detach().view(count, *lower.shape)
-        slack = NODE_RTOL * (1.0 + value.abs())
-        if bool(((value < lower - slack) | (value > upper + slack)).any()):
-            return describe_node(node)
-    return None
+    order = {name: k for k, name in enumerate(bounded._modules)}
+    first: Any = None
+    for batch in points:
+        with torch.no_grad(), lirpa_call("evaluate its graph of this model", version):
+            bounded(batch)
+        for node in bounded._modules.values():
+            if node.name not in intervals or (first is not None and order[node.name] >= order[first.name]):
+                continue
+            value = getattr(node, "forward_value", None)
+            lower, upper = intervals[node.name]
+            if not torch.is_tensor(value) or value.shape != lower.shape:
+                continue
+            slack = NODE_RTOL * (1.0 + value.abs())
+            if bool(((value < lower - slack) | (value > upper + slack)).any()):
+                first = node
+                break
+    return None if first is None else describe_node(first)
 
 
 def localize(bounded: Any, bounded_x: Any, method: str, points: torch.Tensor, version: str | None) -> str | None:
@@ -220,6 +223,7 @@ def localize(bounded: Any, bounded_x: Any, method: str, points: torch.Tensor, ve
     return None
 
 
+GRADIENT_BATCH = 1024  # rows (examples x specification rows) per backward pass of the rounding allowance
 GRADIENT_ROWS = 64  # specification rows up to which each row's own gradient weighs the errors (beyond: forward)
 # how each node kind carries the errors of its inputs in ``_forward_error`` (the rest: no forward rule)
 _STRUCTURAL = frozenset({"BoundFlatten", "BoundReshape", "BoundSqueeze", "BoundUnsqueeze", "BoundTranspose",
@@ -242,6 +246,14 @@ def rounding_allowance(bounded: Any, x: torch.Tensor, spec: torch.Tensor, versio
         forward = _forward_error(bounded, x, spec, version)
         if forward is not None:
             return ROUNDING_FACTOR * forward
+    step = max(1, GRADIENT_BATCH // rows)  # examples per backward pass: memory grows with examples x rows
+    parts = [_gradient_error(bounded, x[i:i + step], spec[i:i + step], version) for i in range(0, batch, step)]
+    return ROUNDING_FACTOR * torch.cat(parts)
+
+
+def _gradient_error(bounded: Any, x: torch.Tensor, spec: torch.Tensor, version: str | None) -> torch.Tensor:
+    """Each row's first-order float32 error at ``x``: the nodes' rounding weighed by that row's gradient (B, R)."""
+    batch, rows = spec.shape[:2]
     points = x.repeat_interleave(rows, dim=0).detach().requires_grad_(True)
     select = spec.reshape(batch * rows, -1)
     with torch.enable_grad(), lirpa_call("evaluate its graph of this model", version):
@@ -258,7 +270,7 @@ def rounding_allowance(bounded: Any, x: torch.Tensor, spec: torch.Tensor, versio
             radius = _node_rounding(node)
             if radius is not None:
                 error = error + (grad.abs() * radius).flatten(1).sum(dim=1)
-    result: torch.Tensor = ROUNDING_FACTOR * error.view(batch, rows).detach()
+    result: torch.Tensor = error.view(batch, rows).detach()
     return result
 
 

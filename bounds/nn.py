@@ -95,9 +95,10 @@ class SlopeReLU(nn.Module):
         a = torch.as_tensor(slope, dtype=torch.float32).detach().clone().flatten()
         self.register_buffer("slope", a)
         self.register_buffer("rest", 1 - a)  # precomputed: the graph holds only products, a sum and a ReLU
+        self.per_channel = a.numel() > 1  # a Python bool: tracing reads no tensor value
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = (1, -1, *([1] * (x.dim() - 2))) if self.slope.numel() > 1 else (1,) * x.dim()
+        shape = (1, -1, *([1] * (x.dim() - 2))) if self.per_channel else (1,) * x.dim()
         return self.slope.view(shape) * x + self.rest.view(shape) * torch.relu(x)
 
     def extra_repr(self) -> str:

@@ -200,7 +200,7 @@ def parse_vnnlib(text: str, where: str = "VNN-LIB") -> Spec:
     -------
     >>> spec = parse_vnnlib('''(declare-const X_0 Real)(declare-const Y_0 Real)(declare-const Y_1 Real)
     ... (assert (>= X_0 0.2))(assert (<= X_0 0.4))(assert (>= Y_1 Y_0))''')
-    >>> spec.cases[0].clauses[0].A.tolist(), spec.cases[0].clauses[0].b.tolist()
+    >>> spec.cases[0].clauses[0].A.tolist(), spec.cases[0].clauses[0].b.abs().tolist()
     ([[1.0, -1.0]], [0.0])
     """
     declared: set[tuple[str, int]] = set()

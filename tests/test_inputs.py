@@ -83,7 +83,7 @@ ENTRY_POINTS = {
     "apgd": lambda m, x, y: apgd_ensemble(m, x, y, 0.01, config=ApgdConfig(steps=2)),
     "lipschitz": lambda m, x, y: lipschitz_bound(m, SHAPE),
     "certkd.certify": lambda m, x, y: certkd.certify(m, (x, y), ["crown"], [0.01], pgd_steps=2),
-    "certkd.compare": lambda m, x, y: certkd.compare(m, mlp(), (x, y), "crown", eps=[0.01], n_boot=20),
+    "certkd.compare": lambda m, x, y: certkd.compare(m, mlp(), (x, y), "crown", eps=[0.01], rule={"n_boot": 20}),
 }
 
 
@@ -311,7 +311,7 @@ def test_api_tensor_data_checked(case, word):
     data = {"uint8": ((x * 255).to(torch.uint8), y), "labels_2d": (x, y.view(-1, 1)),
             "fractional_labels": (x, y + 0.5), "nan": (x.masked_fill(x > 0.98, math.nan), y)}[case]
     for call in (lambda: certkd.certify(mlp(), data, ["lipschitz"], [0.01], pgd_steps=0),
-                 lambda: certkd.compare(mlp(), mlp(), data, "lipschitz", eps=[0.01], n_boot=20)):
+                 lambda: certkd.compare(mlp(), mlp(), data, "lipschitz", eps=[0.01], rule={"n_boot": 20})):
         with pytest.raises(USER_ERRORS) as info:
             call()
         assert_sentence(info.value, word)

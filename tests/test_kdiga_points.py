@@ -3,6 +3,7 @@ detection and the collapse check that stops only dead runs (theory.md §4, §8).
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -82,7 +83,11 @@ def test_pgd_point_is_at_least_as_adversarial_as_the_one_step_point_and_stays_in
 
 
 FGSM = "fgsm-plain-test"
-if FGSM not in LOSSES.names():
+
+
+@pytest.fixture
+def plain_fgsm():
+    """A test-only loss, registered for one test and removed after it (other tests list the registry)."""
     @register_loss(FGSM, needs_teacher=False, uses_attack=True, select="pgd_acc", summary="FGSM, no random start")
     def _fgsm_plain(batch: LossBatch, params: ObjectiveParams) -> dict[str, torch.Tensor]:
         """``CE(S(x'), y)``, ``x'`` one signed step of ``--iga-step`` from ``x`` itself (no random start)."""
@@ -93,8 +98,11 @@ if FGSM not in LOSSES.names():
         ce = F.cross_entropy(batch.student(x_adv), batch.y)
         return {"ce_adv": ce.detach(), "loss": ce}
 
+    yield FGSM
+    LOSSES._entries.pop(FGSM, None)
 
-def test_catastrophic_overfitting_is_detected_and_the_best_pgd_epoch_kept(tmp_path, digits_trio, capsys):
+
+def test_catastrophic_overfitting_is_detected_and_the_best_pgd_epoch_kept(tmp_path, digits_trio, capsys, plain_fgsm):
     """The signature constructed on digits: a robust start (the PGD-AT teacher's weights) trained by FGSM without
     random start at a radius (0.001) far below the validation radius (0.2), so clean accuracy holds or rises while
     PGD accuracy at 0.2 falls to half of its best (measured: 0.23 at epoch 1, 0.105 at epoch 5). FGSM without random

@@ -178,7 +178,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
 
     monkeypatch.setattr(trainer_module, "get_loss", poisoned)
     cfg = TrainConfig(method="natural", out=tmp_path / "run.pt", epochs=3, **TINY)
-    with pytest.raises(TrainingDiverged, match=r"not finite at epoch 2, step 4.*run\.pt \(epoch 1, validation clean accuracy 0\.\d+\) is kept"):
+    with pytest.raises(TrainingDiverged, match=r"not finite at epoch 2, step 4.*run\.pt \(epoch 1, validation clean accuracy 0\.\d+\) and the best, run\.best\.pt \(epoch 1\), are kept"):
         train(cfg)
     kept = load_checkpoint(cfg.out)
     assert kept.metrics["epoch"] == 1
