@@ -78,6 +78,11 @@ class Registry(Generic[T]):
         self._providers[name] = provider or builtin_provider()
         return entry
 
+    def remove(self, name: str) -> None:
+        """Forget the entry registered as ``name`` at run time (an installed plugin stays listed)."""
+        self._entries.pop(name, None)
+        self._providers.pop(name, None)
+
     def register(self, name: str | None = None) -> Callable[[T], T]:
         """Decorator form of :meth:`add`; the name defaults to the function's ``__name__``."""
         def deco(entry: T) -> T:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import gzip
 import math
 import struct
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -183,3 +185,28 @@ def write_mnist_split(folder: Path, split: str, n: int, gz: bool, seed: int = 0)
     write_idx(folder / f"{prefix}-images-idx3-ubyte", images, gz)
     write_idx(folder / f"{prefix}-labels-idx1-ubyte", labels, gz)
     return images, labels
+
+
+# --------------------------------------------------------------------------- the model registry
+
+@contextmanager
+def registered_models(makers: dict[str, Callable[[], nn.Module]]) -> Iterator[None]:
+    """Registry builders named by the keys of ``makers`` (each returning ``make()``), for the block only.
+
+    A hand-written model reaches ``certkd certify`` through a checkpoint, hence the registry;
+    removing the builders afterwards leaves later tests the registry certkd ships.
+    """
+    from certkd.models import MODELS
+    from certkd.models._registry import register_model
+
+    for name, make in makers.items():
+        def build(num_classes: int, input_shape: tuple[int, ...], _make=make) -> nn.Module:
+            """A hand-written test model."""
+            return _make()
+        build.__name__ = name
+        register_model(build)
+    try:
+        yield
+    finally:
+        for name in makers:
+            MODELS.remove(name)

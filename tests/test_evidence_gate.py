@@ -17,7 +17,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
-from helpers import briefly_trained, count_violations, labels_of, per_margin_attack, raw_lower
+from helpers import (
+    briefly_trained,
+    count_violations,
+    labels_of,
+    per_margin_attack,
+    raw_lower,
+    registered_models,
+)
 from torch import nn
 
 from bounds.certify import BoundEngine
@@ -389,22 +396,17 @@ CLI_FAMILIES = {  # case -> (model, method, exit code)
 @pytest.fixture(scope="module")
 def family_checkpoints(tmp_path_factory, digits):
     from certkd.checkpoint import make_checkpoint, save_checkpoint
-    from certkd.models import MODELS, create_model
-    from certkd.models._registry import register_model
+    from certkd.models import create_model
 
     out = tmp_path_factory.mktemp("families")
     paths = {}
-    for case, (make, _, _) in CLI_FAMILIES.items():
-        name = f"gate_{case}"
-        if name not in MODELS.names():
-            def build(num_classes, input_shape, _make=make):
-                return _make()
-            build.__name__ = name
-            register_model(build)
-        torch.manual_seed(0)
-        model = briefly_trained(create_model(name, 10, (1, 8, 8)), digits["train"], steps=10)
-        paths[case] = save_checkpoint(make_checkpoint(model, name, {}, digits["test"].info), out / f"{case}.pt")
-    return paths
+    with registered_models({f"gate_{case}": make for case, (make, _, _) in CLI_FAMILIES.items()}):
+        for case in CLI_FAMILIES:
+            torch.manual_seed(0)
+            model = briefly_trained(create_model(f"gate_{case}", 10, (1, 8, 8)), digits["train"], steps=10)
+            paths[case] = save_checkpoint(make_checkpoint(model, f"gate_{case}", {}, digits["test"].info),
+                                          out / f"{case}.pt")
+        yield paths
 
 
 @pytest.mark.parametrize("case", sorted(CLI_FAMILIES))

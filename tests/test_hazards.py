@@ -17,6 +17,7 @@ from helpers import (
     labels_of,
     per_margin_attack,
     raw_lower,
+    registered_models,
     require_hazard,
 )
 from torch import nn
@@ -375,22 +376,11 @@ def test_crash_cases_rewritten_or_refused_in_one_sentence(name, digits_train, di
 
 # --------------------------------------------------------------------------- the same cases through the CLI
 
-def _register_cli_models() -> dict[str, str]:
-    """Registry builders for the refusal and rewrite cases (in this process only), name -> case."""
-    from certkd.models import MODELS
-    from certkd.models._registry import register_model
-
-    builders: dict[str, str] = {}
-    for case, make in {**{f"pool_{k}": (lambda f=f: pooled_gap(f())) for k, f in POOLING_FAMILY.items()},
-                       **{f"crash_{k}": v for k, v in CRASHES.items()}}.items():
-        name = f"hazard16_{case}"
-        if name not in MODELS.names():
-            def build(num_classes, input_shape, _make=make):
-                return _make()
-            build.__name__ = name
-            register_model(build)
-        builders[name] = case
-    return builders
+def _cli_makers() -> dict[str, object]:
+    """Model makers for the refusal and rewrite cases, by registry name ``hazard16_<case>``."""
+    cases = {**{f"pool_{k}": (lambda f=f: pooled_gap(f())) for k, f in POOLING_FAMILY.items()},
+             **{f"crash_{k}": v for k, v in CRASHES.items()}}
+    return {f"hazard16_{case}": make for case, make in cases.items()}
 
 
 @pytest.fixture(scope="module")
@@ -400,10 +390,13 @@ def cli_checkpoints(tmp_path_factory, digits_train, digits_test):
 
     out = tmp_path_factory.mktemp("hazard16")
     paths = {}
-    for name, case in _register_cli_models().items():
-        model = briefly_trained(create_model(name, 10, (1, 8, 8)), digits_train, steps=10)
-        paths[case] = save_checkpoint(make_checkpoint(model, name, {}, digits_test.info), out / f"{case}.pt")
-    return paths
+    makers = _cli_makers()
+    with registered_models(makers):
+        for name in makers:
+            model = briefly_trained(create_model(name, 10, (1, 8, 8)), digits_train, steps=10)
+            paths[name.removeprefix("hazard16_")] = save_checkpoint(
+                make_checkpoint(model, name, {}, digits_test.info), out / f"{name}.pt")
+        yield paths
 
 
 @pytest.mark.parametrize("case", [f"pool_{k}" for k in POOLING_FAMILY] + ["crash_avgpool_ceil_flatten"])

@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
+from helpers import per_margin_attack, registered_models
 from torch import nn
 
 import certkd
@@ -103,8 +104,6 @@ def test_bad_models_get_one_sentence(family, entry, capfd):
 
 def test_float64_model_bounded_as_float32_copy_with_a_note():
     """A float64 model: bounded (its float32 copy, noted), the bounds below the float64 model's own per-margin attack."""
-    from helpers import per_margin_attack
-
     model = mlp().double()
     x, y = points(6)
     y = model(x.double()).argmax(1)
@@ -229,35 +228,21 @@ def test_refusals_name_the_operator_and_print_nothing(make, operator, capfd):
 
 # --------------------------------------------------------------------------- the CLI
 
-def _cli_models() -> dict[str, str]:
-    """Registry builders (in this process only) for the CLI cases, case -> registered name."""
-    from certkd.models import MODELS
-    from certkd.models._registry import register_model
-
-    cases = {"tuple": lambda: MultiOutput("tuple"), "score": lambda: MultiOutput("score"),
-             "bfloat16": lambda: mlp().to(torch.bfloat16), "float64": lambda: mlp().double()}
-    names = {}
-    for case, make in cases.items():
-        name = f"inputs_{case}"
-        if name not in MODELS.names():
-            def build(num_classes, input_shape, _make=make):
-                return _make()
-            build.__name__ = name
-            register_model(build)
-        names[case] = name
-    return names
-
-
 @pytest.fixture(scope="module")
 def cli_checkpoints(tmp_path_factory):
+    """Checkpoints of registry builders (registered while the module's tests run), case -> path."""
     from certkd.checkpoint import make_checkpoint, save_checkpoint
     from certkd.data import load_dataset
     from certkd.models import create_model
 
+    makers = {"tuple": lambda: MultiOutput("tuple"), "score": lambda: MultiOutput("score"),
+              "bfloat16": lambda: mlp().to(torch.bfloat16), "float64": lambda: mlp().double()}
     info = load_dataset("digits", "test").info
     out = tmp_path_factory.mktemp("inputs")
-    return {case: save_checkpoint(make_checkpoint(create_model(name, 10, SHAPE), name, {}, info), out / f"{case}.pt")
-            for case, name in _cli_models().items()}
+    with registered_models({f"inputs_{case}": make for case, make in makers.items()}):
+        yield {case: save_checkpoint(make_checkpoint(create_model(f"inputs_{case}", 10, SHAPE), f"inputs_{case}",
+                                                     {}, info), out / f"{case}.pt")
+               for case in makers}
 
 
 def _certify(path, method: str, out, *extra: str):

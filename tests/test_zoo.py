@@ -15,7 +15,7 @@ from certkd.cli import main
 from certkd.convert import wrap_state_dict
 from certkd.data import dataset_info
 from certkd.errors import CertkdError, CheckpointError
-from certkd.models import create_model, register_model
+from certkd.models import MODELS, create_model, register_model
 
 
 def bn(prefix: str, c: int) -> dict[str, tuple[int, ...]]:
@@ -240,6 +240,9 @@ def test_save_model_keeps_a_notebook_module_and_refuses_what_cannot_be_rebuilt(t
         """A builder registered from a notebook (no package)."""
         return AdvertorchLeNet5()
 
-    with pytest.raises(CertkdError, match="registered at run time by module"):
-        save_model(module, tmp_path / "nb2.pt", dataset="mnist", arch="notebook_only_net")
+    try:
+        with pytest.raises(CertkdError, match="registered at run time by module"):
+            save_model(module, tmp_path / "nb2.pt", dataset="mnist", arch="notebook_only_net")
+    finally:
+        MODELS.remove("notebook_only_net")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["nb.pt"]
