@@ -32,7 +32,8 @@ from typing import Any
 
 import torch
 
-from bounds.certify import BOUND_METHODS, BoundEngine
+from bounds.bound_methods import BOUND_METHODS
+from bounds.certify import BoundEngine
 from bounds.errors import BoundsError, UnsupportedModelError
 from bounds.spec import box_attack, spec_bounds
 from certkd.errors import CertkdError

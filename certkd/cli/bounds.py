@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from bounds.linearity import GAMMA_METHODS
+from bounds.bound_methods import GAMMA_METHODS
 from certkd.cli import main
 from certkd.cli.options import (
     echo_shard_done,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from bounds.certify import BOUND_METHODS
+from bounds.bound_methods import BOUND_METHODS
 from certkd.cli import main
 from certkd.errors import CertkdError
 from certkd.io import atomic_write_text, check_output_file
