@@ -159,6 +159,13 @@ def node_label(kind: str, allowed: AllowList | None = None) -> str:
     return _NODE_LABELS.get(kind, kind.removeprefix("Bound"))
 
 
+def _operator_text(kind: str, label: str, attr: str = "") -> str:
+    """``max-pooling, MaxPool, kernel_shape=[2,2]``: a node's label, its operator (once where the label is that
+    name) and its attributes, as refusals name a node."""
+    operator = kind.removeprefix("Bound")
+    return ", ".join([label, *([operator] if operator != label else []), *([attr] if attr else [])])
+
+
 def perturbed_names(bounded: object) -> set[str]:
     """Names of the nodes whose values depend on the input (edges out of a Shape node carry no values)."""
     nodes = bounded._modules  # type: ignore[attr-defined]
@@ -339,7 +346,7 @@ def failing_operator(exc: BaseException, log_lines: Sequence[str] = ()) -> str |
         kind = node_kind(node)
         attr = _attributes(getattr(node, "attr", {}) or {})
         name = f"node {node.name} " if node.name else ""
-        return f"{name}({node_label(kind)}, {kind.removeprefix('Bound')}{', ' + attr if attr else ''})"
+        return f"{name}({_operator_text(kind, node_label(kind), attr)})"
     found = _BOUND_CLASS.search(str(exc))
     if found and found.group(1) not in _NOT_OPERATORS:
         return node_label(found.group(1))
@@ -412,7 +419,7 @@ def first_diverging_node(bounded: object) -> str:
 def describe_node(node: object) -> str:
     """``node /11 (max-pooling, MaxPool)``: a node of auto_LiRPA's graph as refusals name it."""
     kind = node_kind(node)
-    return f"node {node.name} ({node_label(kind, ALLOW_03)}, {kind.removeprefix('Bound')})"  # type: ignore[attr-defined]
+    return f"node {node.name} ({_operator_text(kind, node_label(kind, ALLOW_03))})"  # type: ignore[attr-defined]
 
 
 def box_points(x: torch.Tensor, eps: torch.Tensor, norm: float, generator: torch.Generator) -> torch.Tensor:
