@@ -7,6 +7,8 @@ no longer shows the hazard), then shows that ``bounds.certify`` gives no such bo
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 from helpers import (
@@ -376,7 +378,7 @@ def test_crash_cases_rewritten_or_refused_in_one_sentence(name, digits_train, di
 
 # --------------------------------------------------------------------------- the same cases through the CLI
 
-def _cli_makers() -> dict[str, object]:
+def _cli_makers() -> dict[str, Callable[[], nn.Module]]:
     """Model makers for the refusal and rewrite cases, by registry name ``hazard16_<case>``."""
     cases = {**{f"pool_{k}": (lambda f=f: pooled_gap(f())) for k, f in POOLING_FAMILY.items()},
              **{f"crash_{k}": v for k, v in CRASHES.items()}}
