@@ -20,6 +20,7 @@ import math
 import statistics
 import tempfile
 import time
+import timeit
 from pathlib import Path
 
 import torch
@@ -36,12 +37,6 @@ def pgd_trained_cnn(out: Path) -> Path:
     return train(TrainConfig(method="pgd-at", arch="cnn4", out=out / "teacher.pt", epochs=8, batch_size=128, lr=0.1,
                              params=ObjectiveParams(eps=0.2, norm="inf", attack_steps=5), val_size=200,
                              val_attack_steps=10, progress=False))
-
-
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -84,13 +79,13 @@ def main() -> None:
     radius_times, pass_times, direct_times, certkd_times = [], [], [], []
     result = None
     for r in range(args.rounds):
-        pass_times.append(timed(certkd_call))
+        pass_times.append(timeit.timeit(certkd_call, number=1))
         generator = torch.Generator().manual_seed(r)
         start = time.perf_counter()
         result = engine.certified_radius(x, y, args.norm, "crown", tol=args.tol, generator=generator)
         radius_times.append(time.perf_counter() - start)
-        direct_times.append(timed(direct_call))
-        certkd_times.append(timed(certkd_call))
+        direct_times.append(timeit.timeit(direct_call, number=1))
+        certkd_times.append(timeit.timeit(certkd_call, number=1))
     one_pass, radius = statistics.median(pass_times), statistics.median(radius_times)
     rows = sum(len(e) for e in result.pass_eps) / max(int(result.correct.sum()), 1)
     print(f"model cnn4 (PGD-AT, digits), {args.examples} points, L{args.norm}, torch threads "

@@ -24,6 +24,7 @@ from torch import nn
 
 from certkd.checkpoint import load_model
 from certkd.commands.demo import DemoSettings, train_trio
+from certkd.data import BatchSource, load_dataset
 
 DIGITS_TRAIN_EPS = 0.2  # L-inf radius of the teacher's PGD-AT (inputs in [0, 1], 8x8)
 DIGITS_EVAL_EPS = 0.15  # where the KD-versus-KDIGA gap is clearest
@@ -70,6 +71,12 @@ def _train_digits_trio(out_dir: Path, seed: int) -> DigitsTrio:
 def digits_trio(tmp_path_factory: pytest.TempPathFactory) -> DigitsTrio:
     """A PGD-AT teacher and its KD and KDIGA students on digits, trained once per session (seed 0)."""
     return train_digits_trio(tmp_path_factory.mktemp("digits_demo") / "checkpoints")
+
+
+@pytest.fixture(scope="session")
+def digits() -> tuple[BatchSource, BatchSource]:
+    """The embedded digits data: ``(train, test)`` splits."""
+    return load_dataset("digits", "train"), load_dataset("digits", "test")
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import coo_matrix
 from torch import nn
@@ -22,8 +23,18 @@ from torch import nn
 from bounds.attack import margins, pgd_maximize
 from bounds.certify import margin_spec
 from bounds.lirpa import auto_lirpa_version, import_auto_lirpa
+from certkd.train import Trainer
 
 SLACK = 1e-5  # float rounding allowed between a bound and an attack value
+
+SMALL_FAMILIES = {  # every registry family auto_LiRPA 0.3 bounds, at a size a CPU test can afford
+    "mlp": {"hidden": (32, 16)},
+    "cnn4": {"width": 4, "linear": 16},
+    "cnn7": {"width": 4, "linear": 16},
+    "resnet_small": {"width": 4},
+    "wide_resnet": {"depth": 10, "widen": 1},
+    "mobilenet_v2": {"width_mult": 0.25, "depth": 3},
+}
 
 
 # --------------------------------------------------------------------------- attacks and raw auto_LiRPA
@@ -210,3 +221,27 @@ def registered_models(makers: dict[str, Callable[[], nn.Module]]) -> Iterator[No
     finally:
         for name in makers:
             MODELS.remove(name)
+
+
+# --------------------------------------------------------------------------- training
+
+def train_natural(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int = 30, seed: int = 0) -> nn.Module:
+    """Full-batch Adam (lr 1e-2) on the CE for ``epochs`` steps; the model is returned in eval mode."""
+    torch.manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(epochs):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model.eval()
+
+
+class InterruptedTrainer(Trainer):
+    """Stops like a killed job at the start of one epoch (0-based ``stop_at``)."""
+
+    stop_at = 2
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        if epoch == self.stop_at:
+            raise KeyboardInterrupt
+        return super().train_epoch(epoch)

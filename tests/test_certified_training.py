@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import InterruptedTrainer, affine_layers, exact_min_margin, train_natural
 
 from bounds.attack import pgd
 from bounds.certify import BoundEngine
@@ -22,7 +23,6 @@ from certkd.train.init import ibp_initialize
 from certkd.train.losses import LossBatch
 from certkd.train.losses.certified import bound_logits
 from certkd.train.schedules import eps_factor, interpolate, progress, smoothed_ramp
-from tests.test_certify_sound import affine_layers, exact_min_margin, train_natural
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -213,15 +213,6 @@ def test_certified_distillation_trains_from_a_certified_teacher(ibp_and_pgd, tmp
                                            "method": "cert-kd", "teacher": teacher, "out": tmp_path / "s.pt",
                                            "eps": EPS, "eps_warmup": 4, "kappa_end": 0.0, "alpha": 0.5}))
     assert ibp_certified_accuracy(student) >= 0.4
-
-
-class InterruptedTrainer(Trainer):
-    stop_at = 2
-
-    def train_epoch(self, epoch: int) -> dict[str, float]:
-        if epoch == self.stop_at:
-            raise KeyboardInterrupt
-        return super().train_epoch(epoch)
 
 
 def test_resume_mid_ramp_equals_an_uninterrupted_run(tmp_path):

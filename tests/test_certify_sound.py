@@ -6,8 +6,14 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
-from helpers import affine_layers, count_violations, exact_min_margin, per_margin_attack, raw_lower
+from helpers import (
+    affine_layers,
+    count_violations,
+    exact_min_margin,
+    per_margin_attack,
+    raw_lower,
+    train_natural,
+)
 from torch import nn
 
 from bounds.attack import min_margin, pgd
@@ -28,16 +34,6 @@ def digits():
 
 
 # --------------------------------------------------------------------------- exact MILP
-
-def train_natural(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int = 30, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(epochs):
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-    return model.eval()
-
 
 @pytest.mark.parametrize("hidden", [(8,), (5, 5)], ids=["mlp8", "mlp5x5"])
 def test_every_method_below_exact_milp(digits, hidden):

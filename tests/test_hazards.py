@@ -12,6 +12,7 @@ from collections.abc import Callable
 import pytest
 import torch
 from helpers import (
+    SMALL_FAMILIES,
     affine_layers,
     briefly_trained,
     count_violations,
@@ -142,14 +143,7 @@ def test_hazard_softmax():
 
 # --------------------------------------------------------------------------- the registry
 
-SWEEP = {  # registry families auto_LiRPA 0.3 bounds (small configurations), digits-shaped inputs
-    "mlp": {"hidden": (32, 16)},
-    "cnn4": {"width": 4, "linear": 16},
-    "cnn7": {"width": 4, "linear": 16},
-    "resnet_small": {"width": 4},
-    "wide_resnet": {"depth": 10, "widen": 1},
-    "mobilenet_v2": {"width_mult": 0.25, "depth": 1},
-}
+SWEEP = {**SMALL_FAMILIES, "mobilenet_v2": {"width_mult": 0.25, "depth": 1}}  # digits-shaped inputs
 SWEEP_EPS = {"inf": 0.02, "2": 0.15}
 
 

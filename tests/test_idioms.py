@@ -28,7 +28,6 @@ from bounds.attack import margins
 from bounds.certify import BoundEngine
 from bounds.fold import zero_pad_conv
 from bounds.nn import SlopeReLU
-from certkd.data import load_dataset
 
 pytestmark = pytest.mark.usefixtures("one_thread", "lirpa")  # tests/conftest.py
 
@@ -71,11 +70,6 @@ class ConvNet(nn.Module):
 
 IDIOMS = ["view", "len", "shape", "mean", "div", "log_softmax", "max_shift", "pad", "pad_unequal", "prelu",
           "leaky", "leaky_functional"]
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits", "train"), load_dataset("digits", "test")
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ from bounds.errors import BoundsError, UnsupportedModelError
 from bounds.gradients import margin_gradients, other_classes
 from bounds.lipschitz import conv_operator_norm, lipschitz_bound, lipschitz_radius
 from bounds.nn import Normalize
-from certkd.data import load_dataset
 from certkd.models import create_model
 
 DIGITS = (1, 8, 8)
@@ -34,11 +33,6 @@ def one_thread():
 def single_thread():
     with one_thread():
         yield
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits", "train"), load_dataset("digits", "test")
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import train_natural
 
 from certkd.checkpoint import make_checkpoint, save_checkpoint
 from certkd.cli import main
@@ -51,13 +52,8 @@ def mlps(tmp_path_factory) -> dict[str, Path]:
     for name, seed, steps in (("teacher", 0, 40), ("student", 1, 15)):
         torch.manual_seed(seed)
         model = create_model("mlp", 10, data.info.input_shape, data.info.mean, data.info.std, **KWARGS)
-        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-        for _ in range(steps):
-            loss = torch.nn.functional.cross_entropy(model(data.x), data.y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        out[name] = save_checkpoint(make_checkpoint(model.eval(), "mlp", KWARGS, data.info), root / f"{name}.pt")
+        model = train_natural(model, data.x, data.y, epochs=steps, seed=seed)
+        out[name] = save_checkpoint(make_checkpoint(model, "mlp", KWARGS, data.info), root / f"{name}.pt")
     return out
 
 
@@ -203,19 +199,25 @@ def test_certify_under_torchrun_gathers_on_rank0(mlps, certify_full, tmp_path: P
     assert sorted(p.name for p in tmp_path.glob("r.shard*")) == ["r.shard0of2.jsonl", "r.shard1of2.jsonl"]
 
 
-@pytest.mark.usefixtures("lirpa")
-def test_certify_builds_one_engine_per_run(mlps, tmp_path: Path, monkeypatch) -> None:
+def engines_built(monkeypatch) -> list:
+    """The models of the bound engines built from now on (``BoundEngine`` replaced by a recording subclass)."""
     import bounds.certify
 
     built = []
     original = bounds.certify.BoundEngine
 
-    class Counting(original):  # type: ignore[misc, valid-type]
+    class Recording(original):  # type: ignore[misc, valid-type]
         def __init__(self, *args, **kwargs):
-            built.append(1)
+            built.append(args[0])
             super().__init__(*args, **kwargs)
 
-    monkeypatch.setattr(bounds.certify, "BoundEngine", Counting)
+    monkeypatch.setattr(bounds.certify, "BoundEngine", Recording)
+    return built
+
+
+@pytest.mark.usefixtures("lirpa")
+def test_certify_builds_one_engine_per_run(mlps, tmp_path: Path, monkeypatch) -> None:
+    built = engines_built(monkeypatch)
     code, _, stderr = run("certify", mlps["teacher"], *CERTIFY)
     assert code == 0, stderr
     assert len(built) == 1  # 3 batches, 1 engine
@@ -236,17 +238,7 @@ def compare_full(mlps, tmp_path_factory, lirpa) -> Path:
 
 @pytest.mark.usefixtures("lirpa")
 def test_compare_builds_each_engine_once(mlps, tmp_path: Path, monkeypatch) -> None:
-    import bounds.certify
-
-    built = []
-    original = bounds.certify.BoundEngine
-
-    class Counting(original):  # type: ignore[misc, valid-type]
-        def __init__(self, *args, **kwargs):
-            built.append(args[0])
-            super().__init__(*args, **kwargs)
-
-    monkeypatch.setattr(bounds.certify, "BoundEngine", Counting)
+    built = engines_built(monkeypatch)
     code, _, stderr = run("compare", mlps["student"], mlps["teacher"], *COMPARE)
     assert code == 0, stderr
     assert len(built) == 2 and built[0] is not built[1]  # one per model, for 3 batches

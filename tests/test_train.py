@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import InterruptedTrainer
 
 import bounds.attack
 from certkd.checkpoint import file_sha256, load_checkpoint, load_model, make_checkpoint, save_checkpoint
@@ -99,17 +100,6 @@ def test_student_checkpoint_records_method_hyperparameters_and_teacher(digits_tr
     assert rows[-1]["lr"] < rows[0]["lr"]  # cosine schedule
     best = load_checkpoint(digits_trio.kdiga_path.with_name("kdiga.best.pt"))
     assert best.metrics["pgd_acc"] == max(r["pgd_acc"] for r in rows)
-
-
-class InterruptedTrainer(Trainer):
-    """Stops like a killed job at the start of one epoch (0-based ``stop_at``)."""
-
-    stop_at = 2
-
-    def train_epoch(self, epoch: int) -> dict[str, float]:
-        if epoch == self.stop_at:
-            raise KeyboardInterrupt
-        return super().train_epoch(epoch)
 
 
 def test_resume_ends_with_the_same_weights(tmp_path):

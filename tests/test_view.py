@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import SMALL_FAMILIES
 from torch import nn
 
 from bounds.backends import current_backend
@@ -15,15 +16,6 @@ from bounds.view import VIEW_ATOL, check_supported, verification_view
 from certkd.models import create_model
 
 DIGITS, CIFAR = (1, 8, 8), (3, 32, 32)
-# every registry family auto_LiRPA 0.3 bounds, at a size a CPU test can afford
-FAMILIES = {
-    "mlp": {"hidden": (32, 16)},
-    "cnn4": {"width": 4, "linear": 16},
-    "cnn7": {"width": 4, "linear": 16},
-    "resnet_small": {"width": 4},
-    "wide_resnet": {"depth": 10, "widen": 1},
-    "mobilenet_v2": {"width_mult": 0.25, "depth": 3},
-}
 
 pytestmark = pytest.mark.usefixtures("one_thread", "lirpa")  # tests/conftest.py: every test bounds
 
@@ -45,7 +37,7 @@ def registry_model(name: str, shape, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     c = shape[0]
     model = create_model(name, 10, shape, [0.2 + 0.1 * i for i in range(c)], [0.3 + 0.05 * i for i in range(c)],
-                         **FAMILIES[name])
+                         **SMALL_FAMILIES[name])
     return randomize_batchnorm(model, seed).eval()
 
 
@@ -68,7 +60,7 @@ def rewritten_away(view: nn.Module) -> list[str]:
 
 
 @pytest.mark.parametrize("shape", [DIGITS, CIFAR], ids=["digits", "cifar"])
-@pytest.mark.parametrize("name", list(FAMILIES))
+@pytest.mark.parametrize("name", list(SMALL_FAMILIES))
 def test_view_equals_registry_model(name, shape):
     model = registry_model(name, shape)
     before = {k: v.clone() for k, v in model.state_dict().items()}

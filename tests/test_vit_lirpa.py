@@ -35,11 +35,6 @@ def needs_vit_backend() -> None:
 
 
 @pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits", "train"), load_dataset("digits", "test")
-
-
-@pytest.fixture(scope="module")
 def vit(digits):
     """The registry ViT (small), trained 200 Adam steps on digits (about 85 % test accuracy)."""
     train, test = digits

@@ -451,12 +451,17 @@ def compute_loss(spec: LossSpec, params: ObjectiveParams, batch: LossBatch, amp:
 
 def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                    clip_grad: float | None = None) -> None:
-    """Backward pass (through the loss scaler), optional clipping of the gradient's L2 norm, one step."""
+    """Backward pass (through the loss scaler), optional clipping of the gradient's L2 norm, one step.
+
+    The backward pass computes the gradients of the optimized parameters only: an objective that
+    differentiates in the input (KDIGA's input gradients) leaves its input out of it.
+    """
     optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+    scaler.scale(loss).backward(inputs=params or None)
     if clip_grad is not None:
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], clip_grad)
+        torch.nn.utils.clip_grad_norm_(params, clip_grad)
     scaler.step(optimizer)
     scaler.update()
 
