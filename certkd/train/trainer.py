@@ -453,7 +453,7 @@ def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler:
                    clip_grad: float | None = None) -> None:
     """Backward pass (through the loss scaler), optional clipping of the gradient's L2 norm, one step."""
     optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
+    torch.autograd.backward(scaler.scale(loss))
     if clip_grad is not None:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], clip_grad)
