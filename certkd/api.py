@@ -21,7 +21,7 @@ import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -62,7 +62,7 @@ class CertifyResult:
     @property
     def clean_accuracy(self) -> float | None:
         """Clean accuracy on the evaluated points (exact)."""
-        return self.data["clean_accuracy"]["accuracy"]
+        return cast("float | None", self.data["clean_accuracy"]["accuracy"])
 
     def accuracy(self, method: str, eps: float) -> float | None:
         """Certified (or, for an estimate method, estimated) accuracy of ``method`` at ``eps``.
@@ -81,7 +81,7 @@ class CertifyResult:
         """
         for row in self.data["results"]:
             if row["method"] == method and row["eps"] == float(eps):
-                return row["accuracy"]
+                return cast("float | None", row["accuracy"])
         raise CertkdError(f"no result for method {method!r} at eps {eps:g}")
 
     def summary(self) -> str:

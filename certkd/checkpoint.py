@@ -181,8 +181,8 @@ def provenance(seed: int | None = None, teacher: str | Path | None = None, **ext
 
 
 def make_checkpoint(model: nn.Module, model_name: str, model_kwargs: dict[str, Any], dataset_info: Any,
-                    config: dict | None = None, metrics: dict | None = None,
-                    provenance_info: dict | None = None) -> Checkpoint:
+                    config: dict[str, Any] | None = None, metrics: dict[str, Any] | None = None,
+                    provenance_info: dict[str, Any] | None = None) -> Checkpoint:
     """Wrap a registry model built for ``dataset_info``'s input shape and classes.
 
     The recorded normalization is the model's own first ``Normalize`` layer when it differs

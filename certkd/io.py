@@ -134,7 +134,7 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serializable: {type(obj).__name__}")
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """Read a JSON-lines file; a torn last line (an interrupted append) is ignored."""
     path = Path(path)
     if not path.exists():
@@ -173,7 +173,7 @@ class JsonlAppender:
             with open(self.path, "r+b") as fh:
                 fh.truncate(cut)
 
-    def write(self, rows: Iterable[dict]) -> None:
+    def write(self, rows: Iterable[dict[str, Any]]) -> None:
         for row in rows:
             self._fh.write(json.dumps(row, default=_json_default) + "\n")
         self._fh.flush()

@@ -42,7 +42,7 @@ def fit_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: in
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(steps):
         opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
+        torch.autograd.backward(nn.functional.cross_entropy(model(x), y))
         opt.step()
     return model.eval()
 

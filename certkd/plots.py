@@ -21,6 +21,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import seaborn as sns  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
 from certkd.io import atomic_write  # noqa: E402
 
@@ -28,7 +30,7 @@ STUDENT_COLOR = "#d95f02"
 TEACHER_COLOR = "#1b9e77"
 
 
-def _save(fig: plt.Figure, path: str | Path) -> Path:
+def _save(fig: Figure, path: str | Path) -> Path:
     path = Path(path)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
@@ -39,7 +41,8 @@ def _save(fig: plt.Figure, path: str | Path) -> Path:
 
 def _finite(values: Sequence[float | None]) -> np.ndarray:
     arr = np.asarray([math.nan if v is None else v for v in values], dtype=float)
-    return arr[np.isfinite(arr)]
+    finite: np.ndarray = arr[np.isfinite(arr)]
+    return finite
 
 
 def data_limits(values: Sequence[float], pad: float = 0.05) -> tuple[float, float]:
@@ -63,7 +66,7 @@ def eps_axis_label(norm: str) -> str:
     return f"eps (L-{norm} radius, input units in [0, 1])"
 
 
-def _legend_below(ax: plt.Axes, ncol: int = 2) -> None:
+def _legend_below(ax: Axes, ncol: int = 2) -> None:
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=ncol, fontsize=8, frameon=False)
 
 
@@ -118,7 +121,7 @@ def plot_part(summary: Mapping[str, Any], part: str, names: tuple[str, str], pat
     return _save(fig, path)
 
 
-def _scatter_pair(ax: plt.Axes, rs: Sequence[float | None], rt: Sequence[float | None], what: str,
+def _scatter_pair(ax: Axes, rs: Sequence[float | None], rt: Sequence[float | None], what: str,
                   norm: str) -> int:
     """``r_S`` against ``r_T`` with the diagonal, limits from the data; returns the points not drawn (inf)."""
     s = np.asarray([math.inf if v is None else v for v in rs], dtype=float)

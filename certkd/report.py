@@ -12,7 +12,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import matplotlib
 
@@ -112,7 +112,7 @@ def _num(v: float | None, spec: str = ".4g") -> str:
 def _cell(summary: dict[str, Any], method: str, eps: float) -> float | None:
     for r in summary["results"]:
         if r["method"] == method and abs(r["eps"] - eps) < 1e-12:
-            return r["accuracy"]
+            return cast("float | None", r["accuracy"])
     return None
 
 

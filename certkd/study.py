@@ -93,13 +93,13 @@ def _fail(path: Path, msg: str) -> CertkdError:
     return CertkdError(f"{path}: {msg}")
 
 
-def _check_keys(path: Path, where: str, got: dict, allowed: set[str]) -> None:
+def _check_keys(path: Path, where: str, got: dict[str, Any], allowed: set[str]) -> None:
     unknown = sorted(set(got) - allowed)
     if unknown:
         raise _fail(path, f"unknown key {unknown[0]!r} in {where} (allowed: {', '.join(sorted(allowed))})")
 
 
-def _as_list(value: Any) -> list:
+def _as_list(value: Any) -> list[Any]:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 

@@ -1,4 +1,5 @@
-"""Static checks in CI: ``mypy`` (``bounds/`` under the strict settings of pyproject.toml) and ``ruff`` report nothing."""
+"""Static checks in CI: ``mypy`` (``bounds/`` and ``certkd/`` under the strict settings of pyproject.toml) and ``ruff``
+report nothing."""
 
 from __future__ import annotations
 
@@ -6,18 +7,21 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_mypy_finds_no_error(tmp_path):
-    """One mypy run over both packages (torch's stubs read once); pyproject.toml holds bounds/ to ``--strict``."""
+    """One mypy run over both packages (torch's stubs read once); pyproject.toml holds both to ``--strict``."""
     proc = subprocess.run([sys.executable, "-m", "mypy", "--cache-dir", str(tmp_path / "cache"), "bounds", "certkd"],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
 
 
-def test_bounds_is_held_to_strict_settings():
-    """Every setting ``mypy --strict`` changes holds for ``bounds`` modules under pyproject.toml (asked of mypy)."""
+@pytest.mark.parametrize("module", ["bounds", "bounds.evidence", "certkd", "certkd.cli.train"])
+def test_packages_are_held_to_strict_settings(module):
+    """Every setting ``mypy --strict`` changes holds for ``module`` under pyproject.toml (asked of mypy)."""
     from mypy.main import process_options
     from mypy.options import PER_MODULE_OPTIONS, Options
 
@@ -28,8 +32,8 @@ def test_bounds_is_held_to_strict_settings():
     changed = {k for k in names if getattr(strict, k) != getattr(defaults, k)
                and (k in PER_MODULE_OPTIONS or k.startswith("warn_"))}
     assert len(changed) >= 10, changed
-    in_bounds = ours.clone_for_module("bounds.evidence")
-    assert {k for k in changed if getattr(in_bounds, k) != getattr(strict, k)} == set()
+    in_module = ours.clone_for_module(module)
+    assert {k for k in changed if getattr(in_module, k) != getattr(strict, k)} == set()
 
 
 def test_ruff_finds_no_problem():

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
+from typing import Any, Literal, NoReturn, overload
 
 import click
 
@@ -16,7 +18,16 @@ RESUME_BY_RERUN = ("demo", "ablate")
 class CertkdGroup(click.Group):
     """A click group that turns every user error into one line on stderr and its exit code (bad input: 2)."""
 
-    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+    @overload
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: Literal[True] = True, **extra: Any) -> NoReturn: ...
+
+    @overload
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> int: ...
+
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> int:
         try:
             rv = super().main(args=args, prog_name=prog_name or "certkd", complete_var=complete_var,
                               standalone_mode=False, **extra)
@@ -39,7 +50,7 @@ class CertkdGroup(click.Group):
             return rv
         sys.exit(rv if isinstance(rv, int) else 0)
 
-    def _interrupted(self, args: list[str] | None) -> str:
+    def _interrupted(self, args: Sequence[str] | None) -> str:
         """The one line printed on Ctrl-C: how to continue the interrupted command."""
         argv = sys.argv[1:] if args is None else list(args)
         name = next((a for a in argv if not a.startswith("-")), None)

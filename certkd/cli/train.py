@@ -34,7 +34,7 @@ def _one_number(ctx: click.Context, param: click.Parameter, value: str | None) -
     return values[0]
 
 
-def _json_kwargs(ctx: click.Context, param: click.Parameter, value: str | None) -> dict:
+def _json_kwargs(ctx: click.Context, param: click.Parameter, value: str | None) -> dict[str, Any]:
     if not value:
         return {}
     try:
@@ -158,7 +158,7 @@ _RECIPES_HELP = " ".join(RECIPES.get(name).describe() for name in RECIPES.names(
 @click.option("--progress/--no-progress", default=True, show_default=True, help="tqdm bars and one line per "
               "epoch on stderr.")
 @click.pass_context
-def train_command(ctx: click.Context, **options: Any) -> None:
+def train_command(ctx: click.Context, /, **options: Any) -> None:
     """Train a teacher or a student; one checkpoint per epoch, metrics as JSON lines, resumable.
 
     Runs the same under torchrun (DistributedDataParallel; gloo on CPU, nccl on GPU):

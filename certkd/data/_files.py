@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from types import ModuleType
+from typing import cast
 
 from certkd.errors import DataError
 
@@ -32,7 +33,7 @@ def import_torchvision(purpose: str) -> ModuleType:
     except ImportError:
         raise DataError(f"{purpose} needs torchvision, which is not installed: "
                         f"pip install 'certkd[vision]' (or pip install torchvision)") from None
-    return torchvision
+    return cast(ModuleType, torchvision)  # torchvision has no type information
 
 
 def torchvision_download(dataset_class: str, root: Path, **kwargs: object) -> None:

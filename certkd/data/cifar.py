@@ -87,7 +87,7 @@ def restricted_pickle_load(path: Path) -> Any:
                         f"{type(exc).__name__})") from None
 
 
-def _field(batch: dict, key: str) -> Any:
+def _field(batch: dict[Any, Any], key: str) -> Any:
     return batch.get(key.encode(), batch.get(key))
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Sequence
 from importlib import metadata
+from typing import Any
 
 from torch import nn
 
@@ -64,7 +65,7 @@ def create_model(
     input_shape: Sequence[int] = (3, 32, 32),
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
-    **kwargs,
+    **kwargs: Any,
 ) -> nn.Module:
     """Build ``name`` for inputs in [0, 1] of ``input_shape`` (C, H, W).
 

@@ -118,4 +118,5 @@ class SmallCNN(nn.Module):
         self.classifier = nn.Sequential(OrderedDict(dense))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.flatten(self.feature_extractor(x)))
+        logits: torch.Tensor = self.classifier(self.flatten(self.feature_extractor(x)))
+        return logits

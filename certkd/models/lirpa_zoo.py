@@ -80,7 +80,8 @@ class CNN4Layer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(self.conv2(self.relu(self.conv1(x))))
-        return self.fc2(self.relu(self.fc1(self.flatten(x))))
+        logits: torch.Tensor = self.fc2(self.relu(self.fc1(self.flatten(x))))
+        return logits
 
 
 @register_model

@@ -33,8 +33,9 @@ class InvertedResidual(nn.Module):
         self.body = nn.Sequential(*layers)
         self.residual = stride == 1 and cin == cout
 
-    def forward(self, x):
-        return x + self.body(x) if self.residual else self.body(x)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = x + self.body(x) if self.residual else self.body(x)
+        return out
 
 
 # (expansion, channels, repeats, stride) for CIFAR-size inputs

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from certkd.models._registry import register_model
@@ -21,12 +22,12 @@ class PreActBlock(nn.Module):
         self.shortcut = (nn.Conv2d(cin, cout, 1, stride, bias=False)
                          if stride != 1 or cin != cout else nn.Identity())
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu1(self.bn1(x))
         short = self.shortcut(out) if not isinstance(self.shortcut, nn.Identity) else x
         out = self.conv1(out)
-        out = self.conv2(self.relu2(self.bn2(out)))
-        return out + short
+        res: torch.Tensor = self.conv2(self.relu2(self.bn2(out))) + short
+        return res
 
 
 class PreActResNet(nn.Module):
@@ -46,9 +47,10 @@ class PreActResNet(nn.Module):
         self.flatten = nn.Flatten()
         self.fc = nn.Linear(cin, num_classes)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn(self.layers(self.stem(x))))
-        return self.fc(self.flatten(self.pool(out)))
+        logits: torch.Tensor = self.fc(self.flatten(self.pool(out)))
+        return logits
 
 
 @register_model

@@ -37,7 +37,8 @@ class WRNBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         act = self.relu1(self.bn1(x))
         out = self.conv2(self.relu2(self.bn2(self.conv1(act))))
-        return (x if self.convShortcut is None else self.convShortcut(act)) + out
+        res: torch.Tensor = (x if self.convShortcut is None else self.convShortcut(act)) + out
+        return res
 
 
 class NetworkBlock(nn.Module):
@@ -49,7 +50,8 @@ class NetworkBlock(nn.Module):
                                      for i in range(n)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer(x)
+        out: torch.Tensor = self.layer(x)
+        return out
 
 
 class RobustBenchWRN(nn.Module):
@@ -71,7 +73,8 @@ class RobustBenchWRN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.block3(self.block2(self.block1(self.conv1(x))))
-        return self.fc(self.flatten(self.pool(self.relu(self.bn1(out)))))
+        logits: torch.Tensor = self.fc(self.flatten(self.pool(self.relu(self.bn1(out)))))
+        return logits
 
 
 @register_model
@@ -102,7 +105,8 @@ class PreActBlock(nn.Module):
             short = self.shortcut(act if self.from_activation else x)
         else:
             short = x
-        return self.conv2(self.relu(self.bn2(self.conv1(act)))) + short
+        out: torch.Tensor = self.conv2(self.relu(self.bn2(self.conv1(act)))) + short
+        return out
 
 
 class RobustBenchPreActResNet(nn.Module):
@@ -129,7 +133,8 @@ class RobustBenchPreActResNet(nn.Module):
         out = self.layer4(self.layer3(self.layer2(self.layer1(self.conv1(x)))))
         if self.bn is not None:
             out = self.relu(self.bn(out))
-        return self.linear(self.flatten(self.pool(out)))
+        logits: torch.Tensor = self.linear(self.flatten(self.pool(out)))
+        return logits
 
 
 @register_model

@@ -75,8 +75,9 @@ def smoothed_ramp(t: float, power: float = SMOOTHED_POWER, mid: float = SMOOTHED
     t = min(1.0, max(0.0, t))
     a = 1.0 / (mid ** (power - 1.0) * (power * (1.0 - mid) + mid))
     if t < mid:
-        return a * t ** power
-    at_mid = a * mid ** power
+        ramp: float = a * t ** power
+        return ramp
+    at_mid: float = a * mid ** power
     return at_mid + (1.0 - at_mid) * (t - mid) / (1.0 - mid)
 
 

@@ -458,7 +458,7 @@ def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler:
     """
     optimizer.zero_grad(set_to_none=True)
     params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
-    scaler.scale(loss).backward(inputs=params or None)
+    torch.autograd.backward(scaler.scale(loss), inputs=params or None)
     if clip_grad is not None:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(params, clip_grad)
