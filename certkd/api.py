@@ -251,6 +251,10 @@ def _input_shape(model: nn.Module, data: Points) -> tuple[int, ...]:
     return tuple(int(s) for s in x.shape[1:])
 
 
+def _count(data: Points, num_examples: int | None) -> int:
+    return len(data) if num_examples is None else min(num_examples, len(data))
+
+
 def certify(model: ModelLike, data: DataLike, methods: Sequence[str] = ("crown",), eps: Sequence[float] = (2 / 255,),
             norm: str = "inf", radius: bool = False, num_examples: int | None = None, batch_size: int = 32,
             seed: int = 0, device: str | torch.device = "cpu", progress: bool = False,
@@ -293,32 +297,21 @@ def certify(model: ModelLike, data: DataLike, methods: Sequence[str] = ("crown",
     >>> certify(net, (x, y), ["lipschitz"], [0.0], norm="2", pgd_steps=0).data["num_examples"]
     6
     """
-    from certkd.certification import (
-        COMMAND,
-        CertifyJob,
-        CertifyOptions,
-        canonical_order,
-        prepare_methods,
-        record_key,
-        summarize,
-    )
-    from certkd.certification.run import certify_run
-    from certkd.run import Run
+    from certkd.certification import CertifyJob, CertifyOptions, prepare_methods
+    from certkd.commands.certify import CERTIFY, certify_run
+    from certkd.run import Run, RunSettings
 
     job = CertifyJob(methods=list(methods), eps=_radii(eps), norm=norm, radius=radius,
                      batch_size=batch_size, seed=seed, params=CertifyOptions.from_dict(options))
     job.check()
     net, points = _model(model, device), _points(data)
-    count = len(points) if num_examples is None else min(num_examples, len(points))
     ctx = prepare_methods(net, _input_shape(net, points), job.all_methods(), job.norm, job.params, device)
-    run = Run.start(COMMAND, record_key, progress=progress)
-    run.configure({"num_examples": count}, job.to_config())
-    certify_run(run, ctx, points, count, job)
-    records = run.log.records if run.log is not None else []
-    summary = summarize(run.config, records)
+    run = Run.start(CERTIFY, RunSettings(progress=progress))
+    certify_run(run, ctx, points, job, {"num_examples": _count(points, num_examples)})
+    summary, records = run.summarize()
     if ctx.notes:
         summary["notes"] = list(ctx.notes)
-    return CertifyResult(summary, canonical_order(records, job))
+    return CertifyResult(summary, records)
 
 
 def compare(student: ModelLike, teacher: ModelLike, data: DataLike, method: str = "crown", norm: str = "inf",
@@ -364,8 +357,8 @@ def compare(student: ModelLike, teacher: ModelLike, data: DataLike, method: str 
     """
     from bounds.inputs import check_batch_size
     from certkd.certification import prepare_methods
-    from certkd.commands.compare import COMMAND, CompareJob, compare_run, record_key, summarize_compare
-    from certkd.run import Run
+    from certkd.commands.compare import COMPARE, CompareJob, compare_run
+    from certkd.run import Run, RunSettings
 
     if not isinstance(rule, CompareRule):
         unknown = sorted(set(rule or {}) - {f.name for f in fields(CompareRule)})
@@ -380,13 +373,9 @@ def compare(student: ModelLike, teacher: ModelLike, data: DataLike, method: str 
     models = [_model(m, device) for m in (student, teacher)]
     shape = _input_shape(models[0], points)
     contexts = [prepare_methods(m, shape, [method], job.norm, job.options(), device) for m in models]
-    count = len(points) if num_examples is None else min(num_examples, len(points))
-    run = Run.start(COMMAND, record_key, progress=progress)
-    run.configure({"num_examples": count}, job.to_config())
-    compare_run(run, contexts[0], contexts[1], points, count, job)
-    assert run.log is not None
-    records = sorted(run.log.records, key=lambda r: int(r["index"]))
-    return CompareResult(summarize_compare(run.config, records), records)
+    run = Run.start(COMPARE, RunSettings(progress=progress))
+    compare_run(run, contexts[0], contexts[1], points, job, {"num_examples": _count(points, num_examples)})
+    return CompareResult(*run.summarize())
 
 
 def benchmark(model: ModelLike, dataset: str = "digits", split: str = "test", methods: Sequence[str] = ("crown",),

@@ -624,7 +624,7 @@ def gather_shards(command: str, config: Mapping[str, Any], records: list[Record]
 Part = tuple[str, Record | None, list[Record]]
 
 
-def merge_logs(parts: Sequence[Part], expected: Callable[[Mapping[str, Any]], set[Key]],
+def merge_logs(parts: Sequence[Part], expected: Callable[[dict[str, Any]], set[Key]],
                key: Callable[[Record], Key], resume_hint: str) -> tuple[str, dict[str, Any], list[Record]]:
     """Combine the logs ``(name, header, records)`` of the shards of one run.
 

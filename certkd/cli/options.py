@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import click
 
 from certkd.certification.methods import NORMS
 from certkd.errors import CertkdError
+
+if TYPE_CHECKING:
+    from certkd.run import Command
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -129,9 +133,11 @@ def notify_stderr(line: str) -> None:
     click.echo(line, err=True)
 
 
-def echo_shard_done(command: str) -> None:
-    """What a shard of a sharded run prints (its summary comes from ``certkd merge``)."""
-    click.echo(f"certkd {command}: this shard is done; combine the shards' per_example.jsonl files with "
+def echo_summary(command: Command, summary: dict[str, Any] | None) -> None:
+    """Print the summary of a run of ``command``, or that a shard of a sharded run is done (its summary comes
+    from ``certkd merge``)."""
+    click.echo(command.format(summary) if summary is not None else
+               f"certkd {command.name}: this shard is done; combine the shards' per_example.jsonl files with "
                "certkd merge FILES --out DIR")
 
 
@@ -139,6 +145,21 @@ def run_options(command: F) -> F:
     """Batch size, device, seed, memory per bound pass and progress (certify, bounds, compare)."""
     return _apply(command, [click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True),
                             device_option, seed_option, max_memory_option, progress_option])
+
+
+def run_settings(command: F) -> F:
+    """Pass the options of ``certkd.run.RunSettings`` to ``command`` as one ``settings`` (notes to stderr)."""
+    from dataclasses import fields
+
+    from certkd.run import RunSettings
+
+    names = {f.name for f in fields(RunSettings)}
+
+    @functools.wraps(command)
+    def collected(**options: Any) -> Any:
+        given = {name: options.pop(name) for name in names & options.keys()}
+        return command(settings=RunSettings(**given, notify=notify_stderr), **options)
+    return cast(F, collected)
 
 
 def dataclass_options(cls: type, skip: tuple[str, ...] = ()) -> Callable[[F], F]:
@@ -191,7 +212,13 @@ class _OutputPath(click.Path):
 OUTPUT_FILE = _OutputPath("file")
 OUTPUT_DIR = _OutputPath("dir")
 
-#: the output folder of the commands whose record log lives in it (bounds, compare), and its resume
-out_dir_option = click.option("--out", type=OUTPUT_DIR, default=None,
-                              help="Directory for per_example.jsonl (appended as computed), the summary and figures.")
-resume_dir_option = click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
+def folder_run_options(command: F) -> F:
+    """The options of a run whose output folder holds its record log (bounds, compare): those of
+    :func:`run_options`, ``--out DIR``, ``--resume``, ``--overwrite`` and ``--shard``, all but batch size and
+    seed passed as one ``settings`` (:func:`run_settings`)."""
+    return _apply(run_settings(command), [
+        run_options,
+        click.option("--out", type=OUTPUT_DIR, default=None,
+                     help="Directory for per_example.jsonl (appended as computed), the summary and figures."),
+        click.option("--resume", is_flag=True, help="Continue an interrupted run in --out."),
+        overwrite_option, shard_option])

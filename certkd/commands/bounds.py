@@ -10,7 +10,7 @@ how often each bound holds, certificate counts) -> ``summary.json`` and figures.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -19,19 +19,8 @@ import torch
 from torch import nn
 
 from certkd.io import json_float
-from certkd.runs import (
-    TORCHRUN,
-    Part,
-    Points,
-    Record,
-    RecordLog,
-    Shard,
-    batches,
-    execute,
-    merge_logs,
-    seed_stream,
-    write_log,
-)
+from certkd.run import Command, Run, RunSettings
+from certkd.runs import Points, Record, RecordLog, Shard, batches, execute, seed_stream
 
 COMMAND = "bounds"
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
@@ -70,6 +59,19 @@ def record_key(record: Record) -> tuple[int, float]:
     (2, 0.05)
     """
     return int(record["index"]), float(record["eps"])
+
+
+def expected_keys(config: dict[str, Any]) -> set[tuple[int, float]]:
+    """The done-keys a bounds run of ``config`` (its shard's batches) produces.
+
+    Example
+    -------
+    >>> sorted(expected_keys({"num_examples": 3, "batch_size": 2, "eps": [0.1], "shard": [1, 2]}))
+    [(2, 0.1)]
+    """
+    shard = (int(config["shard"][0]), int(config["shard"][1])) if config.get("shard") else None
+    return {(i, float(e)) for _, idx in batches(range(int(config["num_examples"])), int(config["batch_size"]), shard)
+            for i in idx for e in config["eps"]}
 
 
 @dataclass
@@ -303,12 +305,11 @@ def write_bounds_outputs(out: Path, summary: dict[str, Any], records: list[Recor
         plot_terms(terms, out / f"terms_{eps_tag(e)}.png", title.replace("transfer bound,", "transfer-bound terms,"))
 
 
-def run_bounds(student_path: Path, teacher_path: Path, job: BoundsJob, shard: Shard | str | None = None,
-               dataset: str | None = None,
-               split: str = "test", data_dir: Path | None = None, num_examples: int | None = None,
-               device: str = "cpu", out: Path | None = None, resume: bool = False, overwrite: bool = False,
-               progress: bool = True, max_memory: int | None = None,
-               notify: Callable[[str], None] | None = None) -> dict[str, Any] | None:
+BOUNDS = Command(COMMAND, record_key, expected_keys, lambda config, records: sorted(records, key=record_key),
+                 summarize_bounds, write_bounds_outputs, format_bounds, in_folder=True)
+
+
+def run_bounds(student_path: Path, teacher_path: Path, job: BoundsJob, settings: RunSettings) -> dict[str, Any] | None:
     """``certkd bounds``: the transfer-bound terms for STUDENT distilled from TEACHER; the summary.
 
     Parameters
@@ -317,22 +318,10 @@ def run_bounds(student_path: Path, teacher_path: Path, job: BoundsJob, shard: Sh
         Checkpoints that fit each other.
     job : BoundsJob
         eps, norm, certified gammas, PGD steps, batch size, seed.
-    shard : (k, n), "auto" or None
-        As for ``certkd certify``; a shard's run writes records only (``certkd merge`` gives the
-        summary), except under torchrun, where rank 0 gathers and summarizes.
-    dataset, split, data_dir, num_examples
-        The points (default: the student's dataset, all of ``split``).
-    device : str
-        Where the models run.
-    out : Path, optional
-        Directory for ``per_example.jsonl`` (appended as computed), ``summary.json`` and figures.
-    resume, overwrite : bool
-        Continue the run in ``out`` (same configuration only) or discard it.
-    progress : bool
-        Progress on stderr (a bar on a terminal, one line per stage otherwise).
-    max_memory, notify
-        Memory per bound pass (certified gammas and margins) and where its plan is reported
-        (``certkd.run.Run.plan_memory``).
+    settings : RunSettings
+        The points (default: the student's dataset), device, the folder of ``per_example.jsonl``,
+        ``summary.json`` and figures (``out``), shard, ...; the memory plan sizes the bound passes of
+        the certified gammas and margins.
 
     Returns
     -------
@@ -340,63 +329,19 @@ def run_bounds(student_path: Path, teacher_path: Path, job: BoundsJob, shard: Sh
         The summary (``summarize_bounds``); None for a shard that is not the whole run.
     """
     from bounds.linearity import MARGIN
-    from certkd.checkpoint import file_sha256
-    from certkd.loading import load_pair, load_points
-    from certkd.run import Run
+    from certkd.loading import load_pair
 
-    run = Run.start(COMMAND, record_key, shard, out=out, out_kind="dir", resume=resume, overwrite=overwrite,
-                    progress=progress, max_memory=max_memory, notify=notify)
-    out = run.output(out)
+    run = Run.start(BOUNDS, settings)
     job.eps = list(dict.fromkeys(job.eps))
-    student_ckpt, _, student, teacher = load_pair(student_path, teacher_path, device)
-    data_name, data, count = load_points(student_ckpt, dataset, split, data_dir, num_examples)
-    tools = TransferTools.build(student, teacher, student_ckpt.input_shape, job, device)
-    run.configure({"student_sha256": file_sha256(student_path), "teacher_sha256": file_sha256(teacher_path),
-                   "dataset": data_name, "split": split, "num_examples": count}, asdict(job))
-    with run.open_log(out / "per_example.jsonl" if out is not None else None) as log:
+    student_ckpt, student, teacher, data, sources = load_pair(student_path, teacher_path, settings)
+    tools = TransferTools.build(student, teacher, student_ckpt.input_shape, job, settings.device)
+    run.configure(sources, asdict(job))
+    count = int(sources["num_examples"])
+    with run.open_log() as log:
         if tools.engines is not None and tools.bounders is not None:
             common = (data, count, job.method, max(job.eps), job.norm, job.batch_size)
             run.plan_memory(tools.engines, *common)
             run.plan_memory(tools.bounders, *common, target=MARGIN)
-        bounds_points(student, teacher, data, range(count), job, tools, log, device, progress, run.shard)
-    folder = out  # torchrun and other shards: Run.start made sure there is one
-    summary = run.finish(summarize_bounds, lambda parts: merge_bounds(parts, Path(str(folder))))
-    if summary is None or run.launcher == TORCHRUN:
-        return summary
-    summary["provenance"] = {"student": str(student_path), "teacher": str(teacher_path),
-                             "memory_plan": run.plans or None}
-    if out is not None:
-        write_bounds_outputs(out, summary, log.records)
-    return summary
-
-
-def merge_bounds(parts: Sequence[Part], out: Path, per_example: Path | None = None) -> dict[str, Any]:
-    """Merge bounds shards into the summary of the whole run, written into ``out`` (a directory).
-
-    Parameters
-    ----------
-    parts : sequence of (str, dict or None, list of dict)
-        Each shard's file name, header and records.
-    out : Path
-        Receives ``per_example.jsonl`` (unless ``per_example`` names another file), ``summary.json``
-        and the figures.
-    per_example : Path, optional
-        Where to write the merged records.
-
-    Returns
-    -------
-    dict
-        The summary, equal to that of one unsharded run.
-    """
-    def expected(config: Any) -> set[Any]:
-        shard = tuple(config["shard"]) if config.get("shard") else None
-        return {(i, float(e)) for _, idx in batches(range(int(config["num_examples"])), int(config["batch_size"]),
-                                                    shard) for i in idx for e in config["eps"]}
-
-    _, config, records = merge_logs(parts, expected, record_key, "certkd bounds ... --resume")
-    records = sorted(records, key=lambda r: (int(r["index"]), float(r["eps"])))
-    out.mkdir(parents=True, exist_ok=True)
-    write_log(per_example or out / "per_example.jsonl", COMMAND, config, records)
-    summary = summarize_bounds(config, records)
-    write_bounds_outputs(out, summary, records)
-    return summary
+        bounds_points(student, teacher, data, range(count), job, tools, log, settings.device, settings.progress,
+                      run.shard)
+    return run.finish({"student": str(student_path), "teacher": str(teacher_path), "memory_plan": run.plans or None})

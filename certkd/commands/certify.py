@@ -1,13 +1,14 @@
-"""A certify run, top to bottom: load the points and the model, prepare the methods once, run the
+"""``certkd certify``, top to bottom: load the points and the model, prepare the methods once, run the
 missing (batch, method) work into the record log, gather shards, summarize, write.
 
-``certify_points`` is the loop (``certkd.runs.execute`` over this shard's batches);
+``certify_points`` is the loop (``certkd.runs.execute`` over this shard's batches); ``certify_run`` is
+the work of every certify run (the command's, ``certkd ablate``'s, ``certkd demo``'s, the API's);
 ``certify_checkpoint`` is ``certkd certify``; ``per_example_radii`` is one batch of radii.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,23 +25,26 @@ from certkd.certification.methods import (
     get_method,
     prepare_methods,
 )
-from certkd.certification.records import COMMAND, CertifyJob, merge_shards, method_records, record_key
-from certkd.certification.summary import summarize
+from certkd.certification.records import (
+    COMMAND,
+    CertifyJob,
+    canonical_order,
+    expected_keys,
+    method_records,
+    record_key,
+)
+from certkd.certification.summary import format_summary, summarize
 from certkd.errors import CertkdError
 from certkd.io import atomic_write_json
-from certkd.loading import check_device, check_fits, load_pair, load_points
-from certkd.run import Run, plan_bound_memory
-from certkd.runs import (
-    Part,
-    Points,
-    Record,
-    RecordLog,
-    Shard,
-    batches,
-    execute,
-    seed_stream,
-    write_log,
-)
+from certkd.loading import check_device, load_points
+from certkd.run import Command, Run, RunSettings
+from certkd.runs import Points, Record, RecordLog, batches, execute, seed_stream
+
+CERTIFY = Command(
+    COMMAND, record_key, lambda config: expected_keys(int(config["num_examples"]), CertifyJob.from_config(config)),
+    lambda config, records: canonical_order(records, CertifyJob.from_config(config)), summarize,
+    lambda out, summary, records: atomic_write_json(out, summary), format_summary, shard_summary=True,
+    merged_provenance=True)
 
 
 def certify_points(ctx: Context, data: Points, indices: Sequence[int], job: CertifyJob, log: RecordLog,
@@ -95,17 +99,18 @@ def checkpoint_sources(path: Path, ckpt: Any, dataset: str, split: str, count: i
             "num_examples": count}
 
 
-def certify_run(run: Run, ctx: Context, data: Points, count: int, job: CertifyJob,
-                log_path: Path | None = None) -> list[Record]:
-    """The work of a certify run (the command's and the API's): the memory plan of the costliest bound
-    method asked for, then :func:`certify_points` into the run's record log; the records computed now
-    (``run.log.records`` holds all of them)."""
-    with run.open_log(log_path) as log:
+def certify_run(run: Run, ctx: Context, data: Points, job: CertifyJob, sources: dict[str, Any]) -> list[Record]:
+    """The work of a certify run: its configuration (``sources``: where its points come from, then
+    ``job``), the memory plan of the costliest bound method asked for, then :func:`certify_points`
+    into the run's record log; the records computed now (``run.records`` holds all of them)."""
+    run.configure(sources, job.to_config())
+    count = int(sources["num_examples"])
+    with run.open_log() as log:
         costly = costliest(job.methods)
         if costly:  # radius searches are probed at the worst case (eps None)
             run.plan_memory([ctx.bound_engine()], data, count, costly, None if job.radius else max(job.eps),
                             job.norm, job.batch_size)
-        return certify_points(ctx, data, range(count), job, log, run.progress)
+        return certify_points(ctx, data, range(count), job, log, run.settings.progress)
 
 
 def per_example_radii(model: nn.Module, x: torch.Tensor, y: torch.Tensor, method: str = "crown",
@@ -151,12 +156,8 @@ def per_example_radii(model: nn.Module, x: torch.Tensor, y: torch.Tensor, method
     return out.radius
 
 
-def certify_checkpoint(checkpoint: Path, job: CertifyJob, shard: Shard | str | None = None,
-                       dataset: str | None = None, split: str = "test", data_dir: Path | None = None,
-                       num_examples: int | None = None, device: str = "cpu", out: Path | None = None,
-                       per_example: Path | None = None, resume: bool = False, overwrite: bool = False,
-                       progress: bool = True, max_memory: int | None = None,
-                       notify: Callable[[str], None] | None = None) -> dict[str, Any] | None:
+def certify_checkpoint(checkpoint: Path, job: CertifyJob, settings: RunSettings,
+                       per_example: Path | None = None) -> dict[str, Any] | None:
     """``certkd certify``: certify the first points of a split for a checkpoint; the summary.
 
     Parameters
@@ -165,24 +166,10 @@ def certify_checkpoint(checkpoint: Path, job: CertifyJob, shard: Shard | str | N
         A certkd checkpoint.
     job : CertifyJob
         Methods, eps, norm, radius, batch size, seed, options (its ``shard`` is set here).
-    shard : (k, n), "auto" or None
-        ``auto``: torchrun (``RANK``/``WORLD_SIZE``; rank 0 gathers and writes everything)
-        or a Slurm job array (each task writes ``NAME.shardKofN.EXT`` files for ``certkd merge``).
-    dataset, split, data_dir, num_examples
-        The points (default: the checkpoint's dataset, all of ``split``).
-    device : str
-        Where the model runs.
-    out, per_example : Path or None
-        Summary JSON (written atomically) and the record log (appended as computed).
-    resume, overwrite : bool
-        Continue the run in ``per_example`` (same configuration only) or discard it.
-    progress : bool
-        Progress on stderr (a bar on a terminal, one line per stage otherwise).
-    max_memory : int or None
-        Bytes one bound pass may add (``--max-memory``; None: a third of the available memory):
-        the bound batch comes from one measured probe pass (``plan_bound_memory``).
-    notify : callable or None
-        Receives the one-line memory plan.
+    settings : RunSettings
+        The points (default: the checkpoint's dataset), device, summary JSON (``out``), shard, ...
+    per_example : Path or None
+        The record log, appended as computed (``settings.resume`` continues it).
 
     Returns
     -------
@@ -192,50 +179,19 @@ def certify_checkpoint(checkpoint: Path, job: CertifyJob, shard: Shard | str | N
     """
     from certkd.checkpoint import load_checkpoint
 
-    run = Run.start(COMMAND, record_key, shard, out=per_example, out_kind="file", resume=resume,
-                    overwrite=overwrite, progress=progress, max_memory=max_memory, notify=notify)
+    run = Run.start(CERTIFY, settings, per_example)
     job.shard = run.shard
     job.check()
-    check_device(device)
-    out, log_path = run.output(out), run.output(per_example)
+    check_device(settings.device)
     ckpt = load_checkpoint(checkpoint)
-    data_name, data, count = load_points(ckpt, dataset, split, data_dir, num_examples)
-    model = ckpt.build_model(device)
-    ctx = prepare_methods(model, ckpt.input_shape, job.all_methods(), job.norm, job.params, device)
-    if notify is not None:
+    data_name, data, count = load_points(ckpt, settings.dataset, settings.split, settings.data_dir,
+                                         settings.num_examples)
+    ctx = prepare_methods(ckpt.build_model(settings.device), ckpt.input_shape, job.all_methods(), job.norm,
+                          job.params, settings.device)
+    if settings.notify is not None:
         for note in ctx.notes:
-            notify(note)
-    run.configure(checkpoint_sources(checkpoint, ckpt, data_name, split, count), job.to_config())
-    certify_run(run, ctx, data, count, job, log_path)
-
-    def merge(parts: Sequence[Part]) -> dict[str, Any]:
-        config, records = merge_shards(parts)
-        if per_example is not None:
-            write_log(per_example, COMMAND, config, records)
-        return summarize(config, records)
-
-    summary = run.finish(summarize, merge, shard_summary=True)
-    if summary is None:
-        return None
-    summary["provenance"] = {"checkpoint": str(checkpoint), "device": str(device),
-                             "per_example": str(per_example) if per_example else None,
-                             "memory_plan": run.plans[0] if run.plans else None}
-    if out is not None:
-        atomic_write_json(out, summary)
-    return summary
-
-
-def merge_certify(parts: Sequence[tuple[str, Record | None, list[Record]]], out: Path, per_example: Path | None,
-                  names: list[str]) -> dict[str, Any]:
-    """Merge certify shards; writes the summary JSON (and, if asked, the merged record file)."""
-    config, records = merge_shards(parts)
-    summary = summarize(config, records)
-    summary["provenance"] = {"merged_from": names}
-    if per_example is not None:
-        write_log(per_example, COMMAND, config, records)
-    atomic_write_json(out, summary)
-    return summary
-
-
-__all__ = ["plan_bound_memory", "load_pair", "merge_certify", "certify_checkpoint", "certify_points", "check_device", "check_fits", "load_points",
-           "per_example_radii"]
+            settings.notify(note)
+    certify_run(run, ctx, data, job, checkpoint_sources(checkpoint, ckpt, data_name, settings.split, count))
+    return run.finish({"checkpoint": str(checkpoint), "device": str(settings.device),
+                       "per_example": str(per_example) if per_example else None,
+                       "memory_plan": run.plans[0] if run.plans else None})
