@@ -82,9 +82,6 @@ def certify(checkpoint: Path, eps: list[float], norm: str, methods: list[str], r
     from certkd.certification import CertifyJob, format_summary
     from certkd.commands.certify import certify_checkpoint
 
-    for path in (settings.out, per_example):
-        if path is not None and path.is_dir():
-            raise CertkdError(f"{path} is a directory; give a file name")
     job = CertifyJob(methods=methods, eps=eps, norm=norm, radius=radius, batch_size=batch_size, seed=seed,
                      params=CertifyOptions(**options))
     if export_vnnlib is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -10,6 +11,8 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import click
 
+from certkd import memory, runs
+from certkd.certification import records
 from certkd.certification.methods import NORMS
 from certkd.errors import CertkdError
 
@@ -17,6 +20,7 @@ if TYPE_CHECKING:
     from certkd.run import Command
 
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 
 
 def methods_help(pgd_note: str = "") -> str:
@@ -34,24 +38,20 @@ def methods_help(pgd_note: str = "") -> str:
                      for m in (METHODS.get(name) for name in dict.fromkeys([*certify_methods(), PGD])))
 
 
-def parse_eps_list(values: tuple[str, ...] | list[str] | str) -> list[float]:
-    """``("2/255", "0.1,0.3")`` -> ``[2/255, 0.1, 0.3]``; a bad value is a ``click.BadParameter``."""
-    from certkd.certification.records import parse_eps_list as parse
+def _click_error(parse: Callable[[Any], T]) -> Callable[[Any], T]:
+    """``parse`` with its ``CertkdError`` turned into a ``click.BadParameter`` (one line, exit code 2)."""
+    @functools.wraps(parse)
+    def parsed(value: Any) -> T:
+        try:
+            return parse(value)
+        except CertkdError as exc:
+            raise click.BadParameter(str(exc)) from None
+    return parsed
 
-    try:
-        return parse(values)
-    except CertkdError as exc:
-        raise click.BadParameter(str(exc)) from None
 
-
-def parse_shard(value: str | None) -> tuple[int, int] | str | None:
-    """``"k/n"`` -> ``(k, n)``, ``"auto"`` kept; a bad value is a ``click.BadParameter``."""
-    from certkd.runs import parse_shard as parse
-
-    try:
-        return parse(value)
-    except CertkdError as exc:
-        raise click.BadParameter(str(exc)) from None
+parse_eps_list = _click_error(records.parse_eps_list)  # ("2/255", "0.1,0.3") -> [2/255, 0.1, 0.3]
+parse_shard = _click_error(runs.parse_shard)  # "k/n" -> (k, n), "auto" kept
+parse_size = _click_error(memory.parse_memory)  # "4G" -> bytes
 
 
 def parse_params(values: tuple[str, ...]) -> dict[str, Any]:
@@ -67,6 +67,17 @@ def parse_params(values: tuple[str, ...]) -> dict[str, Any]:
             raise click.BadParameter(f"{item!r}: the value must be a number") from None
         params[key.strip().replace("-", "_")] = value
     return params
+
+
+def json_object(text: str, param_hint: str | None = None) -> dict[str, Any]:
+    """``'{"width": 8}'`` -> ``{"width": 8}``; anything but a JSON object is a ``click.BadParameter``."""
+    try:
+        parsed = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not valid JSON ({exc.msg}): {text!r}", param_hint=param_hint) from None
+    if not isinstance(parsed, dict):
+        raise click.BadParameter(f"must be a JSON object like '{{\"width\": 8}}', got {text!r}", param_hint=param_hint)
+    return parsed
 
 
 def eps_callback(default: str | None) -> Callable[[click.Context, click.Parameter, tuple[str, ...]], Any]:
@@ -108,22 +119,11 @@ def points_options(command: F) -> F:
     ])
 
 
-def parse_max_memory(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
-    """``--max-memory 4G`` -> bytes (None: the default, a third of the available memory)."""
-    from certkd.memory import parse_memory
-
-    if value is None:
-        return None
-    try:
-        return parse_memory(value)
-    except CertkdError as exc:
-        raise click.BadParameter(str(exc)) from None
-
-
 progress_option = click.option("--progress/--no-progress", default=True, show_default=True,
                                help="Progress on stderr: a bar on a terminal, one line per finished stage in logs.")
 max_memory_option = click.option(
-    "--max-memory", callback=parse_max_memory, default=None, metavar="SIZE",
+    "--max-memory", callback=lambda ctx, param, value: None if value is None else parse_size(value), default=None,
+    metavar="SIZE",
     help="Memory one bound pass may add, e.g. 4G or 512M (default: a third of the available RAM, or of the free "
          "GPU memory on CUDA). The bound batch is sized from one measured probe pass; printed and recorded.")
 
