@@ -37,14 +37,25 @@ ModelLike = nn.Module | str | Path
 DataLike = Points | tuple[torch.Tensor, torch.Tensor] | str
 
 
-def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
-    import pandas as pd
+@dataclass
+class RunResult:
+    """What a run of the Python API found: the summary its command writes (``data``) and the per-example records."""
 
-    return pd.DataFrame(rows)
+    data: dict[str, Any]
+    records: list[Record]
+
+    def to_json(self) -> str:
+        """The summary and the records as one JSON text."""
+        return json.dumps({"summary": self.data, "records": self.records})
+
+    def _frame(self, per_example: bool, rows: list[dict[str, Any]]) -> pd.DataFrame:
+        import pandas as pd
+
+        return pd.DataFrame(self.records if per_example else rows)
 
 
 @dataclass
-class CertifyResult:
+class CertifyResult(RunResult):
     """What :func:`certify` found: the summary of ``certkd certify`` and the per-example records.
 
     Attributes
@@ -55,9 +66,6 @@ class CertifyResult:
     records : list of dict
         One record per ``(index, method, eps)``.
     """
-
-    data: dict[str, Any]
-    records: list[Record]
 
     @property
     def clean_accuracy(self) -> float | None:
@@ -90,10 +98,6 @@ class CertifyResult:
 
         return format_summary(self.data)
 
-    def to_json(self) -> str:
-        """The summary and the records as one JSON text."""
-        return json.dumps({"summary": self.data, "records": self.records})
-
     def to_frame(self, per_example: bool = False) -> pd.DataFrame:
         """A pandas DataFrame: one row per (method, eps), or per record with ``per_example``.
 
@@ -107,15 +111,12 @@ class CertifyResult:
         pandas.DataFrame
             Columns ``method, kind, target, eps, robust, n, accuracy`` (or the record fields).
         """
-        return _frame(self.records if per_example else self.data["results"])
+        return self._frame(per_example, self.data["results"])
 
 
 @dataclass
-class CompareResult:
+class CompareResult(RunResult):
     """What :func:`compare` found: the headline of ``certkd compare``, both parts' tables, the per-example radii."""
-
-    data: dict[str, Any]
-    records: list[Record]
 
     @property
     def verdict(self) -> str:
@@ -127,10 +128,6 @@ class CompareResult:
         from certkd.commands.compare import format_compare
 
         return format_compare(self.data)
-
-    def to_json(self) -> str:
-        """The verdict, its statistics and the records as one JSON text."""
-        return json.dumps({"summary": self.data, "records": self.records})
 
     def to_frame(self, per_example: bool = False, part: str = "certified") -> pd.DataFrame:
         """A pandas DataFrame: one part's accuracy table per eps, or the per-example radii with ``per_example``.
@@ -147,7 +144,7 @@ class CompareResult:
         pandas.DataFrame
             Columns ``eps, accuracy_student, accuracy_teacher, difference, ci_low, ci_high``.
         """
-        return _frame(self.records if per_example else self.data[part]["table"])
+        return self._frame(per_example, self.data[part]["table"])
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
@@ -244,7 +241,7 @@ def _radii(eps: object) -> list[float]:
         raise CertkdError(f"eps must be numbers (a list of radii such as [0.01, 0.03]), got {eps!r}") from None
 
 
-def _input_shape(model: nn.Module, data: Points) -> tuple[int, ...]:
+def _input_shape(data: Points) -> tuple[int, ...]:
     if len(data) == 0:
         raise CertkdError("the data holds no examples")
     x, _ = data.batch([0])
@@ -305,7 +302,7 @@ def certify(model: ModelLike, data: DataLike, methods: Sequence[str] = ("crown",
                      batch_size=batch_size, seed=seed, params=CertifyOptions.from_dict(options))
     job.check()
     net, points = _model(model, device), _points(data)
-    ctx = prepare_methods(net, _input_shape(net, points), job.all_methods(), job.norm, job.params, device)
+    ctx = prepare_methods(net, _input_shape(points), job.all_methods(), job.norm, job.params, device)
     run = Run.start(CERTIFY, RunSettings(progress=progress))
     certify_run(run, ctx, points, job, {"num_examples": _count(points, num_examples)})
     summary, records = run.summarize()
@@ -371,7 +368,7 @@ def compare(student: ModelLike, teacher: ModelLike, data: DataLike, method: str 
     job.check()
     points = _points(data)
     models = [_model(m, device) for m in (student, teacher)]
-    shape = _input_shape(models[0], points)
+    shape = _input_shape(points)
     contexts = [prepare_methods(m, shape, [method], job.norm, job.options(), device) for m in models]
     run = Run.start(COMPARE, RunSettings(progress=progress))
     compare_run(run, contexts[0], contexts[1], points, job, {"num_examples": _count(points, num_examples)})

@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from certkd.io import json_float
+from certkd.io import float_text, json_float
 from certkd.run import Command, Run, RunSettings
-from certkd.runs import Points, Record, RecordLog, Shard, batches, execute, seed_stream
+from certkd.runs import Points, Record, RecordLog, Shard, batches, execute, seed_stream, shard_indices
 
 COMMAND = "bounds"
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
@@ -61,49 +61,40 @@ def record_key(record: Record) -> tuple[int, float]:
     return int(record["index"]), float(record["eps"])
 
 
-def expected_keys(config: dict[str, Any]) -> set[tuple[int, float]]:
-    """The done-keys a bounds run of ``config`` (its shard's batches) produces.
-
-    Example
-    -------
-    >>> sorted(expected_keys({"num_examples": 3, "batch_size": 2, "eps": [0.1], "shard": [1, 2]}))
-    [(2, 0.1)]
-    """
-    shard = (int(config["shard"][0]), int(config["shard"][1])) if config.get("shard") else None
-    return {(i, float(e)) for _, idx in batches(range(int(config["num_examples"])), int(config["batch_size"]), shard)
-            for i in idx for e in config["eps"]}
-
-
 @dataclass
-class TransferTools:
-    """What ``certified_gamma`` needs per model, built once per run."""
+class TransferPair:
+    """The student and the teacher of a bounds run on their ``device``, with what ``certified_gamma`` needs
+    per model (linearity bounders and bound engines), built once per run."""
 
+    student: nn.Module
+    teacher: nn.Module
+    device: str | torch.device = "cpu"
     bounders: tuple[Any, Any] | None = None
     engines: tuple[Any, Any] | None = None
 
     @classmethod
     def build(cls, student: nn.Module, teacher: nn.Module, input_shape: Sequence[int], job: BoundsJob,
-              device: str | torch.device = "cpu") -> TransferTools:
-        """The linearity bounders and bound engines of both models (none without ``certified_gamma``)."""
+              device: str | torch.device = "cpu") -> TransferPair:
+        """Both models with their linearity bounders and bound engines (none without ``certified_gamma``)."""
         if not job.certified_gamma:
-            return cls()
+            return cls(student, teacher, device)
         from bounds.certify import BoundEngine
         from bounds.linearity import LinearityBounder
 
         shape = tuple(int(s) for s in input_shape)
-        return cls(bounders=(LinearityBounder(student, shape, job.method, job.norm, device),
+        return cls(student, teacher, device, bounders=(LinearityBounder(student, shape, job.method, job.norm, device),
                              LinearityBounder(teacher, shape, job.method, job.norm, device)),
                    engines=(BoundEngine(student, shape, device=device), BoundEngine(teacher, shape, device=device)))
 
 
-def batch_records(student: nn.Module, teacher: nn.Module, x: torch.Tensor, y: torch.Tensor, idx: Sequence[int],
-                  eps: float, job: BoundsJob, tools: TransferTools, generator: torch.Generator) -> list[Record]:
+def batch_records(pair: TransferPair, x: torch.Tensor, y: torch.Tensor, idx: Sequence[int], eps: float,
+                  job: BoundsJob, generator: torch.Generator) -> list[Record]:
     """Every term of the transfer bound (theory.md §3) for one batch at one eps, one record per example.
 
     Parameters
     ----------
-    student, teacher : nn.Module
-        The two models.
+    pair : TransferPair
+        The two models, their bounders and engines (built once per run).
     x, y : torch.Tensor
         The batch.
     idx : sequence of int
@@ -112,8 +103,6 @@ def batch_records(student: nn.Module, teacher: nn.Module, x: torch.Tensor, y: to
         The radius.
     job : BoundsJob
         Norm, certified gammas, PGD steps.
-    tools : TransferTools
-        Bounders and engines (built once per run).
     generator : torch.Generator
         The (batch, eps) random stream.
 
@@ -124,15 +113,16 @@ def batch_records(student: nn.Module, teacher: nn.Module, x: torch.Tensor, y: to
     """
     from bounds.transfer import transfer_bound, transfer_certificate
 
-    tb = transfer_bound(student, teacher, x, y, eps, job.norm, certified=job.certified_gamma, method=job.method,
-                        steps=job.steps, restarts=job.restarts, generator=generator, bounders=tools.bounders)
+    tb = transfer_bound(pair.student, pair.teacher, x, y, eps, job.norm, certified=job.certified_gamma,
+                        method=job.method, steps=job.steps, restarts=job.restarts, generator=generator,
+                        bounders=pair.bounders)
     columns: dict[str, torch.Tensor] = {name: getattr(tb, name) for name in TERMS}
     flags = {"holds": tb.check().holds}
     if job.certified_gamma:
         columns.update({name: getattr(tb, name) for name in CERTIFIED_TERMS})
         flags["holds_certified"] = tb.check(certified=True).holds
-        cert = transfer_certificate(student, teacher, x, y, eps, job.norm, method=job.method,
-                                    gamma_method=job.method, engines=tools.engines, bounders=tools.bounders)
+        cert = transfer_certificate(pair.student, pair.teacher, x, y, eps, job.norm, method=job.method,
+                                    gamma_method=job.method, engines=pair.engines, bounders=pair.bounders)
         columns["student_margin_lower_transfer"] = cert.student_lower.amin(1)
         columns["student_margin_lower_direct"] = cert.student_direct_lower.amin(1)
         flags["certified_through_transfer"] = cert.through_transfer
@@ -146,36 +136,21 @@ def batch_records(student: nn.Module, teacher: nn.Module, x: torch.Tensor, y: to
     return rows
 
 
-def bounds_points(student: nn.Module, teacher: nn.Module, data: Points, indices: Sequence[int], job: BoundsJob,
-                  tools: TransferTools, log: RecordLog, device: str | torch.device = "cpu",
+def bounds_points(pair: TransferPair, data: Points, indices: Sequence[int], job: BoundsJob, log: RecordLog,
                   progress: bool = False, shard: Shard | None = None) -> list[Record]:
-    """Run the missing (batch, eps) work into ``log``; returns the records appended now.
+    """Run the missing (batch, eps) work into ``log``; returns the records appended now (``certkd.runs.execute``,
+    with ``progress``).
 
     Parameters
     ----------
-    student, teacher : nn.Module
-        The two models.
-    data : Points
-        Read through ``data.batch(indices)`` only.
-    indices : sequence of int
-        The evaluated points.
+    pair : TransferPair
+        From :meth:`TransferPair.build`.
+    data, indices : Points, sequence of int
+        The evaluated points, read only through ``data.batch(indices)``.
     job : BoundsJob
         eps, batch size, seed, ...
-    tools : TransferTools
-        From :meth:`TransferTools.build`.
-    log : RecordLog
-        Records already there are not computed again.
-    device : str or torch.device
-        Where the models run.
-    progress : bool
-        Progress bar.
     shard : (k, n) or None
         The part of the batches this run computes.
-
-    Returns
-    -------
-    list of dict
-        The records appended now.
     """
     work = [(b, idx, e_i, e) for b, idx in batches(indices, job.batch_size, shard) for e_i, e in enumerate(job.eps)
             if log.missing((i, float(e)) for i in idx)]
@@ -183,7 +158,7 @@ def bounds_points(student: nn.Module, teacher: nn.Module, data: Points, indices:
     def compute(item: tuple[int, list[int], int, float]) -> list[Record]:
         b, idx, e_i, e = item
         x, y = data.batch(idx)
-        return batch_records(student, teacher, x.to(device), y.to(device), idx, e, job, tools,
+        return batch_records(pair, x.to(pair.device), y.to(pair.device), idx, e, job,
                              seed_stream(job.seed, COMMAND, b, e_i))
 
     return execute(work, compute, log, progress, "bounds", label=lambda w: f"batch {w[0]}, eps {w[3]:g}")
@@ -254,10 +229,6 @@ def summarize_bounds(config: dict[str, Any], records: list[Record]) -> dict[str,
     return {"config": config, "per_eps": per_eps, "legend": LEGEND}
 
 
-def _fmt(value: Any) -> str:
-    return "inf" if value is None else f"{value:.4g}"
-
-
 def format_bounds(summary: dict[str, Any]) -> str:
     """The text ``certkd bounds`` prints."""
     lines = []
@@ -265,11 +236,11 @@ def format_bounds(summary: dict[str, Any]) -> str:
         lines.append(f"eps = {entry['eps']:g} ({summary['config']['norm']}), {entry['n']} examples")
         lines.append(f"  {'term':<26}{'kind':<11}{'mean':>10}{'q10':>10}{'median':>10}{'q90':>10}")
         for name, s in entry["terms"].items():
-            lines.append(f"  {name:<26}{s['kind']:<11}{_fmt(s.get('mean')):>10}{_fmt(s.get('q10')):>10}"
-                         f"{_fmt(s.get('q50')):>10}{_fmt(s.get('q90')):>10}")
+            lines.append(f"  {name:<26}{s['kind']:<11}{float_text(s.get('mean')):>10}{float_text(s.get('q10')):>10}"
+                         f"{float_text(s.get('q50')):>10}{float_text(s.get('q90')):>10}")
         for kind, check in entry["bound_vs_measured"].items():
             lines.append(f"  bound ({kind}) >= measured student robust loss on {check['holds_fraction']:.1%}; "
-                         f"median slack {_fmt(check['slack'].get('q50'))}")
+                         f"median slack {float_text(check['slack'].get('q50'))}")
         if "certificate_counts" in entry:
             c = entry["certificate_counts"]
             lines.append(f"  student certified: through transfer and directly {c['both']}, transfer only "
@@ -280,12 +251,10 @@ def format_bounds(summary: dict[str, Any]) -> str:
 def write_bounds_outputs(out: Path, summary: dict[str, Any], records: list[Record]) -> None:
     """``summary.json`` and, per eps, the bound-versus-measured and terms figures."""
     from certkd.io import atomic_write_json
-    from certkd.plots import eps_tag, plot_bound_vs_measured, plot_terms
+    from certkd.plots import eps_tag, model_names, plot_bound_vs_measured, plot_terms
 
     atomic_write_json(out / "summary.json", summary)
-    prov = summary.get("provenance") or {}
-    cfg = summary["config"]
-    names = f"{Path(prov.get('student', 'student')).stem} vs {Path(prov.get('teacher', 'teacher')).stem}"
+    cfg, names = summary["config"], " vs ".join(model_names(summary))
     for e in cfg["eps"]:
         rows = sorted((r for r in records if float(r["eps"]) == float(e)), key=lambda r: r["index"])
         if not rows:
@@ -305,8 +274,9 @@ def write_bounds_outputs(out: Path, summary: dict[str, Any], records: list[Recor
         plot_terms(terms, out / f"terms_{eps_tag(e)}.png", title.replace("transfer bound,", "transfer-bound terms,"))
 
 
-BOUNDS = Command(COMMAND, record_key, expected_keys, lambda config, records: sorted(records, key=record_key),
-                 summarize_bounds, write_bounds_outputs, format_bounds, in_folder=True)
+BOUNDS = Command(COMMAND, record_key, lambda config: {(i, float(e)) for i in shard_indices(config) for e in config["eps"]},
+                 lambda config, records: sorted(records, key=record_key), summarize_bounds, write_bounds_outputs,
+                 format_bounds, in_folder=True)
 
 
 def run_bounds(student_path: Path, teacher_path: Path, job: BoundsJob, settings: RunSettings) -> dict[str, Any] | None:
@@ -334,14 +304,13 @@ def run_bounds(student_path: Path, teacher_path: Path, job: BoundsJob, settings:
     run = Run.start(BOUNDS, settings)
     job.eps = list(dict.fromkeys(job.eps))
     student_ckpt, student, teacher, data, sources = load_pair(student_path, teacher_path, settings)
-    tools = TransferTools.build(student, teacher, student_ckpt.input_shape, job, settings.device)
+    pair = TransferPair.build(student, teacher, student_ckpt.input_shape, job, settings.device)
     run.configure(sources, asdict(job))
     count = int(sources["num_examples"])
     with run.open_log() as log:
-        if tools.engines is not None and tools.bounders is not None:
+        if pair.engines is not None and pair.bounders is not None:
             common = (data, count, job.method, max(job.eps), job.norm, job.batch_size)
-            run.plan_memory(tools.engines, *common)
-            run.plan_memory(tools.bounders, *common, target=MARGIN)
-        bounds_points(student, teacher, data, range(count), job, tools, log, settings.device, settings.progress,
-                      run.shard)
+            run.plan_memory(pair.engines, *common)
+            run.plan_memory(pair.bounders, *common, target=MARGIN)
+        bounds_points(pair, data, range(count), job, log, settings.progress, run.shard)
     return run.finish({"student": str(student_path), "teacher": str(teacher_path), "memory_plan": run.plans or None})

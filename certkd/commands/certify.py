@@ -49,29 +49,20 @@ CERTIFY = Command(
 
 def certify_points(ctx: Context, data: Points, indices: Sequence[int], job: CertifyJob, log: RecordLog,
                    progress: bool = False) -> list[Record]:
-    """Certify ``data[indices]`` with every method of ``job``; appends the missing records to ``log``.
+    """Certify ``data[indices]`` with every method of ``job``; the missing records go to ``log`` and are returned
+    (``certkd.runs.execute``, with ``progress``).
+
+    A (batch, method) with a missing record is recomputed whole, with its own random stream, so a resumed
+    run equals an uninterrupted one.
 
     Parameters
     ----------
     ctx : Context
         From ``prepare_methods`` (engines built once per run).
-    data : Points
-        Read only through ``data.batch(indices)``; records carry these indices.
-    indices : sequence of int
-        The evaluated points; only this shard's batches run.
+    data, indices : Points, sequence of int
+        The evaluated points, read only through ``data.batch(indices)``; only this shard's batches run.
     job : CertifyJob
         Methods, eps, seed, ...
-    log : RecordLog
-        Records already there are not produced again (a (batch, method) with a missing
-        record is recomputed whole, with its own random stream, so a resumed run equals
-        an uninterrupted one).
-    progress : bool
-        Progress bar on stderr.
-
-    Returns
-    -------
-    list of dict
-        The records appended now.
     """
     methods = [get_method(m) for m in job.all_methods()]
     work = [(b, idx, m) for b, idx in batches(indices, job.batch_size, job.shard) for m in methods

@@ -28,9 +28,9 @@ import torch
 
 from bounds.errors import ContradictionError
 from certkd.certification.methods import CERTIFIED, MODEL, CertifyOptions, Context, evaluate_batch, get_method
-from certkd.io import json_float
+from certkd.io import float_text, json_float
 from certkd.run import Command, Run, RunSettings
-from certkd.runs import Points, Record, RecordLog, Shard, batches, execute, seed_stream
+from certkd.runs import Points, Record, RecordLog, Shard, batches, execute, seed_stream, shard_indices
 from certkd.verdict import HEADLINE_RULE, PART_RULE, QUESTION, CompareRule, part_reason
 
 COMMAND = "compare"
@@ -78,11 +78,6 @@ class CompareJob:
         m = get_method(self.method)
         return m.kind if m.target == MODEL else f"{m.kind} for the {m.target}"
 
-    def to_config(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["shard"] = list(self.shard) if self.shard else None
-        return d
-
 
 def record_key(record: Record) -> tuple[int]:
     """The done-key of a compare record: ``(index,)``.
@@ -93,12 +88,6 @@ def record_key(record: Record) -> tuple[int]:
     (4,)
     """
     return (int(record["index"]),)
-
-
-def expected_keys(config: dict[str, Any]) -> set[tuple[int]]:
-    """The done-keys a compare run of ``config`` (its shard's batches) produces."""
-    job = _job_of(config)
-    return {(i,) for _, idx in batches(range(int(config["num_examples"])), job.batch_size, job.shard) for i in idx}
 
 
 Reused = dict[int, tuple[float, bool]]
@@ -151,7 +140,10 @@ def reuse_records(path: Path, checkpoint: Path, job: CompareJob, dataset: str, s
 def compare_points(student: Context, teacher: Context, data: Points, indices: Sequence[int], job: CompareJob,
                    log: RecordLog, progress: bool = False,
                    reused: tuple[Reused | None, Reused | None] = (None, None)) -> list[Record]:
-    """Both models' certified and attack radii on the missing batches of this shard into ``log``.
+    """Both models' certified and attack radii on the missing batches of this shard into ``log``
+    (``certkd.runs.execute``, with ``progress``); returns the records appended now, one per point: ``index,
+    label, radius_student, radius_teacher, correct_student, correct_teacher, attack_student, attack_teacher``
+    (``None`` for an infinite radius).
 
     Each model's certified radii use ``seed_stream(seed, batch, method)``, the stream of
     ``certkd certify --radius`` with the same seed and batch size (the radii those two
@@ -162,24 +154,12 @@ def compare_points(student: Context, teacher: Context, data: Points, indices: Se
     ----------
     student, teacher : Context
         Each model's certify context (``prepare_methods``), built once per run.
-    data : Points
-        Read through ``data.batch(indices)`` only.
-    indices : sequence of int
-        The evaluated points.
+    data, indices : Points, sequence of int
+        The evaluated points, read only through ``data.batch(indices)``.
     job : CompareJob
         Method, attack, batch size, seed, shard.
-    log : RecordLog
-        Receives one record per point.
-    progress : bool
-        Progress bar.
     reused : (dict or None, dict or None)
         The student's and the teacher's certified radii read by :func:`reuse_records`.
-
-    Returns
-    -------
-    list of dict
-        ``index, label, radius_student, radius_teacher, correct_student, correct_teacher,
-        attack_student, attack_teacher`` (``None`` for an infinite radius).
     """
     from certkd.certification.apgd import attack_radii
 
@@ -250,7 +230,7 @@ def summarize_compare(config: dict[str, Any], records: list[Record]) -> dict[str
     Parameters
     ----------
     config : dict
-        The run's configuration (``CompareJob.to_config()`` and where the points came from).
+        The run's configuration (where the points came from, then the ``CompareJob``).
     records : list of dict
         One per point (:func:`compare_points`).
 
@@ -331,32 +311,18 @@ def _job_of(config: dict[str, Any]) -> CompareJob:
     return CompareJob(**values, rule=rule, shard=(int(shard[0]), int(shard[1])) if shard else None)
 
 
-def _fmt(value: float | None, spec: str = ".4g") -> str:
-    return "inf" if value is None else format(value, spec)
-
-
 def format_compare(summary: dict[str, Any]) -> str:
-    """The text ``certkd compare`` prints: the headline, both parts with their reasons, rho, the table.
-
-    Parameters
-    ----------
-    summary : dict
-        From :func:`summarize_compare`.
-
-    Returns
-    -------
-    str
-        Its first line is the question and the headline verdict.
-    """
+    """The text ``certkd compare`` prints for a summary of :func:`summarize_compare`: the question and the
+    headline verdict (its first line), both parts with their reasons, rho and the table."""
     cfg, cert, emp = summary["config"], summary["certified"], summary["empirical"]
     cover = summary["coverage"]
-    label = summary["certified_label"] or f"covers eps <= {_fmt(cover['certified'])}"
+    label = summary["certified_label"] or f"covers eps <= {float_text(cover['certified'])}"
     rho = "undefined (median a_T = 0)" if summary["rho"] is None else f"{summary['rho']:.3g}"
     lines = [f"{summary['question']}: {summary['verdict'].upper()} ({summary['n']} points, L-{cfg['norm']})",
              f"  because {summary['reason']}",
              f"  certified part ({cert['radii']}, {cert['kind']}; {label}): {cert['verdict']}",
              f"    {cert['reason']}",
-             f"  empirical part ({emp['radii']}, an estimate; covers eps <= {_fmt(cover['empirical'])}): "
+             f"  empirical part ({emp['radii']}, an estimate; covers eps <= {float_text(cover['empirical'])}): "
              f"{emp['verdict']}",
              f"    {emp['reason']}",
              f"  certificate looseness rho = median(r_T) / median(a_T) = {rho} (threshold "
@@ -388,23 +354,17 @@ def write_compare_outputs(out: Path, summary: dict[str, Any]) -> None:
         From :func:`summarize_compare`.
     """
     from certkd.io import atomic_write_json
-    from certkd.plots import plot_part, plot_radius_pairs
+    from certkd.plots import model_names, plot_part, plot_radius_pairs
 
     atomic_write_json(out / "compare.json", {k: v for k, v in summary.items() if k not in RADIUS_COLUMNS})
-    names = _model_names(summary)
+    names = model_names(summary)
     for part, file in (("certified", "certified_accuracy.png"), ("empirical", "attack_accuracy.png")):
         plot_part(summary, part, names, out / file)
     plot_radius_pairs(summary, names, out / "radius_scatter.png")
 
 
-def _model_names(summary: dict[str, Any]) -> tuple[str, str]:
-    """Short names of the student and the teacher for figure titles (checkpoint file names when known)."""
-    prov = summary.get("provenance") or {}
-    return (Path(prov["student"]).stem if "student" in prov else "student",
-            Path(prov["teacher"]).stem if "teacher" in prov else "teacher")
-
-
-COMPARE = Command(COMMAND, record_key, expected_keys, lambda config, records: sorted(records, key=record_key),
+COMPARE = Command(COMMAND, record_key, lambda config: {(i,) for i in shard_indices(config)},
+                  lambda config, records: sorted(records, key=record_key),
                   summarize_compare, lambda out, summary, records: write_compare_outputs(out, summary), format_compare,
                   in_folder=True)
 
@@ -419,7 +379,7 @@ def compare_run(run: Run, student: Context, teacher: Context, data: Points, job:
     """
     from bounds.bound_methods import BOUND_METHODS
 
-    run.configure(sources, job.to_config())
+    run.configure(sources, asdict(job))
     count = int(sources["num_examples"])
     with run.open_log() as log:
         computed = [(who, c) for who, c, given in zip(("student", "teacher"), (student, teacher), reused, strict=True)
