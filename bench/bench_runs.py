@@ -27,16 +27,10 @@ import torch
 from click.testing import CliRunner
 
 from bounds.certify import BoundEngine
-from certkd.certification import (
-    COMMAND,
-    CertifyJob,
-    CertifyOptions,
-    certify_points,
-    prepare_methods,
-    record_key,
-)
+from certkd.certification import COMMAND, CertifyJob, CertifyOptions, prepare_methods, record_key
 from certkd.checkpoint import make_checkpoint, save_checkpoint
 from certkd.cli import main as cli
+from certkd.commands.certify import certify_points
 from certkd.data import load_dataset
 from certkd.models import create_model
 from certkd.runs import RecordLog, TensorPoints

@@ -37,14 +37,25 @@ ModelLike = nn.Module | str | Path
 DataLike = Points | tuple[torch.Tensor, torch.Tensor] | str
 
 
-def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
-    import pandas as pd
+@dataclass
+class RunResult:
+    """What a run of the Python API found: the summary its command writes (``data``) and the per-example records."""
 
-    return pd.DataFrame(rows)
+    data: dict[str, Any]
+    records: list[Record]
+
+    def to_json(self) -> str:
+        """The summary and the records as one JSON text."""
+        return json.dumps({"summary": self.data, "records": self.records})
+
+    def _frame(self, per_example: bool, rows: list[dict[str, Any]]) -> pd.DataFrame:
+        import pandas as pd
+
+        return pd.DataFrame(self.records if per_example else rows)
 
 
 @dataclass
-class CertifyResult:
+class CertifyResult(RunResult):
     """What :func:`certify` found: the summary of ``certkd certify`` and the per-example records.
 
     Attributes
@@ -55,9 +66,6 @@ class CertifyResult:
     records : list of dict
         One record per ``(index, method, eps)``.
     """
-
-    data: dict[str, Any]
-    records: list[Record]
 
     @property
     def clean_accuracy(self) -> float | None:
@@ -90,10 +98,6 @@ class CertifyResult:
 
         return format_summary(self.data)
 
-    def to_json(self) -> str:
-        """The summary and the records as one JSON text."""
-        return json.dumps({"summary": self.data, "records": self.records})
-
     def to_frame(self, per_example: bool = False) -> pd.DataFrame:
         """A pandas DataFrame: one row per (method, eps), or per record with ``per_example``.
 
@@ -107,15 +111,12 @@ class CertifyResult:
         pandas.DataFrame
             Columns ``method, kind, target, eps, robust, n, accuracy`` (or the record fields).
         """
-        return _frame(self.records if per_example else self.data["results"])
+        return self._frame(per_example, self.data["results"])
 
 
 @dataclass
-class CompareResult:
+class CompareResult(RunResult):
     """What :func:`compare` found: the headline of ``certkd compare``, both parts' tables, the per-example radii."""
-
-    data: dict[str, Any]
-    records: list[Record]
 
     @property
     def verdict(self) -> str:
@@ -127,10 +128,6 @@ class CompareResult:
         from certkd.commands.compare import format_compare
 
         return format_compare(self.data)
-
-    def to_json(self) -> str:
-        """The verdict, its statistics and the records as one JSON text."""
-        return json.dumps({"summary": self.data, "records": self.records})
 
     def to_frame(self, per_example: bool = False, part: str = "certified") -> pd.DataFrame:
         """A pandas DataFrame: one part's accuracy table per eps, or the per-example radii with ``per_example``.
@@ -147,7 +144,7 @@ class CompareResult:
         pandas.DataFrame
             Columns ``eps, accuracy_student, accuracy_teacher, difference, ci_low, ci_high``.
         """
-        return _frame(self.records if per_example else self.data[part]["table"])
+        return self._frame(per_example, self.data[part]["table"])
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
@@ -244,11 +241,15 @@ def _radii(eps: object) -> list[float]:
         raise CertkdError(f"eps must be numbers (a list of radii such as [0.01, 0.03]), got {eps!r}") from None
 
 
-def _input_shape(model: nn.Module, data: Points) -> tuple[int, ...]:
+def _input_shape(data: Points) -> tuple[int, ...]:
     if len(data) == 0:
         raise CertkdError("the data holds no examples")
     x, _ = data.batch([0])
     return tuple(int(s) for s in x.shape[1:])
+
+
+def _count(data: Points, num_examples: int | None) -> int:
+    return len(data) if num_examples is None else min(num_examples, len(data))
 
 
 def certify(model: ModelLike, data: DataLike, methods: Sequence[str] = ("crown",), eps: Sequence[float] = (2 / 255,),
@@ -293,32 +294,21 @@ def certify(model: ModelLike, data: DataLike, methods: Sequence[str] = ("crown",
     >>> certify(net, (x, y), ["lipschitz"], [0.0], norm="2", pgd_steps=0).data["num_examples"]
     6
     """
-    from certkd.certification import (
-        COMMAND,
-        CertifyJob,
-        CertifyOptions,
-        canonical_order,
-        prepare_methods,
-        record_key,
-        summarize,
-    )
-    from certkd.certification.run import certify_run
-    from certkd.run import Run
+    from certkd.certification import CertifyJob, CertifyOptions, prepare_methods
+    from certkd.commands.certify import CERTIFY, certify_run
+    from certkd.run import Run, RunSettings
 
     job = CertifyJob(methods=list(methods), eps=_radii(eps), norm=norm, radius=radius,
                      batch_size=batch_size, seed=seed, params=CertifyOptions.from_dict(options))
     job.check()
     net, points = _model(model, device), _points(data)
-    count = len(points) if num_examples is None else min(num_examples, len(points))
-    ctx = prepare_methods(net, _input_shape(net, points), job.all_methods(), job.norm, job.params, device)
-    run = Run.start(COMMAND, record_key, progress=progress)
-    run.configure({"num_examples": count}, job.to_config())
-    certify_run(run, ctx, points, count, job)
-    records = run.log.records if run.log is not None else []
-    summary = summarize(run.config, records)
+    ctx = prepare_methods(net, _input_shape(points), job.all_methods(), job.norm, job.params, device)
+    run = Run.start(CERTIFY, RunSettings(progress=progress))
+    certify_run(run, ctx, points, job, {"num_examples": _count(points, num_examples)})
+    summary, records = run.summarize()
     if ctx.notes:
         summary["notes"] = list(ctx.notes)
-    return CertifyResult(summary, canonical_order(records, job))
+    return CertifyResult(summary, records)
 
 
 def compare(student: ModelLike, teacher: ModelLike, data: DataLike, method: str = "crown", norm: str = "inf",
@@ -364,8 +354,8 @@ def compare(student: ModelLike, teacher: ModelLike, data: DataLike, method: str 
     """
     from bounds.inputs import check_batch_size
     from certkd.certification import prepare_methods
-    from certkd.commands.compare import COMMAND, CompareJob, compare_run, record_key, summarize_compare
-    from certkd.run import Run
+    from certkd.commands.compare import COMPARE, CompareJob, compare_run
+    from certkd.run import Run, RunSettings
 
     if not isinstance(rule, CompareRule):
         unknown = sorted(set(rule or {}) - {f.name for f in fields(CompareRule)})
@@ -378,15 +368,11 @@ def compare(student: ModelLike, teacher: ModelLike, data: DataLike, method: str 
     job.check()
     points = _points(data)
     models = [_model(m, device) for m in (student, teacher)]
-    shape = _input_shape(models[0], points)
+    shape = _input_shape(points)
     contexts = [prepare_methods(m, shape, [method], job.norm, job.options(), device) for m in models]
-    count = len(points) if num_examples is None else min(num_examples, len(points))
-    run = Run.start(COMMAND, record_key, progress=progress)
-    run.configure({"num_examples": count}, job.to_config())
-    compare_run(run, contexts[0], contexts[1], points, count, job)
-    assert run.log is not None
-    records = sorted(run.log.records, key=lambda r: int(r["index"]))
-    return CompareResult(summarize_compare(run.config, records), records)
+    run = Run.start(COMPARE, RunSettings(progress=progress))
+    compare_run(run, contexts[0], contexts[1], points, job, {"num_examples": _count(points, num_examples)})
+    return CompareResult(*run.summarize())
 
 
 def benchmark(model: ModelLike, dataset: str = "digits", split: str = "test", methods: Sequence[str] = ("crown",),

@@ -198,3 +198,14 @@ def json_float(value: float) -> float | None:
     (None, 2.0)
     """
     return float(value) if math.isfinite(value) else None
+
+
+def float_text(value: float | None) -> str:
+    """A summary's figure as text, 4 significant digits; None (not finite, see :func:`json_float`) is ``inf``.
+
+    Example
+    -------
+    >>> float_text(None), float_text(0.123456)
+    ('inf', '0.1235')
+    """
+    return "inf" if value is None else f"{value:.4g}"

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from certkd.errors import CertkdError
+from certkd.run import RunSettings
 from certkd.runs import Points
 
 
@@ -56,11 +57,22 @@ def load_points(ckpt: Any, dataset: str | None, split: str, data_dir: Path | Non
     return name, data, len(data) if num_examples is None else min(num_examples, len(data))
 
 
-def load_pair(student_path: Path, teacher_path: Path, device: str) -> tuple[Any, Any, nn.Module, nn.Module]:
-    """Both checkpoints, checked to fit each other (input shape, classes), and their models."""
-    from certkd.checkpoint import check_compatible, load_checkpoint
+def load_pair(student_path: Path, teacher_path: Path, settings: RunSettings
+              ) -> tuple[Any, nn.Module, nn.Module, Any, dict[str, Any]]:
+    """``(student checkpoint, student, teacher, points, sources)`` of a run on a student and its teacher.
 
-    check_device(device)
+    The checkpoints are checked to fit each other (input shape, classes), their models built on
+    ``settings.device``, the points those of ``settings`` (default: the student's dataset);
+    ``sources`` says where the inputs come from, the first part of the run's configuration.
+    """
+    from certkd.checkpoint import check_compatible, file_sha256, load_checkpoint
+
+    check_device(settings.device)
     student_ckpt, teacher_ckpt = load_checkpoint(student_path), load_checkpoint(teacher_path)
     check_compatible(student_ckpt, teacher_ckpt)
-    return student_ckpt, teacher_ckpt, student_ckpt.build_model(device), teacher_ckpt.build_model(device)
+    student, teacher = student_ckpt.build_model(settings.device), teacher_ckpt.build_model(settings.device)
+    name, data, count = load_points(student_ckpt, settings.dataset, settings.split, settings.data_dir,
+                                    settings.num_examples)
+    sources = {"student_sha256": file_sha256(student_path), "teacher_sha256": file_sha256(teacher_path),
+               "dataset": name, "split": settings.split, "num_examples": count}
+    return student_ckpt, student, teacher, data, sources

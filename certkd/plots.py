@@ -74,6 +74,14 @@ PART_TITLES = {"certified": "certified part", "empirical": "empirical part (esti
 ACCURACY_LABELS = {"certified": "certified accuracy", "empirical": "attack accuracy (estimate, upper bound)"}
 
 
+def model_names(summary: Mapping[str, Any]) -> tuple[str, str]:
+    """Short names of the student and the teacher of a summary, for figure titles (its checkpoints' file names
+    when its provenance has them)."""
+    prov = summary.get("provenance") or {}
+    return (Path(prov["student"]).stem if "student" in prov else "student",
+            Path(prov["teacher"]).stem if "teacher" in prov else "teacher")
+
+
 def _role(role: str, name: str) -> str:
     return role if name == role else f"{role} ({name})"
 

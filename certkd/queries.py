@@ -56,7 +56,7 @@ def export_queries(checkpoint: str | Path, out_dir: str | Path, eps: list[float]
     >>> export_queries("ckpt.pt", "queries", [2 / 255], num_examples=10)  # doctest: +SKIP
     """
     require_onnx()
-    from certkd.certification.run import load_points
+    from certkd.loading import load_points
 
     out = check_output_dir(out_dir, "--export-vnnlib")
     if (out / QUERIES_FILE).exists():

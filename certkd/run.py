@@ -1,17 +1,20 @@
 """One run of a command, the same for every command and the Python API (:class:`Run`).
 
-A command declares what it computes per point (its work items and ``compute``) and how it
-summarizes; the :class:`Run` does the rest, the same way everywhere:
+A command declares what it computes per point (its work items and ``compute``) and what the
+run layer needs to know of it (:class:`Command`: its records, how shards merge, its summary
+and outputs); the :class:`Run` does the rest, the same way everywhere:
 
+- **settings**: :class:`RunSettings`, what every command run shares (points, device, outputs,
+  resume, shard, memory, progress);
 - **configuration**: one builder (:meth:`Run.configure`: where the points come from, then the
   command's job), hashed (:attr:`Run.config_sha256`) and written as the record log's header;
 - **record log, resume and overwrite**: :meth:`Run.open_log` (``certkd.runs.RecordLog``: a run
   continues only with an unchanged configuration);
 - **shards**: ``k/n``, torchrun or Slurm arrays (:meth:`Run.start` resolves them; Slurm tasks and
   torchrun ranks write ``NAME.shardKofN.EXT`` files), gathered on torchrun's rank 0 by
-  :meth:`Run.finish` or later by ``certkd merge``;
+  :meth:`Run.finish` or later by ``certkd merge`` (:func:`merge_files`);
 - **memory plan**: :meth:`Run.plan_memory` sizes every bound pass from one measured probe;
-- **progress** and **summary**: :meth:`Run.execute` and :meth:`Run.finish`.
+- **summary and outputs**: :meth:`Run.finish`.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from certkd.errors import CertkdError
 from certkd.runs import (
@@ -32,14 +35,101 @@ from certkd.runs import (
     RecordLog,
     Shard,
     config_sha256,
-    execute,
     gather_shards,
+    merge_logs,
+    read_log,
     resolve_shard,
     shard_path,
+    write_log,
 )
 
-W = TypeVar("W")
-R = TypeVar("R")
+#: the record log of the commands whose output is a folder (bounds, compare)
+PER_EXAMPLE = "per_example.jsonl"
+Summary = dict[str, Any]
+
+
+@dataclass
+class RunSettings:
+    """What every command run shares (``certkd certify``, ``bounds``, ``compare`` and their functions).
+
+    Attributes
+    ----------
+    dataset, split, data_dir, num_examples
+        The points: the first ``num_examples`` of ``split`` (default: the (student) checkpoint's
+        dataset, all of ``split``).
+    device : str
+        Where the models run.
+    out : Path or None
+        certify: the summary JSON (written atomically); bounds, compare: the folder of
+        ``per_example.jsonl`` (appended as computed), the summary and the figures.
+    shard : (k, n), "auto" or None
+        ``auto``: torchrun (``RANK``/``WORLD_SIZE``; rank 0 gathers and writes everything) or a
+        Slurm job array (each task writes ``NAME.shardKofN.EXT`` files). A shard's run writes
+        records (certify: and the summary of its points); ``certkd merge`` gives the whole run's.
+    resume, overwrite : bool
+        Continue the run in the record log (same configuration only) or discard it.
+    progress : bool
+        Progress on stderr (a bar on a terminal, one line per stage otherwise).
+    max_memory : int or None
+        Bytes one bound pass may add (``--max-memory``; None: a third of the available memory):
+        the bound batch comes from one measured probe pass (:meth:`Run.plan_memory`).
+    notify : callable or None
+        Receives the run's one-line notes (the memory plan).
+    """
+
+    dataset: str | None = None
+    split: str = "test"
+    data_dir: Path | None = None
+    num_examples: int | None = None
+    device: str = "cpu"
+    out: Path | None = None
+    shard: Shard | str | None = None
+    resume: bool = False
+    overwrite: bool = False
+    progress: bool = True
+    max_memory: int | None = None
+    notify: Callable[[str], None] | None = None
+
+
+@dataclass(frozen=True)
+class Command:
+    """What the run layer knows of a command: its records, how its shards merge, its summary and outputs.
+
+    Attributes
+    ----------
+    name : str
+        ``certify``, ``bounds`` or ``compare``: the ``command`` of its record logs' headers.
+    key : callable
+        Record -> done-key.
+    expected : callable
+        A shard's configuration -> the keys it must hold (``certkd.runs.merge_logs``).
+    order : callable
+        (configuration, records) -> the records in the order of one unsharded run.
+    summarize : callable
+        (configuration, records) -> the summary.
+    write : callable
+        (out, summary, records): writes the outputs into ``RunSettings.out``.
+    format : callable
+        Summary -> the text the command prints.
+    in_folder : bool
+        Its output is a folder that holds its record log (``per_example.jsonl``; bounds, compare);
+        else the record log is a file of its own (certify's ``--per-example``).
+    shard_summary : bool
+        A shard's run summarizes its own points (certify); else only the whole run is summarized.
+    merged_provenance : bool
+        A merged summary records where it came from (certify); else it has no ``provenance``.
+    """
+
+    name: str
+    key: Callable[[Record], Key]
+    expected: Callable[[dict[str, Any]], set[Key]]
+    order: Callable[[dict[str, Any], list[Record]], list[Record]]
+    summarize: Callable[[dict[str, Any], list[Record]], Summary]
+    write: Callable[[Path, Summary, list[Record]], None]
+    format: Callable[[Summary], str]
+    in_folder: bool = False
+    shard_summary: bool = False
+    merged_provenance: bool = False
 
 
 @dataclass
@@ -48,48 +138,48 @@ class Run:
 
     Example
     -------
-    >>> run = Run.start("demo-command", key=lambda r: (r["index"],))
+    >>> from certkd.runs import execute
+    >>> demo = Command("demo", lambda r: (r["index"],), lambda c: set(), lambda c, rs: rs,
+    ...                lambda c, rs: {"total": sum(r["value"] for r in rs)}, lambda o, s, rs: None, str)
+    >>> run = Run.start(demo, RunSettings(progress=False))
     >>> run.configure({"model_sha256": "ab"}, {"batch_size": 4})["batch_size"]
     4
-    >>> with run.open_log(None):
-    ...     new = run.execute([0, 1], lambda i: [{"index": i, "value": 2 * i}], "demo")
-    >>> run.finish(lambda config, records: sum(r["value"] for r in records))
-    2
+    >>> with run.open_log() as log:
+    ...     new = execute([0, 1], lambda i: [{"index": i, "value": 2 * i}], log)
+    >>> run.finish({})
+    {'total': 2, 'provenance': {}}
     """
 
-    command: str
-    key: Callable[[Record], Key]
+    command: Command
+    settings: RunSettings
     shard: Shard | None = None
     launcher: str | None = None
-    resume: bool = False
-    overwrite: bool = False
-    progress: bool = False
-    max_memory: int | None = None
-    notify: Callable[[str], None] | None = None
+    out: Path | None = None
+    log_path: Path | None = None
     config: dict[str, Any] = field(default_factory=dict)
     plans: list[dict[str, Any]] = field(default_factory=list)
     log: RecordLog | None = None
 
     @classmethod
-    def start(cls, command: str, key: Callable[[Record], Key], shard: Shard | str | None = None, *,
-              out: Path | None = None, out_kind: str | None = None, resume: bool = False, overwrite: bool = False,
-              progress: bool = False, max_memory: int | None = None,
-              notify: Callable[[str], None] | None = None) -> Run:
-        """A run of ``command``: its shard resolved (``k/n``, ``auto``: torchrun or Slurm) and its output checked.
+    def start(cls, command: Command, settings: RunSettings | None = None, log_path: Path | None = None) -> Run:
+        """A run of ``command``: its shard resolved (``k/n``, ``auto``: torchrun or Slurm) and its outputs checked.
 
-        ``out_kind`` ``"dir"``: ``out`` is the run's folder (the record log lives there), so
-        ``--resume`` and ``--shard`` need it; ``"file"``: ``out`` is the record log itself.
+        ``log_path`` is the record log of a command whose output is no folder (certify's
+        ``--per-example``; None: in memory); bounds and compare keep theirs in ``settings.out``.
         """
-        resolved, launcher = resolve_shard(shard)
-        if out_kind is not None:
-            what = "--out DIR" if out_kind == "dir" else "--per-example FILE"
-            if out_kind == "dir" and out is not None and out.exists() and not out.is_dir():
-                raise CertkdError(f"{out} is a file; --out takes a directory")
-            if resume and out is None:
-                raise CertkdError(f"--resume needs {what} (the record log of the interrupted run)")
-            if resolved is not None and out is None and out_kind == "dir":
-                raise CertkdError(f"--shard needs {what} (certkd merge combines the shards' records)")
-        return cls(command, key, resolved, launcher, resume, overwrite, progress, max_memory, notify)
+        settings = settings or RunSettings()
+        shard, launcher = resolve_shard(settings.shard)
+        given, what = (settings.out, "--out DIR") if command.in_folder else (log_path, "--per-example FILE")
+        if command.in_folder and given is not None and given.exists() and not given.is_dir():
+            raise CertkdError(f"{given} is a file; --out takes a directory")
+        if settings.resume and given is None:
+            raise CertkdError(f"--resume needs {what} (the record log of the interrupted run)")
+        if shard is not None and given is None and command.in_folder:
+            raise CertkdError(f"--shard needs {what} (certkd merge combines the shards' records)")
+        run = cls(command, settings, shard, launcher)
+        run.out = run.output(settings.out)
+        run.log_path = run.out / PER_EXAMPLE if command.in_folder and run.out else run.output(log_path)
+        return run
 
     def output(self, path: Path | None) -> Path | None:
         """Where this run writes ``path``: a Slurm array task writes ``NAME.shardKofN.EXT``."""
@@ -108,79 +198,127 @@ class Run:
         """The hash of the configuration: two runs with the same hash compute the same records."""
         return config_sha256(self.config)
 
-    def open_log(self, path: Path | None) -> RecordLog:
-        """The record log (``None``: in memory), resumed or overwritten as asked; a torchrun rank
-        writes its own ``NAME.shardKofN.EXT``."""
-        if self.launcher == TORCHRUN:
-            path = shard_path(path, self.shard)
-        self.log = RecordLog.open(path, self.command, self.config, self.key, resume=self.resume,
-                                  overwrite=self.overwrite)
+    @property
+    def records(self) -> list[Record]:
+        """Every record of the run's log (none before it is opened)."""
+        return self.log.records if self.log is not None else []
+
+    def open_log(self) -> RecordLog:
+        """The record log (``log_path``; None: in memory), resumed or overwritten as asked; a torchrun
+        rank writes its own ``NAME.shardKofN.EXT``."""
+        path = shard_path(self.log_path, self.shard) if self.launcher == TORCHRUN else self.log_path
+        self.log = RecordLog.open(path, self.command.name, self.config, self.command.key,
+                                  resume=self.settings.resume, overwrite=self.settings.overwrite)
         return self.log
 
     def plan_memory(self, tools: Sequence[Any], data: Points, count: int, method: str, eps: float | None,
                     norm: str, cap: int, target: str | None = None) -> list[dict[str, Any]]:
-        """Size the bound passes of ``tools`` (``plan_bound_memory``); the plans go into the summary."""
-        plans = plan_bound_memory(tools, data, count, method, eps, norm, cap, self.max_memory, self.notify, target)
+        """Size every bound pass of ``tools`` to ``settings.max_memory`` from one measured probe pass each
+        (certkd.memory); the plans go into the summary and, one line each, to ``settings.notify``.
+
+        Parameters
+        ----------
+        tools : BoundEngines (``bounds.certify``) or, with ``target``, LinearityBounders (certified gamma)
+        data, count : the run's points; the probe reads the first ``certkd.memory.PROBE_POINTS``
+        method, eps, norm : what the run bounds (``eps`` None: a radius search, probed at
+            ``bounds.norms.default_eps_max``, the ball covering the whole box: every ReLU unstable)
+        cap : the run's batch size (a pass never takes more points)
+
+        Returns
+        -------
+        list of dict
+            ``MemoryPlan.to_dict()`` per tool (``bound batch 9 (measured 350 MB per point ...)``).
+        """
+        from bounds.norms import default_eps_max
+        from certkd.memory import PROBE_POINTS, plan_bounder, plan_engine
+
+        if count == 0 or not tools:
+            return []
+        x, y = data.batch(list(range(min(PROBE_POINTS, count))))
+        e = default_eps_max(norm, tuple(x.shape[1:])) if eps is None else float(eps)
+        plans = []
+        for tool in tools:
+            x_t, y_t = x.to(tool.device), y.to(tool.device)
+            plan = (plan_engine(tool, x_t, y_t, e, norm, method, cap, self.settings.max_memory) if target is None
+                    else plan_bounder(tool, x_t, y_t, e, target, cap, self.settings.max_memory))
+            if self.settings.notify is not None:
+                self.settings.notify(plan.describe())
+            plans.append(plan.to_dict())
         self.plans.extend(plans)
         return plans
 
-    def execute(self, work: Sequence[W], compute: Callable[[W], list[Record]], stage: str,
-                label: Callable[[W], str] | None = None) -> list[Record]:
-        """Run the missing work items into the log, with progress (``certkd.runs.execute``)."""
-        assert self.log is not None, "open the record log first"
-        return execute(work, compute, self.log, self.progress, stage, label=label)
+    def summarize(self) -> tuple[Summary, list[Record]]:
+        """The summary of the run's records, and the records in the command's order (the Python API's result)."""
+        records = self.command.order(self.config, self.records)
+        return self.command.summarize(self.config, records), records
 
-    def finish(self, summarize: Callable[[dict[str, Any], list[Record]], R],
-               merge: Callable[[Sequence[Part]], R] | None = None, shard_summary: bool = False) -> R | None:
-        """The summary of the whole run, or None for a part of it.
+    def finish(self, provenance: dict[str, Any]) -> Summary | None:
+        """The summary of the whole run with its ``provenance``, written to ``out``; None for a part of it.
 
-        torchrun: rank 0 gathers every rank's records and ``merge``s them (other ranks: None);
-        a ``k/n`` or Slurm shard: None (``certkd merge`` combines the files), unless
-        ``shard_summary`` (then the summary of this shard's points); otherwise ``summarize``.
+        torchrun: rank 0 gathers every rank's records and merges them (:func:`merge_runs`; other
+        ranks: None); a ``k/n`` or Slurm shard: None (``certkd merge`` combines the files), except
+        certify's (the summary of this shard's points).
         """
-        assert self.log is not None, "open the record log first"
-        records = self.log.records
-        if self.launcher == TORCHRUN and merge is not None:
-            parts = gather_shards(self.command, self.config, records, self.shard)
-            return None if parts is None else merge(parts)
-        if self.shard is not None and not shard_summary:
+        if self.launcher == TORCHRUN:
+            parts = gather_shards(self.command.name, self.config, self.records, self.shard)
+            return None if parts is None else merge_runs(self.command, parts, self.out, self.log_path, provenance)
+        if self.shard is not None and not self.command.shard_summary:
             return None
-        return summarize(self.config, records)
+        summary = self.command.summarize(self.config, self.records)
+        summary["provenance"] = provenance
+        if self.out is not None:
+            self.command.write(self.out, summary, self.records)
+        return summary
 
 
-def plan_bound_memory(tools: Sequence[Any], data: Points, count: int, method: str, eps: float | None, norm: str,
-                      cap: int, max_memory: int | None = None, notify: Callable[[str], None] | None = None,
-                      target: str | None = None) -> list[dict[str, Any]]:
-    """Size every bound pass of ``tools`` to ``max_memory`` from one measured probe pass each (certkd.memory).
+def merge_runs(command: Command, parts: Sequence[Part], out: Path | None, per_example: Path | None = None,
+               provenance: dict[str, Any] | None = None) -> Summary:
+    """Merge the shards of one run into the summary of the whole run, written to ``out``.
 
     Parameters
     ----------
-    tools : BoundEngines (``bounds.certify``) or, with ``target``, LinearityBounders (certified gamma)
-    data, count : the run's points; the probe reads the first ``certkd.memory.PROBE_POINTS``
-    method, eps, norm : what the run bounds (``eps`` None: a radius search, probed at
-        ``bounds.norms.default_eps_max``, the ball covering the whole box: every ReLU unstable)
-    cap : the run's batch size (a pass never takes more points)
-    max_memory : bytes one pass may add (None: a third of the available memory)
-    notify : receives one line per plan (``bound batch 9 (measured 350 MB per point ...)``)
+    command : Command
+        The command of the run.
+    parts : sequence of (str, dict or None, list of dict)
+        Each shard's name, header and records (``certkd.runs.merge_logs`` checks them).
+    out : Path or None
+        certify: the summary JSON; bounds, compare: the folder of the outputs.
+    per_example : Path, optional
+        Where to write the merged records (bounds, compare: ``out/per_example.jsonl`` by default).
+    provenance : dict, optional
+        The summary's ``provenance`` when the command records one for merged runs.
 
     Returns
     -------
-    list of dict
-        ``MemoryPlan.to_dict()`` per tool, for the run's summary.
+    dict
+        The summary, equal to that of one unsharded run.
     """
-    from bounds.norms import default_eps_max
-    from certkd.memory import PROBE_POINTS, plan_bounder, plan_engine
+    _, config, records = merge_logs(parts, command.expected, command.key, f"certkd {command.name} ... --resume")
+    records = command.order(config, records)
+    log = per_example or (out / PER_EXAMPLE if command.in_folder and out is not None else None)
+    if log is not None:
+        write_log(log, command.name, config, records)
+    summary = command.summarize(config, records)
+    if command.merged_provenance:
+        summary["provenance"] = provenance
+    if out is not None:
+        command.write(out, summary, records)
+    return summary
 
-    if count == 0 or not tools:
-        return []
-    x, y = data.batch(list(range(min(PROBE_POINTS, count))))
-    e = default_eps_max(norm, tuple(x.shape[1:])) if eps is None else float(eps)
-    plans = []
-    for tool in tools:
-        x_t, y_t = x.to(tool.device), y.to(tool.device)
-        plan = (plan_engine(tool, x_t, y_t, e, norm, method, cap, max_memory) if target is None
-                else plan_bounder(tool, x_t, y_t, e, target, cap, max_memory))
-        if notify is not None:
-            notify(plan.describe())
-        plans.append(plan.to_dict())
-    return plans
+
+def merge_files(files: list[Path], out: Path, commands: Sequence[Command], per_example: Path | None = None) -> str:
+    """``certkd merge``: the shards' record files (any order) of a run of one of ``commands`` into ``out``.
+
+    The command is read from the files' run headers; returns the text the command prints.
+    """
+    parts = []
+    for path in files:
+        if not path.is_file():
+            raise CertkdError(f"{path}: no such record file")
+        parts.append((str(path), *read_log(path)))
+    name = parts[0][1]["command"] if parts[0][1] else None
+    command = next((c for c in commands if c.name == name), None)
+    if command is None:
+        raise CertkdError(f"{files[0]}: certkd merge combines shards of "
+                          f"{', '.join(c.name for c in commands[:-1])} or {commands[-1].name}, not {name!r}")
+    return command.format(merge_runs(command, parts, out, per_example, {"merged_from": [str(p) for p in files]}))

@@ -11,7 +11,7 @@ bounds, ``(index,)`` for compare), so a resumed run computes exactly what is mis
   batches ``b`` with ``b mod n == k``, so shards together are exactly one run.
 - :func:`resolve_shard` turns ``--shard auto`` into the shard of this process
   (torchrun: ``RANK``/``WORLD_SIZE``; Slurm job arrays: ``SLURM_ARRAY_TASK_ID``/
-  ``SLURM_ARRAY_TASK_COUNT``); :func:`gather_to_rank0` collects torchrun results.
+  ``SLURM_ARRAY_TASK_COUNT``); :func:`gather_shards` collects torchrun results.
 - :func:`merge_logs` combines the logs of the shards of one run.
 - :func:`seed_stream` is the one way commands draw randomness: a generator fixed by
   the seed and the keys of the work item, independent of shards, resumes and order.
@@ -86,29 +86,8 @@ class TensorPoints:
 
 # --------------------------------------------------------------------------- configuration and seeds
 
-def canonical_json(obj: Any) -> str:
-    """The JSON text that :func:`config_sha256` hashes.
-
-    Parameters
-    ----------
-    obj : object
-        JSON-able.
-
-    Returns
-    -------
-    str
-        Sorted keys, no spaces.
-
-    Example
-    -------
-    >>> canonical_json({"b": [1, 2], "a": None})
-    '{"a":null,"b":[1,2]}'
-    """
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
-
-
 def config_sha256(config: Mapping[str, Any]) -> str:
-    """SHA-256 of the canonical JSON of ``config``: equal configurations, equal hashes.
+    """SHA-256 of the canonical JSON of ``config`` (sorted keys, no spaces): equal configurations, equal hashes.
 
     Parameters
     ----------
@@ -125,7 +104,7 @@ def config_sha256(config: Mapping[str, Any]) -> str:
     >>> config_sha256({"a": 1, "b": 2}) == config_sha256({"b": 2, "a": 1})
     True
     """
-    return hashlib.sha256(canonical_json(config).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(config, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def seed_stream(seed: int, *keys: object, device: str | torch.device = "cpu") -> torch.Generator:
@@ -446,6 +425,18 @@ def batches(indices: Sequence[int], batch_size: int, shard: Shard | None = None)
     return [(b, idx) for b, idx in cut if b % n == k]
 
 
+def shard_indices(config: Mapping[str, Any]) -> list[int]:
+    """The points a run of ``config`` evaluates: its shard's batches of the first ``num_examples`` points.
+
+    Example
+    -------
+    >>> shard_indices({"num_examples": 5, "batch_size": 2, "shard": [1, 2]})
+    [2, 3]
+    """
+    shard = (int(config["shard"][0]), int(config["shard"][1])) if config.get("shard") else None
+    return [i for _, idx in batches(range(int(config["num_examples"])), int(config["batch_size"]), shard) for i in idx]
+
+
 def parse_shard(value: str | None) -> Shard | str | None:
     """``"k/n"`` (0 <= k < n) -> ``(k, n)``; ``"auto"`` stays ``"auto"``; None stays None.
 
@@ -569,40 +560,12 @@ def shard_path(path: Path | None, shard: Shard | None) -> Path | None:
     return path.with_name(f"{path.stem}.shard{shard[0]}of{shard[1]}{path.suffix}")
 
 
-def gather_to_rank0(obj: Any) -> list[Any] | None:
-    """Every torchrun rank's ``obj``, in rank order, on rank 0 (None on the others); gloo process group.
-
-    The process group is created here from torchrun's environment when none exists, and
-    destroyed afterwards.
-
-    Parameters
-    ----------
-    obj : object
-        Picklable (a shard's ``(name, header, records)``).
-
-    Returns
-    -------
-    list or None
-        Every rank's object on rank 0; None elsewhere.
-    """
-    import torch.distributed as dist
-
-    created = not dist.is_initialized()
-    if created:
-        dist.init_process_group("gloo")
-    try:
-        rank, world = dist.get_rank(), dist.get_world_size()
-        out: list[Any] | None = [None] * world if rank == 0 else None
-        dist.gather_object(obj, out, dst=0)
-        return out
-    finally:
-        if created:
-            dist.destroy_process_group()
-
-
 def gather_shards(command: str, config: Mapping[str, Any], records: list[Record],
                   shard: Shard | None) -> list[tuple[str, Record, list[Record]]] | None:
-    """torchrun: every rank's ``(name, header, records)`` on rank 0, ready for :func:`merge_logs`.
+    """torchrun: every rank's ``(name, header, records)`` on rank 0, in rank order, ready for :func:`merge_logs`.
+
+    Gathered over a gloo process group, created here from torchrun's environment when none exists
+    and destroyed afterwards.
 
     Parameters
     ----------
@@ -614,9 +577,20 @@ def gather_shards(command: str, config: Mapping[str, Any], records: list[Record]
     Returns
     -------
     list or None
-        The parts in rank order on rank 0; None on the other ranks.
+        The parts on rank 0; None on the other ranks.
     """
-    return gather_to_rank0((f"rank {shard[0] if shard else 0}", header(command, config), records))
+    import torch.distributed as dist
+
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("gloo")
+    try:
+        out: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object((f"rank {shard[0] if shard else 0}", header(command, config), records), out, dst=0)
+        return out
+    finally:
+        if created:
+            dist.destroy_process_group()
 
 
 # --------------------------------------------------------------------------- merge
@@ -624,7 +598,7 @@ def gather_shards(command: str, config: Mapping[str, Any], records: list[Record]
 Part = tuple[str, Record | None, list[Record]]
 
 
-def merge_logs(parts: Sequence[Part], expected: Callable[[Mapping[str, Any]], set[Key]],
+def merge_logs(parts: Sequence[Part], expected: Callable[[dict[str, Any]], set[Key]],
                key: Callable[[Record], Key], resume_hint: str) -> tuple[str, dict[str, Any], list[Record]]:
     """Combine the logs ``(name, header, records)`` of the shards of one run.
 

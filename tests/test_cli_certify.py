@@ -13,9 +13,10 @@ import torch
 from click.testing import CliRunner
 
 from bounds.attack import pgd
-from certkd.certification import per_example_radii, read_per_example
+from certkd.certification import read_per_example
 from certkd.checkpoint import load_model, make_checkpoint, save_checkpoint
 from certkd.cli import main
+from certkd.commands.certify import per_example_radii
 from certkd.data import DatasetInfo, load_dataset
 from certkd.models import create_model
 

@@ -15,11 +15,11 @@ import pytest
 import torch
 from helpers import write_mnist_split
 
-from certkd.certification import check_fits
 from certkd.checkpoint import make_checkpoint, save_checkpoint
 from certkd.data import dataset_info, load_dataset
 from certkd.data.imagenet import decode_image
 from certkd.errors import CertkdError
+from certkd.loading import check_fits
 from certkd.memory import measure_peak
 from certkd.models import create_model
 

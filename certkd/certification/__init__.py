@@ -1,9 +1,10 @@
 """Certification of one model: methods (``methods``), what decides and holds the records
-(``records``), the run (``run``) and its summary (``summary``); theory.md §2.
+(``records``) and their summary (``summary``); theory.md §2. The run is ``certkd certify``'s
+(``certkd.commands.certify``).
 
 Reading order for a newcomer: ``methods`` (how each method judges a batch; a new
 method is one decorated function), ``records`` (one JSON record per
-``(index, method, eps)``), ``run`` (the loop on ``certkd.runs``), ``summary``.
+``(index, method, eps)``), ``summary``, then the run (``certkd.commands.certify``).
 """
 
 from certkd.certification import apgd as _apgd  # noqa: F401  (registers the apgd method)
@@ -32,27 +33,15 @@ from certkd.certification.records import (
     CertifyJob,
     canonical_order,
     expected_keys,
-    merge_shards,
     method_records,
     parse_eps_list,
     read_per_example,
     record_key,
 )
-from certkd.certification.run import (
-    certify_checkpoint,
-    certify_points,
-    check_device,
-    check_fits,
-    load_points,
-    per_example_radii,
-    plan_bound_memory,
-)
 from certkd.certification.summary import eps_label, format_summary, summarize
 
 __all__ = ["CERTIFIED", "COMMAND", "ESTIMATE", "LEGEND", "METHODS", "MODEL", "NORMS", "PGD",
-           "SMOOTHED", "CertifyJob",
-           "CertifyOptions", "Context", "Method", "MethodOutput", "canonical_order", "certify_checkpoint",
-           "certify_methods", "certify_points", "check_device", "check_fits", "check_norm", "eps_label",
-           "evaluate_batch", "expected_keys", "format_summary", "get_method", "load_points", "merge_shards",
-           "method_records", "parse_eps_list", "per_example_radii", "plan_bound_memory", "prepare_methods", "read_per_example",
-           "record_key", "register_method", "summarize"]
+           "SMOOTHED", "CertifyJob", "CertifyOptions", "Context", "Method", "MethodOutput", "canonical_order",
+           "certify_methods", "check_norm", "eps_label", "evaluate_batch", "expected_keys", "format_summary",
+           "get_method", "method_records", "parse_eps_list", "prepare_methods", "read_per_example", "record_key",
+           "register_method", "summarize"]

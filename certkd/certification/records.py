@@ -4,7 +4,7 @@ One record per ``(index, method, eps)``: the example's label and clean predictio
 the method's verdict (``robust``; ``certified`` only for a certified kind), margin
 bounds and, with ``radius``, the per-example radius. A record log
 (``certkd.runs.RecordLog``) holds them after a header with the run's configuration;
-shards of one run merge into the records of one run (:func:`merge_shards`).
+shards of one run merge into the records of one run (:func:`expected_keys`, :func:`canonical_order`).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from certkd.certification.methods import (
     get_method,
 )
 from certkd.errors import CertkdError
-from certkd.runs import Record, Shard, batches, merge_logs, read_log
+from certkd.runs import Record, Shard, batches, read_log
 
 COMMAND = "certify"
 RecordKey = tuple[int, str, float]
@@ -230,16 +230,3 @@ def read_per_example(path: str | Path) -> tuple[dict[str, Any] | None, list[Reco
     if head["command"] != COMMAND:
         raise CertkdError(f"{path}: records of 'certkd {head['command']}', not of certify")
     return head["config"], records
-
-
-def merge_shards(parts: Sequence[tuple[str, Record | None, list[Record]]]) -> tuple[dict[str, Any], list[Record]]:
-    """Combine the record logs ``(name, header, records)`` of the shards of one certify run.
-
-    Returns the configuration of the whole run (``shard`` None) and the records in
-    canonical order, so the summary equals that of a single run.
-    """
-    def expected(config: Any) -> set[Any]:
-        return set(expected_keys(int(config["num_examples"]), CertifyJob.from_config(config)))
-
-    _, config, records = merge_logs(parts, expected, record_key, "certkd certify ... --resume")
-    return config, canonical_order(records, CertifyJob.from_config(config))

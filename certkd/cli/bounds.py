@@ -8,18 +8,8 @@ import click
 
 from bounds.bound_methods import GAMMA_METHODS
 from certkd.cli import main
-from certkd.cli.options import (
-    echo_shard_done,
-    eps_callback,
-    norm_option,
-    notify_stderr,
-    out_dir_option,
-    overwrite_option,
-    points_options,
-    resume_dir_option,
-    run_options,
-    shard_option,
-)
+from certkd.cli.options import echo_summary, eps_callback, folder_run_options, norm_option, points_options
+from certkd.run import RunSettings
 
 
 @main.command("bounds")
@@ -37,16 +27,9 @@ from certkd.cli.options import (
 @click.option("--steps", type=click.IntRange(min=1), default=40, show_default=True,
               help="PGD steps for the gamma estimates and the robust losses.")
 @click.option("--restarts", type=click.IntRange(min=1), default=2, show_default=True, help="PGD restarts.")
-@run_options
-@out_dir_option
-@resume_dir_option
-@overwrite_option
-@shard_option
-def bounds_command(student: Path, teacher: Path, eps: list[float], norm: str, num_examples: int | None,
-                   dataset: str | None, data_dir: Path | None, split: str, certified_gamma: bool, method: str,
-                   steps: int, restarts: int, batch_size: int, device: str, seed: int, max_memory: int | None,
-                   progress: bool, out: Path | None, resume: bool, overwrite: bool,
-                   shard: tuple[int, int] | str | None) -> None:
+@folder_run_options
+def bounds_command(student: Path, teacher: Path, eps: list[float], norm: str, certified_gamma: bool, method: str,
+                   steps: int, restarts: int, batch_size: int, seed: int, settings: RunSettings) -> None:
     """The transfer bound of theory.md §3 for STUDENT distilled from TEACHER, term by term.
 
     \b
@@ -60,14 +43,8 @@ def bounds_command(student: Path, teacher: Path, eps: list[float], norm: str, nu
     margin-form transfer certificate: points certified through the teacher, directly,
     by both, by neither.
     """
-    from certkd.commands.bounds import BoundsJob, format_bounds, run_bounds
+    from certkd.commands.bounds import BOUNDS, BoundsJob, run_bounds
 
     job = BoundsJob(eps=eps, norm=norm, certified_gamma=certified_gamma, method=method, steps=steps,
                     restarts=restarts, batch_size=batch_size, seed=seed)
-    summary = run_bounds(student, teacher, job, shard, dataset=dataset, split=split, data_dir=data_dir,
-                         num_examples=num_examples, device=device, out=out, resume=resume, overwrite=overwrite,
-                         progress=progress, max_memory=max_memory, notify=notify_stderr)
-    if summary is not None:
-        click.echo(format_bounds(summary))
-    else:
-        echo_shard_done("bounds")
+    echo_summary(BOUNDS, run_bounds(student, teacher, job, settings))

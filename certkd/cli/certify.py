@@ -21,13 +21,14 @@ from certkd.cli.options import (
     eps_callback,
     methods_help,
     norm_option,
-    notify_stderr,
     overwrite_option,
     points_options,
     run_options,
+    run_settings,
     shard_option,
 )
 from certkd.errors import CertkdError
+from certkd.run import RunSettings
 
 DEFAULT_EPS = "2/255"
 
@@ -67,10 +68,10 @@ def _legend() -> str:
               help="Also write the L-inf queries as a VNN-COMP folder (model.onnx, one VNN-LIB per point and eps, "
                    "instances.csv) for alpha,beta-CROWN or any VNN-COMP verifier; needs certkd[onnx].")
 @dataclass_options(CertifyOptions)
-def certify(checkpoint: Path, num_examples: int | None, dataset: str | None, data_dir: Path | None, split: str,
-            eps: list[float], norm: str, methods: list[str], radius: bool, batch_size: int, device: str, seed: int,
-            max_memory: int | None, progress: bool, out: Path | None, per_example: Path | None, resume: bool, overwrite: bool,
-            shard: tuple[int, int] | str | None, export_vnnlib: Path | None, **options: Any) -> None:
+@run_settings
+def certify(checkpoint: Path, eps: list[float], norm: str, methods: list[str], radius: bool, batch_size: int,
+            seed: int, per_example: Path | None, export_vnnlib: Path | None, settings: RunSettings,
+            **options: Any) -> None:
     """Certify the first N points of a split for CHECKPOINT: accuracy per method and eps, and radii.
 
     Prints clean accuracy, PGD accuracy (an empirical upper bound), certified (or
@@ -78,11 +79,9 @@ def certify(checkpoint: Path, num_examples: int | None, dataset: str | None, dat
     Bound methods (ibp, crown-ibp, crown, alpha-crown) need auto_LiRPA; models they
     cannot bound (ViT) take clever, lipschitz or smoothing.
     """
-    from certkd.certification import CertifyJob, certify_checkpoint, format_summary
+    from certkd.certification import CertifyJob, format_summary
+    from certkd.commands.certify import certify_checkpoint
 
-    for path in (out, per_example):
-        if path is not None and path.is_dir():
-            raise CertkdError(f"{path} is a directory; give a file name")
     job = CertifyJob(methods=methods, eps=eps, norm=norm, radius=radius, batch_size=batch_size, seed=seed,
                      params=CertifyOptions(**options))
     if export_vnnlib is not None:
@@ -90,11 +89,9 @@ def certify(checkpoint: Path, num_examples: int | None, dataset: str | None, dat
 
         if check_norm(norm) != "inf":
             raise CertkdError("--export-vnnlib writes L-inf queries (VNN-LIB boxes): use --norm inf")
-        info = export_queries(checkpoint, export_vnnlib, eps, dataset, split, data_dir, num_examples)
+        info = export_queries(checkpoint, export_vnnlib, eps, settings.dataset, settings.split, settings.data_dir,
+                              settings.num_examples)
         click.echo(f"wrote {len(info['queries'])} queries to {export_vnnlib} (instances.csv, model.onnx)")
-    summary = certify_checkpoint(checkpoint, job, shard, dataset=dataset, split=split, data_dir=data_dir,
-                                 num_examples=num_examples, device=device, out=out, per_example=per_example,
-                                 resume=resume, overwrite=overwrite, progress=progress, max_memory=max_memory,
-                                 notify=notify_stderr)
+    summary = certify_checkpoint(checkpoint, job, settings, per_example)
     if summary is not None:
         click.echo(format_summary(summary))

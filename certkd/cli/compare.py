@@ -12,18 +12,14 @@ from certkd.certification.methods import certify_methods
 from certkd.cli import main
 from certkd.cli.options import (
     dataclass_options,
-    echo_shard_done,
+    echo_summary,
     eps_callback,
+    folder_run_options,
     norm_option,
-    notify_stderr,
-    out_dir_option,
-    overwrite_option,
     parse_params,
     points_options,
-    resume_dir_option,
-    run_options,
-    shard_option,
 )
+from certkd.run import RunSettings
 from certkd.verdict import CompareRule
 
 
@@ -51,17 +47,10 @@ from certkd.verdict import CompareRule
               help="Further method parameter KEY=VALUE of 'certkd certify' (e.g. sigma=0.5, n=1000, smoothing's "
                    "alpha=0.001); repeatable.")
 @dataclass_options(CompareRule)
-@run_options
-@out_dir_option
-@resume_dir_option
-@overwrite_option
-@shard_option
+@folder_run_options
 def compare_command(student: Path, teacher: Path, method: str, attack: str, eps: list[float] | None, norm: str,
-                    num_examples: int | None, dataset: str | None, data_dir: Path | None, split: str,
                     radius_tol: float, student_records: Path | None, teacher_records: Path | None,
-                    params: dict[str, Any], batch_size: int, device: str, seed: int,
-                    max_memory: int | None, progress: bool, out: Path | None, resume: bool, overwrite: bool,
-                    shard: tuple[int, int] | str | None, **rule: Any) -> None:
+                    params: dict[str, Any], batch_size: int, seed: int, settings: RunSettings, **rule: Any) -> None:
     """Does STUDENT certify at least as robustly as TEACHER?  yes / no / inconclusive.
 
     \b
@@ -78,15 +67,8 @@ def compare_command(student: Path, teacher: Path, method: str, attack: str, eps:
     yes only if the certified part says yes and the empirical part not no. It comes
     with rho = median(r_T) / median(a_T) and the eps range each part covers.
     """
-    from certkd.commands.compare import CompareJob, format_compare, run_compare
+    from certkd.commands.compare import COMPARE, CompareJob, run_compare
 
     job = CompareJob(method=method, norm=norm, params={"radius_tol": radius_tol, **params}, batch_size=batch_size,
                      seed=seed, eps=eps, attack=attack, rule=CompareRule(**rule))
-    summary = run_compare(student, teacher, job, shard, dataset=dataset, split=split, data_dir=data_dir,
-                          num_examples=num_examples, device=device, out=out, resume=resume, overwrite=overwrite,
-                          progress=progress, max_memory=max_memory, notify=notify_stderr,
-                          student_records=student_records, teacher_records=teacher_records)
-    if summary is not None:
-        click.echo(format_compare(summary))
-    else:
-        echo_shard_done("compare")
+    echo_summary(COMPARE, run_compare(student, teacher, job, settings, student_records, teacher_records))

@@ -10,7 +10,7 @@ import click
 
 from certkd.checkpoint import file_sha256, load_checkpoint, save_checkpoint
 from certkd.cli import main
-from certkd.cli.options import OUTPUT_FILE
+from certkd.cli.options import OUTPUT_FILE, json_object
 from certkd.convert import NORMALIZATIONS, wrap_external_weights
 from certkd.data import dataset_description, dataset_info, list_datasets
 from certkd.models import MODELS, list_models, model_description
@@ -172,19 +172,10 @@ def convert(arch: str | None, arch_kwargs: str, dataset_name: str | None, weight
     if missing:
         raise click.UsageError(f"missing {', '.join(missing)} (or convert an ONNX model with --onnx)")
     assert arch is not None and dataset_name is not None and weights is not None
-    kwargs = _parse_arch_kwargs(arch_kwargs)
+    kwargs = json_object(arch_kwargs, "--arch-kwargs")
     ckpt = wrap_external_weights(arch, kwargs, dataset_name, weights, strip_prefix, normalization)
     save_checkpoint(ckpt, out)
     n_params = ckpt.summary()["parameters"]
     click.echo(f"wrote {out}: {arch} for {dataset_name}, {n_params:,} parameters from {weights} "
                f"({len(ckpt.state_dict)} tensors, strict match)")
 
-
-def _parse_arch_kwargs(text: str) -> dict[str, Any]:
-    try:
-        kwargs = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise click.BadParameter(f"not valid JSON ({exc.msg}): {text!r}", param_hint="--arch-kwargs") from None
-    if not isinstance(kwargs, dict):
-        raise click.BadParameter(f"must be a JSON object, got {text!r}", param_hint="--arch-kwargs")
-    return kwargs

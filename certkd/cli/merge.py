@@ -1,4 +1,4 @@
-"""``certkd merge``: parse the options, call ``certkd.merge``, print."""
+"""``certkd merge``: parse the options, call ``certkd.run.merge_files``, print."""
 
 from __future__ import annotations
 
@@ -22,6 +22,9 @@ def merge(files: tuple[Path, ...], out: Path, per_example: Path | None) -> None:
     present once and complete, and that their examples are disjoint; the result
     is the one a single run would give.
     """
-    from certkd.merge import merge_files
+    from certkd.commands.bounds import BOUNDS
+    from certkd.commands.certify import CERTIFY
+    from certkd.commands.compare import COMPARE
+    from certkd.run import merge_files
 
-    click.echo(merge_files(list(files), out, per_example))
+    click.echo(merge_files(list(files), out, [CERTIFY, COMPARE, BOUNDS], per_example))

@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import click
 
+from certkd import memory, runs
+from certkd.certification import records
 from certkd.certification.methods import NORMS
 from certkd.errors import CertkdError
 
+if TYPE_CHECKING:
+    from certkd.run import Command
+
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 
 
 def methods_help(pgd_note: str = "") -> str:
@@ -30,24 +38,20 @@ def methods_help(pgd_note: str = "") -> str:
                      for m in (METHODS.get(name) for name in dict.fromkeys([*certify_methods(), PGD])))
 
 
-def parse_eps_list(values: tuple[str, ...] | list[str] | str) -> list[float]:
-    """``("2/255", "0.1,0.3")`` -> ``[2/255, 0.1, 0.3]``; a bad value is a ``click.BadParameter``."""
-    from certkd.certification.records import parse_eps_list as parse
+def _click_error(parse: Callable[[Any], T]) -> Callable[[Any], T]:
+    """``parse`` with its ``CertkdError`` turned into a ``click.BadParameter`` (one line, exit code 2)."""
+    @functools.wraps(parse)
+    def parsed(value: Any) -> T:
+        try:
+            return parse(value)
+        except CertkdError as exc:
+            raise click.BadParameter(str(exc)) from None
+    return parsed
 
-    try:
-        return parse(values)
-    except CertkdError as exc:
-        raise click.BadParameter(str(exc)) from None
 
-
-def parse_shard(value: str | None) -> tuple[int, int] | str | None:
-    """``"k/n"`` -> ``(k, n)``, ``"auto"`` kept; a bad value is a ``click.BadParameter``."""
-    from certkd.runs import parse_shard as parse
-
-    try:
-        return parse(value)
-    except CertkdError as exc:
-        raise click.BadParameter(str(exc)) from None
+parse_eps_list = _click_error(records.parse_eps_list)  # ("2/255", "0.1,0.3") -> [2/255, 0.1, 0.3]
+parse_shard = _click_error(runs.parse_shard)  # "k/n" -> (k, n), "auto" kept
+parse_size = _click_error(memory.parse_memory)  # "4G" -> bytes
 
 
 def parse_params(values: tuple[str, ...]) -> dict[str, Any]:
@@ -63,6 +67,17 @@ def parse_params(values: tuple[str, ...]) -> dict[str, Any]:
             raise click.BadParameter(f"{item!r}: the value must be a number") from None
         params[key.strip().replace("-", "_")] = value
     return params
+
+
+def json_object(text: str, param_hint: str | None = None) -> dict[str, Any]:
+    """``'{"width": 8}'`` -> ``{"width": 8}``; anything but a JSON object is a ``click.BadParameter``."""
+    try:
+        parsed = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not valid JSON ({exc.msg}): {text!r}", param_hint=param_hint) from None
+    if not isinstance(parsed, dict):
+        raise click.BadParameter(f"must be a JSON object like '{{\"width\": 8}}', got {text!r}", param_hint=param_hint)
+    return parsed
 
 
 def eps_callback(default: str | None) -> Callable[[click.Context, click.Parameter, tuple[str, ...]], Any]:
@@ -104,22 +119,11 @@ def points_options(command: F) -> F:
     ])
 
 
-def parse_max_memory(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
-    """``--max-memory 4G`` -> bytes (None: the default, a third of the available memory)."""
-    from certkd.memory import parse_memory
-
-    if value is None:
-        return None
-    try:
-        return parse_memory(value)
-    except CertkdError as exc:
-        raise click.BadParameter(str(exc)) from None
-
-
 progress_option = click.option("--progress/--no-progress", default=True, show_default=True,
                                help="Progress on stderr: a bar on a terminal, one line per finished stage in logs.")
 max_memory_option = click.option(
-    "--max-memory", callback=parse_max_memory, default=None, metavar="SIZE",
+    "--max-memory", callback=lambda ctx, param, value: None if value is None else parse_size(value), default=None,
+    metavar="SIZE",
     help="Memory one bound pass may add, e.g. 4G or 512M (default: a third of the available RAM, or of the free "
          "GPU memory on CUDA). The bound batch is sized from one measured probe pass; printed and recorded.")
 
@@ -129,9 +133,11 @@ def notify_stderr(line: str) -> None:
     click.echo(line, err=True)
 
 
-def echo_shard_done(command: str) -> None:
-    """What a shard of a sharded run prints (its summary comes from ``certkd merge``)."""
-    click.echo(f"certkd {command}: this shard is done; combine the shards' per_example.jsonl files with "
+def echo_summary(command: Command, summary: dict[str, Any] | None) -> None:
+    """Print the summary of a run of ``command``, or that a shard of a sharded run is done (its summary comes
+    from ``certkd merge``)."""
+    click.echo(command.format(summary) if summary is not None else
+               f"certkd {command.name}: this shard is done; combine the shards' per_example.jsonl files with "
                "certkd merge FILES --out DIR")
 
 
@@ -139,6 +145,21 @@ def run_options(command: F) -> F:
     """Batch size, device, seed, memory per bound pass and progress (certify, bounds, compare)."""
     return _apply(command, [click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True),
                             device_option, seed_option, max_memory_option, progress_option])
+
+
+def run_settings(command: F) -> F:
+    """Pass the options of ``certkd.run.RunSettings`` to ``command`` as one ``settings`` (notes to stderr)."""
+    from dataclasses import fields
+
+    from certkd.run import RunSettings
+
+    names = {f.name for f in fields(RunSettings)}
+
+    @functools.wraps(command)
+    def collected(**options: Any) -> Any:
+        given = {name: options.pop(name) for name in names & options.keys()}
+        return command(settings=RunSettings(**given, notify=notify_stderr), **options)
+    return cast(F, collected)
 
 
 def dataclass_options(cls: type, skip: tuple[str, ...] = ()) -> Callable[[F], F]:
@@ -191,7 +212,13 @@ class _OutputPath(click.Path):
 OUTPUT_FILE = _OutputPath("file")
 OUTPUT_DIR = _OutputPath("dir")
 
-#: the output folder of the commands whose record log lives in it (bounds, compare), and its resume
-out_dir_option = click.option("--out", type=OUTPUT_DIR, default=None,
-                              help="Directory for per_example.jsonl (appended as computed), the summary and figures.")
-resume_dir_option = click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
+def folder_run_options(command: F) -> F:
+    """The options of a run whose output folder holds its record log (bounds, compare): those of
+    :func:`run_options`, ``--out DIR``, ``--resume``, ``--overwrite`` and ``--shard``, all but batch size and
+    seed passed as one ``settings`` (:func:`run_settings`)."""
+    return _apply(run_settings(command), [
+        run_options,
+        click.option("--out", type=OUTPUT_DIR, default=None,
+                     help="Directory for per_example.jsonl (appended as computed), the summary and figures."),
+        click.option("--resume", is_flag=True, help="Continue an interrupted run in --out."),
+        overwrite_option, shard_option])

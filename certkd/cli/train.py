@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import MISSING, fields
 from pathlib import Path
@@ -13,7 +12,14 @@ from click.core import ParameterSource
 
 from certkd.checkpoint import load_checkpoint
 from certkd.cli import main
-from certkd.cli.options import OUTPUT_FILE, device_option, norm_option, parse_eps_list, seed_option
+from certkd.cli.options import (
+    OUTPUT_FILE,
+    device_option,
+    json_object,
+    norm_option,
+    parse_eps_list,
+    seed_option,
+)
 from certkd.train import RECIPES, ObjectiveParams, TrainConfig, list_methods, train
 from certkd.train.losses import get_loss
 from certkd.train.losses._registry import CERT_BOUNDS, IGA_GRADS, IGA_POINTS, IGA_SCALES
@@ -34,18 +40,6 @@ def _one_number(ctx: click.Context, param: click.Parameter, value: str | None) -
     return values[0]
 
 
-def _json_kwargs(ctx: click.Context, param: click.Parameter, value: str | None) -> dict[str, Any]:
-    if not value:
-        return {}
-    try:
-        parsed = json.loads(value)
-    except json.JSONDecodeError as exc:
-        raise click.BadParameter(f"not valid JSON ({exc.msg}): {value!r}") from None
-    if not isinstance(parsed, dict):
-        raise click.BadParameter(f"must be a JSON object like '{{\"width\": 8}}', got {value!r}")
-    return parsed
-
-
 _METHODS_HELP = "; ".join(f"{name}: {get_loss(name).summary}" for name in list_methods())
 _RECIPES_HELP = " ".join(RECIPES.get(name).describe() for name in RECIPES.names())
 
@@ -56,8 +50,8 @@ _RECIPES_HELP = " ".join(RECIPES.get(name).describe() for name in RECIPES.names(
               "authors train (listed below); options given explicitly override it; `certkd info` shows the "
               "resolved values.")
 @click.option("--arch", required=True, help="Student (or teacher) architecture from the model registry.")
-@click.option("--arch-kwargs", callback=_json_kwargs, help="JSON keyword arguments of the architecture, "
-              "e.g. '{\"width\": 8}'.")
+@click.option("--arch-kwargs", callback=lambda ctx, param, value: json_object(value) if value else {},
+              help="JSON keyword arguments of the architecture, e.g. '{\"width\": 8}'.")
 @click.option("--dataset", default=_DEFAULTS["dataset"], show_default=True, help="Dataset name (see the data "
               "registry).")
 @click.option("--data-dir", type=click.Path(path_type=Path), help="Where the dataset files live.")

@@ -19,21 +19,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from certkd.certification import (
-    COMMAND,
-    PGD,
-    CertifyJob,
-    CertifyOptions,
-    check_fits,
-    prepare_methods,
-    record_key,
-    summarize,
-)
-from certkd.certification.run import certify_run, checkpoint_sources
+from certkd.certification import PGD, CertifyJob, CertifyOptions, prepare_methods
 from certkd.checkpoint import load_checkpoint
+from certkd.commands.certify import CERTIFY, certify_run, checkpoint_sources
 from certkd.data import load_dataset
 from certkd.io import atomic_write_text
-from certkd.run import Run
+from certkd.loading import check_fits
+from certkd.run import Run, RunSettings
 from certkd.study import Study
 from certkd.train import ObjectiveParams as TrainParams
 from certkd.train import TrainConfig, train
@@ -154,15 +146,13 @@ def run_study(study: Study, out: Path | None = None, overwrite: bool = False, pr
                                  batch_size=study.batch_size, seed=study.seed,
                                  params=replace(options, pgd_steps=options.pgd_steps if method == PGD else 0))
                 ctx = prepare_methods(model, ckpt.input_shape, job.all_methods(), norm, job.params, study.device)
-                run = Run.start(COMMAND, record_key, resume=True, overwrite=overwrite, progress=progress)
-                run.configure(checkpoint_sources(path, ckpt, dataset, study.split, n), job.to_config())
+                run = Run.start(CERTIFY, RunSettings(resume=True, overwrite=overwrite, progress=progress),
+                                out / "records" / f"{label}_L{norm}_{method}.jsonl")
                 t0 = time.perf_counter()
-                new = certify_run(run, ctx, data, n, job, out / "records" / f"{label}_L{norm}_{method}.jsonl")
-                records = run.log.records if run.log is not None else []
+                new = certify_run(run, ctx, data, job, checkpoint_sources(path, ckpt, dataset, study.split, n))
                 key, seconds = run.config_sha256, time.perf_counter() - t0
                 timings[key] = timings.get(key, 0.0) + seconds if new else timings.get(key, seconds)
-                rows += _cell_rows(study, label, path, weight, method, norm, summarize(run.config, records),
-                                   timings[key])
+                rows += _cell_rows(study, label, path, weight, method, norm, run.summarize()[0], timings[key])
     atomic_write_text(timings_path, json.dumps(timings, indent=1) + "\n")
     cells_path = out / "cells.csv"
     _write_csv(cells_path, rows)

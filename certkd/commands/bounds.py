@@ -10,7 +10,7 @@ how often each bound holds, certificate counts) -> ``summary.json`` and figures.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -18,20 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from certkd.io import json_float
-from certkd.runs import (
-    TORCHRUN,
-    Part,
-    Points,
-    Record,
-    RecordLog,
-    Shard,
-    batches,
-    execute,
-    merge_logs,
-    seed_stream,
-    write_log,
-)
+from certkd.io import float_text, json_float
+from certkd.run import Command, Run, RunSettings
+from certkd.runs import Points, Record, RecordLog, Shard, batches, execute, seed_stream, shard_indices
 
 COMMAND = "bounds"
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
@@ -73,35 +62,39 @@ def record_key(record: Record) -> tuple[int, float]:
 
 
 @dataclass
-class TransferTools:
-    """What ``certified_gamma`` needs per model, built once per run."""
+class TransferPair:
+    """The student and the teacher of a bounds run on their ``device``, with what ``certified_gamma`` needs
+    per model (linearity bounders and bound engines), built once per run."""
 
+    student: nn.Module
+    teacher: nn.Module
+    device: str | torch.device = "cpu"
     bounders: tuple[Any, Any] | None = None
     engines: tuple[Any, Any] | None = None
 
     @classmethod
     def build(cls, student: nn.Module, teacher: nn.Module, input_shape: Sequence[int], job: BoundsJob,
-              device: str | torch.device = "cpu") -> TransferTools:
-        """The linearity bounders and bound engines of both models (none without ``certified_gamma``)."""
+              device: str | torch.device = "cpu") -> TransferPair:
+        """Both models with their linearity bounders and bound engines (none without ``certified_gamma``)."""
         if not job.certified_gamma:
-            return cls()
+            return cls(student, teacher, device)
         from bounds.certify import BoundEngine
         from bounds.linearity import LinearityBounder
 
         shape = tuple(int(s) for s in input_shape)
-        return cls(bounders=(LinearityBounder(student, shape, job.method, job.norm, device),
+        return cls(student, teacher, device, bounders=(LinearityBounder(student, shape, job.method, job.norm, device),
                              LinearityBounder(teacher, shape, job.method, job.norm, device)),
                    engines=(BoundEngine(student, shape, device=device), BoundEngine(teacher, shape, device=device)))
 
 
-def batch_records(student: nn.Module, teacher: nn.Module, x: torch.Tensor, y: torch.Tensor, idx: Sequence[int],
-                  eps: float, job: BoundsJob, tools: TransferTools, generator: torch.Generator) -> list[Record]:
+def batch_records(pair: TransferPair, x: torch.Tensor, y: torch.Tensor, idx: Sequence[int], eps: float,
+                  job: BoundsJob, generator: torch.Generator) -> list[Record]:
     """Every term of the transfer bound (theory.md §3) for one batch at one eps, one record per example.
 
     Parameters
     ----------
-    student, teacher : nn.Module
-        The two models.
+    pair : TransferPair
+        The two models, their bounders and engines (built once per run).
     x, y : torch.Tensor
         The batch.
     idx : sequence of int
@@ -110,8 +103,6 @@ def batch_records(student: nn.Module, teacher: nn.Module, x: torch.Tensor, y: to
         The radius.
     job : BoundsJob
         Norm, certified gammas, PGD steps.
-    tools : TransferTools
-        Bounders and engines (built once per run).
     generator : torch.Generator
         The (batch, eps) random stream.
 
@@ -122,15 +113,16 @@ def batch_records(student: nn.Module, teacher: nn.Module, x: torch.Tensor, y: to
     """
     from bounds.transfer import transfer_bound, transfer_certificate
 
-    tb = transfer_bound(student, teacher, x, y, eps, job.norm, certified=job.certified_gamma, method=job.method,
-                        steps=job.steps, restarts=job.restarts, generator=generator, bounders=tools.bounders)
+    tb = transfer_bound(pair.student, pair.teacher, x, y, eps, job.norm, certified=job.certified_gamma,
+                        method=job.method, steps=job.steps, restarts=job.restarts, generator=generator,
+                        bounders=pair.bounders)
     columns: dict[str, torch.Tensor] = {name: getattr(tb, name) for name in TERMS}
     flags = {"holds": tb.check().holds}
     if job.certified_gamma:
         columns.update({name: getattr(tb, name) for name in CERTIFIED_TERMS})
         flags["holds_certified"] = tb.check(certified=True).holds
-        cert = transfer_certificate(student, teacher, x, y, eps, job.norm, method=job.method,
-                                    gamma_method=job.method, engines=tools.engines, bounders=tools.bounders)
+        cert = transfer_certificate(pair.student, pair.teacher, x, y, eps, job.norm, method=job.method,
+                                    gamma_method=job.method, engines=pair.engines, bounders=pair.bounders)
         columns["student_margin_lower_transfer"] = cert.student_lower.amin(1)
         columns["student_margin_lower_direct"] = cert.student_direct_lower.amin(1)
         flags["certified_through_transfer"] = cert.through_transfer
@@ -144,36 +136,21 @@ def batch_records(student: nn.Module, teacher: nn.Module, x: torch.Tensor, y: to
     return rows
 
 
-def bounds_points(student: nn.Module, teacher: nn.Module, data: Points, indices: Sequence[int], job: BoundsJob,
-                  tools: TransferTools, log: RecordLog, device: str | torch.device = "cpu",
+def bounds_points(pair: TransferPair, data: Points, indices: Sequence[int], job: BoundsJob, log: RecordLog,
                   progress: bool = False, shard: Shard | None = None) -> list[Record]:
-    """Run the missing (batch, eps) work into ``log``; returns the records appended now.
+    """Run the missing (batch, eps) work into ``log``; returns the records appended now (``certkd.runs.execute``,
+    with ``progress``).
 
     Parameters
     ----------
-    student, teacher : nn.Module
-        The two models.
-    data : Points
-        Read through ``data.batch(indices)`` only.
-    indices : sequence of int
-        The evaluated points.
+    pair : TransferPair
+        From :meth:`TransferPair.build`.
+    data, indices : Points, sequence of int
+        The evaluated points, read only through ``data.batch(indices)``.
     job : BoundsJob
         eps, batch size, seed, ...
-    tools : TransferTools
-        From :meth:`TransferTools.build`.
-    log : RecordLog
-        Records already there are not computed again.
-    device : str or torch.device
-        Where the models run.
-    progress : bool
-        Progress bar.
     shard : (k, n) or None
         The part of the batches this run computes.
-
-    Returns
-    -------
-    list of dict
-        The records appended now.
     """
     work = [(b, idx, e_i, e) for b, idx in batches(indices, job.batch_size, shard) for e_i, e in enumerate(job.eps)
             if log.missing((i, float(e)) for i in idx)]
@@ -181,7 +158,7 @@ def bounds_points(student: nn.Module, teacher: nn.Module, data: Points, indices:
     def compute(item: tuple[int, list[int], int, float]) -> list[Record]:
         b, idx, e_i, e = item
         x, y = data.batch(idx)
-        return batch_records(student, teacher, x.to(device), y.to(device), idx, e, job, tools,
+        return batch_records(pair, x.to(pair.device), y.to(pair.device), idx, e, job,
                              seed_stream(job.seed, COMMAND, b, e_i))
 
     return execute(work, compute, log, progress, "bounds", label=lambda w: f"batch {w[0]}, eps {w[3]:g}")
@@ -252,10 +229,6 @@ def summarize_bounds(config: dict[str, Any], records: list[Record]) -> dict[str,
     return {"config": config, "per_eps": per_eps, "legend": LEGEND}
 
 
-def _fmt(value: Any) -> str:
-    return "inf" if value is None else f"{value:.4g}"
-
-
 def format_bounds(summary: dict[str, Any]) -> str:
     """The text ``certkd bounds`` prints."""
     lines = []
@@ -263,11 +236,11 @@ def format_bounds(summary: dict[str, Any]) -> str:
         lines.append(f"eps = {entry['eps']:g} ({summary['config']['norm']}), {entry['n']} examples")
         lines.append(f"  {'term':<26}{'kind':<11}{'mean':>10}{'q10':>10}{'median':>10}{'q90':>10}")
         for name, s in entry["terms"].items():
-            lines.append(f"  {name:<26}{s['kind']:<11}{_fmt(s.get('mean')):>10}{_fmt(s.get('q10')):>10}"
-                         f"{_fmt(s.get('q50')):>10}{_fmt(s.get('q90')):>10}")
+            lines.append(f"  {name:<26}{s['kind']:<11}{float_text(s.get('mean')):>10}{float_text(s.get('q10')):>10}"
+                         f"{float_text(s.get('q50')):>10}{float_text(s.get('q90')):>10}")
         for kind, check in entry["bound_vs_measured"].items():
             lines.append(f"  bound ({kind}) >= measured student robust loss on {check['holds_fraction']:.1%}; "
-                         f"median slack {_fmt(check['slack'].get('q50'))}")
+                         f"median slack {float_text(check['slack'].get('q50'))}")
         if "certificate_counts" in entry:
             c = entry["certificate_counts"]
             lines.append(f"  student certified: through transfer and directly {c['both']}, transfer only "
@@ -278,12 +251,10 @@ def format_bounds(summary: dict[str, Any]) -> str:
 def write_bounds_outputs(out: Path, summary: dict[str, Any], records: list[Record]) -> None:
     """``summary.json`` and, per eps, the bound-versus-measured and terms figures."""
     from certkd.io import atomic_write_json
-    from certkd.plots import eps_tag, plot_bound_vs_measured, plot_terms
+    from certkd.plots import eps_tag, model_names, plot_bound_vs_measured, plot_terms
 
     atomic_write_json(out / "summary.json", summary)
-    prov = summary.get("provenance") or {}
-    cfg = summary["config"]
-    names = f"{Path(prov.get('student', 'student')).stem} vs {Path(prov.get('teacher', 'teacher')).stem}"
+    cfg, names = summary["config"], " vs ".join(model_names(summary))
     for e in cfg["eps"]:
         rows = sorted((r for r in records if float(r["eps"]) == float(e)), key=lambda r: r["index"])
         if not rows:
@@ -303,12 +274,12 @@ def write_bounds_outputs(out: Path, summary: dict[str, Any], records: list[Recor
         plot_terms(terms, out / f"terms_{eps_tag(e)}.png", title.replace("transfer bound,", "transfer-bound terms,"))
 
 
-def run_bounds(student_path: Path, teacher_path: Path, job: BoundsJob, shard: Shard | str | None = None,
-               dataset: str | None = None,
-               split: str = "test", data_dir: Path | None = None, num_examples: int | None = None,
-               device: str = "cpu", out: Path | None = None, resume: bool = False, overwrite: bool = False,
-               progress: bool = True, max_memory: int | None = None,
-               notify: Callable[[str], None] | None = None) -> dict[str, Any] | None:
+BOUNDS = Command(COMMAND, record_key, lambda config: {(i, float(e)) for i in shard_indices(config) for e in config["eps"]},
+                 lambda config, records: sorted(records, key=record_key), summarize_bounds, write_bounds_outputs,
+                 format_bounds, in_folder=True)
+
+
+def run_bounds(student_path: Path, teacher_path: Path, job: BoundsJob, settings: RunSettings) -> dict[str, Any] | None:
     """``certkd bounds``: the transfer-bound terms for STUDENT distilled from TEACHER; the summary.
 
     Parameters
@@ -317,22 +288,10 @@ def run_bounds(student_path: Path, teacher_path: Path, job: BoundsJob, shard: Sh
         Checkpoints that fit each other.
     job : BoundsJob
         eps, norm, certified gammas, PGD steps, batch size, seed.
-    shard : (k, n), "auto" or None
-        As for ``certkd certify``; a shard's run writes records only (``certkd merge`` gives the
-        summary), except under torchrun, where rank 0 gathers and summarizes.
-    dataset, split, data_dir, num_examples
-        The points (default: the student's dataset, all of ``split``).
-    device : str
-        Where the models run.
-    out : Path, optional
-        Directory for ``per_example.jsonl`` (appended as computed), ``summary.json`` and figures.
-    resume, overwrite : bool
-        Continue the run in ``out`` (same configuration only) or discard it.
-    progress : bool
-        Progress on stderr (a bar on a terminal, one line per stage otherwise).
-    max_memory, notify
-        Memory per bound pass (certified gammas and margins) and where its plan is reported
-        (``certkd.run.Run.plan_memory``).
+    settings : RunSettings
+        The points (default: the student's dataset), device, the folder of ``per_example.jsonl``,
+        ``summary.json`` and figures (``out``), shard, ...; the memory plan sizes the bound passes of
+        the certified gammas and margins.
 
     Returns
     -------
@@ -340,63 +299,18 @@ def run_bounds(student_path: Path, teacher_path: Path, job: BoundsJob, shard: Sh
         The summary (``summarize_bounds``); None for a shard that is not the whole run.
     """
     from bounds.linearity import MARGIN
-    from certkd.checkpoint import file_sha256
-    from certkd.loading import load_pair, load_points
-    from certkd.run import Run
+    from certkd.loading import load_pair
 
-    run = Run.start(COMMAND, record_key, shard, out=out, out_kind="dir", resume=resume, overwrite=overwrite,
-                    progress=progress, max_memory=max_memory, notify=notify)
-    out = run.output(out)
+    run = Run.start(BOUNDS, settings)
     job.eps = list(dict.fromkeys(job.eps))
-    student_ckpt, _, student, teacher = load_pair(student_path, teacher_path, device)
-    data_name, data, count = load_points(student_ckpt, dataset, split, data_dir, num_examples)
-    tools = TransferTools.build(student, teacher, student_ckpt.input_shape, job, device)
-    run.configure({"student_sha256": file_sha256(student_path), "teacher_sha256": file_sha256(teacher_path),
-                   "dataset": data_name, "split": split, "num_examples": count}, asdict(job))
-    with run.open_log(out / "per_example.jsonl" if out is not None else None) as log:
-        if tools.engines is not None and tools.bounders is not None:
+    student_ckpt, student, teacher, data, sources = load_pair(student_path, teacher_path, settings)
+    pair = TransferPair.build(student, teacher, student_ckpt.input_shape, job, settings.device)
+    run.configure(sources, asdict(job))
+    count = int(sources["num_examples"])
+    with run.open_log() as log:
+        if pair.engines is not None and pair.bounders is not None:
             common = (data, count, job.method, max(job.eps), job.norm, job.batch_size)
-            run.plan_memory(tools.engines, *common)
-            run.plan_memory(tools.bounders, *common, target=MARGIN)
-        bounds_points(student, teacher, data, range(count), job, tools, log, device, progress, run.shard)
-    folder = out  # torchrun and other shards: Run.start made sure there is one
-    summary = run.finish(summarize_bounds, lambda parts: merge_bounds(parts, Path(str(folder))))
-    if summary is None or run.launcher == TORCHRUN:
-        return summary
-    summary["provenance"] = {"student": str(student_path), "teacher": str(teacher_path),
-                             "memory_plan": run.plans or None}
-    if out is not None:
-        write_bounds_outputs(out, summary, log.records)
-    return summary
-
-
-def merge_bounds(parts: Sequence[Part], out: Path, per_example: Path | None = None) -> dict[str, Any]:
-    """Merge bounds shards into the summary of the whole run, written into ``out`` (a directory).
-
-    Parameters
-    ----------
-    parts : sequence of (str, dict or None, list of dict)
-        Each shard's file name, header and records.
-    out : Path
-        Receives ``per_example.jsonl`` (unless ``per_example`` names another file), ``summary.json``
-        and the figures.
-    per_example : Path, optional
-        Where to write the merged records.
-
-    Returns
-    -------
-    dict
-        The summary, equal to that of one unsharded run.
-    """
-    def expected(config: Any) -> set[Any]:
-        shard = tuple(config["shard"]) if config.get("shard") else None
-        return {(i, float(e)) for _, idx in batches(range(int(config["num_examples"])), int(config["batch_size"]),
-                                                    shard) for i in idx for e in config["eps"]}
-
-    _, config, records = merge_logs(parts, expected, record_key, "certkd bounds ... --resume")
-    records = sorted(records, key=lambda r: (int(r["index"]), float(r["eps"])))
-    out.mkdir(parents=True, exist_ok=True)
-    write_log(per_example or out / "per_example.jsonl", COMMAND, config, records)
-    summary = summarize_bounds(config, records)
-    write_bounds_outputs(out, summary, records)
-    return summary
+            run.plan_memory(pair.engines, *common)
+            run.plan_memory(pair.bounders, *common, target=MARGIN)
+        bounds_points(pair, data, range(count), job, log, settings.progress, run.shard)
+    return run.finish({"student": str(student_path), "teacher": str(teacher_path), "memory_plan": run.plans or None})

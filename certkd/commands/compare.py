@@ -19,7 +19,7 @@ covers) -> ``compare.json`` and figures.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,23 +28,12 @@ import torch
 
 from bounds.errors import ContradictionError
 from certkd.certification.methods import CERTIFIED, MODEL, CertifyOptions, Context, evaluate_batch, get_method
-from certkd.io import json_float
-from certkd.runs import (
-    TORCHRUN,
-    Points,
-    Record,
-    RecordLog,
-    Shard,
-    batches,
-    execute,
-    merge_logs,
-    seed_stream,
-    write_log,
-)
+from certkd.io import float_text, json_float
+from certkd.run import Command, Run, RunSettings
+from certkd.runs import Points, Record, RecordLog, Shard, batches, execute, seed_stream, shard_indices
 from certkd.verdict import HEADLINE_RULE, PART_RULE, QUESTION, CompareRule, part_reason
 
 COMMAND = "compare"
-PER_EXAMPLE = "per_example.jsonl"
 #: per-example columns of the records: certified radii, then attack radii (estimates)
 RADIUS_COLUMNS = ("radius_student", "radius_teacher", "attack_student", "attack_teacher")
 
@@ -88,11 +77,6 @@ class CompareJob:
         """What the verdict is: ``certified``, ``estimate``, or certified for the smoothed classifier."""
         m = get_method(self.method)
         return m.kind if m.target == MODEL else f"{m.kind} for the {m.target}"
-
-    def to_config(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["shard"] = list(self.shard) if self.shard else None
-        return d
 
 
 def record_key(record: Record) -> tuple[int]:
@@ -156,7 +140,10 @@ def reuse_records(path: Path, checkpoint: Path, job: CompareJob, dataset: str, s
 def compare_points(student: Context, teacher: Context, data: Points, indices: Sequence[int], job: CompareJob,
                    log: RecordLog, progress: bool = False,
                    reused: tuple[Reused | None, Reused | None] = (None, None)) -> list[Record]:
-    """Both models' certified and attack radii on the missing batches of this shard into ``log``.
+    """Both models' certified and attack radii on the missing batches of this shard into ``log``
+    (``certkd.runs.execute``, with ``progress``); returns the records appended now, one per point: ``index,
+    label, radius_student, radius_teacher, correct_student, correct_teacher, attack_student, attack_teacher``
+    (``None`` for an infinite radius).
 
     Each model's certified radii use ``seed_stream(seed, batch, method)``, the stream of
     ``certkd certify --radius`` with the same seed and batch size (the radii those two
@@ -167,24 +154,12 @@ def compare_points(student: Context, teacher: Context, data: Points, indices: Se
     ----------
     student, teacher : Context
         Each model's certify context (``prepare_methods``), built once per run.
-    data : Points
-        Read through ``data.batch(indices)`` only.
-    indices : sequence of int
-        The evaluated points.
+    data, indices : Points, sequence of int
+        The evaluated points, read only through ``data.batch(indices)``.
     job : CompareJob
         Method, attack, batch size, seed, shard.
-    log : RecordLog
-        Receives one record per point.
-    progress : bool
-        Progress bar.
     reused : (dict or None, dict or None)
         The student's and the teacher's certified radii read by :func:`reuse_records`.
-
-    Returns
-    -------
-    list of dict
-        ``index, label, radius_student, radius_teacher, correct_student, correct_teacher,
-        attack_student, attack_teacher`` (``None`` for an infinite radius).
     """
     from certkd.certification.apgd import attack_radii
 
@@ -255,7 +230,7 @@ def summarize_compare(config: dict[str, Any], records: list[Record]) -> dict[str
     Parameters
     ----------
     config : dict
-        The run's configuration (``CompareJob.to_config()`` and where the points came from).
+        The run's configuration (where the points came from, then the ``CompareJob``).
     records : list of dict
         One per point (:func:`compare_points`).
 
@@ -336,32 +311,18 @@ def _job_of(config: dict[str, Any]) -> CompareJob:
     return CompareJob(**values, rule=rule, shard=(int(shard[0]), int(shard[1])) if shard else None)
 
 
-def _fmt(value: float | None, spec: str = ".4g") -> str:
-    return "inf" if value is None else format(value, spec)
-
-
 def format_compare(summary: dict[str, Any]) -> str:
-    """The text ``certkd compare`` prints: the headline, both parts with their reasons, rho, the table.
-
-    Parameters
-    ----------
-    summary : dict
-        From :func:`summarize_compare`.
-
-    Returns
-    -------
-    str
-        Its first line is the question and the headline verdict.
-    """
+    """The text ``certkd compare`` prints for a summary of :func:`summarize_compare`: the question and the
+    headline verdict (its first line), both parts with their reasons, rho and the table."""
     cfg, cert, emp = summary["config"], summary["certified"], summary["empirical"]
     cover = summary["coverage"]
-    label = summary["certified_label"] or f"covers eps <= {_fmt(cover['certified'])}"
+    label = summary["certified_label"] or f"covers eps <= {float_text(cover['certified'])}"
     rho = "undefined (median a_T = 0)" if summary["rho"] is None else f"{summary['rho']:.3g}"
     lines = [f"{summary['question']}: {summary['verdict'].upper()} ({summary['n']} points, L-{cfg['norm']})",
              f"  because {summary['reason']}",
              f"  certified part ({cert['radii']}, {cert['kind']}; {label}): {cert['verdict']}",
              f"    {cert['reason']}",
-             f"  empirical part ({emp['radii']}, an estimate; covers eps <= {_fmt(cover['empirical'])}): "
+             f"  empirical part ({emp['radii']}, an estimate; covers eps <= {float_text(cover['empirical'])}): "
              f"{emp['verdict']}",
              f"    {emp['reason']}",
              f"  certificate looseness rho = median(r_T) / median(a_T) = {rho} (threshold "
@@ -393,79 +354,44 @@ def write_compare_outputs(out: Path, summary: dict[str, Any]) -> None:
         From :func:`summarize_compare`.
     """
     from certkd.io import atomic_write_json
-    from certkd.plots import plot_part, plot_radius_pairs
+    from certkd.plots import model_names, plot_part, plot_radius_pairs
 
     atomic_write_json(out / "compare.json", {k: v for k, v in summary.items() if k not in RADIUS_COLUMNS})
-    names = _model_names(summary)
+    names = model_names(summary)
     for part, file in (("certified", "certified_accuracy.png"), ("empirical", "attack_accuracy.png")):
         plot_part(summary, part, names, out / file)
     plot_radius_pairs(summary, names, out / "radius_scatter.png")
 
 
-def _model_names(summary: dict[str, Any]) -> tuple[str, str]:
-    """Short names of the student and the teacher for figure titles (checkpoint file names when known)."""
-    prov = summary.get("provenance") or {}
-    return (Path(prov["student"]).stem if "student" in prov else "student",
-            Path(prov["teacher"]).stem if "teacher" in prov else "teacher")
+COMPARE = Command(COMMAND, record_key, lambda config: {(i,) for i in shard_indices(config)},
+                  lambda config, records: sorted(records, key=record_key),
+                  summarize_compare, lambda out, summary, records: write_compare_outputs(out, summary), format_compare,
+                  in_folder=True)
 
 
-def merge_compare(parts: Sequence[tuple[str, Record | None, list[Record]]], out: Path,
-                  per_example: Path | None = None) -> dict[str, Any]:
-    """Merge compare shards into the verdict of the whole run, written into ``out`` (a directory).
-
-    Parameters
-    ----------
-    parts : sequence of (str, dict or None, list of dict)
-        Each shard's file name, header and records.
-    out : Path
-        Receives ``per_example.jsonl`` (unless ``per_example`` names another file),
-        ``compare.json`` and the figures.
-    per_example : Path, optional
-        Where to write the merged records.
-
-    Returns
-    -------
-    dict
-        The summary, equal to that of one unsharded run.
-    """
-    def expected(config: Any) -> set[Any]:
-        job = _job_of(config)
-        return {(i,) for _, idx in batches(range(int(config["num_examples"])), job.batch_size, job.shard)
-                for i in idx}
-
-    _, config, records = merge_logs(parts, expected, record_key, "certkd compare ... --resume")
-    records = sorted(records, key=lambda r: int(r["index"]))
-    write_log(per_example or out / PER_EXAMPLE, COMMAND, config, records)
-    summary = summarize_compare(config, records)
-    write_compare_outputs(out, summary)
-    return summary
-
-
-def compare_run(run: Any, student: Context, teacher: Context, data: Points, count: int, job: CompareJob,
-                log_path: Path | None = None,
+def compare_run(run: Run, student: Context, teacher: Context, data: Points, job: CompareJob, sources: dict[str, Any],
                 reused: tuple[Reused | None, Reused | None] = (None, None)) -> dict[str, Any]:
-    """The work of a compare run (the command's and the API's): the memory plan of each model whose
-    radii are computed here (not reused), then :func:`compare_points` into the run's record log.
+    """The work of a compare run (the command's and the API's): its configuration (``sources``: where its
+    points come from, then ``job``), the memory plan of each model whose radii are computed here (not
+    reused), then :func:`compare_points` into the run's record log.
 
     Returns the memory plans by model (``student``, ``teacher``).
     """
     from bounds.bound_methods import BOUND_METHODS
 
-    with run.open_log(log_path) as log:
+    run.configure(sources, asdict(job))
+    count = int(sources["num_examples"])
+    with run.open_log() as log:
         computed = [(who, c) for who, c, given in zip(("student", "teacher"), (student, teacher), reused, strict=True)
                     if given is None]  # the models whose certified radii are computed here, not reused
         plans = dict(zip((who for who, _ in computed), run.plan_memory(
             [c.bound_engine() for _, c in computed], data, count, job.method, None, job.norm, job.batch_size),
             strict=True)) if job.method in BOUND_METHODS and computed else {}
-        compare_points(student, teacher, data, range(count), job, log, run.progress, reused)
+        compare_points(student, teacher, data, range(count), job, log, run.settings.progress, reused)
     return plans
 
 
-def run_compare(student_path: Path, teacher_path: Path, job: CompareJob, shard: Shard | str | None = None,
-                dataset: str | None = None, split: str = "test", data_dir: Path | None = None,
-                num_examples: int | None = None, device: str = "cpu", out: Path | None = None,
-                resume: bool = False, overwrite: bool = False, progress: bool = True,
-                max_memory: int | None = None, notify: Callable[[str], None] | None = None,
+def run_compare(student_path: Path, teacher_path: Path, job: CompareJob, settings: RunSettings,
                 student_records: Path | None = None, teacher_records: Path | None = None) -> dict[str, Any] | None:
     """``certkd compare``: both parts' radii on the same points and the headline verdict (theory.md §6).
 
@@ -475,21 +401,9 @@ def run_compare(student_path: Path, teacher_path: Path, job: CompareJob, shard: 
         Checkpoints that fit each other.
     job : CompareJob
         Radius method and options, batch size, seed, verdict rule (its ``shard`` is set here).
-    shard : (k, n), "auto" or None
-        As for ``certkd certify``; a shard's run writes records only (``certkd merge`` gives the verdict),
-        except under torchrun, where rank 0 gathers and decides.
-    dataset, split, data_dir, num_examples
-        The points (default: the student's dataset, all of ``split``).
-    device : str
-        Where the models run.
-    out : Path, optional
-        Directory for ``per_example.jsonl`` (appended as computed), ``compare.json`` and figures.
-    resume, overwrite : bool
-        Continue the run in ``out`` (same configuration only) or discard it.
-    progress : bool
-        Progress on stderr (a bar on a terminal, one line per stage otherwise).
-    max_memory, notify
-        Memory per bound pass and where its plan is reported (``certkd.run.Run.plan_memory``).
+    settings : RunSettings
+        The points (default: the student's dataset), device, the folder of ``per_example.jsonl``,
+        ``compare.json`` and figures (``out``), shard, ...
     student_records, teacher_records : Path, optional
         ``certkd certify --radius --per-example`` files of the same points, model and method
         (checked by their configuration header): their radii are used instead of recomputed.
@@ -501,33 +415,19 @@ def run_compare(student_path: Path, teacher_path: Path, job: CompareJob, shard: 
     """
     from certkd.certification.methods import prepare_methods
     from certkd.checkpoint import file_sha256
-    from certkd.loading import load_pair, load_points
-    from certkd.run import Run
+    from certkd.loading import load_pair
 
-    run = Run.start(COMMAND, record_key, shard, out=out, out_kind="dir", resume=resume, overwrite=overwrite,
-                    progress=progress, max_memory=max_memory, notify=notify)
+    run = Run.start(COMPARE, settings)
     job.shard = run.shard
     job.check()
-    out = run.output(out)
-    student_ckpt, _, student, teacher = load_pair(student_path, teacher_path, device)
-    data_name, data, count = load_points(student_ckpt, dataset, split, data_dir, num_examples)
-    reused_s, reused_t = (None if path is None else reuse_records(path, ckpt, job, data_name, split, count)
+    student_ckpt, student, teacher, data, sources = load_pair(student_path, teacher_path, settings)
+    reused_s, reused_t = (None if path is None else reuse_records(path, ckpt, job, sources["dataset"], settings.split,
+                                                                  sources["num_examples"])
                           for path, ckpt in ((student_records, student_path), (teacher_records, teacher_path)))
     reused = (reused_s, reused_t)
     job.student_records, job.teacher_records = (None if p is None else file_sha256(p)
                                                 for p in (student_records, teacher_records))
     contexts = [prepare_methods(m, student_ckpt.input_shape, [] if given is not None else [job.method], job.norm,
-                                job.options(), device) for m, given in zip((student, teacher), reused, strict=True)]
-    run.configure({"student_sha256": file_sha256(student_path), "teacher_sha256": file_sha256(teacher_path),
-                   "dataset": data_name, "split": split, "num_examples": count}, job.to_config())
-    plans = compare_run(run, contexts[0], contexts[1], data, count, job, out / PER_EXAMPLE if out is not None else None,
-                        reused)
-    folder = out  # torchrun and other shards: Run.start made sure there is one
-    summary = run.finish(summarize_compare, lambda parts: merge_compare(parts, Path(str(folder))))
-    if summary is None or run.launcher == TORCHRUN:
-        return summary
-    summary["provenance"] = {"student": str(student_path), "teacher": str(teacher_path),
-                             "memory_plan": plans or None}
-    if out is not None:
-        write_compare_outputs(out, summary)
-    return summary
+                                job.options(), settings.device) for m, given in zip((student, teacher), reused, strict=True)]
+    plans = compare_run(run, contexts[0], contexts[1], data, job, sources, reused)
+    return run.finish({"student": str(student_path), "teacher": str(teacher_path), "memory_plan": plans or None})

@@ -20,20 +20,13 @@ from typing import Any
 import torch
 
 from bounds.transfer import transfer_bound
-from certkd.certification import (
-    COMMAND,
-    CertifyJob,
-    CertifyOptions,
-    prepare_methods,
-    record_key,
-    summarize,
-)
-from certkd.certification.run import certify_run, checkpoint_sources
+from certkd.certification import CertifyJob, CertifyOptions, prepare_methods
 from certkd.checkpoint import load_checkpoint, load_model
+from certkd.commands.certify import CERTIFY, certify_run, checkpoint_sources
 from certkd.commands.compare import CompareJob, judge
 from certkd.data import load_dataset
 from certkd.io import atomic_write_json
-from certkd.run import Run
+from certkd.run import Run, RunSettings
 from certkd.runs import Points, seed_stream
 from certkd.train import ObjectiveParams as TrainParams
 from certkd.train import TrainConfig, train
@@ -148,16 +141,13 @@ def certify_trained(name: str, path: Path, data: Points, count: int, settings: D
     job = CertifyJob(methods=[settings.method, ATTACK], eps=list(settings.eps_grid), norm=settings.norm, radius=True,
                      batch_size=50, seed=settings.seed, params=CertifyOptions(pgd_steps=20))
     ctx = prepare_methods(model, ckpt.input_shape, job.all_methods(), job.norm, job.params)
-    run = Run.start(COMMAND, record_key, resume=True, overwrite=overwrite, progress=progress)
-    run.configure(checkpoint_sources(path, ckpt, "digits", "test", count), job.to_config())
-    certify_run(run, ctx, data, count, job, records_path)
-    log = run.log
-    assert log is not None
-    summary = summarize(run.config, log.records)
+    run = Run.start(CERTIFY, RunSettings(resume=True, overwrite=overwrite, progress=progress), records_path)
+    certify_run(run, ctx, data, job, checkpoint_sources(path, ckpt, "digits", "test", count))
+    summary = run.summarize()[0]
     radius = torch.zeros(count, dtype=torch.float64)
     attack = torch.zeros(count, dtype=torch.float64)
     correct = torch.zeros(count, dtype=torch.bool)
-    for r in log.records:
+    for r in run.records:
         i = int(r["index"])
         if r["method"] == settings.method:
             radius[i] = float(r["radius"])
