@@ -102,25 +102,38 @@ def plain_fgsm():
     LOSSES._entries.pop(FGSM, None)
 
 
+class ScriptedValidation(Trainer):
+    """Real training epochs whose validation clean and PGD accuracies are replaced by ``script`` (one pair per
+    epoch): the trainer's reaction to a validation history, independent of the float kernels of the CPU."""
+
+    script = [(0.80, 0.30), (0.85, 0.35), (0.90, 0.05), (0.95, 0.02), (0.96, 0.01), (0.97, 0.01)]
+
+    def validate(self) -> dict[str, float | None]:
+        measured = super().validate()
+        clean, pgd = self.script[len(self.history)]
+        return {**measured, "clean_acc": clean, "pgd_acc": pgd}
+
+
 def test_catastrophic_overfitting_is_detected_and_the_best_pgd_epoch_kept(tmp_path, digits_trio, capsys, plain_fgsm):
-    """The signature constructed on digits: a robust start (the PGD-AT teacher's weights) trained by FGSM without
-    random start at a radius (0.001) far below the validation radius (0.2), so clean accuracy holds or rises while
-    PGD accuracy at 0.2 falls to half of its best (measured: 0.23 at epoch 1, 0.105 at epoch 5). FGSM without random
-    start at the validation radius itself (0.1-0.3, mlp and cnn4, 10-15 epochs) does not overfit on 8x8 digits.
-    Training stops, ckpt.pt is the best epoch by PGD accuracy and one line names the remedy. PGD-AT from the same
-    start at 0.2 (healthy) runs to the end."""
-    common = {"arch": "cnn4", "init": digits_trio.teacher_path, "epochs": 8, "lr": 0.05, "val_size": 200,
+    """Training by FGSM without random start (a robust start, the PGD-AT teacher's weights) whose validation shows
+    the signature (PGD accuracy 0.35 -> 0.05 while clean accuracy rises, as on real MNIST at eps 0.3 with the
+    one-step point, theory.md §8) stops at that epoch; ckpt.pt is the best epoch by PGD accuracy and one line
+    names the remedy. The validation numbers are scripted: FGSM on 8x8 digits overfits or not depending on the
+    CPU's float kernels (the same run collapsed on one machine and not on another). PGD-AT from the same start
+    at 0.2 (healthy, measured validation) runs to the end."""
+    common = {"arch": "cnn4", "init": digits_trio.teacher_path, "epochs": 6, "lr": 0.05, "val_size": 200,
               "val_eps": 0.2, "val_attack_steps": 5, "progress": False}
     out = tmp_path / "co.pt"
-    Trainer(TrainConfig(method=FGSM, out=out, params=ObjectiveParams(eps=0.001, iga_step=0.001), **common)).run()
+    ScriptedValidation(TrainConfig(method=FGSM, out=out, params=ObjectiveParams(eps=0.3, iga_step=0.3),
+                                   **common)).run()
     rows = read_jsonl(tmp_path / "co.metrics.jsonl")
-    assert "catastrophic_overfitting" in rows[-1] and len(rows) < 8
-    assert rows[-1]["pgd_acc"] <= 0.5 * max(r["pgd_acc"] for r in rows)
-    assert rows[-1]["clean_acc"] >= min(r["clean_acc"] for r in rows)
+    assert [r["epoch"] for r in rows] == [1, 2, 3] and "catastrophic_overfitting" in rows[-1]
+    assert not any("catastrophic_overfitting" in r for r in rows[:-1])
     kept = load_checkpoint(out).metrics
-    assert kept["pgd_acc"] == max(r["pgd_acc"] for r in rows)
+    assert kept["epoch"] == 2 and kept["pgd_acc"] == 0.35
     lines = [line for line in capsys.readouterr().err.splitlines() if "catastrophic overfitting" in line]
     assert len(lines) == 1 and "best epoch by PGD accuracy" in lines[0] and "attack-steps" in lines[0]
+    common["epochs"] = 8
     healthy = tmp_path / "ok.pt"
     Trainer(TrainConfig(method="pgd-at", out=healthy, params=ObjectiveParams(eps=0.2, attack_steps=3),
                         **common)).run()
