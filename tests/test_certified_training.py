@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +21,7 @@ from bounds.train_bounds import TrainingBounds
 from certkd.checkpoint import load_checkpoint
 from certkd.data import load_dataset
 from certkd.errors import CertkdError
+from certkd.io import read_jsonl
 from certkd.models import create_model
 from certkd.train import ObjectiveParams, TrainConfig, Trainer, get_loss, train
 from certkd.train.init import ibp_initialize
@@ -265,3 +270,26 @@ def test_cli_trains_a_certified_method_and_explains_its_settings(tmp_path):
     assert config["method"] == "crown-ibp" and config["eps_warmup"] == 1 and config["crown_beta_start"] == 1.0
     bad = runner.invoke(main, ["train", "--method", "ibp", "--arch", "mlp", "--out", str(tmp_path / "b.pt")])
     assert bad.exit_code == 2 and "--eps" in bad.output
+
+
+def test_certified_training_under_torchrun_follows_the_single_process_run(tmp_path):
+    """Two torchrun processes of ``crown-ibp`` (each bounding half of every global batch, DistributedDataParallel
+    averaging the gradients of the clean and the bound path) end near the single-process run of the same global
+    batches: they differ only in how the last, uneven batch of an epoch is averaged."""
+    args = ["--method", "crown-ibp", "--arch", "mlp", "--arch-kwargs", '{"hidden": [32]}', "--eps", "0.05",
+            "--epochs", "2", "--eps-warmup", "1", "--val-size", "100", "--val-attack-steps", "2", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    runs = {"ddp": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    "-m", "certkd", "train", *args, "--out", str(tmp_path / "ddp.pt")],
+            "one": [sys.executable, "-m", "certkd", "train", *args, "--out", str(tmp_path / "one.pt")]}
+    for cmd in runs.values():
+        proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    ddp, one = load_checkpoint(tmp_path / "ddp.pt"), load_checkpoint(tmp_path / "one.pt")
+    assert ddp.provenance["world_size"] == 2 and one.provenance["world_size"] == 1
+    for name, weight in one.state_dict.items():
+        gap = float((ddp.state_dict[name] - weight).abs().max())
+        assert gap <= 0.02 * max(float(weight.abs().max()), 1e-6), name
+    rows = {name: read_jsonl(tmp_path / f"{name}.metrics.jsonl") for name in runs}
+    assert rows["ddp"][-1]["ce_bound"] < rows["ddp"][0]["ce_bound"]  # the bound loss is trained
+    assert rows["ddp"][-1]["ce_bound"] == pytest.approx(rows["one"][-1]["ce_bound"], rel=0.01)

@@ -89,8 +89,8 @@ CO_CLEAN_SLACK = 0.01
 ``CO_MIN_DROP`` below it, with clean accuracy at least the best epoch's minus ``CO_CLEAN_SLACK``."""
 IGA_SMALL = 0.05
 """Below this ratio of IGA to KD term a collapse is not blamed on --iga-weight."""
-# settings that may differ between an interrupted run and its --resume
-_RESUME_FREE = ("resume", "device", "progress")
+# settings that may differ between an interrupted run and its --resume (a run's files moved together keep it)
+_RESUME_FREE = ("resume", "device", "progress", "out")
 
 
 class TrainingDiverged(RunFailed):
