@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Certified training and certified distillation on MNIST at L-inf 0.1 (theory.md §7), every number
+# Certified training and certified distillation on MNIST at L-inf EPS (theory.md §7), every number
 # certified by CROWN (`certkd certify --method crown`), never by the training bound.
 #
 #   examples/certified_mnist.sh DATA_DIR [OUT]
@@ -11,15 +11,16 @@
 # KDIGA (no certified loss), certified training alone (ibp) and certified distillation (cert-kd:
 # (1 - alpha) L_IBP + alpha tau^2 KL(T || S), alpha 0.5), the last two both from scratch and started from
 # the teacher's convolutions (`--init`: every tensor whose name and shape match). Then IBP, CROWN and
-# APGD at eps 0.1 on the first N_EVAL test points, `certkd compare` of each certified student against the
+# APGD at EPS on the first N_EVAL test points, `certkd compare` of each certified student against the
 # teacher and the transfer certificate of `certkd bounds --certified-gamma` on the first N_PAIR.
 # Re-running continues (--resume).
-# Knobs (environment): TEACHER_EPOCHS=10 TEACHER_EPS=0.1 STUDENT_EPOCHS=8 N_EVAL=1000 N_PAIR=100
+# Knobs (environment): EPS=0.1 TEACHER_EPOCHS=10 TEACHER_EPS=EPS STUDENT_EPOCHS=8 N_EVAL=1000 N_PAIR=100
 # DEVICE=cpu SEED=0 PYTHON=python3
 set -euo pipefail
 DATA_DIR="${1:?usage: examples/certified_mnist.sh DATA_DIR [OUT]}"
 OUT="${2:-runs/certified_mnist}"
-TEACHER_EPOCHS="${TEACHER_EPOCHS:-10}" TEACHER_EPS="${TEACHER_EPS:-0.1}" STUDENT_EPOCHS="${STUDENT_EPOCHS:-8}"
+EPS="${EPS:-0.1}"
+TEACHER_EPOCHS="${TEACHER_EPOCHS:-10}" TEACHER_EPS="${TEACHER_EPS:-$EPS}" STUDENT_EPOCHS="${STUDENT_EPOCHS:-8}"
 N_EVAL="${N_EVAL:-1000}" N_PAIR="${N_PAIR:-100}" DEVICE="${DEVICE:-cpu}" SEED="${SEED:-0}" PY="${PYTHON:-python3}"
 certkd() { "$PY" -m certkd "$@"; }
 mkdir -p "$OUT"
@@ -31,7 +32,7 @@ certkd train --method crown-ibp --arch cnn4 --eps "$TEACHER_EPS" --epochs "$TEAC
 STUDENT=(--arch cnn4 --arch-kwargs '{"linear": 15}' --epochs "$STUDENT_EPOCHS" --dataset mnist --data-dir "$DATA_DIR"
          --device "$DEVICE" --seed "$SEED" --optimizer adam --lr 2e-3 --weight-decay 0 --batch-size 256 --no-progress
          --resume)
-SMALL=(--arch cnn4 --arch-kwargs '{"linear": 15}' --eps 0.1 --epochs "$STUDENT_EPOCHS" --eps-warmup 3 "${COMMON[@]}")
+SMALL=(--arch cnn4 --arch-kwargs '{"linear": 15}' --eps "$EPS" --epochs "$STUDENT_EPOCHS" --eps-warmup 3 "${COMMON[@]}")
 # distillation without a certified loss, for comparison: KD, and KDIGA with its gradients aligned at x
 certkd train --method kd --teacher "$OUT/teacher.pt" "${STUDENT[@]}" --out "$OUT/kd.pt"
 certkd train --method kdiga --teacher "$OUT/teacher.pt" --iga-weight 1 "${STUDENT[@]}" --out "$OUT/kdiga.pt"
@@ -45,12 +46,12 @@ for init in scratch teacher; do
     STUDENTS+=("ibp_$init" "certkd_$init")
 done
 for model in teacher kd kdiga "${STUDENTS[@]}"; do
-    certkd certify "$OUT/$model.pt" --data-dir "$DATA_DIR" -n "$N_EVAL" --eps 0.1 --method ibp,crown,apgd \
+    certkd certify "$OUT/$model.pt" --data-dir "$DATA_DIR" -n "$N_EVAL" --eps "$EPS" --method ibp,crown,apgd \
         --out "$OUT/$model.certify.json" --per-example "$OUT/$model.certify.jsonl" --resume --no-progress
 done
 for student in "${STUDENTS[@]}"; do
     certkd compare "$OUT/$student.pt" "$OUT/teacher.pt" --data-dir "$DATA_DIR" -n "$N_PAIR" --method crown \
         --out "$OUT/$student.compare" --resume --no-progress
-    certkd bounds "$OUT/$student.pt" "$OUT/teacher.pt" --data-dir "$DATA_DIR" -n "$N_PAIR" --eps 0.1 \
+    certkd bounds "$OUT/$student.pt" "$OUT/teacher.pt" --data-dir "$DATA_DIR" -n "$N_PAIR" --eps "$EPS" \
         --certified-gamma --method crown --out "$OUT/$student.bounds" --resume --no-progress
 done
