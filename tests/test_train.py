@@ -115,11 +115,16 @@ def test_resume_ends_with_the_same_weights(tmp_path):
     state = torch.load(state_path, weights_only=True)
     del state["config"]["collapse_floor"], state["above_floor"], state["flat_epochs"], state["top_grad_norm"]
     torch.save(state, state_path)
+    moved = tmp_path / "moved"  # the run's files moved together: the same run
+    moved.mkdir()
+    for path in tmp_path.glob("split.*"):
+        path.rename(moved / path.name)
+    split = replace(split, out=moved / "split.pt")
     resumed = load_checkpoint(train(replace(split, resume=True)))
     assert resumed.metrics["epoch"] == 3
     for name, tensor in full.state_dict.items():
         assert torch.equal(tensor, resumed.state_dict[name]), name
-    rows = read_jsonl(tmp_path / "split.metrics.jsonl")
+    rows = read_jsonl(moved / "split.metrics.jsonl")
     assert [r["epoch"] for r in rows] == [1, 2, 3]
     assert rows[2]["loss"] == read_jsonl(tmp_path / "full.metrics.jsonl")[2]["loss"]
     with pytest.raises(CertkdError, match="different settings"):
