@@ -31,9 +31,9 @@ from certkd.certification import COMMAND, CertifyJob, CertifyOptions, prepare_me
 from certkd.checkpoint import make_checkpoint, save_checkpoint
 from certkd.cli import main as cli
 from certkd.commands.certify import certify_points
-from certkd.data import load_dataset
+from certkd.data import TensorPoints, load_dataset
 from certkd.models import create_model
-from certkd.runs import RecordLog, TensorPoints
+from certkd.runs import RecordLog
 
 
 def timed(fn: Callable[[], object]) -> float:

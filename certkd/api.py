@@ -26,8 +26,10 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from torch import nn
 
+from certkd.checkpoint import load_model
+from certkd.data import Points, TensorPoints, load_dataset
 from certkd.errors import CertkdError
-from certkd.runs import Points, Record, TensorPoints
+from certkd.runs import Record
 from certkd.verdict import CompareRule
 
 if TYPE_CHECKING:
@@ -147,87 +149,16 @@ class CompareResult(RunResult):
         return self._frame(per_example, self.data[part]["table"])
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """The model of a certkd checkpoint, in eval mode (weights loaded with ``weights_only=True``).
-
-    Parameters
-    ----------
-    path : str or Path
-        A file written by ``certkd train`` (or ``certkd convert``).
-    device : str or torch.device
-        Where to put it.
-
-    Returns
-    -------
-    nn.Module
-        Normalization included: it takes inputs in ``[0, 1]``.
-
-    Example
-    -------
-    >>> load_model("missing.pt")
-    Traceback (most recent call last):
-    certkd.errors.CheckpointError: ...
-    """
-    from certkd.checkpoint import load_model as load
-
-    return load(path, device=device)
-
-
-def load_dataset(name: str, split: str = "test", data_dir: str | Path | None = None) -> Any:
-    """Dataset ``name`` (``certkd datasets`` lists them), read through ``batch(indices)``.
-
-    Parameters
-    ----------
-    name : str
-        A registered dataset.
-    split : str
-        ``train`` or ``test``.
-    data_dir : str or Path, optional
-        Where its files live.
-
-    Returns
-    -------
-    Dataset
-        Inputs in ``[0, 1]``; ``len``, ``batch(indices)`` and ``info``.
-
-    Example
-    -------
-    >>> load_dataset("digits").info.num_classes
-    10
-    """
-    from certkd.data import load_dataset as load
-
-    return load(name, split, data_dir)
-
-
 def _model(model: ModelLike, device: str | torch.device) -> nn.Module:
     return load_model(model, device) if isinstance(model, (str, Path)) else model.to(device).eval()
 
 
 def _points(data: DataLike) -> Points:
     if isinstance(data, str):
-        return load_dataset(data)  # type: ignore[no-any-return]
+        return load_dataset(data)
     if isinstance(data, tuple):
-        return _tensor_points(*data)
+        return TensorPoints(*data)
     return data
-
-
-def _tensor_points(x: Any, y: Any) -> TensorPoints:
-    """Tensors ``(x, y)`` as points: float32 pixels in [0, 1] (finite) and integer labels, or one sentence."""
-    from bounds.inputs import check_finite
-
-    x, y = torch.as_tensor(x), torch.as_tensor(y)
-    if not x.is_floating_point():
-        raise CertkdError(f"the inputs are {str(x.dtype).removeprefix('torch.')}; certkd takes floating-point pixels "
-                          "in [0, 1] (for 0-255 images pass x.float() / 255)")
-    check_finite(x)
-    if y.dim() != 1:
-        raise CertkdError(f"labels must be one class index per example, shape (B,); got shape {tuple(y.shape)}")
-    if y.is_floating_point() and not bool((y == y.round()).all()):
-        raise CertkdError("labels must be class indices (integers), got fractional values")
-    if y.is_complex() or y.dtype == torch.bool:
-        raise CertkdError(f"labels must be class indices (integers), got {str(y.dtype).removeprefix('torch.')}")
-    return TensorPoints(x.float(), y.long())
 
 
 def _radii(eps: object) -> list[float]:

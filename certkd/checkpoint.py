@@ -354,7 +354,26 @@ def save_model(module: nn.Module, path: str | Path, dataset: str, arch: str,
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """RobustBench-style: the model stored in ``path``, in eval mode, inputs in [0, 1]."""
+    """RobustBench-style: the model of a certkd checkpoint, in eval mode (loaded with ``weights_only=True``).
+
+    Parameters
+    ----------
+    path : str or Path
+        A file written by ``certkd train`` (or ``certkd convert``).
+    device : str or torch.device
+        Where to put it.
+
+    Returns
+    -------
+    nn.Module
+        Normalization included: it takes inputs in ``[0, 1]``.
+
+    Example
+    -------
+    >>> load_model("missing.pt")
+    Traceback (most recent call last):
+    certkd.errors.CheckpointError: ...
+    """
     return load_checkpoint(path).build_model(device)
 
 

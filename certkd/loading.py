@@ -13,9 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from certkd.data import Points
 from certkd.errors import CertkdError
 from certkd.run import RunSettings
-from certkd.runs import Points
 
 
 def check_device(device: str | torch.device) -> torch.device:

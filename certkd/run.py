@@ -24,13 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from certkd.data import SPLITS, Points
 from certkd.errors import CertkdError
 from certkd.runs import (
     SLURM,
     TORCHRUN,
     Key,
     Part,
-    Points,
     Record,
     RecordLog,
     Shard,
@@ -52,43 +52,37 @@ Summary = dict[str, Any]
 class RunSettings:
     """What every command run shares (``certkd certify``, ``bounds``, ``compare`` and their functions).
 
-    Attributes
-    ----------
-    dataset, split, data_dir, num_examples
-        The points: the first ``num_examples`` of ``split`` (default: the (student) checkpoint's
-        dataset, all of ``split``).
-    device : str
-        Where the models run.
-    out : Path or None
-        certify: the summary JSON (written atomically); bounds, compare: the folder of
-        ``per_example.jsonl`` (appended as computed), the summary and the figures.
-    shard : (k, n), "auto" or None
-        ``auto``: torchrun (``RANK``/``WORLD_SIZE``; rank 0 gathers and writes everything) or a
-        Slurm job array (each task writes ``NAME.shardKofN.EXT`` files). A shard's run writes
-        records (certify: and the summary of its points); ``certkd merge`` gives the whole run's.
-    resume, overwrite : bool
-        Continue the run in the record log (same configuration only) or discard it.
-    progress : bool
-        Progress on stderr (a bar on a terminal, one line per stage otherwise).
-    max_memory : int or None
-        Bytes one bound pass may add (``--max-memory``; None: a third of the available memory):
-        the bound batch comes from one measured probe pass (:meth:`Run.plan_memory`).
-    notify : callable or None
-        Receives the run's one-line notes (the memory plan).
+    Each field's ``metadata["help"]`` says what it does (the commands' options are generated from the
+    fields). ``out`` is certify's summary JSON (written atomically), or the folder of bounds' and
+    compare's ``per_example.jsonl`` (appended as computed), summary and figures; ``notify`` receives
+    the run's one-line notes (the memory plan).
     """
 
-    dataset: str | None = None
-    split: str = "test"
-    data_dir: Path | None = None
-    num_examples: int | None = None
-    device: str = "cpu"
-    out: Path | None = None
-    shard: Shard | str | None = None
-    resume: bool = False
-    overwrite: bool = False
-    progress: bool = True
-    max_memory: int | None = None
-    notify: Callable[[str], None] | None = None
+    dataset: str | None = field(default=None, metadata={
+        "help": "Dataset name (default: the (student) checkpoint's dataset)."})
+    split: str = field(default="test", metadata={"choices": SPLITS, "help": "The split of the evaluated points."})
+    data_dir: Path | None = field(default=None, metadata={"type": Path, "help": "Where the dataset's files live."})
+    num_examples: int | None = field(default=None, metadata={
+        "option": ("-n", "--num-examples"), "type": int, "min": 1,
+        "help": "Use the first N examples of the split (default: all)."})
+    device: str = field(default="cpu", metadata={"help": "torch device, e.g. cpu, cuda, cuda:1."})
+    out: Path | None = field(default=None, metadata={"cli": False})
+    shard: Shard | str | None = field(default=None, metadata={
+        "parse": "shard", "help": "Run only part k of n (k/n, 0-based), or 'auto': torchrun (RANK/WORLD_SIZE; rank 0 "
+        "gathers and writes everything) or a Slurm job array (SLURM_ARRAY_TASK_ID/COUNT; each task writes "
+        "NAME.shardKofN.EXT files). Combine the parts with 'certkd merge'."})
+    resume: bool = field(default=False, metadata={
+        "help": "Continue the interrupted run in its record log (same configuration only)."})
+    overwrite: bool = field(default=False, metadata={
+        "help": "Discard the results a previous run left in the output and recompute."})
+    progress: bool = field(default=True, metadata={
+        "option": "--progress/--no-progress",
+        "help": "Progress on stderr: a bar on a terminal, one line per finished stage in logs."})
+    max_memory: int | None = field(default=None, metadata={
+        "parse": "size", "help": "Memory one bound pass may add, e.g. 4G or 512M (default: a third of the available "
+        "RAM, or of the free GPU memory on CUDA). The bound batch is sized from one measured probe pass "
+        "(Run.plan_memory); printed and recorded."})
+    notify: Callable[[str], None] | None = field(default=None, metadata={"cli": False})
 
 
 @dataclass(frozen=True)

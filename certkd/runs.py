@@ -32,9 +32,8 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -48,40 +47,6 @@ Record = dict[str, Any]
 Key = tuple[Any, ...]
 Shard = tuple[int, int]
 W = TypeVar("W")
-
-
-class Points(Protocol):
-    """What run loops read data through: ``len`` and ``batch(indices) -> (x, y)`` (streamed datasets too)."""
-
-    def __len__(self) -> int: ...
-
-    def batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]: ...
-
-
-@dataclass
-class TensorPoints:
-    """In-memory points ``(x, y)`` as :class:`Points` (the Python API's tensors).
-
-    Example
-    -------
-    >>> pts = TensorPoints(torch.zeros(3, 1, 2, 2), torch.tensor([0, 1, 2]))
-    >>> len(pts), pts.batch([2])[1].tolist()
-    (3, [2])
-    """
-
-    x: torch.Tensor
-    y: torch.Tensor
-
-    def __post_init__(self) -> None:
-        if len(self.x) != len(self.y):
-            raise CertkdError(f"inputs and labels differ in length ({len(self.x)} and {len(self.y)})")
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def batch(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.as_tensor(list(indices), dtype=torch.long)
-        return self.x[idx], self.y[idx]
 
 
 # --------------------------------------------------------------------------- configuration and seeds

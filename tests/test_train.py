@@ -417,3 +417,22 @@ def test_clip_grad_bounds_every_step_and_eps_warmup_ramps(tmp_path, monkeypatch)
     steps = trainer.steps_per_epoch
     assert seen == pytest.approx([0.1 * min(1.0, (k + 1) / (1.5 * steps)) for k in range(2 * steps)])
     assert [r["train_eps"] for r in read_jsonl(rows_path)] == pytest.approx([0.1 * steps / (1.5 * steps), 0.1])
+
+
+def test_train_options_are_the_fields_of_its_configuration(tmp_path):
+    """Every field of TrainConfig and ObjectiveParams is a `certkd train` option with the field's default and a
+    help text (one place per setting); a missing required option is one line and exit code 2."""
+    from dataclasses import MISSING, fields
+
+    from certkd.train import ObjectiveParams
+
+    options = {p.name: p for p in main.commands["train"].params}
+    config_fields = [f for f in (*fields(TrainConfig), *fields(ObjectiveParams)) if f.name != "params"]
+    assert {f.name for f in config_fields} <= set(options)
+    for f in config_fields:
+        assert options[f.name].help, f.name
+        if f.default is not MISSING:
+            assert options[f.name].default == f.default, f.name
+    result = CliRunner().invoke(main, ["train", "--method", "natural", "--out", str(tmp_path / "m.pt")])
+    assert result.exit_code == 2 and "Missing option '--arch'" in result.output
+    assert not (tmp_path / "m.pt").exists()

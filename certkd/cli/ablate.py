@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from certkd.cli import main
-from certkd.cli.options import OUTPUT_DIR, methods_help, overwrite_option, progress_option
+from certkd.cli.options import OUTPUT_DIR, methods_help, setting_option
 
 
 def _registries() -> str:
@@ -22,8 +22,8 @@ def _registries() -> str:
 @click.argument("study_file", type=click.Path(path_type=Path))
 @click.option("--out", type=OUTPUT_DIR, default=None,
               help="Output folder (default: the study's `out`, else the study file's name without .yaml).")
-@overwrite_option
-@progress_option
+@setting_option("overwrite")
+@setting_option("progress")
 def ablate_command(study_file: Path, out: Path | None, overwrite: bool, progress: bool) -> None:
     """Run a grid over bound methods, eps, norms and checkpoints (and KDIGA iga weights).
 

@@ -8,7 +8,7 @@ import click
 
 from bounds.bound_methods import GAMMA_METHODS
 from certkd.cli import main
-from certkd.cli.options import echo_summary, eps_callback, folder_run_options, norm_option, points_options
+from certkd.cli.options import echo_summary, eps_callback, folder_out, norm_option, run_settings
 from certkd.run import RunSettings
 
 
@@ -18,7 +18,6 @@ from certkd.run import RunSettings
 @click.option("--eps", "eps", multiple=True, callback=eps_callback(None), required=True,
               help="Radius; repeatable or a comma list, fractions allowed (e.g. 0.1 or 2/255).")
 @norm_option
-@points_options
 @click.option("--certified-gamma", is_flag=True,
               help="Also bound the gammas and the teacher's robust loss by bound propagation (certified), giving "
                    "a certified transfer bound, and the margin-form transfer certificate (needs auto_LiRPA).")
@@ -27,7 +26,7 @@ from certkd.run import RunSettings
 @click.option("--steps", type=click.IntRange(min=1), default=40, show_default=True,
               help="PGD steps for the gamma estimates and the robust losses.")
 @click.option("--restarts", type=click.IntRange(min=1), default=2, show_default=True, help="PGD restarts.")
-@folder_run_options
+@run_settings(folder_out)
 def bounds_command(student: Path, teacher: Path, eps: list[float], norm: str, certified_gamma: bool, method: str,
                    steps: int, restarts: int, batch_size: int, seed: int, settings: RunSettings) -> None:
     """The transfer bound of theory.md §3 for STUDENT distilled from TEACHER, term by term.

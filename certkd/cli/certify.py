@@ -21,11 +21,7 @@ from certkd.cli.options import (
     eps_callback,
     methods_help,
     norm_option,
-    overwrite_option,
-    points_options,
-    run_options,
     run_settings,
-    shard_option,
 )
 from certkd.errors import CertkdError
 from certkd.run import RunSettings
@@ -48,7 +44,6 @@ def _legend() -> str:
 
 @main.command(epilog=_legend())
 @click.argument("checkpoint", type=click.Path(path_type=Path))
-@points_options
 @click.option("--eps", "eps", multiple=True, callback=eps_callback(DEFAULT_EPS),
               help=f"Radius; repeatable or a comma list, fractions allowed (2/255). Default {DEFAULT_EPS}.")
 @norm_option
@@ -57,18 +52,13 @@ def _legend() -> str:
 @click.option("--radius", is_flag=True,
               help="Also compute each example's radius (bound methods: the largest certified eps by bisection, "
                    "with an attack upper end).")
-@run_options
-@click.option("--out", type=OUTPUT_FILE, default=None, help="Summary JSON (written atomically).")
 @click.option("--per-example", type=OUTPUT_FILE, default=None,
               help="Per-example JSON lines, appended as computed (needed for --resume and merge).")
-@click.option("--resume", is_flag=True, help="Continue an interrupted run from its --per-example file.")
-@overwrite_option
-@shard_option
 @click.option("--export-vnnlib", type=click.Path(path_type=Path), default=None,
               help="Also write the L-inf queries as a VNN-COMP folder (model.onnx, one VNN-LIB per point and eps, "
                    "instances.csv) for alpha,beta-CROWN or any VNN-COMP verifier; needs certkd[onnx].")
 @dataclass_options(CertifyOptions)
-@run_settings
+@run_settings(click.option("--out", type=OUTPUT_FILE, default=None, help="Summary JSON (written atomically)."))
 def certify(checkpoint: Path, eps: list[float], norm: str, methods: list[str], radius: bool, batch_size: int,
             seed: int, per_example: Path | None, export_vnnlib: Path | None, settings: RunSettings,
             **options: Any) -> None:

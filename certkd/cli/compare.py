@@ -14,10 +14,10 @@ from certkd.cli.options import (
     dataclass_options,
     echo_summary,
     eps_callback,
-    folder_run_options,
+    folder_out,
     norm_option,
     parse_params,
-    points_options,
+    run_settings,
 )
 from certkd.run import RunSettings
 from certkd.verdict import CompareRule
@@ -35,7 +35,6 @@ from certkd.verdict import CompareRule
               help="Eps grid of both parts' curves (default: 11 points from 0 to the 90th percentile of the "
                    "teacher's attack radii).")
 @norm_option
-@points_options
 @click.option("--radius-tol", type=float, default=1e-3, show_default=True,
               help="Bisection tolerance of both parts' radii; differences within it count as ties.")
 @click.option("--student-records", type=click.Path(path_type=Path), default=None,
@@ -47,7 +46,7 @@ from certkd.verdict import CompareRule
               help="Further method parameter KEY=VALUE of 'certkd certify' (e.g. sigma=0.5, n=1000, smoothing's "
                    "alpha=0.001); repeatable.")
 @dataclass_options(CompareRule)
-@folder_run_options
+@run_settings(folder_out)
 def compare_command(student: Path, teacher: Path, method: str, attack: str, eps: list[float] | None, norm: str,
                     radius_tol: float, student_records: Path | None, teacher_records: Path | None,
                     params: dict[str, Any], batch_size: int, seed: int, settings: RunSettings, **rule: Any) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from certkd.cli import main
-from certkd.cli.options import OUTPUT_DIR, overwrite_option, progress_option, seed_option
+from certkd.cli.options import OUTPUT_DIR, seed_option, setting_option
 
 
 @main.command("demo")
@@ -16,8 +16,8 @@ from certkd.cli.options import OUTPUT_DIR, overwrite_option, progress_option, se
                    "Running again into the same folder resumes: finished steps are reused.")
 @click.option("--quick", is_flag=True, help="Certify and compare on fewer points (60 instead of 300); same training.")
 @seed_option
-@overwrite_option
-@progress_option
+@setting_option("overwrite")
+@setting_option("progress")
 def demo_command(out: Path, quick: bool, seed: int, overwrite: bool, progress: bool) -> None:
     """Train a PGD-AT teacher, a KD and a KDIGA student on digits; certify, compare, explain.
 

@@ -50,8 +50,6 @@ def _click_error(parse: Callable[[Any], T]) -> Callable[[Any], T]:
 
 
 parse_eps_list = _click_error(records.parse_eps_list)  # ("2/255", "0.1,0.3") -> [2/255, 0.1, 0.3]
-parse_shard = _click_error(runs.parse_shard)  # "k/n" -> (k, n), "auto" kept
-parse_size = _click_error(memory.parse_memory)  # "4G" -> bytes
 
 
 def parse_params(values: tuple[str, ...]) -> dict[str, Any]:
@@ -98,36 +96,6 @@ def _apply(command: F, options: Sequence[Callable[[F], F]]) -> F:
 norm_option = click.option("--norm", type=click.Choice(list(NORMS)), default="inf", show_default=True,
                            help="Threat model: L-inf or L2 ball, intersected with [0, 1]^d.")
 seed_option = click.option("--seed", type=int, default=0, show_default=True, help="Seed: fixes every run on CPU.")
-device_option = click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu, cuda, cuda:1.")
-overwrite_option = click.option("--overwrite", is_flag=True,
-                                help="Discard the results a previous run left in the output and recompute.")
-shard_option = click.option("--shard", callback=lambda ctx, param, value: parse_shard(value), default=None,
-                            help="Run only part k of n (k/n, 0-based), or 'auto': torchrun (RANK/WORLD_SIZE; rank 0 "
-                                 "gathers) or a Slurm job array (SLURM_ARRAY_TASK_ID/COUNT; files get .shardKofN). "
-                                 "Combine parts with 'certkd merge'.")
-
-
-def points_options(command: F) -> F:
-    """The options that choose the evaluated points (certify, bounds, compare)."""
-    return _apply(command, [
-        click.option("-n", "--num-examples", type=click.IntRange(min=1), default=None,
-                     help="Use the first N examples of the split (default: all)."),
-        click.option("--dataset", default=None, help="Dataset name (default: the (student) checkpoint's dataset)."),
-        click.option("--data-dir", type=click.Path(path_type=Path), default=None,
-                     help="Where the dataset's files live."),
-        click.option("--split", type=click.Choice(["train", "test"]), default="test", show_default=True),
-    ])
-
-
-progress_option = click.option("--progress/--no-progress", default=True, show_default=True,
-                               help="Progress on stderr: a bar on a terminal, one line per finished stage in logs.")
-max_memory_option = click.option(
-    "--max-memory", callback=lambda ctx, param, value: None if value is None else parse_size(value), default=None,
-    metavar="SIZE",
-    help="Memory one bound pass may add, e.g. 4G or 512M (default: a third of the available RAM, or of the free "
-         "GPU memory on CUDA). The bound batch is sized from one measured probe pass; printed and recorded.")
-
-
 def notify_stderr(line: str) -> None:
     """A run's one-line notes (e.g. the bound batch chosen for --max-memory) go to stderr."""
     click.echo(line, err=True)
@@ -141,47 +109,99 @@ def echo_summary(command: Command, summary: dict[str, Any] | None) -> None:
                "certkd merge FILES --out DIR")
 
 
-def run_options(command: F) -> F:
-    """Batch size, device, seed, memory per bound pass and progress (certify, bounds, compare)."""
-    return _apply(command, [click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True),
-                            device_option, seed_option, max_memory_option, progress_option])
+def setting_option(name: str) -> Callable[[F], F]:
+    """The option of the ``certkd.run.RunSettings`` field ``name`` (demo and ablate take a few of them)."""
+    from dataclasses import fields
+
+    from certkd.run import RunSettings
+
+    return _field_option(next(f for f in fields(RunSettings) if f.name == name))
 
 
-def run_settings(command: F) -> F:
-    """Pass the options of ``certkd.run.RunSettings`` to ``command`` as one ``settings`` (notes to stderr)."""
+def run_settings(out: Callable[[F], F]) -> Callable[[F], F]:
+    """The options of a run (certify, bounds, compare): ``--batch-size``, ``--seed``, the fields of
+    ``certkd.run.RunSettings`` (generated: a new field is a new option) and ``out``, the command's own
+    ``--out``; all but batch size and seed reach the command as one ``settings`` (notes to stderr)."""
     from dataclasses import fields
 
     from certkd.run import RunSettings
 
     names = {f.name for f in fields(RunSettings)}
 
-    @functools.wraps(command)
-    def collected(**options: Any) -> Any:
-        given = {name: options.pop(name) for name in names & options.keys()}
-        return command(settings=RunSettings(**given, notify=notify_stderr), **options)
-    return cast(F, collected)
+    def deco(command: F) -> F:
+        @functools.wraps(command)
+        def collected(**options: Any) -> Any:
+            given = {name: options.pop(name) for name in names & options.keys()}
+            return command(settings=RunSettings(**given, notify=notify_stderr), **options)
+        return _apply(cast(F, collected), [
+            click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
+                         help="Points per batch (one record-log append each)."),
+            seed_option, dataclass_options(RunSettings), out])
+    return deco
+
+
+def _one_number(value: str) -> float:
+    """``"8/255"`` -> ``0.0313...``: one radius-like number (fractions allowed)."""
+    values = records.parse_eps_list(value)
+    if len(values) != 1:
+        raise CertkdError(f"give one number, got {value!r}")
+    return values[0]
+
+
+#: the parsers a dataclass field may name in ``metadata["parse"]``
+FIELD_PARSERS: dict[str, Callable[[str], Any]] = {"number": _one_number, "json": lambda text: json_object(text),
+                                                  "shard": runs.parse_shard, "size": memory.parse_memory}
+
+
+def _field_option(f: Any) -> Callable[[F], F]:
+    """The click option of one dataclass field (see :func:`dataclass_options`)."""
+    import dataclasses
+
+    meta = f.metadata
+    default = None if f.default is dataclasses.MISSING else f.default
+    flags = meta.get("option", f"--{f.name.replace('_', '-')}")
+    kwargs: dict[str, Any] = {"help": meta.get("help", ""), "show_default": default is not None and default is not False}
+    if meta.get("required"):
+        kwargs["required"] = True  # with no default at all: click takes an explicit None for a value
+    else:
+        kwargs["default"] = default
+    if "choices" in meta:
+        choices = meta["choices"]
+        kwargs["type"] = click.Choice(list(choices() if callable(choices) else choices))
+    elif "parse" in meta:
+        parse = _click_error(FIELD_PARSERS[meta["parse"]])
+        kwargs.update(callback=lambda ctx, param, value: None if value is None else parse(value),
+                      metavar=meta["parse"].upper())
+    elif meta.get("type") is Path:
+        kwargs["type"] = OUTPUT_FILE if meta.get("output") else click.Path(path_type=Path)
+    elif "/" in flags:  # a --x/--no-x switch
+        kwargs["show_default"] = default is not None
+    elif isinstance(default, bool):
+        kwargs.update(is_flag=True, show_default=False)
+    else:
+        kind = meta.get("type", str if default is None else type(default))
+        kwargs["type"] = click.IntRange(min=meta["min"]) if "min" in meta else kind
+    if "metavar" in meta:
+        kwargs["metavar"] = meta["metavar"]
+    return click.option(*([flags] if isinstance(flags, str) else flags), f.name, **kwargs)
 
 
 def dataclass_options(cls: type, skip: tuple[str, ...] = ()) -> Callable[[F], F]:
-    """One ``--field-name`` option per dataclass field (default, type and ``metadata["help"]`` from the field).
+    """One option per dataclass field, derived from the field, never copied: a new field is a new option.
 
-    The options are derived, never copied: a new field of ``CertifyOptions`` (certify) or of
-    ``CompareRule`` (compare) is a new option. ``metadata["option"]`` names the flag when it is
-    not the field's name (e.g. ``--fraction`` for ``fraction_threshold``).
+    The flag is ``--field-name``; default and type come from the field; ``metadata`` adds ``help`` and, where
+    the field needs them, ``option`` (the flag or flags, e.g. ``--fraction`` for ``fraction_threshold``, or a
+    ``--x/--no-x`` switch), ``type`` (``Path``; with ``output``, a checked output file), ``choices`` (a
+    sequence, or a callable reading a registry), ``parse`` (a name of :data:`FIELD_PARSERS`), ``min``, ``metavar``,
+    ``required`` and ``cli`` (False: no option).
+    Fields of ``CertifyOptions`` (certify), ``CompareRule`` (compare), ``TrainConfig`` and
+    ``ObjectiveParams`` (train) are options this way.
     """
     import dataclasses
 
     def deco(command: F) -> F:
-        options = []
-        for f in dataclasses.fields(cls):
-            if f.name in skip:
-                continue
-            default = f.default
-            kind = f.metadata.get("type", type(default))
-            flag = f.metadata.get("option", f"--{f.name.replace('_', '-')}")
-            options.append(click.option(flag, f.name, type=kind, default=default,
-                                        show_default=default is not None, help=f.metadata.get("help", "")))
-        return _apply(command, options)
+        return _apply(command, [_field_option(f) for f in dataclasses.fields(cls) if f.name not in skip
+                                and f.metadata.get("cli", True)])
     return deco
 
 
@@ -212,13 +232,6 @@ class _OutputPath(click.Path):
 OUTPUT_FILE = _OutputPath("file")
 OUTPUT_DIR = _OutputPath("dir")
 
-def folder_run_options(command: F) -> F:
-    """The options of a run whose output folder holds its record log (bounds, compare): those of
-    :func:`run_options`, ``--out DIR``, ``--resume``, ``--overwrite`` and ``--shard``, all but batch size and
-    seed passed as one ``settings`` (:func:`run_settings`)."""
-    return _apply(run_settings(command), [
-        run_options,
-        click.option("--out", type=OUTPUT_DIR, default=None,
-                     help="Directory for per_example.jsonl (appended as computed), the summary and figures."),
-        click.option("--resume", is_flag=True, help="Continue an interrupted run in --out."),
-        overwrite_option, shard_option])
+#: ``--out`` of the commands whose output folder holds their record log (bounds, compare)
+folder_out = click.option("--out", type=OUTPUT_DIR, default=None,
+                          help="Directory for per_example.jsonl (appended as computed), the summary and figures.")

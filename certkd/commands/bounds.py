@@ -18,9 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from certkd.data import Points
 from certkd.io import float_text, json_float
 from certkd.run import Command, Run, RunSettings
-from certkd.runs import Points, Record, RecordLog, Shard, batches, execute, seed_stream, shard_indices
+from certkd.runs import Record, RecordLog, Shard, batches, execute, seed_stream, shard_indices
 
 COMMAND = "bounds"
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)

@@ -34,11 +34,12 @@ from certkd.certification.records import (
     record_key,
 )
 from certkd.certification.summary import format_summary, summarize
+from certkd.data import Points
 from certkd.errors import CertkdError
 from certkd.io import atomic_write_json
 from certkd.loading import check_device, load_points
 from certkd.run import Command, Run, RunSettings
-from certkd.runs import Points, Record, RecordLog, batches, execute, seed_stream
+from certkd.runs import Record, RecordLog, batches, execute, seed_stream
 
 CERTIFY = Command(
     COMMAND, record_key, lambda config: expected_keys(int(config["num_examples"]), CertifyJob.from_config(config)),

@@ -28,9 +28,10 @@ import torch
 
 from bounds.errors import ContradictionError
 from certkd.certification.methods import CERTIFIED, MODEL, CertifyOptions, Context, evaluate_batch, get_method
+from certkd.data import Points
 from certkd.io import float_text, json_float
 from certkd.run import Command, Run, RunSettings
-from certkd.runs import Points, Record, RecordLog, Shard, batches, execute, seed_stream, shard_indices
+from certkd.runs import Record, RecordLog, Shard, batches, execute, seed_stream, shard_indices
 from certkd.verdict import HEADLINE_RULE, PART_RULE, QUESTION, CompareRule, part_reason
 
 COMMAND = "compare"

@@ -24,10 +24,10 @@ from certkd.certification import CertifyJob, CertifyOptions, prepare_methods
 from certkd.checkpoint import load_checkpoint, load_model
 from certkd.commands.certify import CERTIFY, certify_run, checkpoint_sources
 from certkd.commands.compare import CompareJob, judge
-from certkd.data import load_dataset
+from certkd.data import Points, load_dataset
 from certkd.io import atomic_write_json
 from certkd.run import Run, RunSettings
-from certkd.runs import Points, seed_stream
+from certkd.runs import seed_stream
 from certkd.train import ObjectiveParams as TrainParams
 from certkd.train import TrainConfig, train
 

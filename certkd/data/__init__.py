@@ -3,9 +3,12 @@
 from certkd.data import cifar, digits, imagenet, mnist  # noqa: F401,E402  (registration)
 from certkd.data._registry import (
     DATASETS,
+    SPLITS,
     BatchSource,
     Dataset,
     DatasetInfo,
+    Points,
+    TensorPoints,
     dataset_description,
     dataset_info,
     list_datasets,
@@ -13,5 +16,5 @@ from certkd.data._registry import (
     register_dataset,
 )
 
-__all__ = ["DATASETS", "BatchSource", "Dataset", "DatasetInfo", "dataset_description", "dataset_info", "list_datasets", "load_dataset",
+__all__ = ["DATASETS", "SPLITS", "BatchSource", "Dataset", "DatasetInfo", "Points", "TensorPoints", "dataset_description", "dataset_info", "list_datasets", "load_dataset",
            "register_dataset"]

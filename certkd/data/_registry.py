@@ -15,7 +15,7 @@ The registry is a :class:`certkd.registry.Registry` with the entry-point group
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -40,15 +40,65 @@ class DatasetInfo:
     class_names: tuple[str, ...] = field(default=())
 
 
-class BatchSource(Protocol):
-    """What run loops read: ``len``, ``info``, ``y`` and ``batch(indices) -> (x, y)`` (x in [0, 1])."""
+class Points(Protocol):
+    """What certify, compare and bounds read data through: ``len`` and ``batch(indices) -> (x, y)`` (x in [0, 1])."""
+
+    def __len__(self) -> int: ...
+
+    def batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class BatchSource(Points, Protocol):
+    """What training reads besides: the dataset's ``info`` and its labels ``y``."""
 
     info: DatasetInfo
     y: torch.Tensor
 
-    def __len__(self) -> int: ...
-
     def batch(self, indices: torch.Tensor | list[int]) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@dataclass
+class TensorPoints:
+    """In-memory points ``(x, y)`` with no dataset behind them (the Python API's tensors), checked when made:
+    floating-point, finite pixels and one integer class index per example, else one sentence.
+
+    Example
+    -------
+    >>> pts = TensorPoints(torch.zeros(3, 1, 2, 2), torch.tensor([0, 1, 2]))
+    >>> len(pts), pts.batch([2])[1].tolist()
+    (3, [2])
+    >>> TensorPoints(torch.zeros(2, 4, dtype=torch.uint8), torch.tensor([0, 1]))
+    Traceback (most recent call last):
+    certkd.errors.CertkdError: the inputs are uint8; certkd takes floating-point pixels in [0, 1] ...
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __post_init__(self) -> None:
+        from bounds.inputs import check_finite
+
+        x, y = torch.as_tensor(self.x), torch.as_tensor(self.y)
+        if not x.is_floating_point():
+            raise CertkdError(f"the inputs are {str(x.dtype).removeprefix('torch.')}; certkd takes floating-point "
+                              "pixels in [0, 1] (for 0-255 images pass x.float() / 255)")
+        check_finite(x)
+        if y.dim() != 1:
+            raise CertkdError(f"labels must be one class index per example, shape (B,); got shape {tuple(y.shape)}")
+        if y.is_floating_point() and not bool((y == y.round()).all()):
+            raise CertkdError("labels must be class indices (integers), got fractional values")
+        if y.is_complex() or y.dtype == torch.bool:
+            raise CertkdError(f"labels must be class indices (integers), got {str(y.dtype).removeprefix('torch.')}")
+        if len(x) != len(y):
+            raise CertkdError(f"inputs and labels differ in length ({len(x)} and {len(y)})")
+        self.x, self.y = x.float(), y.long()
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def batch(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.as_tensor(list(indices), dtype=torch.long)
+        return self.x[idx], self.y[idx]
 
 
 @dataclass
@@ -111,7 +161,27 @@ def dataset_description(name: str) -> str:
 
 
 def load_dataset(name: str, split: str = "test", data_dir: str | Path | None = None) -> BatchSource:
-    """Load ``split`` (``train`` or ``test``) of dataset ``name``; see ``certkd datasets``."""
+    """Dataset ``name`` (``certkd datasets`` lists them), read through ``batch(indices)``.
+
+    Parameters
+    ----------
+    name : str
+        A registered dataset.
+    split : str
+        ``train`` or ``test``.
+    data_dir : str or Path, optional
+        Where its files live.
+
+    Returns
+    -------
+    BatchSource
+        Inputs in ``[0, 1]``; ``len``, ``batch(indices)`` and ``info``.
+
+    Example
+    -------
+    >>> load_dataset("digits").info.num_classes
+    10
+    """
     loader = _loader(name)
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}: use train or test")

@@ -63,7 +63,7 @@ from certkd.models import create_model
 from certkd.train.init import ibp_initialize
 from certkd.train.losses import LossBatch, LossSpec, ObjectiveParams, gaussian_noise, get_loss, list_methods
 from certkd.train.losses.distill import input_gradient
-from certkd.train.recipes import apply_recipe
+from certkd.train.recipes import RECIPES, apply_recipe
 from certkd.train.schedules import EPS_SCHEDULES, eps_factor, progress
 
 OPTIMIZERS = ("sgd", "adam")
@@ -105,48 +105,75 @@ class TrainingCollapsed(RunFailed):
 class TrainConfig:
     """Everything ``certkd train`` takes; recorded in the student checkpoint's ``config``.
 
-    ``val_size`` ``None``: ``min(500, 10 % of the training split)``. ``eps_warmup``: epochs of a
-    ramp of the training radius (and its step sizes) from 0 to ``params.eps``, after ``eps_start``
-    epochs at radius 0, shaped by ``eps_schedule`` (``linear`` or ``smoothed``, certkd.train.schedules;
-    kappa and beta of the certified losses follow the same ramp). ``ibp_init``: the IBP
-    initialization of Shi et al. (2021) before training (certkd.train.init). ``clip_grad``:
-    the largest L2 norm of the parameter gradient per step. ``collapse_floor``: the validation clean
-    accuracy below which a run that fell or makes no progress stops, as a multiple of chance (0: never). ``recipe``: the recipe the settings
-    were resolved from (recorded only; build with :meth:`from_flat` to apply one).
+    Each field's ``metadata["help"]`` says what it does: the command's options are generated from the
+    fields (``certkd.cli.options.dataclass_options``). ``eps_warmup`` and ``eps_start`` ramp the radius
+    with ``eps_schedule`` (certkd.train.schedules); ``ibp_init`` is certkd.train.init. ``recipe`` is
+    the recipe the settings were resolved from (recorded only; build with :meth:`from_flat` to apply one).
     """
 
-    method: str
-    arch: str
-    out: Path
-    dataset: str = "digits"
-    arch_kwargs: dict[str, Any] = field(default_factory=dict)
-    data_dir: Path | None = None
-    teacher: Path | None = None
-    init: Path | None = None
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 0.1
-    optimizer: str = "sgd"
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    schedule: str = "cosine"
-    clip_grad: float | None = None
-    eps_warmup: float = 0.0
-    eps_start: float = 0.0
-    eps_schedule: str = "linear"
-    ibp_init: bool = False
-    collapse_floor: float = COLLAPSE_CHANCE_FACTOR
-    recipe: str | None = None
-    seed: int = 0
-    resume: bool = False
-    device: str = "cpu"
-    amp: bool = False
-    noise_sd: float = 0.0
-    params: ObjectiveParams = field(default_factory=ObjectiveParams)
-    val_size: int | None = None
-    val_eps: float | None = None  # PGD accuracy radius on the validation subset; None: params.eps
-    val_attack_steps: int = 20
-    progress: bool = True
+    method: str = field(metadata={"choices": list_methods, "help": "Training objective (required unless --recipe)."})
+    arch: str = field(metadata={"required": True,
+                                "help": "Student (or teacher) architecture from the model registry."})
+    out: Path = field(metadata={"type": Path, "output": True, "required": True, "help": "Checkpoint path (ckpt.pt); "
+                                "beside it: ckpt.best.pt, ckpt.metrics.jsonl (one line per epoch), ckpt.resume.pt."})
+    recipe: str | None = field(default=None, metadata={
+        "choices": lambda: RECIPES.names(), "help": "Set the method and its settings as a paper's authors train "
+        "(listed below); options given explicitly override it; `certkd info` shows the resolved values."})
+    dataset: str = field(default="digits", metadata={"help": "Dataset name (see the data registry)."})
+    arch_kwargs: dict[str, Any] = field(default_factory=dict, metadata={
+        "parse": "json", "help": "JSON keyword arguments of the architecture, e.g. '{\"width\": 8}'."})
+    data_dir: Path | None = field(default=None, metadata={"type": Path, "help": "Where the dataset files live."})
+    teacher: Path | None = field(default=None, metadata={
+        "type": Path, "help": "Teacher checkpoint (kd, kdiga, ard, rslad, cert-kd, cert-kdiga, cert-advkd); any "
+        "architecture with the dataset's input shape and class count; frozen, eval mode."})
+    init: Path | None = field(default=None, metadata={
+        "type": Path, "help": "Start the student from this checkpoint: every tensor whose name and shape match is "
+        "copied (another family is allowed)."})
+    epochs: int = field(default=10, metadata={"help": "Passes over the training split."})
+    batch_size: int = field(default=128, metadata={"help": "Global batch (split over torchrun processes)."})
+    lr: float = field(default=0.1, metadata={"help": "Initial (cyclic: peak) learning rate."})
+    optimizer: str = field(default="sgd", metadata={"choices": OPTIMIZERS, "help": "SGD with momentum, or Adam."})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum."})
+    weight_decay: float = field(default=5e-4, metadata={"help": "L2 weight decay of the optimizer."})
+    schedule: str = field(default="cosine", metadata={
+        "option": ("--lr-schedule", "--schedule"), "choices": SCHEDULES, "help": "Cosine annealing per epoch; "
+        "x0.1 at 50% and 75% of the epochs; or cyclic (linear up to --lr over the first 40% of the steps, then "
+        "down to 0; Wong et al. 2020)."})
+    clip_grad: float | None = field(default=None, metadata={
+        "type": float, "help": "Clip the L2 norm of the parameter gradient of every step to this."})
+    eps_warmup: float = field(default=0.0, metadata={
+        "metavar": "EPOCHS", "help": "Epochs of a ramp of the training radius (and its step sizes) from 0 to --eps (after --eps-start); "
+        "kappa and beta of the certified methods follow the same ramp."})
+    eps_start: float = field(default=0.0, metadata={
+        "metavar": "EPOCHS", "help": "Epochs of training at radius 0 before the ramp (the warm-up of Shi et al. 2021)."})
+    eps_schedule: str = field(default="linear", metadata={
+        "choices": EPS_SCHEDULES, "help": "Shape of the ramp: linear, or smoothed (Shi et al. 2021: t^4 growth "
+        "over the first quarter, then linear with the same slope)."})
+    ibp_init: bool = field(default=False, metadata={
+        "option": "--ibp-init/--no-ibp-init", "help": "IBP initialization (Shi et al. 2021): Linear/Conv weights "
+        "N(0, 2 pi / fan_in^2), for models with BatchNorm after each layer (e.g. cnn7)."})
+    collapse_floor: float = field(default=COLLAPSE_CHANCE_FACTOR, metadata={
+        "help": "Stop (keeping the last good and the best checkpoint) when the validation clean accuracy falls "
+        "below this multiple of chance after being above it, or stays below it with no progress in loss or "
+        f"accuracy over {COLLAPSE_WINDOW} epochs; 0 turns the check off."})
+    seed: int = field(default=0, metadata={"help": "Seed: fixes every run on CPU."})
+    resume: bool = field(default=False, metadata={
+        "help": "Continue the interrupted run writing --out (same settings); on CPU it ends with the same weights "
+        "as an uninterrupted run."})
+    device: str = field(default="cpu", metadata={"help": "torch device, e.g. cpu, cuda, cuda:1."})
+    amp: bool = field(default=False, metadata={
+        "help": "Mixed precision (float16 with loss scaling on CUDA, bfloat16 on CPU)."})
+    noise_sd: float = field(default=0.0, metadata={
+        "help": "Gaussian noise augmentation (any method), for randomized-smoothing comparisons."})
+    params: ObjectiveParams = field(default_factory=ObjectiveParams, metadata={"cli": False})
+    val_size: int | None = field(default=None, metadata={
+        "type": int, "help": "Size of the validation set, carved from the training split (never the test points) "
+        "[default: min(500, 10% of the training split)]."})
+    val_eps: float | None = field(default=None, metadata={
+        "parse": "number", "help": "Radius of the validation PGD accuracy [default: --eps]."})
+    val_attack_steps: int = field(default=20, metadata={"help": "PGD steps of the validation attack."})
+    progress: bool = field(default=True, metadata={
+        "option": "--progress/--no-progress", "help": "tqdm bars and one line per epoch on stderr."})
 
     @classmethod
     def from_flat(cls, values: dict[str, Any], explicit: set[str] | None = None) -> TrainConfig:

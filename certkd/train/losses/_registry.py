@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
 from bounds.norms import parse_norm
+from certkd.certification.methods import NORMS
 from certkd.errors import CertkdError
 from certkd.registry import Registry
 
@@ -63,27 +64,58 @@ class ObjectiveParams:
     0.125
     """
 
-    alpha: float = 0.5
-    tau: float = 1.0
-    beta: float = 6.0
-    iga_weight: float = 1.0
-    iga_norm: str = "2"
-    iga_on: str = "clean"
-    iga_step: float | None = None
-    iga_scale: str = "sample"
-    iga_grad: str = "exact"
-    teacher_mask: bool | None = None
-    eps: float | None = None
-    norm: str = "inf"
-    attack_steps: int = 10
-    attack_step_size: float | None = None
-    kappa_start: float = 1.0
-    kappa_end: float = 0.5
-    crown_beta_start: float = 1.0
-    crown_beta_end: float = 0.0
-    mtl_alpha: float = 0.5
-    bound_reg: float = 0.0
-    cert_bound: str = "ibp"
+    alpha: float = field(default=0.5, metadata={"help": "KD/KDIGA/ARD weight of the KL term."})
+    tau: float = field(default=1.0, metadata={"help": "Distillation temperature."})
+    beta: float = field(default=6.0, metadata={"help": "TRADES weight of the robust KL term."})
+    iga_weight: float = field(default=1.0, metadata={
+        "help": "KDIGA weight of the input-gradient alignment term, on the --iga-scale scale."})
+    iga_norm: str = field(default="2", metadata={
+        "choices": IGA_NORMS, "help": "Norm of the per-sample gradient difference in KDIGA."})
+    iga_on: str = field(default="clean", metadata={
+        "choices": IGA_POINTS, "help": "Where KDIGA works: at x; gradients at x plus uniform noise in the --eps "
+        "ball (KD at x); or every term at the student's fast-AT point (random start, one signed step of --iga-step "
+        "on its CE, projected to ball and box), the authors' recipe; at its PGD point (--attack-steps, "
+        "--attack-step-size, as ARD); or at its N-FGSM point (noise 2 eps, a step of eps, not projected to the "
+        "ball), which resists catastrophic overfitting (theory.md §8)."})
+    iga_step: float | None = field(default=None, metadata={
+        "parse": "number", "help": "Step of the adversarial point [default: 1.25 * eps]."})
+    iga_scale: str = field(default="sample", metadata={
+        "choices": IGA_SCALES, "help": "sample: each aligned row is the gradient of its example's own CE (certkd's "
+        "scale); batch-mean: of the batch-mean CE, 1/B of it, as in the authors' code. A batch-mean weight w "
+        "equals w/B on the sample scale (B the per-process batch; the paper's gamma 1 at B=126 is 0.0079, at "
+        "B=128 0.0078); the checkpoint records both."})
+    iga_grad: str = field(default="exact", metadata={
+        "choices": IGA_GRADS, "help": "How the IGA term's parameter gradient is taken: exact double backprop, or a "
+        "finite difference of the student's loss along the gradient gap (Finlay and Oberman 2019; one more "
+        "forward instead of a double backward; on ReLU networks an approximation: docs/theory.md §4)."})
+    teacher_mask: bool | None = field(default=None, metadata={
+        "option": "--teacher-mask/--no-teacher-mask", "help": "Average KD and IGA only over the examples the "
+        "teacher classifies correctly at the point used [default: on at the points adversarial for the student]."})
+    eps: float | None = field(default=None, metadata={
+        "parse": "number", "help": "Attack radius for pgd-at, trades, ard, rslad (and kdiga --iga-on "
+        "noisy/adversarial/pgd/nfgsm), the L-inf radius bounded by the certified methods (ibp, crown-ibp, "
+        "mtl-ibp, cert-*); also the validation PGD radius. Fractions allowed: 8/255."})
+    norm: str = field(default="inf", metadata={
+        "choices": NORMS, "help": "Threat model: L-inf or L2 ball, intersected with [0, 1]^d."})
+    attack_steps: int = field(default=10, metadata={"help": "PGD steps of the training attack."})
+    attack_step_size: float | None = field(default=None, metadata={
+        "parse": "number", "help": "PGD step size [default: 2.5 * eps / steps]."})
+    kappa_start: float = field(default=1.0, metadata={
+        "help": "Certified methods: weight of the clean CE at the start of the ramp (the bound CE gets 1 - kappa)."})
+    kappa_end: float = field(default=0.5, metadata={
+        "help": "Certified methods: weight of the clean CE after the ramp (Gowal et al. 0.5; Shi et al. 0)."})
+    crown_beta_start: float = field(default=1.0, metadata={
+        "help": "crown-ibp: weight of the CROWN-IBP bound (against IBP's) at the start of the ramp."})
+    crown_beta_end: float = field(default=0.0, metadata={
+        "help": "crown-ibp: weight of the CROWN-IBP bound after the ramp (0: pure IBP, no CROWN pass)."})
+    mtl_alpha: float = field(default=0.5, metadata={
+        "help": "mtl-ibp: weight of the IBP loss against the adversarial loss."})
+    bound_reg: float = field(default=0.0, metadata={
+        "help": "Certified methods: weight of the warm-up regularizers of Shi et al. 2021 (bound tightness and "
+        "ReLU balance), times 1 - eps_t/eps, while the radius ramps; 0 turns them off (Shi et al.: 0.5)."})
+    cert_bound: str = field(default="ibp", metadata={
+        "choices": CERT_BOUNDS, "help": "cert-kd, cert-kdiga, cert-advkd: the certified loss of the student (the "
+        "ibp or crown-ibp method's)."})
 
     def resolved(self) -> ObjectiveParams:
         """Check every value and fill in the dependent defaults; raises ``CertkdError``."""
