@@ -8,6 +8,9 @@ one-step point); its target: at most 1.6x a fast-AT step (FGSM with a random sta
 2020, ``fast-at`` below) on the same model and batch, and it is reported against KD and ARD too.
 ``kdiga-fd`` is the same step with ``--iga-grad finite-difference`` (the IGA term's parameter
 gradient by a finite difference along the gradient gap, Finlay and Oberman 2019), same target.
+``kdiga-frac`` is the same step with ``--iga-fraction`` (default 0.25: the IGA term estimated on a
+quarter of the batch, KD and CE on all of it), same target. ``kdiga-pgd`` is KDIGA at the student's
+PGD point (``--iga-on pgd``, the point of the MNIST record), against PGD-AT with the same steps.
 
     python bench/train_step.py                      # cnn4, CIFAR-shaped batch of 128, CPU
     python bench/train_step.py --arch resnet_small --device cuda --batch-size 256
@@ -31,8 +34,10 @@ from certkd.train.losses.common import eval_mode, one_step_point
 from certkd.train.losses.distill import iga_fd_surrogate, iga_term, input_gradient
 from certkd.train.trainer import compute_loss, optimizer_step
 
-METHODS = ("kd", "kdiga", "kdiga-adv", "kdiga-fd", "fast-at", "ard", "rslad", "pgd-at", "trades", "natural")
-TARGETS = {"kdiga": ("kd", 2.5), "kdiga-adv": ("fast-at", 1.6), "kdiga-fd": ("fast-at", 1.6)}
+METHODS = ("kd", "kdiga", "kdiga-adv", "kdiga-fd", "kdiga-frac", "fast-at", "kdiga-pgd", "pgd-at", "ard", "rslad",
+           "trades", "natural")
+TARGETS = {"kdiga": ("kd", 2.5), "kdiga-adv": ("fast-at", 1.6), "kdiga-fd": ("fast-at", 1.6),
+           "kdiga-frac": ("fast-at", 1.6), "kdiga-pgd": ("pgd-at", 1.6)}
 """method -> (reference method, largest allowed ratio of median step times)."""
 
 
@@ -46,29 +51,30 @@ def fast_at_loss(batch: LossBatch, params: ObjectiveParams) -> dict[str, torch.T
     return {"ce_adv": ce.detach(), "loss": ce}
 
 
-def method_specs(base: ObjectiveParams) -> dict[str, tuple[LossSpec, ObjectiveParams]]:
+def method_specs(base: ObjectiveParams, iga_fraction: float) -> dict[str, tuple[LossSpec, ObjectiveParams]]:
     """Each timed method's objective and resolved params (``kdiga-adv``: the shao2021 recipe's objective)."""
     recipe = apply_recipe({"recipe": "shao2021", "method": "kdiga"})
     own = {f.name for f in fields(ObjectiveParams)}
     adv = replace(base, **{k: v for k, v in recipe.items() if k in own}).resolved()
     fast = LossSpec("fast-at", fast_at_loss, needs_teacher=False, uses_attack=True, select="pgd_acc",
                     summary="CE(S(x'), y), x' = FGSM with a random start")
-    specs = {m: (get_loss(m), base.resolved()) for m in METHODS if m not in ("kdiga-adv", "kdiga-fd", "fast-at")}
-    specs["kdiga-adv"] = (get_loss("kdiga"), adv)
-    specs["kdiga-fd"] = (get_loss("kdiga"), replace(adv, iga_grad="finite-difference"))
+    variants = {"kdiga-adv": adv, "kdiga-fd": replace(adv, iga_grad="finite-difference"),
+                "kdiga-frac": replace(adv, iga_fraction=iga_fraction), "kdiga-pgd": replace(adv, iga_on="pgd")}
+    specs = {m: (get_loss(m), base.resolved()) for m in METHODS if m not in (*variants, "fast-at")}
+    specs.update({m: (get_loss("kdiga"), params) for m, params in variants.items()})
     specs["fast-at"] = (fast, adv)
     return specs
 
 
 def time_steps(arch: str, arch_kwargs: dict, input_shape: tuple[int, ...], batch_size: int, rounds: int,
-               attack_steps: int, device: str, amp: bool, seed: int = 0) -> dict[str, list[float]]:
+               attack_steps: int, device: str, amp: bool, iga_fraction: float, seed: int = 0) -> dict[str, list[float]]:
     """Seconds per training step of each method, ``rounds`` interleaved measurements each."""
     torch.manual_seed(seed)
     dev = torch.device(device)
     teacher = create_model(arch, 10, input_shape, **arch_kwargs).to(dev).eval().requires_grad_(False)
     x = torch.rand(batch_size, *input_shape, device=dev)
     y = torch.randint(0, 10, (batch_size,), device=dev)
-    specs = method_specs(ObjectiveParams(eps=8 / 255, attack_steps=attack_steps, iga_weight=1.0))
+    specs = method_specs(ObjectiveParams(eps=8 / 255, attack_steps=attack_steps, iga_weight=1.0), iga_fraction)
     students, optimizers = {}, {}
     for method in METHODS:
         torch.manual_seed(seed + 1)
@@ -132,16 +138,18 @@ def main() -> None:
     ap.add_argument("--attack-steps", type=int, default=10, help="PGD steps of ARD, RSLAD, PGD-AT, TRADES")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--amp", action="store_true")
+    ap.add_argument("--iga-fraction", type=float, default=0.25, help="the share of the batch of kdiga-frac's IGA term")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     shape = tuple(int(s) for s in args.input_shape.split(","))
     times = time_steps(args.arch, json.loads(args.arch_kwargs), shape, args.batch_size, args.rounds,
-                       args.attack_steps, args.device, args.amp)
+                       args.attack_steps, args.device, args.amp, args.iga_fraction)
     kd = statistics.median(times["kd"])
     print(f"training step time relative to KD: {args.arch} {args.arch_kwargs}, batch {args.batch_size} x {shape}, "
-          f"{args.attack_steps} PGD steps, device {args.device}, median of {args.rounds} interleaved rounds")
+          f"{args.attack_steps} PGD steps, kdiga-frac on {args.iga_fraction:g} of the batch, device {args.device}, "
+          f"median of {args.rounds} interleaved rounds")
     medians = {m: statistics.median(times[m]) for m in METHODS}
     print(f"{'method':<10} {'ms/step':>9} {'x KD':>6} {'x ARD':>6} {'x fast-at':>9}")
     for method in METHODS:

@@ -15,7 +15,8 @@
 # accuracy (estimates) at 0.1, 0.2, 0.3; OUT/table.md gets the table. Re-running continues (--resume).
 # Knobs (environment): TEACHER=path (an existing teacher; skips its training) TRAIN_SUBSET=6000 (the
 # first N training images, written to OUT/data; 0 = all) TEACHER_EPOCHS=8 STUDENT_EPOCHS=6 TEACHER_EPS=0.3
-# STUDENT_EPS="0.1 0.2 0.3" POINT=adversarial IGA_WEIGHTS="1 0" CONTROLS="pgd-at ard rslad kd"
+# STUDENT_EPS="0.1 0.2 0.3" POINT=adversarial IGA_WEIGHTS="1 0" IGA_FRACTION=1 (--iga-fraction; the
+# students' names get _fF when it is not 1) CONTROLS="pgd-at ard rslad kd"
 # ATTACK_STEPS=10 N_EVAL=500 DEVICE=cpu SEED=0 PYTHON=python3
 set -euo pipefail
 DATA_DIR="${1:?give the folder of the MNIST idx files}"
@@ -27,6 +28,7 @@ TEACHER_EPS="${TEACHER_EPS:-0.3}"
 STUDENT_EPS="${STUDENT_EPS:-0.1 0.2 0.3}"
 POINT="${POINT:-adversarial}"
 IGA_WEIGHTS="${IGA_WEIGHTS:-1 0}"
+IGA_FRACTION="${IGA_FRACTION:-1}"
 CONTROLS="${CONTROLS:-pgd-at ard rslad kd}"
 ATTACK_STEPS="${ATTACK_STEPS:-10}"
 N_EVAL="${N_EVAL:-500}"
@@ -69,12 +71,13 @@ set -x
 [ -n "${TEACHER:-}" ] || certkd train --method pgd-at --arch lenet5 --eps "$TEACHER_EPS" --attack-steps "$ATTACK_STEPS" \
   --eps-warmup 2 --epochs "$TEACHER_EPOCHS" --optimizer adam --lr 1e-3 --weight-decay 0 "${COMMON[@]}" --out "$T"
 MODELS=()
+FRACTION_TAG=$([ "$IGA_FRACTION" = 1 ] || echo "_f$IGA_FRACTION")
 for e in $STUDENT_EPS; do
   for w in $IGA_WEIGHTS; do
+    name="kdiga_${POINT}_w${w}${FRACTION_TAG}_$e"
     certkd train --recipe shao2021 --teacher "$T" --eps "$e" --iga-on "$POINT" --iga-weight "$w" \
-      --attack-steps "$ATTACK_STEPS" "${STUDENT[@]}" \
-      --out "$OUT/kdiga_${POINT}_w${w}_$e.pt"
-    MODELS+=("kdiga_${POINT}_w${w}_$e")
+      --iga-fraction "$IGA_FRACTION" --attack-steps "$ATTACK_STEPS" "${STUDENT[@]}" --out "$OUT/$name.pt"
+    MODELS+=("$name")
   done
   for c in $CONTROLS; do
     case $c in

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from certkd.checkpoint import load_checkpoint
 from certkd.data import load_dataset
+from certkd.errors import CertkdError
 from certkd.io import read_jsonl
 from certkd.models import create_model
 from certkd.train import ObjectiveParams, TrainConfig, Trainer
@@ -170,3 +171,30 @@ def test_recipe_follows_the_architecture_and_info_says_why():
     assert "lr=0.01 (authors 0.2: given explicitly)" in line
     assert "eps_warmup=5 (authors 0.0: the one-step point" in line
     assert "differs from the authors'" not in recipe_summary(normed)
+
+
+def test_iga_on_a_fraction_of_the_batch_estimates_the_term_and_keeps_kd_whole():
+    """With --iga-fraction 1/4 the KD and CE terms are those of the whole batch, the IGA term is that of the
+    batch's first quarter (batch-mean scale still 1/B), and over the four quarters its mean is the whole term."""
+    from certkd.train.losses.distill import kdiga_loss
+
+    torch.manual_seed(0)
+    student, teacher = _trained_mlp(0), _trained_mlp(1).eval().requires_grad_(False)
+    x, y = load_dataset("digits", "test").batch(torch.arange(64))
+
+    def loss(x: torch.Tensor, y: torch.Tensor, fraction: float, scale: str = "sample") -> dict[str, torch.Tensor]:
+        params = ObjectiveParams(eps=0.1, iga_on="clean", iga_fraction=fraction, iga_scale=scale).resolved()
+        return kdiga_loss(LossBatch(x=x, y=y, student=student, student_bare=student, teacher=teacher), params)
+
+    for scale in ("sample", "batch-mean"):
+        whole = loss(x, y, 1.0, scale)
+        quarters = [loss(x.roll(-16 * k, 0), y.roll(-16 * k, 0), 0.25, scale) for k in range(4)]
+        for part in quarters:
+            assert torch.allclose(part["kl"], whole["kl"], atol=1e-6) and torch.allclose(part["ce"], whole["ce"])
+        _, g_t = input_gradient(teacher, x[:16], y[:16], create_graph=False)
+        _, g_s = input_gradient(student, x[:16], y[:16], create_graph=False)
+        assert torch.allclose(quarters[0]["iga"], iga_term(g_s, g_t, "2", None, scale, 64))
+        assert not torch.allclose(quarters[0]["iga"], whole["iga"])  # one quarter is an estimate ...
+        assert torch.allclose(torch.stack([q["iga"] for q in quarters]).mean(), whole["iga"])  # ... without bias
+    with pytest.raises(CertkdError, match="--iga-fraction"):
+        ObjectiveParams(iga_fraction=0.0).resolved()

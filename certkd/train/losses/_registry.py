@@ -88,6 +88,10 @@ class ObjectiveParams:
         "choices": IGA_GRADS, "help": "How the IGA term's parameter gradient is taken: exact double backprop, or a "
         "finite difference of the student's loss along the gradient gap (Finlay and Oberman 2019; one more "
         "forward instead of a double backward; on ReLU networks an approximation: docs/theory.md §4)."})
+    iga_fraction: float = field(default=1.0, metadata={
+        "help": "Share of each batch the IGA term is estimated on (its first rows: a uniform draw, since batches are "
+        "shuffled); an unbiased estimate of the term's mean at that share of its cost (KD and CE stay on the "
+        "whole batch). With BatchNorm in training mode the two parts are normalized by their own statistics."})
     teacher_mask: bool | None = field(default=None, metadata={
         "option": "--teacher-mask/--no-teacher-mask", "help": "Average KD and IGA only over the examples the "
         "teacher classifies correctly at the point used [default: on at the points adversarial for the student]."})
@@ -151,6 +155,8 @@ class ObjectiveParams:
             raise CertkdError(f"--iga-on must be one of {', '.join(IGA_POINTS)}, got {self.iga_on!r}")
         if self.iga_grad not in IGA_GRADS:
             raise CertkdError(f"--iga-grad must be one of {', '.join(IGA_GRADS)}, got {self.iga_grad!r}")
+        if not (math.isfinite(self.iga_fraction) and 0.0 < self.iga_fraction <= 1.0):
+            raise CertkdError(f"--iga-fraction must lie in (0, 1], got {self.iga_fraction}")
         if self.iga_scale not in IGA_SCALES:
             raise CertkdError(f"--iga-scale must be one of {', '.join(IGA_SCALES)}, got {self.iga_scale!r}")
 

@@ -20,7 +20,7 @@ import torch
 from certkd.train.losses._registry import LossBatch, ObjectiveParams, register_loss
 from certkd.train.losses.certified import certified_terms
 from certkd.train.losses.common import ce_objective, craft_adversarial, eval_mode, kl_per_example
-from certkd.train.losses.distill import iga_point, iga_term, input_gradient
+from certkd.train.losses.distill import iga_point, iga_rows, iga_term, input_gradient
 
 
 def _with_teacher(terms: dict[str, torch.Tensor], teacher_logits: torch.Tensor, student_logits: torch.Tensor,
@@ -52,10 +52,11 @@ def cert_kdiga_loss(batch: LossBatch, params: ObjectiveParams) -> dict[str, torc
     with torch.no_grad():
         teacher_logits = teacher(batch.x)
     out = _with_teacher(terms, teacher_logits, terms["logits"], params)
-    x_iga = iga_point(batch, params)
-    _, teacher_grad = input_gradient(teacher, x_iga, batch.y, create_graph=False)
-    _, student_grad = input_gradient(batch.student, x_iga, batch.y, create_graph=True)
-    iga = iga_term(student_grad, teacher_grad, params.iga_norm, None, params.iga_scale)
+    rows = iga_rows(params, len(batch.y))
+    x_iga, y_iga = iga_point(batch, params)[:rows], batch.y[:rows]
+    _, teacher_grad = input_gradient(teacher, x_iga, y_iga, create_graph=False)
+    _, student_grad = input_gradient(batch.student, x_iga, y_iga, create_graph=True)
+    iga = iga_term(student_grad, teacher_grad, params.iga_norm, None, params.iga_scale, len(batch.y))
     return {**out, "iga": iga.detach(), "loss": out["loss"] + params.iga_weight * iga}
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -73,23 +75,23 @@ def input_gradient(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
 
 
 def iga_term(student_grad: torch.Tensor, teacher_grad: torch.Tensor, norm: str,
-             keep: torch.Tensor | None = None, scale: str = "sample") -> torch.Tensor:
+             keep: torch.Tensor | None = None, scale: str = "sample", batch_rows: int | None = None) -> torch.Tensor:
     """``mean_i ||g_S(x_i) - g_T(x_i)||_p`` with the teacher gradient a constant (theory.md §4).
 
     ``g`` are per-sample gradients. ``scale="batch-mean"`` divides every row by the batch size
-    ``B`` (the gradients of the batch-mean CE, the authors' scale); ``keep`` averages over the
-    kept examples only.
+    ``B`` (the gradients of the batch-mean CE, the authors' scale; ``batch_rows`` when the rows are
+    a subset of the batch); ``keep`` averages over the kept examples only.
     """
     gaps = batch_norm(student_grad - teacher_grad.detach(), parse_norm(norm))
     if scale == "batch-mean":
-        gaps = gaps / len(gaps)
+        gaps = gaps / (batch_rows or len(gaps))
     return masked_mean(gaps, keep)
 
 
 def iga_fd_surrogate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor,
                      student_grad: torch.Tensor, teacher_grad: torch.Tensor, norm: str,
-                     keep: torch.Tensor | None = None, scale: str = "sample", h: float = IGA_FD_STEP
-                     ) -> torch.Tensor:
+                     keep: torch.Tensor | None = None, scale: str = "sample", h: float = IGA_FD_STEP,
+                     batch_rows: int | None = None) -> torch.Tensor:
     """The IGA term (value of :func:`iga_term`) whose parameter gradient is a finite difference.
 
     With ``u_i = g_S,i - g_T,i``, ``v_i = d||u_i||_p / du_i`` (detached), ``s_i = ||v_i||_2`` and
@@ -109,10 +111,24 @@ def iga_fd_surrogate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, l
     weights = torch.ones_like(s) if keep is None else keep.to(s.dtype)
     weights = weights / weights.sum().clamp_min(1.0)
     if scale == "batch-mean":
-        weights = weights / len(weights)
+        weights = weights / (batch_rows or len(weights))
     surrogate = (weights * s * (ce_moved - ce_here)).sum() / h
-    value = iga_term(student_grad.detach(), teacher_grad, norm, keep, scale)
+    value = iga_term(student_grad.detach(), teacher_grad, norm, keep, scale, batch_rows)
     return value + (surrogate - surrogate.detach())
+
+
+def iga_rows(params: ObjectiveParams, batch_size: int) -> int:
+    """How many rows of a batch the IGA term is estimated on: the first ``ceil(iga_fraction * B)``, at least one.
+
+    The trainer shuffles the training set every epoch, so the first rows of a batch are a uniform draw
+    from it and their mean gap estimates the batch's without bias (theory.md §4).
+
+    Example
+    -------
+    >>> iga_rows(ObjectiveParams(iga_fraction=0.25), 128), iga_rows(ObjectiveParams(), 128)
+    (32, 128)
+    """
+    return max(1, math.ceil(params.iga_fraction * batch_size))
 
 
 def iga_point(batch: LossBatch, params: ObjectiveParams) -> torch.Tensor:
@@ -151,30 +167,37 @@ def kdiga_loss(batch: LossBatch, params: ObjectiveParams) -> dict[str, torch.Ten
     With ``teacher_mask`` the KL and IGA means run over the examples the teacher classifies
     correctly at the point each term uses (CE stays on the whole batch). ``iga_scale`` picks the
     row scale of ``G`` (:func:`iga_term`). ``iga_grad="finite-difference"`` takes the IGA term's
-    parameter gradient by :func:`iga_fd_surrogate` instead of double backprop. Returns the terms ``kl, ce, iga`` (as in the loss),
-    ``kd_term`` and ``iga_weighted`` (the two parts of the loss), ``teacher_right`` (with the mask)
-    and ``loss``.
+    parameter gradient by :func:`iga_fd_surrogate` instead of double backprop. ``iga_fraction < 1``
+    estimates the IGA term on the first :func:`iga_rows` rows of the batch (KD and CE stay on all of
+    it). Returns the terms ``kl, ce, iga`` (as in the loss), ``kd_term`` and ``iga_weighted`` (the two
+    parts of the loss), ``teacher_right`` (with the mask) and ``loss``.
     """
     teacher = batch.frozen_teacher()
     x_iga = iga_point(batch, params)
-    teacher_logits, teacher_grad = input_gradient(teacher, x_iga, batch.y, create_graph=False)
+    rows, size = iga_rows(params, len(batch.y)), len(batch.y)
+    y_iga = batch.y[:rows]
+    teacher_logits, teacher_grad = input_gradient(teacher, x_iga[:rows], y_iga, create_graph=False)
     exact = params.iga_grad == "exact"
-    student_logits, student_grad = input_gradient(batch.student, x_iga, batch.y, create_graph=exact,
+    student_logits, student_grad = input_gradient(batch.student, x_iga[:rows], y_iga, create_graph=exact,
                                                   retain_graph=True)
     logits_at_point = student_logits
-    keep_iga = teacher_logits.argmax(1) == batch.y if params.teacher_mask else None
-    keep_kd = keep_iga
-    if params.iga_on == "noisy":
-        student_logits = batch.student(batch.x)
+    keep_iga = teacher_logits.argmax(1) == y_iga if params.teacher_mask else None
+    if params.iga_on == "noisy":  # KD on clean x
         with torch.no_grad():
             teacher_logits = teacher(batch.x)
-        keep_kd = teacher_logits.argmax(1) == batch.y if params.teacher_mask else None
+        student_logits = batch.student(batch.x)
+    elif rows < size:  # KD on the whole batch: the IGA rows' logits and those of the rest
+        with torch.no_grad():
+            teacher_rest = teacher(x_iga[rows:])
+        teacher_logits = torch.cat([teacher_logits.detach(), teacher_rest])
+        student_logits = torch.cat([student_logits, batch.student(x_iga[rows:])])
+    keep_kd = teacher_logits.argmax(1) == batch.y if params.teacher_mask else None
     kl, ce, kd = _kd_terms(teacher_logits, student_logits, batch.y, params, keep_kd)
     if exact:
-        iga = iga_term(student_grad, teacher_grad, params.iga_norm, keep_iga, params.iga_scale)
+        iga = iga_term(student_grad, teacher_grad, params.iga_norm, keep_iga, params.iga_scale, size)
     else:
-        iga = iga_fd_surrogate(batch.student, x_iga, batch.y, logits_at_point, student_grad, teacher_grad,
-                               params.iga_norm, keep_iga, params.iga_scale)
+        iga = iga_fd_surrogate(batch.student, x_iga[:rows], y_iga, logits_at_point, student_grad, teacher_grad,
+                               params.iga_norm, keep_iga, params.iga_scale, batch_rows=size)
     weighted = params.iga_weight * iga
     out = {"kl": kl.detach(), "ce": ce.detach(), "iga": iga.detach(), "kd_term": kd.detach(),
            "iga_weighted": weighted.detach(), "loss": kd + weighted}
