@@ -96,6 +96,8 @@ def _apply(command: F, options: Sequence[Callable[[F], F]]) -> F:
 norm_option = click.option("--norm", type=click.Choice(list(NORMS)), default="inf", show_default=True,
                            help="Threat model: L-inf or L2 ball, intersected with [0, 1]^d.")
 seed_option = click.option("--seed", type=int, default=0, show_default=True, help="Seed: fixes every run on CPU.")
+
+
 def notify_stderr(line: str) -> None:
     """A run's one-line notes (e.g. the bound batch chosen for --max-memory) go to stderr."""
     click.echo(line, err=True)
@@ -186,22 +188,21 @@ def _field_option(f: Any) -> Callable[[F], F]:
     return click.option(*([flags] if isinstance(flags, str) else flags), f.name, **kwargs)
 
 
-def dataclass_options(cls: type, skip: tuple[str, ...] = ()) -> Callable[[F], F]:
+def dataclass_options(cls: type) -> Callable[[F], F]:
     """One option per dataclass field, derived from the field, never copied: a new field is a new option.
 
     The flag is ``--field-name``; default and type come from the field; ``metadata`` adds ``help`` and, where
     the field needs them, ``option`` (the flag or flags, e.g. ``--fraction`` for ``fraction_threshold``, or a
     ``--x/--no-x`` switch), ``type`` (``Path``; with ``output``, a checked output file), ``choices`` (a
-    sequence, or a callable reading a registry), ``parse`` (a name of :data:`FIELD_PARSERS`), ``min``, ``metavar``,
-    ``required`` and ``cli`` (False: no option).
-    Fields of ``CertifyOptions`` (certify), ``CompareRule`` (compare), ``TrainConfig`` and
-    ``ObjectiveParams`` (train) are options this way.
+    sequence, or a callable reading a registry), ``parse`` (a name of :data:`FIELD_PARSERS`), ``min``,
+    ``metavar``, ``required`` and ``cli`` (False: no option).
+    Fields of ``CertifyOptions`` (certify), ``CompareRule`` (compare), ``RunSettings`` (certify, compare,
+    bounds), ``TrainConfig`` and ``ObjectiveParams`` (train) are options this way.
     """
     import dataclasses
 
     def deco(command: F) -> F:
-        return _apply(command, [_field_option(f) for f in dataclasses.fields(cls) if f.name not in skip
-                                and f.metadata.get("cli", True)])
+        return _apply(command, [_field_option(f) for f in dataclasses.fields(cls) if f.metadata.get("cli", True)])
     return deco
 
 

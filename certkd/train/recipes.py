@@ -70,8 +70,8 @@ RECIPES: Registry[Recipe] = Registry("training recipe", group="certkd.recipes")
 RECIPES.add("shao2021", Recipe(
     name="shao2021", method="kdiga",
     settings={"iga_on": "adversarial", "teacher_mask": True, "iga_scale": "batch-mean", "iga_weight": 1.0,
-              "alpha": 0.5, "tau": 1.0, "schedule": "cyclic", "optimizer": "sgd", "lr": 0.2,
-              "weight_decay": 5e-4, "eps_warmup": 0.0},
+              "iga_grad": "exact", "iga_fraction": 1.0, "alpha": 0.5, "tau": 1.0, "schedule": "cyclic",
+              "optimizer": "sgd", "lr": 0.2, "weight_decay": 5e-4, "eps_warmup": 0.0},
     source="Shao et al. 2021, KDIGA, the authors' public code; theory.md §4",
     notes="Every term at the student's fast-AT point (iga_step 1.25 eps), KD and IGA masked to examples the "
           "teacher gets right there, gradients of the batch-mean CE (gamma 1 at B=126 is 0.0079 per sample). "
