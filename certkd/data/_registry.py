@@ -1,8 +1,8 @@
 """Dataset registry and the datasets run loops read from.
 
-Run loops (certify, compare, bounds, train) read data only through ``len(dataset)``,
-``dataset.info``, ``dataset.y`` (labels, known without reading any input) and
-``dataset.batch(indices) -> (x, y)``. ``Dataset`` holds its tensors in memory;
+Run loops read data only through :class:`Points`: ``len(dataset)`` and
+``dataset.batch(indices) -> (x, y)``; training also reads ``dataset.info`` and ``dataset.y``
+(labels, known without reading any input; :class:`BatchSource`). ``Dataset`` holds its tensors in memory;
 streamed datasets (``certkd.data.imagenet.ImageFolderDataset``) decode each input when
 a batch asks for it, so a 50,000-image split never sits in memory.
 
