@@ -25,14 +25,11 @@ from certkd.runs import Record, RecordLog, Shard, batches, execute, seed_stream,
 
 COMMAND = "bounds"
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
-TERMS = ("loss_student", "loss_teacher", "output_gap", "gradient_gap", "gamma_student", "gamma_teacher",
-         "robust_teacher", "robust_student", "bound")
+EXACT_TERMS = ("loss_student", "loss_teacher", "output_gap", "gradient_gap")
+TERMS = (*EXACT_TERMS, "gamma_student", "gamma_teacher", "robust_teacher", "robust_student", "bound")
 CERTIFIED_TERMS = ("gamma_student_certified", "gamma_teacher_certified", "robust_teacher_upper", "bound_certified")
-KIND_OF_TERM = {"loss_student": "exact", "loss_teacher": "exact", "output_gap": "exact", "gradient_gap": "exact",
-                "gamma_student": "estimate", "gamma_teacher": "estimate", "robust_teacher": "estimate",
-                "robust_student": "estimate", "bound": "estimate", "gamma_student_certified": "certified",
-                "gamma_teacher_certified": "certified", "robust_teacher_upper": "certified",
-                "bound_certified": "certified"}
+KIND_OF_TERM = {name: "exact" if name in EXACT_TERMS else "certified" if name in CERTIFIED_TERMS else "estimate"
+                for name in (*TERMS, *CERTIFIED_TERMS)}
 LEGEND = ("exact: computed at x; estimate: PGD (may be too small); certified: bound propagation "
           "(never contradicted); slack = bound - student's PGD robust loss; null = not finite")
 

@@ -3,7 +3,8 @@ missing (batch, method) work into the record log, gather shards, summarize, writ
 
 ``certify_points`` is the loop (``certkd.runs.execute`` over this shard's batches); ``certify_run`` is
 the work of every certify run (the command's, ``certkd ablate``'s, ``certkd demo``'s, the API's);
-``certify_checkpoint`` is ``certkd certify``; ``per_example_radii`` is one batch of radii.
+``certify_checkpoint`` is ``certkd certify``; ``certkd.certify`` (the Python API) is a certify run on
+tensors or a dataset.
 """
 
 from __future__ import annotations
@@ -13,12 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from bounds.bound_methods import costliest
 from certkd.certification.methods import (
-    PGD,
-    CertifyOptions,
     Context,
     Method,
     evaluate_batch,
@@ -35,7 +33,6 @@ from certkd.certification.records import (
 )
 from certkd.certification.summary import format_summary, summarize
 from certkd.data import Points
-from certkd.errors import CertkdError
 from certkd.io import atomic_write_json
 from certkd.loading import check_device, load_points
 from certkd.run import Command, Run, RunSettings
@@ -103,49 +100,6 @@ def certify_run(run: Run, ctx: Context, data: Points, job: CertifyJob, sources: 
             run.plan_memory([ctx.bound_engine()], data, count, costly, None if job.radius else max(job.eps),
                             job.norm, job.batch_size)
         return certify_points(ctx, data, range(count), job, log, run.settings.progress)
-
-
-def per_example_radii(model: nn.Module, x: torch.Tensor, y: torch.Tensor, method: str = "crown",
-                      norm: str = "inf", seed: int = 0, device: str | torch.device = "cpu",
-                      **params: Any) -> torch.Tensor:
-    """Per-example radius of ``method`` (certified or estimate, by the method's kind) of one batch.
-
-    Parameters
-    ----------
-    model : nn.Module
-        The classifier.
-    x, y : torch.Tensor
-        One batch, shapes (B, ...) and (B,).
-    method : str
-        Bound methods: the bisected certified radius (theory.md §2.1); lipschitz:
-        ``margin / L``; clever: the CLEVER score; smoothing: the smoothed classifier's
-        radius in ``norm`` (0 where it abstains or is wrong) (theory.md §2.2).
-    norm : str
-        ``inf`` or ``2``.
-    seed : int
-        Fixes the batch's random stream (that of batch 0 of a certify run).
-    device : str or torch.device
-        Where the model runs.
-    **params
-        Fields of ``CertifyOptions``.
-
-    Returns
-    -------
-    torch.Tensor
-        (B,) radii; misclassified points get 0.
-
-    Example
-    -------
-    >>> net = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
-    >>> per_example_radii(net, torch.rand(3, 1, 2, 2), torch.tensor([0, 1, 0]), "lipschitz", "2").shape
-    torch.Size([3])
-    """
-    if method == PGD:
-        raise CertkdError("pgd gives no radius: use crown, lipschitz, clever or smoothing")
-    ctx = prepare_methods(model, x.shape[1:], [method], norm, CertifyOptions.from_dict(params), device)
-    _, out = evaluate_batch(ctx, get_method(method), x, y, [], True, seed_stream(seed, 0, method, device=ctx.device))
-    assert out.radius is not None
-    return out.radius
 
 
 def certify_checkpoint(checkpoint: Path, job: CertifyJob, settings: RunSettings,
