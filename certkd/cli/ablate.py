@@ -7,7 +7,8 @@ from pathlib import Path
 import click
 
 from certkd.cli import main
-from certkd.cli.options import OUTPUT_DIR, methods_help, setting_option
+from certkd.cli.options import OUTPUT_DIR, field_option, methods_help
+from certkd.run import RunSettings
 
 
 def _registries() -> str:
@@ -22,8 +23,8 @@ def _registries() -> str:
 @click.argument("study_file", type=click.Path(path_type=Path))
 @click.option("--out", type=OUTPUT_DIR, default=None,
               help="Output folder (default: the study's `out`, else the study file's name without .yaml).")
-@setting_option("overwrite")
-@setting_option("progress")
+@field_option(RunSettings, "overwrite")
+@field_option(RunSettings, "progress")
 def ablate_command(study_file: Path, out: Path | None, overwrite: bool, progress: bool) -> None:
     """Run a grid over bound methods, eps, norms and checkpoints (and KDIGA iga weights).
 

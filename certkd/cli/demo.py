@@ -7,7 +7,8 @@ from pathlib import Path
 import click
 
 from certkd.cli import main
-from certkd.cli.options import OUTPUT_DIR, seed_option, setting_option
+from certkd.cli.options import OUTPUT_DIR, field_option, seed_option
+from certkd.run import RunSettings
 
 
 @main.command("demo")
@@ -16,8 +17,8 @@ from certkd.cli.options import OUTPUT_DIR, seed_option, setting_option
                    "Running again into the same folder resumes: finished steps are reused.")
 @click.option("--quick", is_flag=True, help="Certify and compare on fewer points (60 instead of 300); same training.")
 @seed_option
-@setting_option("overwrite")
-@setting_option("progress")
+@field_option(RunSettings, "overwrite")
+@field_option(RunSettings, "progress")
 def demo_command(out: Path, quick: bool, seed: int, overwrite: bool, progress: bool) -> None:
     """Train a PGD-AT teacher, a KD and a KDIGA student on digits; certify, compare, explain.
 

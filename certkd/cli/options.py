@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -13,8 +14,8 @@ import click
 
 from certkd import memory, runs
 from certkd.certification import records
-from certkd.certification.methods import NORMS
 from certkd.errors import CertkdError
+from certkd.train import ObjectiveParams, TrainConfig
 
 if TYPE_CHECKING:
     from certkd.run import Command
@@ -93,11 +94,6 @@ def _apply(command: F, options: Sequence[Callable[[F], F]]) -> F:
     return command
 
 
-norm_option = click.option("--norm", type=click.Choice(list(NORMS)), default="inf", show_default=True,
-                           help="Threat model: L-inf or L2 ball, intersected with [0, 1]^d.")
-seed_option = click.option("--seed", type=int, default=0, show_default=True, help="Seed: fixes every run on CPU.")
-
-
 def notify_stderr(line: str) -> None:
     """A run's one-line notes (e.g. the bound batch chosen for --max-memory) go to stderr."""
     click.echo(line, err=True)
@@ -109,15 +105,6 @@ def echo_summary(command: Command, summary: dict[str, Any] | None) -> None:
     click.echo(command.format(summary) if summary is not None else
                f"certkd {command.name}: this shard is done; combine the shards' per_example.jsonl files with "
                "certkd merge FILES --out DIR")
-
-
-def setting_option(name: str) -> Callable[[F], F]:
-    """The option of the ``certkd.run.RunSettings`` field ``name`` (demo and ablate take a few of them)."""
-    from dataclasses import fields
-
-    from certkd.run import RunSettings
-
-    return _field_option(next(f for f in fields(RunSettings) if f.name == name))
 
 
 def run_settings(out: Callable[[F], F]) -> Callable[[F], F]:
@@ -155,13 +142,12 @@ FIELD_PARSERS: dict[str, Callable[[str], Any]] = {"number": _one_number, "json":
                                                   "shard": runs.parse_shard, "size": memory.parse_memory}
 
 
-def _field_option(f: Any) -> Callable[[F], F]:
+def _field_option(f: dataclasses.Field[Any]) -> Callable[[F], F]:
     """The click option of one dataclass field (see :func:`dataclass_options`)."""
-    import dataclasses
-
     meta = f.metadata
     default = None if f.default is dataclasses.MISSING else f.default
-    flags = meta.get("option", f"--{f.name.replace('_', '-')}")
+    option = meta.get("option", f"--{f.name.replace('_', '-')}")
+    flags = (option,) if isinstance(option, str) else tuple(option)
     kwargs: dict[str, Any] = {"help": meta.get("help", ""), "show_default": default is not None and default is not False}
     if meta.get("required"):
         kwargs["required"] = True  # with no default at all: click takes an explicit None for a value
@@ -176,7 +162,7 @@ def _field_option(f: Any) -> Callable[[F], F]:
                       metavar=meta["parse"].upper())
     elif meta.get("type") is Path:
         kwargs["type"] = OUTPUT_FILE if meta.get("output") else click.Path(path_type=Path)
-    elif "/" in flags:  # a --x/--no-x switch
+    elif any("/" in flag for flag in flags):  # a --x/--no-x switch
         kwargs["show_default"] = default is not None
     elif isinstance(default, bool):
         kwargs.update(is_flag=True, show_default=False)
@@ -185,7 +171,12 @@ def _field_option(f: Any) -> Callable[[F], F]:
         kwargs["type"] = click.IntRange(min=meta["min"]) if "min" in meta else kind
     if "metavar" in meta:
         kwargs["metavar"] = meta["metavar"]
-    return click.option(*([flags] if isinstance(flags, str) else flags), f.name, **kwargs)
+    return click.option(*flags, f.name, **kwargs)
+
+
+def field_option(cls: type, name: str) -> Callable[[F], F]:
+    """The option of the field ``name`` of dataclass ``cls`` alone (a command that takes a few of a class's)."""
+    return _field_option(next(f for f in dataclasses.fields(cls) if f.name == name))
 
 
 def dataclass_options(cls: type) -> Callable[[F], F]:
@@ -199,11 +190,13 @@ def dataclass_options(cls: type) -> Callable[[F], F]:
     Fields of ``CertifyOptions`` (certify), ``CompareRule`` (compare), ``RunSettings`` (certify, compare,
     bounds), ``TrainConfig`` and ``ObjectiveParams`` (train) are options this way.
     """
-    import dataclasses
-
     def deco(command: F) -> F:
         return _apply(command, [_field_option(f) for f in dataclasses.fields(cls) if f.metadata.get("cli", True)])
     return deco
+
+
+norm_option = field_option(ObjectiveParams, "norm")
+seed_option = field_option(TrainConfig, "seed")
 
 
 class _OutputPath(click.Path):
